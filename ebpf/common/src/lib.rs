@@ -1,0 +1,323 @@
+//! Every type that crosses the kernel/user boundary of spright's datapath.
+//!
+//! Compiled by the kernel programs (`no_std`, bpfel) and by user space (with the
+//! `user` feature, which adds `aya::Pod` impls). All structs are `#[repr(C)]`,
+//! `Copy`, with explicit padding and no `bool`/enum fields; their sizes and
+//! offsets are checked by the host tests below.
+//!
+//! Pinned layouts only grow: never reorder or reuse a field. A change that cannot
+//! be appended gets a new pinned name (`_v2`) and a migration.
+#![no_std]
+
+/// Names of the maps and programs in the object and of the pins in the bpffs
+/// directory. BPF object names are limited to 15 bytes.
+pub mod names {
+    /// Sockhash of accelerated sockets, keyed by [`super::SockKey`].
+    pub const SOCKHASH: &str = "spr_socks_v1";
+    /// Local mesh endpoints: [`super::Addr`] → [`super::EndpointValue`].
+    pub const ENDPOINTS: &str = "spr_endpts_v1";
+    /// Explicit chain-to-chain allows: [`super::ChainPair`] → `u32` (non-zero = allow).
+    pub const CHAIN_ALLOW: &str = "spr_allow_v1";
+    /// Per-CPU counters per local endpoint: [`super::Addr`] → [`super::Counters`].
+    pub const COUNTERS: &str = "spr_counters_v1";
+    /// The sockops program (function name in the object).
+    pub const SOCKOPS_PROG: &str = "spright_sockops";
+    /// The sk_msg program (function name in the object).
+    pub const SK_MSG_PROG: &str = "spright_sk_msg";
+    /// Pin of the sockops cgroup link. Written last: its presence means the
+    /// datapath is fully installed in this pin directory.
+    pub const SOCKOPS_LINK_PIN: &str = "spr_sockops_link_v1";
+    /// Pin of the sk_msg program (attached to the sockhash, which keeps it alive).
+    pub const SK_MSG_PROG_PIN: &str = "spr_sk_msg_v1";
+    /// Every map that is pinned by name.
+    pub const PINNED_MAPS: [&str; 4] = [SOCKHASH, ENDPOINTS, CHAIN_ALLOW, COUNTERS];
+}
+
+/// Capacities of the maps.
+pub mod limits {
+    /// Accelerated sockets per node (two per connection).
+    pub const MAX_SOCKETS: u32 = 65_536;
+    /// Local endpoints (pod addresses) per node.
+    pub const MAX_ENDPOINTS: u32 = 4_096;
+    /// Explicit chain-pair allows per node.
+    pub const MAX_CHAIN_ALLOWS: u32 = 1_024;
+}
+
+/// Endpoint flag: never redirect this endpoint's connections (opt-out).
+pub const ENDPOINT_FLAG_NO_REDIRECT: u32 = 1 << 0;
+
+/// `AF_INET` as the kernel reports it in sock_ops / sk_msg contexts.
+pub const AF_INET: u32 = 2;
+/// `AF_INET6` as the kernel reports it in sock_ops / sk_msg contexts.
+pub const AF_INET6: u32 = 10;
+
+/// An IP address as four 32-bit words in network byte order (exactly the
+/// layout of `local_ip6`/`remote_ip6` in the kernel contexts).
+///
+/// IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`), so that an IPv4
+/// socket and the accepted socket of a dual-stack `[::]` listener build the
+/// same keys.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Addr {
+    pub words: [u32; 4],
+}
+
+/// The third word of an IPv4-mapped address (`0000:ffff`) in network order.
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+impl Addr {
+    /// From an IPv4 address as the kernel gives it (network order in a `u32`).
+    #[inline(always)]
+    #[must_use]
+    pub const fn from_ipv4_raw(raw: u32) -> Self {
+        Self {
+            words: [0, 0, V4_MAPPED_WORD, raw],
+        }
+    }
+
+    /// From an IPv6 address as the kernel gives it (four network-order words).
+    #[inline(always)]
+    #[must_use]
+    pub const fn from_ipv6_raw(words: [u32; 4]) -> Self {
+        Self { words }
+    }
+
+    /// From the 16 octets of an IPv6 address (IPv4-mapped for IPv4).
+    #[must_use]
+    pub const fn from_octets(o: [u8; 16]) -> Self {
+        Self {
+            words: [
+                u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+                u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+                u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+                u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+            ],
+        }
+    }
+
+    /// The 16 octets of the address (IPv4-mapped for IPv4).
+    #[must_use]
+    pub const fn octets(&self) -> [u8; 16] {
+        let [a, b, c, d] = self.words;
+        let (a, b, c, d) = (a.to_ne_bytes(), b.to_ne_bytes(), c.to_ne_bytes(), d.to_ne_bytes());
+        [
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
+        ]
+    }
+
+    /// Whether this is an IPv4-mapped address.
+    #[must_use]
+    pub const fn is_ipv4_mapped(&self) -> bool {
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == V4_MAPPED_WORD
+    }
+}
+
+/// Key of the sockhash: one socket, seen from its own side. Only sockets whose
+/// both ends are recorded local endpoints are inserted, and pod addresses are
+/// unique on a node, so the key is node-unique (unlike a bare 4-tuple, which
+/// repeats across network namespaces, e.g. 127.0.0.1 in every pod).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub local: Addr,
+    pub remote: Addr,
+    /// Host byte order.
+    pub local_port: u32,
+    /// Host byte order.
+    pub remote_port: u32,
+}
+
+impl SockKey {
+    /// The key under which the peer socket of this connection is stored.
+    #[inline(always)]
+    #[must_use]
+    pub const fn reversed(&self) -> Self {
+        Self {
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// Converts a context's `remote_port` (network order in the upper 16 bits of
+/// the `u32`, kernel ≥ 5.x) into a host-order port.
+#[inline(always)]
+#[must_use]
+pub const fn remote_port_to_host(raw: u32) -> u32 {
+    u16::from_be((raw >> 16) as u16) as u32
+}
+
+/// Value of the endpoint map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointValue {
+    /// [`chain_id`] of the endpoint's chain; 0 = not in any chain.
+    pub chain_id: u64,
+    /// `ENDPOINT_FLAG_*` bits.
+    pub flags: u32,
+    pub _reserved: u32,
+}
+
+impl EndpointValue {
+    /// Whether a connection between `self` and `peer` is redirected by chain
+    /// membership alone (same non-zero chain, neither side opted out). Explicit
+    /// allows between different chains are looked up by the caller.
+    #[inline(always)]
+    #[must_use]
+    pub const fn same_chain_as(&self, peer: &Self) -> bool {
+        self.chain_id != 0 && self.chain_id == peer.chain_id
+    }
+
+    /// Whether this endpoint opted out of redirection.
+    #[inline(always)]
+    #[must_use]
+    pub const fn opted_out(&self) -> bool {
+        self.flags & ENDPOINT_FLAG_NO_REDIRECT != 0
+    }
+}
+
+/// Key of the chain-allow map: an ordered pair of chain ids. User space inserts
+/// both orders.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ChainPair {
+    pub from: u64,
+    pub to: u64,
+}
+
+/// Per-endpoint counters (per-CPU; user space sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Messages sent by this endpoint that went socket to socket.
+    pub redirected_msgs: u64,
+    pub redirected_bytes: u64,
+    /// Messages of accelerated sockets that took the TCP path (peer not in the map).
+    pub fallback_msgs: u64,
+    pub fallback_bytes: u64,
+    /// Sockets of this endpoint inserted into the sockhash.
+    pub accelerated_socks: u64,
+    pub _reserved: [u64; 3],
+}
+
+impl Counters {
+    /// Field-wise sum, for folding per-CPU values.
+    #[must_use]
+    pub const fn plus(&self, o: &Self) -> Self {
+        Self {
+            redirected_msgs: self.redirected_msgs + o.redirected_msgs,
+            redirected_bytes: self.redirected_bytes + o.redirected_bytes,
+            fallback_msgs: self.fallback_msgs + o.fallback_msgs,
+            fallback_bytes: self.fallback_bytes + o.fallback_bytes,
+            accelerated_socks: self.accelerated_socks + o.accelerated_socks,
+            _reserved: [0; 3],
+        }
+    }
+}
+
+/// Chain identifier of chain `chain` in pod namespace `namespace` (chains are
+/// namespaced): 64-bit FNV-1a of `namespace/chain`, never 0.
+#[must_use]
+pub const fn chain_id(namespace: &str, chain: &str) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    const fn feed(mut h: u64, bytes: &[u8]) -> u64 {
+        let mut i = 0;
+        while i < bytes.len() {
+            h ^= bytes[i] as u64;
+            h = h.wrapping_mul(PRIME);
+            i += 1;
+        }
+        h
+    }
+    let h = feed(feed(feed(OFFSET, namespace.as_bytes()), b"/"), chain.as_bytes());
+    if h == 0 { 1 } else { h }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all four are #[repr(C)], Copy, made of integers only, with no
+    // implicit padding (checked by the layout tests), so any bit pattern is valid.
+    unsafe impl aya::Pod for super::Addr {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::EndpointValue {}
+    unsafe impl aya::Pod for super::ChainPair {}
+    unsafe impl aya::Pod for super::Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{offset_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn layouts_are_stable_and_unpadded() {
+        assert_eq!(size_of::<Addr>(), 16);
+        assert_eq!(size_of::<SockKey>(), 40);
+        assert_eq!(offset_of!(SockKey, remote), 16);
+        assert_eq!(offset_of!(SockKey, local_port), 32);
+        assert_eq!(offset_of!(SockKey, remote_port), 36);
+        assert_eq!(size_of::<EndpointValue>(), 16);
+        assert_eq!(offset_of!(EndpointValue, flags), 8);
+        assert_eq!(size_of::<ChainPair>(), 16);
+        assert_eq!(size_of::<Counters>(), 64);
+        assert_eq!(offset_of!(Counters, accelerated_socks), 32);
+    }
+
+    #[test]
+    fn ipv4_and_mapped_ipv6_give_the_same_addr() {
+        let v4 = Addr::from_ipv4_raw(u32::from_ne_bytes([10, 1, 2, 3]));
+        let mapped = Addr::from_octets([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3]);
+        assert_eq!(v4, mapped);
+        assert!(v4.is_ipv4_mapped());
+        assert_eq!(Addr::from_octets(v4.octets()), v4);
+        let v6 = Addr::from_octets([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert!(!v6.is_ipv4_mapped());
+    }
+
+    #[test]
+    fn reversed_key_swaps_both_ends() {
+        let k = SockKey {
+            local: Addr::from_ipv4_raw(1),
+            remote: Addr::from_ipv4_raw(2),
+            local_port: 40000,
+            remote_port: 8080,
+        };
+        let r = k.reversed();
+        assert_eq!((r.local, r.remote, r.local_port, r.remote_port), (k.remote, k.local, 8080, 40000));
+        assert_eq!(r.reversed(), k);
+    }
+
+    #[test]
+    fn remote_port_is_network_order_in_upper_half() {
+        // Port 8080 = 0x1f90, network order bytes 1f 90; on a little-endian host
+        // the kernel's u32 holds 0x901f_0000.
+        let raw = u32::from(8080u16.to_be()) << 16;
+        assert_eq!(remote_port_to_host(raw), 8080);
+    }
+
+    #[test]
+    fn policy_needs_same_nonzero_chain() {
+        let a = EndpointValue { chain_id: chain_id("default", "shop"), ..Default::default() };
+        let b = EndpointValue { chain_id: chain_id("default", "shop"), ..Default::default() };
+        let other_ns = EndpointValue { chain_id: chain_id("prod", "shop"), ..Default::default() };
+        let none = EndpointValue::default();
+        assert!(a.same_chain_as(&b));
+        assert!(!a.same_chain_as(&other_ns));
+        assert!(!none.same_chain_as(&none));
+        let off = EndpointValue { flags: ENDPOINT_FLAG_NO_REDIRECT, ..a };
+        assert!(off.opted_out() && !a.opted_out());
+    }
+
+    #[test]
+    fn chain_ids_are_namespaced_and_nonzero() {
+        assert_ne!(chain_id("a", "bc"), chain_id("ab", "c"));
+        assert_ne!(chain_id("default", "x"), 0);
+        assert_eq!(chain_id("default", "x"), chain_id("default", "x"));
+    }
+}

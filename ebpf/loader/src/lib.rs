@@ -1,0 +1,443 @@
+//! User-space side of spright's datapath, shared by `spright-cni` and `meshd`.
+//!
+//! - [`Datapath::ensure`] loads, attaches and pins the kernel programs, or adopts
+//!   what an earlier run pinned. It is idempotent and serialised by a lock on
+//!   the pin directory, so the CNI plugin and meshd can race to call it.
+//! - [`Datapath::open`] only adopts (for status readers).
+//! - Typed access to the endpoint, chain-allow and counter maps.
+//! - [`uninstall`] detaches and unpins everything.
+//!
+//! The object is built from source by this crate's build script and embedded.
+
+use std::{
+    fs::File,
+    io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{HashMap, Map, MapData, MapError, PerCpuHashMap, SockHash},
+    pin::PinError,
+    programs::{CgroupAttachMode, ProgramError, SkMsg, SockOps, links::{FdLink, LinkError, PinnedLink}},
+};
+use nix::fcntl::{Flock, FlockArg};
+pub use spright_common::{
+    Addr, ChainPair, Counters, ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, SockKey, chain_id, names,
+};
+
+/// The compiled kernel programs (built from `ebpf/programs` in this build).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spright-ebpf"));
+
+/// Default pin directory on a node.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/spright";
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Errors of the datapath loader. Messages name the operation and the object.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path} is not on a bpf filesystem (mount one with `mount -t bpf bpf /sys/fs/bpf`)")]
+    NotBpffs { path: PathBuf },
+    #[error("{path} is not a cgroup v2 directory")]
+    NotCgroup2 { path: PathBuf },
+    #[error("failed to {op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to load the eBPF object")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("program {name} missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("map {name} missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("failed to {op} program {name}")]
+    Program {
+        op: &'static str,
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("failed to {op} map {name}")]
+    Map {
+        op: &'static str,
+        name: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("failed to {op} the link of program {name}")]
+    Link {
+        op: &'static str,
+        name: &'static str,
+        #[source]
+        source: Box<LinkError>,
+    },
+    #[error("failed to pin {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<PinError>,
+    },
+    #[error("the datapath is not installed in {path} (no {link} pin)")]
+    NotInstalled { path: PathBuf, link: &'static str },
+}
+
+impl Error {
+    fn io(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| Self::Io { op, path, source }
+    }
+    fn map(op: &'static str, name: &'static str) -> impl FnOnce(MapError) -> Self {
+        move |source| Self::Map { op, name, source: Box::new(source) }
+    }
+    fn link(op: &'static str, name: &'static str) -> impl FnOnce(LinkError) -> Self {
+        move |source| Self::Link { op, name, source: Box::new(source) }
+    }
+    fn prog(op: &'static str, name: &'static str) -> impl FnOnce(ProgramError) -> Self {
+        move |source| Self::Program { op, name, source: Box::new(source) }
+    }
+}
+
+/// Where the programs attach and where their state is pinned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// cgroup v2 directory whose sockets (and descendants') are watched.
+    pub cgroup: PathBuf,
+    /// bpffs directory holding the pins.
+    pub bpffs: PathBuf,
+}
+
+/// How [`Datapath::ensure`] found the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Installed {
+    /// This call loaded, attached and pinned the programs.
+    Fresh,
+    /// The programs were already attached and pinned; this call adopted them.
+    Adopted,
+}
+
+/// Handles on the pinned maps of an installed datapath.
+pub struct Datapath {
+    endpoints: HashMap<MapData, Addr, EndpointValue>,
+    allows: HashMap<MapData, ChainPair, u32>,
+    counters: PerCpuHashMap<MapData, Addr, Counters>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath").finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// Makes sure the programs are loaded, attached to `placement.cgroup` and
+    /// pinned under `placement.bpffs`, then returns handles on the maps.
+    ///
+    /// Idempotent; concurrent callers (several CNI invocations and meshd) are
+    /// serialised by an exclusive lock on the pin directory. The sockops link
+    /// pin is written last, so its presence means "fully installed"; an
+    /// interrupted install is completed by the next call (pinned maps are
+    /// reused by name, a re-attached sk_msg program replaces the old one).
+    pub fn ensure(placement: &Placement) -> Result<(Self, Installed), Error> {
+        let _lock = lock_pin_dir(&placement.bpffs)?;
+        if placement.bpffs.join(names::SOCKOPS_LINK_PIN).exists() {
+            return Ok((Self::adopt(&placement.bpffs)?, Installed::Adopted));
+        }
+        check_cgroup2(&placement.cgroup)?;
+        Ok((Self::install(placement)?, Installed::Fresh))
+    }
+
+    /// Adopts an installed datapath without installing anything.
+    pub fn open(bpffs: &Path) -> Result<Self, Error> {
+        if !bpffs.join(names::SOCKOPS_LINK_PIN).exists() {
+            return Err(Error::NotInstalled {
+                path: bpffs.to_path_buf(),
+                link: names::SOCKOPS_LINK_PIN,
+            });
+        }
+        Self::adopt(bpffs)
+    }
+
+    fn install(placement: &Placement) -> Result<Self, Error> {
+        let dir = &placement.bpffs;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .load(OBJECT)
+            .map_err(|e| Error::Load(Box::new(e)))?;
+
+        // sk_msg first: once sockops runs, sockets land in the map.
+        let socks: SockHash<MapData, SockKey> = ebpf
+            .take_map(names::SOCKHASH)
+            .ok_or(Error::MissingMap { name: names::SOCKHASH })?
+            .try_into()
+            .map_err(Error::map("open", names::SOCKHASH))?;
+        let sk_msg: &mut SkMsg = ebpf
+            .program_mut(names::SK_MSG_PROG)
+            .ok_or(Error::MissingProgram { name: names::SK_MSG_PROG })?
+            .try_into()
+            .map_err(Error::prog("look up", names::SK_MSG_PROG))?;
+        sk_msg.load().map_err(Error::prog("load", names::SK_MSG_PROG))?;
+        let link = sk_msg
+            .attach(socks.fd())
+            .map_err(Error::prog("attach", names::SK_MSG_PROG))?;
+        let link = sk_msg
+            .take_link(link)
+            .map_err(Error::prog("take the link of", names::SK_MSG_PROG))?;
+        let prog_pin = dir.join(names::SK_MSG_PROG_PIN);
+        remove_stale(&prog_pin)?;
+        sk_msg.pin(&prog_pin).map_err(|e| Error::Pin { path: prog_pin, source: Box::new(e) })?;
+        // The attachment lives in the (pinned) sockhash, not in this process:
+        // dropping the link would detach the program.
+        #[expect(clippy::mem_forget, reason = "keep sk_msg attached after this process exits")]
+        std::mem::forget(link);
+
+        let cgroup = File::open(&placement.cgroup).map_err(Error::io("open", &placement.cgroup))?;
+        let sockops: &mut SockOps = ebpf
+            .program_mut(names::SOCKOPS_PROG)
+            .ok_or(Error::MissingProgram { name: names::SOCKOPS_PROG })?
+            .try_into()
+            .map_err(Error::prog("look up", names::SOCKOPS_PROG))?;
+        sockops.load().map_err(Error::prog("load", names::SOCKOPS_PROG))?;
+        let link = sockops
+            .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            .map_err(Error::prog("attach", names::SOCKOPS_PROG))?;
+        let link: FdLink = sockops
+            .take_link(link)
+            .map_err(Error::prog("take the link of", names::SOCKOPS_PROG))?
+            .try_into()
+            .map_err(Error::link("convert", names::SOCKOPS_PROG))?;
+        let link_pin = dir.join(names::SOCKOPS_LINK_PIN);
+        remove_stale(&link_pin)?;
+        link.pin(&link_pin).map_err(|e| Error::Pin { path: link_pin, source: Box::new(e) })?;
+
+        Ok(Self {
+            endpoints: take(&mut ebpf, names::ENDPOINTS)?,
+            allows: take(&mut ebpf, names::CHAIN_ALLOW)?,
+            counters: take(&mut ebpf, names::COUNTERS)?,
+        })
+    }
+
+    fn adopt(dir: &Path) -> Result<Self, Error> {
+        Ok(Self {
+            endpoints: from_pin(dir, names::ENDPOINTS)?,
+            allows: from_pin(dir, names::CHAIN_ALLOW)?,
+            counters: from_pin(dir, names::COUNTERS)?,
+        })
+    }
+
+    /// Records (or updates) a local endpoint.
+    pub fn upsert_endpoint(&mut self, ip: IpAddr, value: EndpointValue) -> Result<(), Error> {
+        self.endpoints
+            .insert(addr_of(ip), value, 0)
+            .map_err(Error::map("insert into", names::ENDPOINTS))
+    }
+
+    /// Forgets a local endpoint and its counters. Succeeds when already gone.
+    pub fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), Error> {
+        let key = addr_of(ip);
+        ignore_missing(self.endpoints.remove(&key)).map_err(Error::map("remove from", names::ENDPOINTS))?;
+        ignore_missing(self.counters.remove(&key)).map_err(Error::map("remove from", names::COUNTERS))
+    }
+
+    /// All recorded endpoints.
+    pub fn endpoints(&self) -> Result<Vec<(IpAddr, EndpointValue)>, Error> {
+        self.endpoints
+            .iter()
+            .map(|r| r.map(|(k, v)| (ip_of(k), v)))
+            .collect::<Result<_, _>>()
+            .map_err(Error::map("iterate", names::ENDPOINTS))
+    }
+
+    /// Allows connections from chain `from` to chain `to` and back.
+    pub fn allow_chains(&mut self, a: u64, b: u64) -> Result<(), Error> {
+        for (from, to) in [(a, b), (b, a)] {
+            self.allows
+                .insert(ChainPair { from, to }, 1, 0)
+                .map_err(Error::map("insert into", names::CHAIN_ALLOW))?;
+        }
+        Ok(())
+    }
+
+    /// Counters of one endpoint, summed over CPUs (zero when it has none yet).
+    pub fn counters(&self, ip: IpAddr) -> Result<Counters, Error> {
+        match self.counters.get(&addr_of(ip), 0) {
+            Ok(per_cpu) => Ok(per_cpu.iter().fold(Counters::default(), |acc, c| acc.plus(c))),
+            Err(MapError::KeyNotFound) => Ok(Counters::default()),
+            Err(e) => Err(Error::map("read", names::COUNTERS)(e)),
+        }
+    }
+}
+
+/// Detaches the programs and removes every pin under `bpffs` (and the directory
+/// when it is empty). Succeeds when nothing is installed.
+pub fn uninstall(bpffs: &Path) -> Result<(), Error> {
+    if !bpffs.exists() {
+        return Ok(());
+    }
+    let _lock = lock_pin_dir(bpffs)?;
+    let link_pin = bpffs.join(names::SOCKOPS_LINK_PIN);
+    if link_pin.exists() {
+        // Unpinning leaves this process the only holder; dropping it detaches.
+        let link = PinnedLink::from_pin(&link_pin)
+            .map_err(Error::link("open the pin of", names::SOCKOPS_PROG))?;
+        drop(link.unpin().map_err(Error::io("unpin", &link_pin))?);
+    }
+    // Removing the sockhash's last reference releases the attached sk_msg
+    // program (the kernel drops a sockmap's programs with its last user ref).
+    for name in [names::SK_MSG_PROG_PIN].into_iter().chain(names::PINNED_MAPS) {
+        remove_stale(&bpffs.join(name))?;
+    }
+    drop(_lock);
+    match std::fs::remove_dir(bpffs) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        // Someone else's pins live here too: leave the directory.
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOTEMPTY) => Ok(()),
+        Err(e) => Err(Error::io("remove", bpffs)(e)),
+    }
+}
+
+/// Mounts bpffs at `path` unless one is already there.
+pub fn ensure_bpffs_mounted(path: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(path).map_err(Error::io("create", path))?;
+    if is_bpffs(path)? {
+        return Ok(());
+    }
+    nix::mount::mount(Some("bpf"), path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| Error::io("mount bpffs at", path)(e.into()))
+}
+
+/// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` on pure v2
+/// hosts, `/sys/fs/cgroup/unified` on hybrid ones), from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_cgroup2_mount(&info)
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> <src> <super opts>"
+        let (left, right) = line.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+fn is_bpffs(path: &Path) -> Result<bool, Error> {
+    let st = nix::sys::statfs::statfs(path).map_err(|e| Error::io("statfs", path)(e.into()))?;
+    #[expect(clippy::useless_conversion, reason = "f_type's width differs between libcs")]
+    Ok(i64::from(st.filesystem_type().0) == BPF_FS_MAGIC)
+}
+
+fn check_cgroup2(path: &Path) -> Result<(), Error> {
+    // cgroup2's statfs magic.
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let st = nix::sys::statfs::statfs(path).map_err(|e| Error::io("statfs", path)(e.into()))?;
+    #[expect(clippy::useless_conversion, reason = "f_type's width differs between libcs")]
+    if i64::from(st.filesystem_type().0) == CGROUP2_SUPER_MAGIC {
+        Ok(())
+    } else {
+        Err(Error::NotCgroup2 { path: path.to_path_buf() })
+    }
+}
+
+/// Creates the pin directory if needed, checks it is on bpffs and takes an
+/// exclusive lock on it (released on drop).
+fn lock_pin_dir(dir: &Path) -> Result<Flock<File>, Error> {
+    std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
+    if !is_bpffs(dir)? {
+        return Err(Error::NotBpffs { path: dir.to_path_buf() });
+    }
+    let f = File::open(dir).map_err(Error::io("open", dir))?;
+    Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| Error::io("lock", dir)(e.into()))
+}
+
+fn remove_stale(path: &Path) -> Result<(), Error> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io("remove", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, Error> {
+    ebpf.take_map(name)
+        .ok_or(Error::MissingMap { name })?
+        .try_into()
+        .map_err(Error::map("open", name))
+}
+
+fn from_pin<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) -> Result<T, Error> {
+    let data = MapData::from_pin(dir.join(name)).map_err(Error::map("open the pin of", name))?;
+    Map::from_map_data(data)
+        .and_then(T::try_from)
+        .map_err(Error::map("open", name))
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// The map key of an address (IPv4 as IPv4-mapped IPv6).
+pub fn addr_of(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => Addr::from_octets(v4.to_ipv6_mapped().octets()),
+        IpAddr::V6(v6) => Addr::from_octets(v6.octets()),
+    }
+}
+
+/// The address of a map key (IPv4-mapped shown as IPv4).
+pub fn ip_of(addr: Addr) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(addr.octets());
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_on_hybrid_and_pure_hosts() {
+        let hybrid = "30 25 0:26 / /sys/fs/cgroup/unified rw,nosuid shared:9 - cgroup2 cgroup2 rw\n\
+                      31 25 0:27 / /sys/fs/cgroup/cpu rw shared:10 - cgroup cgroup rw,cpu\n";
+        assert_eq!(parse_cgroup2_mount(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        let pure = "35 24 0:30 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(parse_cgroup2_mount(pure), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(parse_cgroup2_mount("22 1 0:5 / /proc rw - proc proc rw\n"), None);
+    }
+
+    #[test]
+    fn addresses_round_trip_through_map_keys() {
+        for ip in ["10.244.0.7", "fd00::7", "::1", "0.0.0.0"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_of(addr_of(ip)), ip, "{ip}");
+        }
+        assert!(addr_of("10.0.0.1".parse().unwrap()).is_ipv4_mapped());
+    }
+
+    #[test]
+    fn embedded_object_has_every_program_and_pinned_map() {
+        let obj = aya_obj_names(OBJECT);
+        for name in names::PINNED_MAPS.iter().chain(&[names::SOCKOPS_PROG, names::SK_MSG_PROG]) {
+            assert!(obj.iter().any(|n| n == name), "{name} not in the object: {obj:?}");
+        }
+    }
+
+    /// Symbol names in the ELF object, without loading it (no privileges needed).
+    fn aya_obj_names(obj: &[u8]) -> Vec<String> {
+        // Map and program names appear as NUL-terminated strings in the symbol
+        // string table; a plain scan is enough for a presence check.
+        obj.split(|b| *b == 0)
+            .filter_map(|s| std::str::from_utf8(s).ok())
+            .map(str::to_owned)
+            .collect()
+    }
+}

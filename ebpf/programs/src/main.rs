@@ -1,0 +1,18 @@
+//! spright's kernel programs.
+//!
+//! - `spright_sockops` (cgroup sock_ops): when a TCP connection is established
+//!   and both ends are local mesh endpoints that policy lets talk, insert the
+//!   socket into the sockhash under its node-unique key.
+//! - `spright_sk_msg` (sk_msg verdict on the sockhash): redirect every message
+//!   to the peer socket's ingress queue; when the peer is not (yet) in the map,
+//!   pass it to TCP.
+//!
+//! On the host this crate builds to an empty binary so that workspace-wide
+//! commands work; the real object is built by `ebpf/loader`'s build script.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs;
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

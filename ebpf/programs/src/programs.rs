@@ -1,0 +1,189 @@
+use core::ptr::{addr_of, read_volatile};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS,
+    },
+    macros::{map, sk_msg, sock_ops},
+    maps::{HashMap, PerCpuHashMap, SockHash},
+    programs::{SkMsgContext, SockOpsContext},
+};
+use spright_common::{
+    AF_INET, AF_INET6, Addr, ChainPair, Counters, EndpointValue, SockKey, limits,
+    remote_port_to_host,
+};
+
+// Map names must equal `spright_common::names::*` (checked by the loader's tests).
+#[map(name = "spr_socks_v1")]
+static SOCKS: SockHash<SockKey> = SockHash::pinned(limits::MAX_SOCKETS, 0);
+
+#[map(name = "spr_endpts_v1")]
+static ENDPOINTS: HashMap<Addr, EndpointValue> = HashMap::pinned(limits::MAX_ENDPOINTS, 0);
+
+#[map(name = "spr_allow_v1")]
+static CHAIN_ALLOW: HashMap<ChainPair, u32> = HashMap::pinned(limits::MAX_CHAIN_ALLOWS, 0);
+
+#[map(name = "spr_counters_v1")]
+static COUNTERS: PerCpuHashMap<Addr, Counters> = PerCpuHashMap::pinned(limits::MAX_ENDPOINTS, 0);
+
+/// sock_ops entry point. The return value of the established callbacks is
+/// ignored by the kernel; on any internal error the socket simply stays on the
+/// TCP path (fail open).
+#[sock_ops]
+pub(crate) fn spright_sockops(ctx: SockOpsContext) -> u32 {
+    let _ = try_sockops(&ctx);
+    1
+}
+
+fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        return Ok(());
+    }
+    let (local, remote) = match ctx.family() {
+        AF_INET => (
+            Addr::from_ipv4_raw(ctx.local_ip4()),
+            Addr::from_ipv4_raw(ctx.remote_ip4()),
+        ),
+        AF_INET6 => (
+            Addr::from_ipv6_raw(ctx.local_ip6()),
+            Addr::from_ipv6_raw(ctx.remote_ip6()),
+        ),
+        _ => return Ok(()),
+    };
+    if !allowed(&local, &remote) {
+        return Ok(());
+    }
+    let mut key = SockKey {
+        local,
+        remote,
+        local_port: ctx.local_port(),
+        remote_port: remote_port_to_host(ctx.remote_port()),
+    };
+    // SAFETY: `ctx.ops` is the context pointer the kernel handed this program.
+    SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY))?;
+    bump(&local, |c| c.accelerated_socks += 1);
+    Ok(())
+}
+
+/// Policy, decided once per connection: both ends are recorded local endpoints,
+/// neither opted out, and they are in the same chain or in chains explicitly
+/// allowed to talk.
+#[inline(always)]
+fn allowed(local: &Addr, remote: &Addr) -> bool {
+    // SAFETY: values are copied out at once; a concurrent update can at worst
+    // give a stale decision for this one connection.
+    let (Some(l), Some(r)) = (unsafe { ENDPOINTS.get(local) }, unsafe { ENDPOINTS.get(remote) })
+    else {
+        return false;
+    };
+    let (l, r) = (*l, *r);
+    if l.opted_out() || r.opted_out() {
+        return false;
+    }
+    if l.same_chain_as(&r) {
+        return true;
+    }
+    l.chain_id != 0
+        && r.chain_id != 0
+        && CHAIN_ALLOW
+            .get_ptr(ChainPair {
+                from: l.chain_id,
+                to: r.chain_id,
+            })
+            .is_some()
+}
+
+#[inline(always)]
+fn bump(addr: &Addr, f: impl FnOnce(&mut Counters)) {
+    let ptr = match COUNTERS.get_ptr_mut(addr) {
+        Some(p) => p,
+        None => {
+            let _ = COUNTERS.insert(addr, Counters::default(), u64::from(BPF_NOEXIST));
+            match COUNTERS.get_ptr_mut(addr) {
+                Some(p) => p,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: per-CPU value of this CPU; no other program touches it concurrently.
+    f(unsafe { &mut *ptr });
+}
+
+/// sk_msg entry point. Verdict is always SK_PASS: after a successful redirect
+/// that is what the kernel expects, and when the peer is missing it sends the
+/// message down the TCP path (any other verdict would drop data).
+#[sk_msg]
+pub(crate) fn spright_sk_msg(ctx: SkMsgContext) -> u32 {
+    try_sk_msg(&ctx);
+    SK_PASS
+}
+
+fn try_sk_msg(ctx: &SkMsgContext) {
+    let md = ctx.msg;
+    // The context only allows 4-byte loads of these fields: read each one on its
+    // own (volatile) so LLVM cannot merge them into wider loads the verifier rejects.
+    // SAFETY: `md` is the context pointer the kernel handed this program.
+    let (family, size, lport, rport) = unsafe {
+        (
+            read_volatile(addr_of!((*md).family)),
+            read_volatile(addr_of!((*md).size)),
+            read_volatile(addr_of!((*md).local_port)),
+            read_volatile(addr_of!((*md).remote_port)),
+        )
+    };
+    let (local, remote) = match family {
+        // SAFETY: as above.
+        AF_INET => unsafe {
+            (
+                Addr::from_ipv4_raw(read_volatile(addr_of!((*md).local_ip4))),
+                Addr::from_ipv4_raw(read_volatile(addr_of!((*md).remote_ip4))),
+            )
+        },
+        // SAFETY: as above.
+        AF_INET6 => unsafe { (read_ip6(addr_of!((*md).local_ip6)), read_ip6(addr_of!((*md).remote_ip6))) },
+        _ => return,
+    };
+    let mut peer = SockKey {
+        local: remote,
+        remote: local,
+        local_port: remote_port_to_host(rport),
+        remote_port: lport,
+    };
+    let verdict = SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS));
+    let bytes = u64::from(size);
+    if verdict == i64::from(SK_PASS) {
+        bump(&local, |c| {
+            c.redirected_msgs += 1;
+            c.redirected_bytes += bytes;
+        });
+    } else {
+        bump(&local, |c| {
+            c.fallback_msgs += 1;
+            c.fallback_bytes += bytes;
+        });
+    }
+}
+
+/// # Safety
+/// `p` points at a context's `*_ip6` field.
+#[inline(always)]
+unsafe fn read_ip6(p: *const [u32; 4]) -> Addr {
+    let p = p.cast::<u32>();
+    // SAFETY: the caller guarantees four readable u32 words.
+    unsafe {
+        Addr::from_ipv6_raw([
+            read_volatile(p),
+            read_volatile(p.add(1)),
+            read_volatile(p.add(2)),
+            read_volatile(p.add(3)),
+        ])
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
