@@ -1,1 +1,55 @@
+//! Shared machinery of spright's integration tests.
+//!
+//! - [`privileged::require`]: the gate of every privileged test (skips with a
+//!   message outside CI, fails under `CI=true`).
+//! - [`sandbox`]: a simulated node — network namespaces, a bridge, veths, a
+//!   cgroup v2 directory and a bpffs pin directory that the test owns and that
+//!   are removed on drop, also when the test panics.
+//! - [`scenario`]: end-to-end scenarios shared by tests and the demo binary.
 
+pub mod privileged;
+pub mod sandbox;
+pub mod scenario;
+
+/// 64-bit FNV-1a, used to compare what was sent with what arrived.
+pub mod fnv1a {
+    pub const START: u64 = 0xcbf2_9ce4_8422_2325;
+
+    #[must_use]
+    pub fn feed(mut h: u64, bytes: &[u8]) -> u64 {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    }
+}
+
+/// A deterministic byte stream (so corruption, loss and reordering all change
+/// the hash).
+pub mod pattern {
+    /// Fills `buf` with the stream's bytes starting at stream offset `offset`.
+    pub fn fill(buf: &mut [u8], offset: u64) {
+        for (i, b) in buf.iter_mut().enumerate() {
+            let x = (offset + i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            *b = (x >> 56) as u8;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_position_dependent() {
+        let mut whole = [0u8; 64];
+        pattern::fill(&mut whole, 0);
+        let mut tail = [0u8; 32];
+        pattern::fill(&mut tail, 32);
+        assert_eq!(&whole[32..], &tail);
+        let mut swapped = whole;
+        swapped.swap(3, 40);
+        assert_ne!(fnv1a::feed(fnv1a::START, &whole), fnv1a::feed(fnv1a::START, &swapped));
+    }
+}

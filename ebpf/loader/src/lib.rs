@@ -203,8 +203,11 @@ impl Datapath {
             .try_into()
             .map_err(Error::prog("look up", names::SOCKOPS_PROG))?;
         sockops.load().map_err(Error::prog("load", names::SOCKOPS_PROG))?;
+        // A bpf_link on a cgroup always coexists with other programs there
+        // (the kernel attaches links in multi mode); link_create rejects the
+        // explicit BPF_F_ALLOW_MULTI flag, so `Single` (flags 0) is correct.
         let link = sockops
-            .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(Error::prog("attach", names::SOCKOPS_PROG))?;
         let link: FdLink = sockops
             .take_link(link)

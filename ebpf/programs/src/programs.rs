@@ -41,16 +41,22 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         return Ok(());
     }
-    let (local, remote) = match ctx.family() {
-        AF_INET => (
-            Addr::from_ipv4_raw(ctx.local_ip4()),
-            Addr::from_ipv4_raw(ctx.remote_ip4()),
-        ),
-        AF_INET6 => (
-            Addr::from_ipv6_raw(ctx.local_ip6()),
-            Addr::from_ipv6_raw(ctx.remote_ip6()),
-        ),
-        _ => return Ok(()),
+    let ops = ctx.ops;
+    // SAFETY: `ops` is the context pointer the kernel handed this program; see
+    // `read_ctx_addrs` for why every field is read unconditionally.
+    let (family, lport, rport, l4, r4, l6, r6) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).family)),
+            read_volatile(addr_of!((*ops).local_port)),
+            read_volatile(addr_of!((*ops).remote_port)),
+            read_volatile(addr_of!((*ops).local_ip4)),
+            read_volatile(addr_of!((*ops).remote_ip4)),
+            read_ip6(addr_of!((*ops).local_ip6)),
+            read_ip6(addr_of!((*ops).remote_ip6)),
+        )
+    };
+    let Some((local, remote)) = endpoints_of(family, l4, r4, l6, r6) else {
+        return Ok(());
     };
     if !allowed(&local, &remote) {
         return Ok(());
@@ -58,8 +64,8 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
     let mut key = SockKey {
         local,
         remote,
-        local_port: ctx.local_port(),
-        remote_port: remote_port_to_host(ctx.remote_port()),
+        local_port: lport,
+        remote_port: remote_port_to_host(rport),
     };
     // SAFETY: `ctx.ops` is the context pointer the kernel handed this program.
     SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY))?;
@@ -133,17 +139,17 @@ fn try_sk_msg(ctx: &SkMsgContext) {
             read_volatile(addr_of!((*md).remote_port)),
         )
     };
-    let (local, remote) = match family {
-        // SAFETY: as above.
-        AF_INET => unsafe {
-            (
-                Addr::from_ipv4_raw(read_volatile(addr_of!((*md).local_ip4))),
-                Addr::from_ipv4_raw(read_volatile(addr_of!((*md).remote_ip4))),
-            )
-        },
-        // SAFETY: as above.
-        AF_INET6 => unsafe { (read_ip6(addr_of!((*md).local_ip6)), read_ip6(addr_of!((*md).remote_ip6))) },
-        _ => return,
+    // SAFETY: as above.
+    let (l4, r4, l6, r6) = unsafe {
+        (
+            read_volatile(addr_of!((*md).local_ip4)),
+            read_volatile(addr_of!((*md).remote_ip4)),
+            read_ip6(addr_of!((*md).local_ip6)),
+            read_ip6(addr_of!((*md).remote_ip6)),
+        )
+    };
+    let Some((local, remote)) = endpoints_of(family, l4, r4, l6, r6) else {
+        return;
     };
     let mut peer = SockKey {
         local: remote,
@@ -163,6 +169,21 @@ fn try_sk_msg(ctx: &SkMsgContext) {
             c.fallback_msgs += 1;
             c.fallback_bytes += bytes;
         });
+    }
+}
+
+/// Both ends of a socket as map keys, from the context's address fields.
+///
+/// Callers read all four address fields unconditionally (volatile, one 4-byte
+/// load each) before choosing by family: loading them inside the match let LLVM
+/// 22 fold the arms into one load at a variable context offset, which the
+/// verifier of kernel 6.18 rejects ("dereference of modified ctx ptr").
+#[inline(always)]
+fn endpoints_of(family: u32, l4: u32, r4: u32, l6: Addr, r6: Addr) -> Option<(Addr, Addr)> {
+    match family {
+        AF_INET => Some((Addr::from_ipv4_raw(l4), Addr::from_ipv4_raw(r4))),
+        AF_INET6 => Some((l6, r6)),
+        _ => None,
     }
 }
 

@@ -1,0 +1,199 @@
+//! `spright-netpeer`: the pod process of the integration tests.
+//!
+//! It joins a cgroup and a network namespace (in that order, before it creates
+//! any socket, because a socket's cgroup is fixed at creation), then serves or
+//! sends one framed transfer and prints a JSON report on stdout.
+//!
+//! ```text
+//! spright-netpeer [--cgroup DIR] [--netns PATH] serve --listen ADDR [--conns N]
+//! spright-netpeer [--cgroup DIR] [--netns PATH] send --connect ADDR --bytes N [--chunk N] [--hold]
+//! ```
+//!
+//! Protocol (chosen so that every payload byte is sent after both sockets are
+//! established on both sides): the server greets with one byte as soon as it
+//! accepts; the client waits for it, sends an 8-byte big-endian length and the
+//! payload, and reads a 16-byte reply (received length, FNV-1a hash). With
+//! `--hold` the client keeps the connection open after its report until its
+//! stdin closes, so the test can inspect the live socket with `ss`.
+//!
+//! Reads retry `EAGAIN` on blocking sockets (a known behaviour of the kernel's
+//! redirect path, see DESIGN.md) and report how often they had to.
+
+use std::{
+    io::{self, BufRead as _, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use spright_tests::{fnv1a, pattern};
+
+fn main() -> anyhow::Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(dir) = take_opt(&mut args, "--cgroup")? {
+        std::fs::write(format!("{dir}/cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {dir}"))?;
+    }
+    if let Some(path) = take_opt(&mut args, "--netns")? {
+        let f = std::fs::File::open(&path).with_context(|| format!("opening netns {path}"))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering netns {path}"))?;
+    }
+    let report = match args.first().map(String::as_str) {
+        Some("serve") => {
+            args.remove(0);
+            let listen: SocketAddr = parse(&take_opt(&mut args, "--listen")?.context("--listen is required")?)?;
+            let conns: u64 = take_opt(&mut args, "--conns")?.map_or(Ok(1), |v| parse(&v))?;
+            no_leftovers(&args)?;
+            serve(listen, conns)?
+        }
+        Some("send") => {
+            args.remove(0);
+            let connect: SocketAddr = parse(&take_opt(&mut args, "--connect")?.context("--connect is required")?)?;
+            let bytes: u64 = parse(&take_opt(&mut args, "--bytes")?.context("--bytes is required")?)?;
+            let chunk: usize = take_opt(&mut args, "--chunk")?.map_or(Ok(64 * 1024), |v| parse(&v))?;
+            let hold = take_flag(&mut args, "--hold");
+            no_leftovers(&args)?;
+            send(connect, bytes, chunk, hold)?
+        }
+        other => bail!("expected `serve` or `send`, got {other:?}"),
+    };
+    // `send --hold` already printed its report.
+    if !report.is_null() {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+fn serve(listen: SocketAddr, conns: u64) -> anyhow::Result<serde_json::Value> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    println!("ready");
+    io::stdout().flush()?;
+    let mut results = Vec::new();
+    for _ in 0..conns {
+        let (mut s, peer) = listener.accept().context("accepting")?;
+        let mut retries = 0;
+        s.write_all(b"!").context("greeting")?;
+        let mut len = [0u8; 8];
+        read_exact_retrying(&mut s, &mut len, &mut retries)?;
+        let len = u64::from_be_bytes(len);
+        let mut hash = fnv1a::START;
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        while got < len {
+            let want = usize::try_from((len - got).min(buf.len() as u64))?;
+            let n = read_retrying(&mut s, &mut buf[..want], &mut retries)?;
+            if n == 0 {
+                break;
+            }
+            hash = fnv1a::feed(hash, &buf[..n]);
+            got += n as u64;
+        }
+        let mut reply = [0u8; 16];
+        reply[..8].copy_from_slice(&got.to_be_bytes());
+        reply[8..].copy_from_slice(&hash.to_be_bytes());
+        s.write_all(&reply).context("replying")?;
+        // Wait for the client to close so our reply is never cut short.
+        let mut rest = [0u8; 1];
+        let _ = read_retrying(&mut s, &mut rest, &mut retries);
+        results.push(serde_json::json!({
+            "peer": peer.to_string(), "bytes": got, "hash": format!("{hash:016x}"), "eagain_retries": retries,
+        }));
+    }
+    Ok(serde_json::json!({ "served": results }))
+}
+
+fn send(connect: SocketAddr, bytes: u64, chunk: usize, hold: bool) -> anyhow::Result<serde_json::Value> {
+    let mut s = TcpStream::connect(connect).with_context(|| format!("connecting to {connect}"))?;
+    let local = s.local_addr()?;
+    let mut retries = 0;
+    let mut greeting = [0u8; 1];
+    read_exact_retrying(&mut s, &mut greeting, &mut retries)?;
+    let started = Instant::now();
+    s.write_all(&bytes.to_be_bytes())?;
+    let mut hash = fnv1a::START;
+    let mut buf = vec![0u8; chunk.max(1)];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = usize::try_from((bytes - sent).min(buf.len() as u64))?;
+        pattern::fill(&mut buf[..n], sent);
+        hash = fnv1a::feed(hash, &buf[..n]);
+        s.write_all(&buf[..n]).context("sending payload")?;
+        sent += n as u64;
+    }
+    let mut reply = [0u8; 16];
+    read_exact_retrying(&mut s, &mut reply, &mut retries)?;
+    let elapsed = started.elapsed();
+    let got = u64::from_be_bytes(reply[..8].try_into()?);
+    let their_hash = u64::from_be_bytes(reply[8..].try_into()?);
+    let report = serde_json::json!({
+        "local": local.to_string(), "peer": connect.to_string(),
+        "sent": sent, "sent_hash": format!("{hash:016x}"),
+        "received_by_peer": got, "peer_hash": format!("{their_hash:016x}"),
+        "intact": got == sent && their_hash == hash,
+        "micros": elapsed.as_micros(), "eagain_retries": retries,
+    });
+    if hold {
+        println!("{report}");
+        io::stdout().flush()?;
+        // Keep the socket open until the test closes our stdin.
+        let mut line = String::new();
+        while io::stdin().lock().read_line(&mut line)? > 0 {
+            line.clear();
+        }
+        return Ok(serde_json::Value::Null);
+    }
+    Ok(report)
+}
+
+fn read_retrying(s: &mut TcpStream, buf: &mut [u8], retries: &mut u64) -> anyhow::Result<usize> {
+    // Bounded: a real stall shows as an error instead of a hang.
+    for _ in 0..1_000_000 {
+        match s.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                *retries += 1;
+            }
+            Err(e) => return Err(e).context("reading"),
+        }
+    }
+    bail!("read kept returning EAGAIN")
+}
+
+fn read_exact_retrying(s: &mut TcpStream, mut buf: &mut [u8], retries: &mut u64) -> anyhow::Result<()> {
+    while !buf.is_empty() {
+        let n = read_retrying(s, buf, retries)?;
+        if n == 0 {
+            bail!("connection closed early");
+        }
+        buf = &mut buf[n..];
+    }
+    Ok(())
+}
+
+fn take_opt(args: &mut Vec<String>, name: &str) -> anyhow::Result<Option<String>> {
+    let Some(i) = args.iter().position(|a| a == name) else {
+        return Ok(None);
+    };
+    if i + 1 >= args.len() {
+        bail!("{name} needs a value");
+    }
+    let v = args.remove(i + 1);
+    args.remove(i);
+    Ok(Some(v))
+}
+
+fn take_flag(args: &mut Vec<String>, name: &str) -> bool {
+    args.iter().position(|a| a == name).map(|i| args.remove(i)).is_some()
+}
+
+fn parse<T: std::str::FromStr>(v: &str) -> anyhow::Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    v.parse().with_context(|| format!("invalid value {v:?}"))
+}
+
+fn no_leftovers(args: &[String]) -> anyhow::Result<()> {
+    if args.is_empty() { Ok(()) } else { bail!("unexpected arguments: {args:?}") }
+}
