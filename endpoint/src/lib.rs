@@ -1,0 +1,290 @@
+//! The endpoint record: one JSON file per pod attachment, written by
+//! `spright-cni` on ADD and removed on DEL, read by meshd (the source of truth
+//! from which the kernel maps are reconciled after any crash or restart).
+//!
+//! Layout: `<state dir>/endpoints/<container id>_<ifname>.json`, written
+//! atomically (temporary file, fsync, rename, fsync of the directory), so a
+//! reader sees either no record or a whole one.
+
+use std::{
+    fs, io,
+    io::Write as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use spright_common::{ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, chain_id};
+
+/// Default state directory on a node.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/spright";
+/// Sub-directory of the state directory holding the records.
+pub const ENDPOINTS_SUBDIR: &str = "endpoints";
+/// Current record format version.
+pub const RECORD_VERSION: u32 = 1;
+
+/// Pod annotation that puts a pod into a chain (scoped by the pod's namespace).
+pub const ANNOTATION_CHAIN: &str = "spright.dev/chain";
+/// Pod annotation naming the function (a label in metrics and status).
+pub const ANNOTATION_FUNCTION: &str = "spright.dev/function";
+/// Pod annotation to opt out of the redirect (`"off"`).
+pub const ANNOTATION_REDIRECT: &str = "spright.dev/redirect";
+/// CNI_ARGS key carrying the chain for runtimes that pass no annotations.
+pub const CNI_ARG_CHAIN: &str = "SPRIGHT_CHAIN";
+/// Namespace used when the runtime gives none (e.g. podman).
+pub const DEFAULT_POD_NAMESPACE: &str = "default";
+
+/// Errors reading or writing records. Messages name the operation and path.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to {op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("malformed endpoint record {path}")]
+    Malformed {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("endpoint record {path} has unsupported version {version} (this build reads {RECORD_VERSION})")]
+    Version { path: PathBuf, version: u32 },
+    #[error("invalid {what} {value:?}: {why}")]
+    Invalid { what: &'static str, value: String, why: &'static str },
+}
+
+/// The pod an attachment belongs to (from CNI_ARGS `K8S_POD_*`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+}
+
+/// One pod attachment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    pub version: u32,
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: String,
+    /// Name of the CNI network (conflist `name`).
+    #[serde(default)]
+    pub network: String,
+    pub ips: Vec<IpAddr>,
+    pub pod: PodRef,
+    /// Chain name, scoped by `pod.namespace`; `None` = not in a chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
+    /// `false` when the pod opted out of the redirect.
+    #[serde(default = "yes")]
+    pub redirect: bool,
+    /// Host-side interface (bridge mode), for cleanup and status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ifname: Option<String>,
+}
+
+const fn yes() -> bool {
+    true
+}
+
+impl Record {
+    /// File name of the record: `<container id>_<ifname>.json`.
+    #[must_use]
+    pub fn file_name(container_id: &str, ifname: &str) -> String {
+        format!("{container_id}_{ifname}.json")
+    }
+
+    /// The value this record puts into the kernel's endpoint map.
+    #[must_use]
+    pub fn endpoint_value(&self) -> EndpointValue {
+        EndpointValue {
+            chain_id: self.chain.as_deref().map_or(0, |c| chain_id(&self.pod.namespace, c)),
+            flags: if self.redirect { 0 } else { ENDPOINT_FLAG_NO_REDIRECT },
+            _reserved: 0,
+        }
+    }
+}
+
+/// Checks a chain name: a DNS-1123 label (lowercase alphanumerics and '-',
+/// starting and ending alphanumeric, at most 63 characters). This also rules
+/// out path traversal wherever the name is used in a path.
+pub fn validate_chain(name: &str) -> Result<(), Error> {
+    let invalid = |why| Err(Error::Invalid { what: "chain name", value: name.to_owned(), why });
+    if name.is_empty() || name.len() > 63 {
+        return invalid("must be 1 to 63 characters");
+    }
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return invalid("only lowercase letters, digits and '-' are allowed (DNS-1123 label)");
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return invalid("must start and end with a letter or digit (DNS-1123 label)");
+    }
+    Ok(())
+}
+
+/// The records directory under a state directory.
+#[must_use]
+pub fn records_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(ENDPOINTS_SUBDIR)
+}
+
+/// Writes `record` atomically; returns its path.
+pub fn write(state_dir: &Path, record: &Record) -> Result<PathBuf, Error> {
+    let dir = records_dir(state_dir);
+    fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+    let path = dir.join(Record::file_name(&record.container_id, &record.ifname));
+    let tmp = dir.join(format!(".{}.tmp", Record::file_name(&record.container_id, &record.ifname)));
+    let body = serde_json::to_vec_pretty(record).expect("records always serialise");
+    let mut f = fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
+    f.write_all(&body)
+        .and_then(|()| f.sync_all())
+        .map_err(io_err("write", &tmp))?;
+    drop(f);
+    fs::rename(&tmp, &path).map_err(io_err("rename into place", &path))?;
+    fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("sync", &dir))?;
+    Ok(path)
+}
+
+/// Reads one record.
+pub fn read(path: &Path) -> Result<Record, Error> {
+    let body = fs::read(path).map_err(io_err("read", path))?;
+    let record: Record =
+        serde_json::from_slice(&body).map_err(|source| Error::Malformed { path: path.to_path_buf(), source })?;
+    if record.version != RECORD_VERSION {
+        return Err(Error::Version { path: path.to_path_buf(), version: record.version });
+    }
+    Ok(record)
+}
+
+/// Reads the record of one attachment, if there is one.
+pub fn find(state_dir: &Path, container_id: &str, ifname: &str) -> Result<Option<Record>, Error> {
+    let path = records_dir(state_dir).join(Record::file_name(container_id, ifname));
+    match read(&path) {
+        Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(None),
+        other => other.map(Some),
+    }
+}
+
+/// Removes the record of one attachment; succeeds when it is already gone.
+pub fn remove(state_dir: &Path, container_id: &str, ifname: &str) -> Result<(), Error> {
+    let path = records_dir(state_dir).join(Record::file_name(container_id, ifname));
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("remove", &path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Every record in the state directory, each with its path; a malformed record
+/// is returned as an error entry (callers log and skip it), never fatal.
+pub fn list(state_dir: &Path) -> Result<Vec<(PathBuf, Result<Record, Error>)>, Error> {
+    let dir = records_dir(state_dir);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err("list", &dir)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err("list", &dir))?;
+        let path = entry.path();
+        let is_record = path.extension().is_some_and(|e| e == "json")
+            && !entry.file_name().to_string_lossy().starts_with('.');
+        if is_record {
+            let r = read(&path);
+            out.push((path, r));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error {
+    let path = path.to_path_buf();
+    move |source| Error::Io { op, path, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, chain: Option<&str>) -> Record {
+        Record {
+            version: RECORD_VERSION,
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            netns: "/var/run/netns/x".into(),
+            network: "spright".into(),
+            ips: vec!["10.244.0.5".parse().unwrap(), "fd00::5".parse().unwrap()],
+            pod: PodRef { namespace: "shop".into(), name: "gw".into(), uid: "u1".into() },
+            chain: chain.map(Into::into),
+            function: None,
+            redirect: true,
+            host_ifname: Some("veth1234".into()),
+        }
+    }
+
+    #[test]
+    fn write_read_list_remove_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = record("abc", Some("checkout"));
+        let path = write(dir.path(), &r).unwrap();
+        assert!(path.ends_with("endpoints/abc_eth0.json"));
+        assert_eq!(read(&path).unwrap(), r);
+        assert_eq!(find(dir.path(), "abc", "eth0").unwrap(), Some(r.clone()));
+        assert_eq!(find(dir.path(), "abc", "eth1").unwrap(), None);
+        write(dir.path(), &record("def", None)).unwrap();
+        let all = list(dir.path()).unwrap();
+        assert_eq!(all.len(), 2);
+        remove(dir.path(), "abc", "eth0").unwrap();
+        remove(dir.path(), "abc", "eth0").unwrap(); // idempotent
+        assert_eq!(list(dir.path()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn malformed_records_are_listed_as_errors_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &record("good", None)).unwrap();
+        fs::write(records_dir(dir.path()).join("bad_eth0.json"), b"{not json").unwrap();
+        fs::write(records_dir(dir.path()).join(".partial.json.tmp"), b"{").unwrap();
+        let all = list(dir.path()).unwrap();
+        assert_eq!(all.len(), 2);
+        let bad = all.iter().find(|(p, _)| p.ends_with("bad_eth0.json")).unwrap();
+        assert!(matches!(bad.1, Err(Error::Malformed { .. })));
+        let msg = bad.1.as_ref().unwrap_err().to_string();
+        assert!(msg.contains("bad_eth0.json"), "{msg}");
+    }
+
+    #[test]
+    fn chains_are_scoped_by_namespace_and_opt_out_sets_the_flag() {
+        let a = record("a", Some("checkout"));
+        let mut b = record("b", Some("checkout"));
+        assert_eq!(a.endpoint_value().chain_id, b.endpoint_value().chain_id);
+        b.pod.namespace = "other".into();
+        assert_ne!(a.endpoint_value().chain_id, b.endpoint_value().chain_id);
+        assert_eq!(record("c", None).endpoint_value().chain_id, 0);
+        let mut off = record("d", Some("checkout"));
+        off.redirect = false;
+        assert!(off.endpoint_value().opted_out());
+    }
+
+    #[test]
+    fn chain_names_are_dns_labels() {
+        for ok in ["a", "checkout", "chain-1", &"x".repeat(63)] {
+            validate_chain(ok).unwrap();
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "../etc", "a/b", "a.b", &"x".repeat(64)] {
+            assert!(validate_chain(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
