@@ -50,10 +50,16 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    #[error("endpoint record {path} has unsupported version {version} (this build reads {RECORD_VERSION})")]
+    #[error(
+        "endpoint record {path} has unsupported version {version} (this build reads {RECORD_VERSION})"
+    )]
     Version { path: PathBuf, version: u32 },
     #[error("invalid {what} {value:?}: {why}")]
-    Invalid { what: &'static str, value: String, why: &'static str },
+    Invalid {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
 }
 
 /// The pod an attachment belongs to (from CNI_ARGS `K8S_POD_*`).
@@ -107,8 +113,15 @@ impl Record {
     #[must_use]
     pub fn endpoint_value(&self) -> EndpointValue {
         EndpointValue {
-            chain_id: self.chain.as_deref().map_or(0, |c| chain_id(&self.pod.namespace, c)),
-            flags: if self.redirect { 0 } else { ENDPOINT_FLAG_NO_REDIRECT },
+            chain_id: self
+                .chain
+                .as_deref()
+                .map_or(0, |c| chain_id(&self.pod.namespace, c)),
+            flags: if self.redirect {
+                0
+            } else {
+                ENDPOINT_FLAG_NO_REDIRECT
+            },
             _reserved: 0,
         }
     }
@@ -118,11 +131,20 @@ impl Record {
 /// starting and ending alphanumeric, at most 63 characters). This also rules
 /// out path traversal wherever the name is used in a path.
 pub fn validate_chain(name: &str) -> Result<(), Error> {
-    let invalid = |why| Err(Error::Invalid { what: "chain name", value: name.to_owned(), why });
+    let invalid = |why| {
+        Err(Error::Invalid {
+            what: "chain name",
+            value: name.to_owned(),
+            why,
+        })
+    };
     if name.is_empty() || name.len() > 63 {
         return invalid("must be 1 to 63 characters");
     }
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         return invalid("only lowercase letters, digits and '-' are allowed (DNS-1123 label)");
     }
     if name.starts_with('-') || name.ends_with('-') {
@@ -142,7 +164,10 @@ pub fn write(state_dir: &Path, record: &Record) -> Result<PathBuf, Error> {
     let dir = records_dir(state_dir);
     fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
     let path = dir.join(Record::file_name(&record.container_id, &record.ifname));
-    let tmp = dir.join(format!(".{}.tmp", Record::file_name(&record.container_id, &record.ifname)));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        Record::file_name(&record.container_id, &record.ifname)
+    ));
     let body = serde_json::to_vec_pretty(record).expect("records always serialise");
     let mut f = fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
     f.write_all(&body)
@@ -159,10 +184,15 @@ pub fn write(state_dir: &Path, record: &Record) -> Result<PathBuf, Error> {
 /// Reads one record.
 pub fn read(path: &Path) -> Result<Record, Error> {
     let body = fs::read(path).map_err(io_err("read", path))?;
-    let record: Record =
-        serde_json::from_slice(&body).map_err(|source| Error::Malformed { path: path.to_path_buf(), source })?;
+    let record: Record = serde_json::from_slice(&body).map_err(|source| Error::Malformed {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if record.version != RECORD_VERSION {
-        return Err(Error::Version { path: path.to_path_buf(), version: record.version });
+        return Err(Error::Version {
+            path: path.to_path_buf(),
+            version: record.version,
+        });
     }
     Ok(record)
 }
@@ -226,7 +256,11 @@ mod tests {
             netns: "/var/run/netns/x".into(),
             network: "spright".into(),
             ips: vec!["10.244.0.5".parse().unwrap(), "fd00::5".parse().unwrap()],
-            pod: PodRef { namespace: "shop".into(), name: "gw".into(), uid: "u1".into() },
+            pod: PodRef {
+                namespace: "shop".into(),
+                name: "gw".into(),
+                uid: "u1".into(),
+            },
             chain: chain.map(Into::into),
             function: None,
             redirect: true,
@@ -259,7 +293,10 @@ mod tests {
         fs::write(records_dir(dir.path()).join(".partial.json.tmp"), b"{").unwrap();
         let all = list(dir.path()).unwrap();
         assert_eq!(all.len(), 2);
-        let bad = all.iter().find(|(p, _)| p.ends_with("bad_eth0.json")).unwrap();
+        let bad = all
+            .iter()
+            .find(|(p, _)| p.ends_with("bad_eth0.json"))
+            .unwrap();
         assert!(matches!(bad.1, Err(Error::Malformed { .. })));
         let msg = bad.1.as_ref().unwrap_err().to_string();
         assert!(msg.contains("bad_eth0.json"), "{msg}");
@@ -283,7 +320,17 @@ mod tests {
         for ok in ["a", "checkout", "chain-1", &"x".repeat(63)] {
             validate_chain(ok).unwrap();
         }
-        for bad in ["", "-a", "a-", "A", "a_b", "../etc", "a/b", "a.b", &"x".repeat(64)] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "../etc",
+            "a/b",
+            "a.b",
+            &"x".repeat(64),
+        ] {
             assert!(validate_chain(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -50,6 +50,9 @@ mod tests {
         assert_eq!(&whole[32..], &tail);
         let mut swapped = whole;
         swapped.swap(3, 40);
-        assert_ne!(fnv1a::feed(fnv1a::START, &whole), fnv1a::feed(fnv1a::START, &swapped));
+        assert_ne!(
+            fnv1a::feed(fnv1a::START, &whole),
+            fnv1a::feed(fnv1a::START, &swapped)
+        );
     }
 }

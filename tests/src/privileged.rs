@@ -18,7 +18,10 @@ pub fn check() -> Result<(), String> {
     spright_ebpf::ensure_bpffs_mounted(Path::new("/sys/fs/bpf"))
         .map_err(|e| format!("cannot mount bpffs at /sys/fs/bpf: {e}"))?;
     for tool in ["ip", "ss"] {
-        if !["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().any(|d| Path::new(d).join(tool).exists()) {
+        if !["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).exists())
+        {
             return Err(format!("`{tool}` (iproute2) is not installed"));
         }
     }

@@ -25,7 +25,11 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this process and call, short enough for interface names.
 fn unique(tag: &str) -> String {
-    format!("spr{tag}{}x{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "spr{tag}{}x{}",
+        std::process::id() % 100_000,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command to completion; the error carries its stderr.
@@ -98,7 +102,8 @@ impl Cgroup {
     pub fn create(name: &str) -> anyhow::Result<Self> {
         let root = spright_ebpf::cgroup2_mount().context("no cgroup v2 mount")?;
         let path = root.join(name);
-        std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        std::fs::create_dir(&path)
+            .with_context(|| format!("creating cgroup {}", path.display()))?;
         Ok(Self { path })
     }
 
@@ -115,7 +120,10 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         // Only this test's pod processes live here.
         for pid in self.pids() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         for _ in 0..100 {
             match std::fs::remove_dir(&self.path) {
@@ -185,7 +193,14 @@ impl Sandbox {
         node.ip(&["link", "set", &bridge, "up"])?;
         let cgroup = Cgroup::create(&name)?;
         let pins = PinDir::create(&name)?;
-        Ok(Self { pins, cgroup, pods: Vec::new(), node, bridge, name })
+        Ok(Self {
+            pins,
+            cgroup,
+            pods: Vec::new(),
+            node,
+            bridge,
+            name,
+        })
     }
 
     /// Adds a pod namespace with `eth0` on the bridge; returns its index.
@@ -194,10 +209,15 @@ impl Sandbox {
         let host_octet = u8::try_from(10 + i).context("too many pods")?;
         let ip = Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], host_octet);
         let ns = Netns::create(format!("{}-p{i}", self.name))?;
-        let host_if = format!("v{}p{i}", &self.name[3..]).chars().take(15).collect::<String>();
+        let host_if = format!("v{}p{i}", &self.name[3..])
+            .chars()
+            .take(15)
+            .collect::<String>();
+        self.node.ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ])?;
         self.node
-            .ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
-        self.node.ip(&["link", "set", &host_if, "master", &self.bridge, "up"])?;
+            .ip(&["link", "set", &host_if, "master", &self.bridge, "up"])?;
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", "default", "via", &gateway().to_string()])?;
@@ -207,7 +227,10 @@ impl Sandbox {
 
     /// Where the datapath of this sandbox attaches and pins.
     pub fn placement(&self) -> spright_ebpf::Placement {
-        spright_ebpf::Placement { cgroup: self.cgroup.path.clone(), bpffs: self.pins.path.clone() }
+        spright_ebpf::Placement {
+            cgroup: self.cgroup.path.clone(),
+            bpffs: self.pins.path.clone(),
+        }
     }
 
     /// Starts `spright-netpeer ARGS` as a process of pod `pod` (in the sandbox's
@@ -267,14 +290,21 @@ impl Peer {
                 }
             }
         });
-        Ok(Self { child, stdin, lines })
+        Ok(Self {
+            child,
+            stdin,
+            lines,
+        })
     }
 
     /// The next line the peer prints, waiting at most `timeout`.
     pub fn line(&self, timeout: Duration) -> anyhow::Result<String> {
-        self.lines
-            .recv_timeout(timeout)
-            .with_context(|| format!("peer {} printed nothing within {timeout:?}", self.child.id()))
+        self.lines.recv_timeout(timeout).with_context(|| {
+            format!(
+                "peer {} printed nothing within {timeout:?}",
+                self.child.id()
+            )
+        })
     }
 
     /// The next line, parsed as the peer's JSON report.

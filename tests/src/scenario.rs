@@ -54,9 +54,15 @@ pub fn smoke(bytes: u64, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Smoke
         sb.pods[a].ip, sb.pods[b].ip, sb.pods[c].ip
     ));
 
-    let (mut dp, installed) = Datapath::ensure(&sb.placement()).context("installing the datapath")?;
-    progress(&format!("datapath {installed:?}: sockops attached to the cgroup, sk_msg to the sockhash"));
-    let chain = EndpointValue { chain_id: chain_id("default", "smoke"), ..Default::default() };
+    let (mut dp, installed) =
+        Datapath::ensure(&sb.placement()).context("installing the datapath")?;
+    progress(&format!(
+        "datapath {installed:?}: sockops attached to the cgroup, sk_msg to the sockhash"
+    ));
+    let chain = EndpointValue {
+        chain_id: chain_id("default", "smoke"),
+        ..Default::default()
+    };
     for pod in [a, b] {
         dp.upsert_endpoint(IpAddr::V4(sb.pods[pod].ip), chain)?;
     }
@@ -71,11 +77,16 @@ pub fn smoke(bytes: u64, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Smoke
         "  intact={} in {} µs; TCP data segments: client {} server {}",
         chain_t.intact, chain_t.micros, chain_t.client_data_segs_out, chain_t.server_data_segs_out
     ));
-    progress(&format!("sending {bytes} bytes C → B (control, not in the chain)"));
+    progress(&format!(
+        "sending {bytes} bytes C → B (control, not in the chain)"
+    ));
     let outsider = transfer(&sb, c, &sb.pods[b], &server_addr, bytes)?;
     progress(&format!(
         "  intact={} in {} µs; TCP data segments: client {} server {}",
-        outsider.intact, outsider.micros, outsider.client_data_segs_out, outsider.server_data_segs_out
+        outsider.intact,
+        outsider.micros,
+        outsider.client_data_segs_out,
+        outsider.server_data_segs_out
     ));
     server.finish(TIMEOUT)?;
 
@@ -101,10 +112,29 @@ pub fn smoke(bytes: u64, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Smoke
 
 /// One held transfer from pod `from` to the server, with the TCP segment
 /// counts of both sockets read while the connection is still open.
-fn transfer(sb: &Sandbox, from: usize, server: &Pod, server_addr: &str, bytes: u64) -> anyhow::Result<Transfer> {
-    let mut client = sb.spawn_peer(from, &["send", "--connect", server_addr, "--bytes", &bytes.to_string(), "--hold"])?;
+fn transfer(
+    sb: &Sandbox,
+    from: usize,
+    server: &Pod,
+    server_addr: &str,
+    bytes: u64,
+) -> anyhow::Result<Transfer> {
+    let mut client = sb.spawn_peer(
+        from,
+        &[
+            "send",
+            "--connect",
+            server_addr,
+            "--bytes",
+            &bytes.to_string(),
+            "--hold",
+        ],
+    )?;
     let r = client.report(TIMEOUT)?;
-    let local = r["local"].as_str().context("report without local address")?.to_owned();
+    let local = r["local"]
+        .as_str()
+        .context("report without local address")?
+        .to_owned();
     let client_segs = data_segs_out(&sb.pods[from], &format!("dst {server_addr}"))?;
     let server_segs = data_segs_out(server, &format!("src {server_addr} dst {local}"))?;
     client.release();
@@ -125,7 +155,11 @@ fn data_segs_out(pod: &Pod, filter: &str) -> anyhow::Result<u64> {
     let mut args = vec!["-tniH", "state", "established"];
     args.extend(filter.split(' '));
     let out = pod.ns.exec("ss", &args)?;
-    ensure!(!out.trim().is_empty(), "ss found no established socket for `{filter}` in {}", pod.ns.name);
+    ensure!(
+        !out.trim().is_empty(),
+        "ss found no established socket for `{filter}` in {}",
+        pod.ns.name
+    );
     Ok(parse_ss_field(&out, "data_segs_out").unwrap_or(0))
 }
 

@@ -1,1 +1,192 @@
-fn main() {}
+//! Developer tasks. `cargo xtask help` lists them.
+//!
+//! Every task that needs the toolchain runs `setup` first: it installs what a
+//! fresh Debian machine lacks (packages, the nightly's rust-src, bpf-linker
+//! built against Debian's LLVM 22) and is quiet when everything is present.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+
+const HELP: &str = "\
+usage: cargo xtask <task> [args]
+
+  demo                 set up, build, and run the demo on a simulated node (needs root)
+  test [TIER...]       set up, build, and run test tiers (default: all, in this order):
+                         lint        cargo fmt --check, clippy -D warnings
+                         unit        host unit tests, no privileges
+                         privileged  namespaces, cgroups, bpf (tests/tests/privileged_*.rs)
+                         e2e         real runtimes: containerd, podman (tests/tests/e2e_*.rs)
+  setup                install what this machine lacks (idempotent, quiet when nothing is missing)
+  build                set up and build everything (user side + kernel programs)
+  help                 this text
+
+Under CI=true a privileged or e2e test that cannot run fails instead of skipping.";
+
+const TIERS: [&str; 4] = ["lint", "unit", "privileged", "e2e"];
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match args.first().map(String::as_str) {
+        Some("setup") => setup::run(),
+        Some("build") => {
+            setup::run()?;
+            build()
+        }
+        Some("test") => {
+            setup::run()?;
+            test(&args[1..])
+        }
+        Some("demo") => {
+            setup::run()?;
+            demo(&args[1..])
+        }
+        None | Some("help" | "-h" | "--help") => {
+            println!("{HELP}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown task {other:?}\n\n{HELP}"),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, echoing it; fails on non-zero exit.
+pub(crate) fn cmd(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    println!("+ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn step<T>(name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    println!("==> {name}");
+    let t = Instant::now();
+    let r = f().with_context(|| format!("step `{name}` failed"));
+    println!(
+        "<== {name}: {} in {:.1}s",
+        if r.is_ok() { "ok" } else { "FAILED" },
+        t.elapsed().as_secs_f64()
+    );
+    r
+}
+
+fn build() -> anyhow::Result<()> {
+    step("build (user side + kernel programs)", || {
+        cmd("cargo", &["build", "--workspace", "--bins", "--tests"])
+    })
+}
+
+fn test(tiers: &[String]) -> anyhow::Result<()> {
+    let chosen: Vec<&str> = if tiers.is_empty() {
+        TIERS.to_vec()
+    } else {
+        for t in tiers {
+            if !TIERS.contains(&t.as_str()) {
+                bail!("unknown test tier {t:?}; tiers are {}", TIERS.join(", "));
+            }
+        }
+        TIERS
+            .iter()
+            .copied()
+            .filter(|t| tiers.iter().any(|c| c == t))
+            .collect()
+    };
+    let started = Instant::now();
+    build()?;
+    for tier in chosen {
+        match tier {
+            "lint" => step("lint", || {
+                cmd("cargo", &["fmt", "--all", "--check"])?;
+                cmd(
+                    "cargo",
+                    &[
+                        "clippy",
+                        "--workspace",
+                        "--all-targets",
+                        "--",
+                        "-D",
+                        "warnings",
+                    ],
+                )
+            })?,
+            "unit" => step("unit tests (no privileges)", || {
+                cmd(
+                    "cargo",
+                    &["test", "--workspace", "--exclude", "spright-tests"],
+                )?;
+                cmd("cargo", &["test", "-p", "spright-tests", "--lib", "--bins"])
+            })?,
+            "privileged" | "e2e" => {
+                let prefix = if tier == "privileged" {
+                    "privileged_"
+                } else {
+                    "e2e_"
+                };
+                let targets = test_targets(prefix)?;
+                if targets.is_empty() {
+                    println!("==> {tier}: no test files tests/tests/{prefix}*.rs yet");
+                    continue;
+                }
+                step(&format!("{tier} tests ({})", targets.join(", ")), || {
+                    let mut args = vec!["test", "-p", "spright-tests"];
+                    for t in &targets {
+                        args.extend(["--test", t.as_str()]);
+                    }
+                    cmd("cargo", &args)
+                })?;
+            }
+            _ => unreachable!("tiers are validated above"),
+        }
+    }
+    println!(
+        "all requested tiers passed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Integration test targets of the tests crate whose file name starts with `prefix`.
+fn test_targets(prefix: &str) -> anyhow::Result<Vec<String>> {
+    let mut out: Vec<String> = std::fs::read_dir("tests/tests")
+        .context("listing tests/tests")?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stem = name.strip_suffix(".rs")?;
+            stem.starts_with(prefix).then(|| stem.to_owned())
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+fn demo(args: &[String]) -> anyhow::Result<()> {
+    build()?;
+    step(
+        "smoke demo: a two-pod chain and an outsider on a simulated node",
+        || {
+            let mut a = vec![];
+            a.extend(args.iter().map(String::as_str));
+            cmd("target/debug/spright-smoke", &a)
+        },
+    )
+}

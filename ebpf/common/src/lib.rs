@@ -100,7 +100,12 @@ impl Addr {
     #[must_use]
     pub const fn octets(&self) -> [u8; 16] {
         let [a, b, c, d] = self.words;
-        let (a, b, c, d) = (a.to_ne_bytes(), b.to_ne_bytes(), c.to_ne_bytes(), d.to_ne_bytes());
+        let (a, b, c, d) = (
+            a.to_ne_bytes(),
+            b.to_ne_bytes(),
+            c.to_ne_bytes(),
+            d.to_ne_bytes(),
+        );
         [
             a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
             d[2], d[3],
@@ -234,7 +239,10 @@ pub const fn chain_id(namespace: &str, chain: &str) -> u64 {
         }
         h
     }
-    let h = feed(feed(feed(OFFSET, namespace.as_bytes()), b"/"), chain.as_bytes());
+    let h = feed(
+        feed(feed(OFFSET, namespace.as_bytes()), b"/"),
+        chain.as_bytes(),
+    );
     if h == 0 { 1 } else { h }
 }
 
@@ -289,7 +297,10 @@ mod tests {
             remote_port: 8080,
         };
         let r = k.reversed();
-        assert_eq!((r.local, r.remote, r.local_port, r.remote_port), (k.remote, k.local, 8080, 40000));
+        assert_eq!(
+            (r.local, r.remote, r.local_port, r.remote_port),
+            (k.remote, k.local, 8080, 40000)
+        );
         assert_eq!(r.reversed(), k);
     }
 
@@ -303,14 +314,26 @@ mod tests {
 
     #[test]
     fn policy_needs_same_nonzero_chain() {
-        let a = EndpointValue { chain_id: chain_id("default", "shop"), ..Default::default() };
-        let b = EndpointValue { chain_id: chain_id("default", "shop"), ..Default::default() };
-        let other_ns = EndpointValue { chain_id: chain_id("prod", "shop"), ..Default::default() };
+        let a = EndpointValue {
+            chain_id: chain_id("default", "shop"),
+            ..Default::default()
+        };
+        let b = EndpointValue {
+            chain_id: chain_id("default", "shop"),
+            ..Default::default()
+        };
+        let other_ns = EndpointValue {
+            chain_id: chain_id("prod", "shop"),
+            ..Default::default()
+        };
         let none = EndpointValue::default();
         assert!(a.same_chain_as(&b));
         assert!(!a.same_chain_as(&other_ns));
         assert!(!none.same_chain_as(&none));
-        let off = EndpointValue { flags: ENDPOINT_FLAG_NO_REDIRECT, ..a };
+        let off = EndpointValue {
+            flags: ENDPOINT_FLAG_NO_REDIRECT,
+            ..a
+        };
         assert!(off.opted_out() && !a.opted_out());
     }
 

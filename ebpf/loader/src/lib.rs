@@ -20,7 +20,10 @@ use aya::{
     EbpfLoader,
     maps::{HashMap, Map, MapData, MapError, PerCpuHashMap, SockHash},
     pin::PinError,
-    programs::{CgroupAttachMode, ProgramError, SkMsg, SockOps, links::{FdLink, LinkError, PinnedLink}},
+    programs::{
+        CgroupAttachMode, ProgramError, SkMsg, SockOps,
+        links::{FdLink, LinkError, PinnedLink},
+    },
 };
 use nix::fcntl::{Flock, FlockArg};
 pub use spright_common::{
@@ -93,13 +96,25 @@ impl Error {
         move |source| Self::Io { op, path, source }
     }
     fn map(op: &'static str, name: &'static str) -> impl FnOnce(MapError) -> Self {
-        move |source| Self::Map { op, name, source: Box::new(source) }
+        move |source| Self::Map {
+            op,
+            name,
+            source: Box::new(source),
+        }
     }
     fn link(op: &'static str, name: &'static str) -> impl FnOnce(LinkError) -> Self {
-        move |source| Self::Link { op, name, source: Box::new(source) }
+        move |source| Self::Link {
+            op,
+            name,
+            source: Box::new(source),
+        }
     }
     fn prog(op: &'static str, name: &'static str) -> impl FnOnce(ProgramError) -> Self {
-        move |source| Self::Program { op, name, source: Box::new(source) }
+        move |source| Self::Program {
+            op,
+            name,
+            source: Box::new(source),
+        }
     }
 }
 
@@ -173,15 +188,21 @@ impl Datapath {
         // sk_msg first: once sockops runs, sockets land in the map.
         let socks: SockHash<MapData, SockKey> = ebpf
             .take_map(names::SOCKHASH)
-            .ok_or(Error::MissingMap { name: names::SOCKHASH })?
+            .ok_or(Error::MissingMap {
+                name: names::SOCKHASH,
+            })?
             .try_into()
             .map_err(Error::map("open", names::SOCKHASH))?;
         let sk_msg: &mut SkMsg = ebpf
             .program_mut(names::SK_MSG_PROG)
-            .ok_or(Error::MissingProgram { name: names::SK_MSG_PROG })?
+            .ok_or(Error::MissingProgram {
+                name: names::SK_MSG_PROG,
+            })?
             .try_into()
             .map_err(Error::prog("look up", names::SK_MSG_PROG))?;
-        sk_msg.load().map_err(Error::prog("load", names::SK_MSG_PROG))?;
+        sk_msg
+            .load()
+            .map_err(Error::prog("load", names::SK_MSG_PROG))?;
         let link = sk_msg
             .attach(socks.fd())
             .map_err(Error::prog("attach", names::SK_MSG_PROG))?;
@@ -190,19 +211,29 @@ impl Datapath {
             .map_err(Error::prog("take the link of", names::SK_MSG_PROG))?;
         let prog_pin = dir.join(names::SK_MSG_PROG_PIN);
         remove_stale(&prog_pin)?;
-        sk_msg.pin(&prog_pin).map_err(|e| Error::Pin { path: prog_pin, source: Box::new(e) })?;
+        sk_msg.pin(&prog_pin).map_err(|e| Error::Pin {
+            path: prog_pin,
+            source: Box::new(e),
+        })?;
         // The attachment lives in the (pinned) sockhash, not in this process:
         // dropping the link would detach the program.
-        #[expect(clippy::mem_forget, reason = "keep sk_msg attached after this process exits")]
+        #[expect(
+            clippy::mem_forget,
+            reason = "keep sk_msg attached after this process exits"
+        )]
         std::mem::forget(link);
 
         let cgroup = File::open(&placement.cgroup).map_err(Error::io("open", &placement.cgroup))?;
         let sockops: &mut SockOps = ebpf
             .program_mut(names::SOCKOPS_PROG)
-            .ok_or(Error::MissingProgram { name: names::SOCKOPS_PROG })?
+            .ok_or(Error::MissingProgram {
+                name: names::SOCKOPS_PROG,
+            })?
             .try_into()
             .map_err(Error::prog("look up", names::SOCKOPS_PROG))?;
-        sockops.load().map_err(Error::prog("load", names::SOCKOPS_PROG))?;
+        sockops
+            .load()
+            .map_err(Error::prog("load", names::SOCKOPS_PROG))?;
         // A bpf_link on a cgroup always coexists with other programs there
         // (the kernel attaches links in multi mode); link_create rejects the
         // explicit BPF_F_ALLOW_MULTI flag, so `Single` (flags 0) is correct.
@@ -216,7 +247,10 @@ impl Datapath {
             .map_err(Error::link("convert", names::SOCKOPS_PROG))?;
         let link_pin = dir.join(names::SOCKOPS_LINK_PIN);
         remove_stale(&link_pin)?;
-        link.pin(&link_pin).map_err(|e| Error::Pin { path: link_pin, source: Box::new(e) })?;
+        link.pin(&link_pin).map_err(|e| Error::Pin {
+            path: link_pin,
+            source: Box::new(e),
+        })?;
 
         Ok(Self {
             endpoints: take(&mut ebpf, names::ENDPOINTS)?,
@@ -243,8 +277,10 @@ impl Datapath {
     /// Forgets a local endpoint and its counters. Succeeds when already gone.
     pub fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), Error> {
         let key = addr_of(ip);
-        ignore_missing(self.endpoints.remove(&key)).map_err(Error::map("remove from", names::ENDPOINTS))?;
-        ignore_missing(self.counters.remove(&key)).map_err(Error::map("remove from", names::COUNTERS))
+        ignore_missing(self.endpoints.remove(&key))
+            .map_err(Error::map("remove from", names::ENDPOINTS))?;
+        ignore_missing(self.counters.remove(&key))
+            .map_err(Error::map("remove from", names::COUNTERS))
     }
 
     /// All recorded endpoints.
@@ -269,7 +305,9 @@ impl Datapath {
     /// Counters of one endpoint, summed over CPUs (zero when it has none yet).
     pub fn counters(&self, ip: IpAddr) -> Result<Counters, Error> {
         match self.counters.get(&addr_of(ip), 0) {
-            Ok(per_cpu) => Ok(per_cpu.iter().fold(Counters::default(), |acc, c| acc.plus(c))),
+            Ok(per_cpu) => Ok(per_cpu
+                .iter()
+                .fold(Counters::default(), |acc, c| acc.plus(c))),
             Err(MapError::KeyNotFound) => Ok(Counters::default()),
             Err(e) => Err(Error::map("read", names::COUNTERS)(e)),
         }
@@ -292,7 +330,10 @@ pub fn uninstall(bpffs: &Path) -> Result<(), Error> {
     }
     // Removing the sockhash's last reference releases the attached sk_msg
     // program (the kernel drops a sockmap's programs with its last user ref).
-    for name in [names::SK_MSG_PROG_PIN].into_iter().chain(names::PINNED_MAPS) {
+    for name in [names::SK_MSG_PROG_PIN]
+        .into_iter()
+        .chain(names::PINNED_MAPS)
+    {
         remove_stale(&bpffs.join(name))?;
     }
     drop(_lock);
@@ -311,8 +352,14 @@ pub fn ensure_bpffs_mounted(path: &Path) -> Result<(), Error> {
     if is_bpffs(path)? {
         return Ok(());
     }
-    nix::mount::mount(Some("bpf"), path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(|e| Error::io("mount bpffs at", path)(e.into()))
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| Error::io("mount bpffs at", path)(e.into()))
 }
 
 /// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` on pure v2
@@ -333,7 +380,10 @@ fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 
 fn is_bpffs(path: &Path) -> Result<bool, Error> {
     let st = nix::sys::statfs::statfs(path).map_err(|e| Error::io("statfs", path)(e.into()))?;
-    #[expect(clippy::useless_conversion, reason = "f_type's width differs between libcs")]
+    #[expect(
+        clippy::useless_conversion,
+        reason = "f_type's width differs between libcs"
+    )]
     Ok(i64::from(st.filesystem_type().0) == BPF_FS_MAGIC)
 }
 
@@ -341,11 +391,16 @@ fn check_cgroup2(path: &Path) -> Result<(), Error> {
     // cgroup2's statfs magic.
     const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
     let st = nix::sys::statfs::statfs(path).map_err(|e| Error::io("statfs", path)(e.into()))?;
-    #[expect(clippy::useless_conversion, reason = "f_type's width differs between libcs")]
+    #[expect(
+        clippy::useless_conversion,
+        reason = "f_type's width differs between libcs"
+    )]
     if i64::from(st.filesystem_type().0) == CGROUP2_SUPER_MAGIC {
         Ok(())
     } else {
-        Err(Error::NotCgroup2 { path: path.to_path_buf() })
+        Err(Error::NotCgroup2 {
+            path: path.to_path_buf(),
+        })
     }
 }
 
@@ -354,7 +409,9 @@ fn check_cgroup2(path: &Path) -> Result<(), Error> {
 fn lock_pin_dir(dir: &Path) -> Result<Flock<File>, Error> {
     std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
     if !is_bpffs(dir)? {
-        return Err(Error::NotBpffs { path: dir.to_path_buf() });
+        return Err(Error::NotBpffs {
+            path: dir.to_path_buf(),
+        });
     }
     let f = File::open(dir).map_err(Error::io("open", dir))?;
     Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| Error::io("lock", dir)(e.into()))
@@ -367,7 +424,10 @@ fn remove_stale(path: &Path) -> Result<(), Error> {
     }
 }
 
-fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, Error> {
+fn take<T: TryFrom<Map, Error = MapError>>(
+    ebpf: &mut aya::Ebpf,
+    name: &'static str,
+) -> Result<T, Error> {
     ebpf.take_map(name)
         .ok_or(Error::MissingMap { name })?
         .try_into()
@@ -384,7 +444,11 @@ fn from_pin<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) -
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => Ok(()),
+        Err(MapError::SyscallError(ref e))
+            if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }
@@ -411,10 +475,19 @@ mod tests {
     fn finds_cgroup2_on_hybrid_and_pure_hosts() {
         let hybrid = "30 25 0:26 / /sys/fs/cgroup/unified rw,nosuid shared:9 - cgroup2 cgroup2 rw\n\
                       31 25 0:27 / /sys/fs/cgroup/cpu rw shared:10 - cgroup cgroup rw,cpu\n";
-        assert_eq!(parse_cgroup2_mount(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            parse_cgroup2_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         let pure = "35 24 0:30 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(parse_cgroup2_mount(pure), Some(PathBuf::from("/sys/fs/cgroup")));
-        assert_eq!(parse_cgroup2_mount("22 1 0:5 / /proc rw - proc proc rw\n"), None);
+        assert_eq!(
+            parse_cgroup2_mount(pure),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            parse_cgroup2_mount("22 1 0:5 / /proc rw - proc proc rw\n"),
+            None
+        );
     }
 
     #[test]
@@ -429,8 +502,14 @@ mod tests {
     #[test]
     fn embedded_object_has_every_program_and_pinned_map() {
         let obj = aya_obj_names(OBJECT);
-        for name in names::PINNED_MAPS.iter().chain(&[names::SOCKOPS_PROG, names::SK_MSG_PROG]) {
-            assert!(obj.iter().any(|n| n == name), "{name} not in the object: {obj:?}");
+        for name in names::PINNED_MAPS
+            .iter()
+            .chain(&[names::SOCKOPS_PROG, names::SK_MSG_PROG])
+        {
+            assert!(
+                obj.iter().any(|n| n == name),
+                "{name} not in the object: {obj:?}"
+            );
         }
     }
 

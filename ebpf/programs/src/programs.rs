@@ -80,8 +80,9 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
 fn allowed(local: &Addr, remote: &Addr) -> bool {
     // SAFETY: values are copied out at once; a concurrent update can at worst
     // give a stale decision for this one connection.
-    let (Some(l), Some(r)) = (unsafe { ENDPOINTS.get(local) }, unsafe { ENDPOINTS.get(remote) })
-    else {
+    let (Some(l), Some(r)) = (unsafe { ENDPOINTS.get(local) }, unsafe {
+        ENDPOINTS.get(remote)
+    }) else {
         return false;
     };
     let (l, r) = (*l, *r);

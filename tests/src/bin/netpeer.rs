@@ -31,8 +31,11 @@ use spright_tests::{fnv1a, pattern};
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(dir) = take_opt(&mut args, "--cgroup")? {
-        std::fs::write(format!("{dir}/cgroup.procs"), std::process::id().to_string())
-            .with_context(|| format!("joining cgroup {dir}"))?;
+        std::fs::write(
+            format!("{dir}/cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .with_context(|| format!("joining cgroup {dir}"))?;
     }
     if let Some(path) = take_opt(&mut args, "--netns")? {
         let f = std::fs::File::open(&path).with_context(|| format!("opening netns {path}"))?;
@@ -42,16 +45,20 @@ fn main() -> anyhow::Result<()> {
     let report = match args.first().map(String::as_str) {
         Some("serve") => {
             args.remove(0);
-            let listen: SocketAddr = parse(&take_opt(&mut args, "--listen")?.context("--listen is required")?)?;
+            let listen: SocketAddr =
+                parse(&take_opt(&mut args, "--listen")?.context("--listen is required")?)?;
             let conns: u64 = take_opt(&mut args, "--conns")?.map_or(Ok(1), |v| parse(&v))?;
             no_leftovers(&args)?;
             serve(listen, conns)?
         }
         Some("send") => {
             args.remove(0);
-            let connect: SocketAddr = parse(&take_opt(&mut args, "--connect")?.context("--connect is required")?)?;
-            let bytes: u64 = parse(&take_opt(&mut args, "--bytes")?.context("--bytes is required")?)?;
-            let chunk: usize = take_opt(&mut args, "--chunk")?.map_or(Ok(64 * 1024), |v| parse(&v))?;
+            let connect: SocketAddr =
+                parse(&take_opt(&mut args, "--connect")?.context("--connect is required")?)?;
+            let bytes: u64 =
+                parse(&take_opt(&mut args, "--bytes")?.context("--bytes is required")?)?;
+            let chunk: usize =
+                take_opt(&mut args, "--chunk")?.map_or(Ok(64 * 1024), |v| parse(&v))?;
             let hold = take_flag(&mut args, "--hold");
             no_leftovers(&args)?;
             send(connect, bytes, chunk, hold)?
@@ -103,7 +110,12 @@ fn serve(listen: SocketAddr, conns: u64) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::json!({ "served": results }))
 }
 
-fn send(connect: SocketAddr, bytes: u64, chunk: usize, hold: bool) -> anyhow::Result<serde_json::Value> {
+fn send(
+    connect: SocketAddr,
+    bytes: u64,
+    chunk: usize,
+    hold: bool,
+) -> anyhow::Result<serde_json::Value> {
     let mut s = TcpStream::connect(connect).with_context(|| format!("connecting to {connect}"))?;
     let local = s.local_addr()?;
     let mut retries = 0;
@@ -151,7 +163,10 @@ fn read_retrying(s: &mut TcpStream, buf: &mut [u8], retries: &mut u64) -> anyhow
     for _ in 0..1_000_000 {
         match s.read(buf) {
             Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
                 *retries += 1;
             }
             Err(e) => return Err(e).context("reading"),
@@ -160,7 +175,11 @@ fn read_retrying(s: &mut TcpStream, buf: &mut [u8], retries: &mut u64) -> anyhow
     bail!("read kept returning EAGAIN")
 }
 
-fn read_exact_retrying(s: &mut TcpStream, mut buf: &mut [u8], retries: &mut u64) -> anyhow::Result<()> {
+fn read_exact_retrying(
+    s: &mut TcpStream,
+    mut buf: &mut [u8],
+    retries: &mut u64,
+) -> anyhow::Result<()> {
     while !buf.is_empty() {
         let n = read_retrying(s, buf, retries)?;
         if n == 0 {
@@ -184,7 +203,10 @@ fn take_opt(args: &mut Vec<String>, name: &str) -> anyhow::Result<Option<String>
 }
 
 fn take_flag(args: &mut Vec<String>, name: &str) -> bool {
-    args.iter().position(|a| a == name).map(|i| args.remove(i)).is_some()
+    args.iter()
+        .position(|a| a == name)
+        .map(|i| args.remove(i))
+        .is_some()
 }
 
 fn parse<T: std::str::FromStr>(v: &str) -> anyhow::Result<T>
@@ -195,5 +217,9 @@ where
 }
 
 fn no_leftovers(args: &[String]) -> anyhow::Result<()> {
-    if args.is_empty() { Ok(()) } else { bail!("unexpected arguments: {args:?}") }
+    if args.is_empty() {
+        Ok(())
+    } else {
+        bail!("unexpected arguments: {args:?}")
+    }
 }

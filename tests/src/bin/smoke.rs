@@ -4,7 +4,10 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let bytes = std::env::args().nth(1).and_then(|v| v.parse().ok()).unwrap_or(64 << 20);
+    let bytes = std::env::args()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64 << 20);
     if let Err(why) = spright_tests::privileged::check() {
         eprintln!("spright-smoke: cannot run here: {why}");
         return ExitCode::FAILURE;
@@ -12,10 +15,18 @@ fn main() -> ExitCode {
     let mut step = |line: &str| println!("  {line}");
     match spright_tests::scenario::smoke(bytes, &mut step) {
         Ok(r) => {
-            let ok = r.chain.intact && r.chain.client_data_segs_out == 0 && r.chain_client_counters.redirected_bytes >= bytes;
+            let ok = r.chain.intact
+                && r.chain.client_data_segs_out == 0
+                && r.chain_client_counters.redirected_bytes >= bytes;
             println!();
-            println!("  {:<28} {:>12} {:>10} {:>14}", "path", "MiB/s", "intact", "TCP data segs");
-            for (name, t) in [("chain A → B (redirected)", &r.chain), ("outsider C → B (TCP)", &r.outsider)] {
+            println!(
+                "  {:<28} {:>12} {:>10} {:>14}",
+                "path", "MiB/s", "intact", "TCP data segs"
+            );
+            for (name, t) in [
+                ("chain A → B (redirected)", &r.chain),
+                ("outsider C → B (TCP)", &r.outsider),
+            ] {
                 #[expect(clippy::cast_precision_loss, reason = "display only")]
                 let mibps = t.bytes as f64 / 1_048_576.0 / (t.micros.max(1) as f64 / 1e6);
                 println!(

@@ -1,0 +1,200 @@
+//! `cargo xtask setup`: bring a fresh Debian machine to what the build and the
+//! test tiers need. Idempotent; prints one line when nothing is missing.
+
+use std::{process::Command, time::Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd;
+
+/// Debian packages, with why each is needed.
+const PACKAGES: &[(&str, &str)] = &[
+    (
+        "llvm-22-dev",
+        "bpf-linker is built against Debian's LLVM 22 (the nightly's LLVM major)",
+    ),
+    ("libpolly-22-dev", "bpf-linker links LLVM's Polly"),
+    (
+        "iproute2",
+        "namespaces, veths and ss in the privileged tests",
+    ),
+    ("iptables", "ipMasq and the simulated kube-proxy"),
+    ("bpftool", "inspecting programs and maps"),
+    (
+        "containernetworking-plugins",
+        "host-local IPAM and the reference bridge plugin",
+    ),
+    ("podman", "runtime end-to-end tests"),
+    ("catatonit", "podman's init"),
+    ("runc", "OCI runtime for podman and containerd"),
+    ("busybox-static", "container rootfs for the runtime tests"),
+    ("containerd", "CRI end-to-end tests"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_MAJOR: &str = "22";
+const NIGHTLY: &str = "nightly";
+
+pub(crate) fn run() -> anyhow::Result<()> {
+    let t = Instant::now();
+    let mut did = Vec::new();
+    packages(&mut did)?;
+    nightly(&mut did)?;
+    bpf_linker(&mut did)?;
+    bpffs(&mut did)?;
+    if did.is_empty() {
+        println!(
+            "setup: everything present ({:.1}s)",
+            t.elapsed().as_secs_f64()
+        );
+    } else {
+        println!(
+            "setup: {} in {:.0}s",
+            did.join("; "),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    output("id", &["-u"]).is_ok_and(|o| o.trim() == "0")
+}
+
+fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn packages(did: &mut Vec<String>) -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| {
+            output("dpkg-query", &["-W", "-f=${Status}", p])
+                .map_or(true, |s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        let why: Vec<String> = PACKAGES
+            .iter()
+            .filter(|(p, _)| missing.contains(p))
+            .map(|(p, w)| format!("  {p}: {w}"))
+            .collect();
+        bail!(
+            "missing Debian packages (run as root to install them):\n{}",
+            why.join("\n")
+        );
+    }
+    println!("setup: installing {}", missing.join(" "));
+    cmd("apt-get", &["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    // Non-interactive, so CI never waits on a prompt.
+    let status = Command::new("apt-get")
+        .args(&args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!("apt-get install {} failed ({status})", missing.join(" "));
+    }
+    did.push(format!("installed {}", missing.join(" ")));
+    Ok(())
+}
+
+fn nightly(did: &mut Vec<String>) -> anyhow::Result<()> {
+    let toolchains = output("rustup", &["toolchain", "list"]).context("rustup is required")?;
+    if !toolchains.lines().any(|l| l.starts_with(NIGHTLY)) {
+        println!("setup: installing the {NIGHTLY} toolchain with rust-src");
+        cmd(
+            "rustup",
+            &[
+                "toolchain",
+                "install",
+                NIGHTLY,
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ],
+        )?;
+        did.push(format!("installed {NIGHTLY}"));
+    }
+    let installed = output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", NIGHTLY],
+    )?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("setup: adding rust-src to {NIGHTLY}");
+        cmd(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", NIGHTLY],
+        )?;
+        did.push("added rust-src".into());
+    }
+    let vv = output("rustup", &["run", NIGHTLY, "rustc", "-vV"])?;
+    let llvm = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .unwrap_or("unknown");
+    if llvm.split('.').next() != Some(LLVM_MAJOR) {
+        bail!(
+            "the {NIGHTLY} toolchain uses LLVM {llvm}, but bpf-linker is built against Debian's LLVM \
+             {LLVM_MAJOR}; install a nightly whose LLVM major is {LLVM_MAJOR} (e.g. nightly-2026-05-19)"
+        );
+    }
+    Ok(())
+}
+
+fn bpf_linker(did: &mut Vec<String>) -> anyhow::Result<()> {
+    if output("bpf-linker", &["--version"]).is_ok_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about a minute)"
+    );
+    let status = Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{LLVM_MAJOR}"),
+        ])
+        .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}"))
+        .status()
+        .context("running cargo install")?;
+    if !status.success() {
+        bail!("building bpf-linker failed ({status}); is llvm-{LLVM_MAJOR}-dev installed?");
+    }
+    did.push(format!("built bpf-linker {BPF_LINKER_VERSION}"));
+    Ok(())
+}
+
+fn bpffs(did: &mut Vec<String>) -> anyhow::Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    if output("stat", &["-f", "-c", "%T", "/sys/fs/bpf"]).is_ok_and(|t| t.trim() == "bpf_fs") {
+        return Ok(());
+    }
+    cmd("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])?;
+    did.push("mounted bpffs at /sys/fs/bpf".into());
+    Ok(())
+}
