@@ -11,6 +11,11 @@ fn main() -> anyhow::Result<()> {
         .to_str()
         .context("workspace path is not UTF-8")?;
     println!("cargo:rerun-if-changed=../common/src");
+    // The nested cargo's progress lines would otherwise surface as one
+    // `warning:` each in every build of the workspace; errors still show.
+    // SAFETY: build scripts are single-threaded here; nothing reads the
+    // environment concurrently.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "spright-ebpf-programs",

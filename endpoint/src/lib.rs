@@ -122,7 +122,7 @@ impl Record {
             } else {
                 ENDPOINT_FLAG_NO_REDIRECT
             },
-            _reserved: 0,
+            reserved: 0,
         }
     }
 }
@@ -215,9 +215,12 @@ pub fn remove(state_dir: &Path, container_id: &str, ifname: &str) -> Result<(), 
     }
 }
 
+/// One entry of [`list`]: a record's path and what reading it gave.
+pub type Listed = (PathBuf, Result<Record, Error>);
+
 /// Every record in the state directory, each with its path; a malformed record
 /// is returned as an error entry (callers log and skip it), never fatal.
-pub fn list(state_dir: &Path) -> Result<Vec<(PathBuf, Result<Record, Error>)>, Error> {
+pub fn list(state_dir: &Path) -> Result<Vec<Listed>, Error> {
     let dir = records_dir(state_dir);
     let entries = match fs::read_dir(&dir) {
         Ok(e) => e,

@@ -1,1 +1,85 @@
-fn main() {}
+//! meshd: spright's node agent.
+
+use std::{
+    process::ExitCode,
+    sync::{Arc, Mutex},
+};
+
+use clap::Parser as _;
+use meshd::{agent::Agent, config::Config, http, watch};
+use tracing::{error, info};
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    if config.print_config {
+        println!("{:#}", config.effective_json());
+        return ExitCode::SUCCESS;
+    }
+    let filter = match tracing_subscriber::EnvFilter::try_new(&config.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!(
+                "meshd: invalid --log / SPRIGHT_LOG value {:?}: {e}",
+                config.log
+            );
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "starting the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = format!("{e:#}"), "meshd failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    info!(config = %config.effective_json(), "starting");
+    let addr = config.metrics_addr;
+    let records_dir = spright_endpoint::records_dir(&config.state_dir);
+    let every = config.rescan_interval();
+    let agent = tokio::task::spawn_blocking(move || {
+        let mut a = Agent::start(config);
+        a.reconcile();
+        a
+    })
+    .await?;
+    let agent = Arc::new(Mutex::new(agent));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding --metrics-addr {addr}: {e}"))?;
+    info!(addr = %addr, "serving /metrics /status /healthz /readyz /config");
+    let server = axum::serve(listener, http::router(agent.clone()));
+    let watcher = watch::run(agent, records_dir, every);
+    tokio::select! {
+        r = server => r.map_err(|e| anyhow::anyhow!("http server: {e}"))?,
+        () = watcher => {}
+        () = shutdown_signal() => info!("shutting down; pinned programs and maps stay, flows keep their acceleration"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -7,7 +7,7 @@ use spright_ebpf::{Counters, Datapath, EndpointValue, Installed, chain_id};
 
 use crate::sandbox::{Pod, Sandbox};
 
-const TIMEOUT: Duration = Duration::from_secs(60);
+const TIMEOUT: Duration = Duration::from_mins(1);
 const PORT: u16 = 7000;
 
 /// What one transfer observed.

@@ -164,7 +164,7 @@ pub struct EndpointValue {
     pub chain_id: u64,
     /// `ENDPOINT_FLAG_*` bits.
     pub flags: u32,
-    pub _reserved: u32,
+    pub reserved: u32,
 }
 
 impl EndpointValue {
@@ -206,7 +206,7 @@ pub struct Counters {
     pub fallback_bytes: u64,
     /// Sockets of this endpoint inserted into the sockhash.
     pub accelerated_socks: u64,
-    pub _reserved: [u64; 3],
+    pub reserved: [u64; 3],
 }
 
 impl Counters {
@@ -219,7 +219,7 @@ impl Counters {
             fallback_msgs: self.fallback_msgs + o.fallback_msgs,
             fallback_bytes: self.fallback_bytes + o.fallback_bytes,
             accelerated_socks: self.accelerated_socks + o.accelerated_socks,
-            _reserved: [0; 3],
+            reserved: [0; 3],
         }
     }
 }

@@ -320,7 +320,7 @@ pub fn uninstall(bpffs: &Path) -> Result<(), Error> {
     if !bpffs.exists() {
         return Ok(());
     }
-    let _lock = lock_pin_dir(bpffs)?;
+    let lock = lock_pin_dir(bpffs)?;
     let link_pin = bpffs.join(names::SOCKOPS_LINK_PIN);
     if link_pin.exists() {
         // Unpinning leaves this process the only holder; dropping it detaches.
@@ -336,7 +336,7 @@ pub fn uninstall(bpffs: &Path) -> Result<(), Error> {
     {
         remove_stale(&bpffs.join(name))?;
     }
-    drop(_lock);
+    drop(lock);
     match std::fs::remove_dir(bpffs) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

@@ -1,0 +1,320 @@
+//! The agent's state and its reconciliation loop.
+//!
+//! The endpoint records on disk are the source of truth. Each reconciliation
+//! reads them all, removes records of pods whose network namespace is gone,
+//! and makes the kernel's endpoint map equal to what the records say (insert,
+//! update, delete). It runs at start-up, on every inotify event in the records
+//! directory, and on a periodic rescan that catches anything inotify missed.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use spright_ebpf::{Datapath, EndpointValue, Installed, Placement};
+use spright_endpoint::Record;
+use tracing::{info, warn};
+
+use crate::{
+    config::Config,
+    status::{Acceleration, MalformedRecord, Status, error_chain, read_records},
+};
+
+/// Shared handle on the agent.
+pub type Shared = Arc<Mutex<Agent>>;
+
+/// What one reconciliation changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub upserted: usize,
+    pub removed: usize,
+    pub stale_records: usize,
+    pub malformed: usize,
+}
+
+pub struct Agent {
+    config: Config,
+    dp: Option<Datapath>,
+    acceleration: Acceleration,
+    records: Vec<Record>,
+    malformed: Vec<MalformedRecord>,
+    reconciles: u64,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("acceleration", &self.acceleration)
+            .field("records", &self.records.len())
+            .field("reconciles", &self.reconciles)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// Installs or adopts the datapath. When that is impossible (no privilege,
+    /// no bpffs, old kernel) the agent still runs, with acceleration off and
+    /// the reason in its status and metrics.
+    pub fn start(config: Config) -> Self {
+        let cgroup = config.cgroup_dir();
+        let mut acceleration = Acceleration {
+            enabled: false,
+            reason: None,
+            datapath: None,
+            cgroup: cgroup.as_ref().map(|c| c.display().to_string()),
+            bpffs: config.bpffs.display().to_string(),
+        };
+        let dp = match cgroup {
+            None => {
+                acceleration.reason =
+                    Some("no cgroup v2 hierarchy is mounted and --cgroup is not set".into());
+                None
+            }
+            Some(cgroup) => match Datapath::ensure(&Placement {
+                cgroup,
+                bpffs: config.bpffs.clone(),
+            }) {
+                Ok((dp, how)) => {
+                    let how = match how {
+                        Installed::Fresh => "fresh",
+                        Installed::Adopted => "adopted",
+                    };
+                    info!(datapath = how, bpffs = %config.bpffs.display(), "acceleration on");
+                    acceleration.enabled = true;
+                    acceleration.datapath = Some(how.into());
+                    Some(dp)
+                }
+                Err(e) => {
+                    let reason = error_chain(&e);
+                    warn!(reason = %reason, "acceleration off: pods keep plain networking");
+                    acceleration.reason = Some(reason);
+                    None
+                }
+            },
+        };
+        Self {
+            config,
+            dp,
+            acceleration,
+            records: Vec::new(),
+            malformed: Vec::new(),
+            reconciles: 0,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn reconciles(&self) -> u64 {
+        self.reconciles
+    }
+
+    /// One full reconciliation of records and maps.
+    pub fn reconcile(&mut self) -> Changes {
+        let mut changes = Changes::default();
+        let (records, malformed) = read_records(&self.config.state_dir);
+        for m in &malformed {
+            if !self.malformed.contains(m) {
+                warn!(path = %m.path, error = %m.error, "skipping malformed endpoint record");
+            }
+        }
+        changes.malformed = malformed.len();
+        let mut live = Vec::with_capacity(records.len());
+        for r in records {
+            if pod_is_gone(&r) {
+                info!(pod.namespace = %r.pod.namespace, pod.name = %r.pod.name, container.id = %r.container_id,
+                      netns = %r.netns, "removing the record of a pod whose network namespace is gone");
+                if let Err(e) =
+                    spright_endpoint::remove(&self.config.state_dir, &r.container_id, &r.ifname)
+                {
+                    warn!(error = %error_chain(&e), "removing stale record");
+                }
+                changes.stale_records += 1;
+            } else {
+                live.push(r);
+            }
+        }
+        if let Some(dp) = self.dp.as_mut() {
+            let (upserted, removed) = sync_maps(dp, &desired(&live));
+            changes.upserted = upserted;
+            changes.removed = removed;
+        }
+        self.records = live;
+        self.malformed = malformed;
+        self.reconciles += 1;
+        if changes != Changes::default()
+            && (changes.upserted, changes.removed, changes.stale_records) != (0, 0, 0)
+        {
+            info!(
+                upserted = changes.upserted,
+                removed = changes.removed,
+                stale = changes.stale_records,
+                endpoints = self.records.len(),
+                "reconciled"
+            );
+        }
+        changes
+    }
+
+    /// The node view as served on /status.
+    pub fn status(&self) -> Status {
+        let mut s = Status::collect(
+            "meshd",
+            self.acceleration.clone(),
+            &self.records,
+            &self.malformed,
+            self.dp.as_ref(),
+        );
+        s.reconciles = self.reconciles;
+        s
+    }
+}
+
+/// What the endpoint map should hold: every IP of every record. When two
+/// records claim one IP (a missed DEL followed by reuse), the later file name
+/// wins, deterministically.
+fn desired(records: &[Record]) -> BTreeMap<IpAddr, EndpointValue> {
+    records
+        .iter()
+        .flat_map(|r| r.ips.iter().map(move |ip| (*ip, r.endpoint_value())))
+        .collect()
+}
+
+/// Makes the endpoint map equal to `want`; returns (upserted, removed).
+fn sync_maps(dp: &mut Datapath, want: &BTreeMap<IpAddr, EndpointValue>) -> (usize, usize) {
+    let have: BTreeMap<IpAddr, EndpointValue> = match dp.endpoints() {
+        Ok(v) => v.into_iter().collect(),
+        Err(e) => {
+            warn!(error = %error_chain(&e), "reading the endpoint map");
+            return (0, 0);
+        }
+    };
+    let mut upserted = 0;
+    for (ip, v) in want {
+        if have.get(ip) != Some(v) {
+            match dp.upsert_endpoint(*ip, *v) {
+                Ok(()) => upserted += 1,
+                Err(e) => {
+                    warn!(endpoint.ip = %ip, error = %error_chain(&e), "updating the endpoint map")
+                }
+            }
+        }
+    }
+    let mut removed = 0;
+    for ip in have.keys().filter(|ip| !want.contains_key(ip)) {
+        match dp.remove_endpoint(*ip) {
+            Ok(()) => removed += 1,
+            Err(e) => {
+                warn!(endpoint.ip = %ip, error = %error_chain(&e), "removing from the endpoint map")
+            }
+        }
+    }
+    (upserted, removed)
+}
+
+/// A record whose network namespace file no longer exists belongs to a pod
+/// that is gone (its DEL was missed). Records without an absolute netns path
+/// are never judged stale.
+fn pod_is_gone(r: &Record) -> bool {
+    let p = Path::new(&r.netns);
+    p.is_absolute() && !p.exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spright_endpoint::{PodRef, RECORD_VERSION};
+
+    fn rec(id: &str, ips: &[&str], netns: &str) -> Record {
+        Record {
+            version: RECORD_VERSION,
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            netns: netns.into(),
+            network: "n".into(),
+            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            pod: PodRef {
+                namespace: "ns".into(),
+                name: id.into(),
+                uid: String::new(),
+            },
+            chain: Some("c".into()),
+            function: None,
+            redirect: true,
+            host_ifname: None,
+        }
+    }
+
+    #[test]
+    fn desired_covers_every_ip_of_every_record() {
+        let d = desired(&[
+            rec("a", &["10.0.0.1", "fd00::1"], "/proc/self/ns/net"),
+            rec("b", &["10.0.0.2"], "x"),
+        ]);
+        assert_eq!(d.len(), 3);
+        assert!(d.values().all(|v| v.chain_id != 0));
+    }
+
+    #[test]
+    fn only_records_with_a_missing_absolute_netns_are_stale() {
+        assert!(!pod_is_gone(&rec("a", &[], "/proc/self/ns/net")));
+        assert!(pod_is_gone(&rec(
+            "a",
+            &[],
+            "/run/netns/definitely-not-here-spright"
+        )));
+        assert!(!pod_is_gone(&rec("a", &[], "relative")));
+    }
+
+    #[test]
+    fn agent_without_datapath_still_tracks_records() {
+        let dir = tempfile::tempdir().unwrap();
+        spright_endpoint::write(dir.path(), &rec("live", &["10.0.0.1"], "/proc/self/ns/net"))
+            .unwrap();
+        spright_endpoint::write(
+            dir.path(),
+            &rec("gone", &["10.0.0.2"], "/run/netns/spright-gone-x"),
+        )
+        .unwrap();
+        std::fs::write(
+            spright_endpoint::records_dir(dir.path()).join("bad_eth0.json"),
+            "{",
+        )
+        .unwrap();
+        let config = <Config as clap::Parser>::try_parse_from([
+            "meshd",
+            "--bpffs",
+            dir.path().join("not-bpffs").to_str().unwrap(),
+            "--state-dir",
+            dir.path().to_str().unwrap(),
+            "--cgroup",
+            dir.path().to_str().unwrap(),
+        ])
+        .unwrap();
+        let mut agent = Agent::start(config);
+        let changes = agent.reconcile();
+        assert_eq!(changes.stale_records, 1);
+        assert_eq!(changes.malformed, 1);
+        let status = agent.status();
+        assert!(!status.acceleration.enabled);
+        assert!(
+            status
+                .acceleration
+                .reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("bpf"),
+            "{status:?}"
+        );
+        assert_eq!(status.endpoints.len(), 1);
+        assert_eq!(status.malformed_records.len(), 1);
+        assert!(
+            spright_endpoint::find(dir.path(), "gone", "eth0")
+                .unwrap()
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,114 @@
+//! meshd's configuration: every flag has an environment twin; clap's errors
+//! name the flag and the bad value. `--print-config` dumps the effective
+//! configuration as JSON and exits.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use serde::Serialize;
+
+/// Default address of the metrics/status HTTP server.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9943";
+
+/// Environment twins of the flags.
+pub mod env {
+    pub const CGROUP: &str = "SPRIGHT_CGROUP";
+    pub const BPFFS: &str = "SPRIGHT_BPFFS";
+    pub const STATE_DIR: &str = "SPRIGHT_STATE_DIR";
+    pub const METRICS_ADDR: &str = "SPRIGHT_METRICS_ADDR";
+    pub const RESCAN_SECS: &str = "SPRIGHT_RESCAN_SECS";
+    pub const LOG: &str = "SPRIGHT_LOG";
+}
+
+/// spright's node agent.
+#[derive(Clone, Debug, Parser, Serialize)]
+#[command(name = "meshd", version, about)]
+pub struct Config {
+    /// cgroup v2 directory the programs attach to [default: the cgroup v2 mount point]
+    #[arg(long, env = env::CGROUP, value_name = "DIR")]
+    pub cgroup: Option<PathBuf>,
+    /// bpffs directory holding the pinned programs and maps
+    #[arg(long, env = env::BPFFS, value_name = "DIR", default_value = spright_ebpf::DEFAULT_BPFFS_DIR)]
+    pub bpffs: PathBuf,
+    /// State directory where spright-cni writes endpoint records
+    #[arg(long, env = env::STATE_DIR, value_name = "DIR", default_value = spright_endpoint::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Address of the HTTP server (/metrics, /status, /healthz, /readyz)
+    #[arg(long, env = env::METRICS_ADDR, value_name = "HOST:PORT", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// Seconds between full rescans of the records (safety net for missed inotify events)
+    #[arg(long, env = env::RESCAN_SECS, value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub rescan_secs: u64,
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `meshd=debug`)
+    #[arg(long, env = env::LOG, value_name = "FILTER", default_value = "info")]
+    pub log: String,
+    /// Print the effective configuration as JSON and exit
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
+}
+
+impl Config {
+    /// The cgroup to attach to: the flag, or the detected cgroup v2 mount.
+    pub fn cgroup_dir(&self) -> Option<PathBuf> {
+        self.cgroup.clone().or_else(spright_ebpf::cgroup2_mount)
+    }
+
+    pub fn rescan_interval(&self) -> Duration {
+        Duration::from_secs(self.rescan_secs)
+    }
+
+    /// The effective configuration (defaults resolved) as JSON.
+    pub fn effective_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("config serialises");
+        v["cgroup"] = serde_json::json!(self.cgroup_dir());
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("meshd").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_suit_a_node() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.bpffs, PathBuf::from("/sys/fs/bpf/spright"));
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/spright"));
+        assert_eq!(c.metrics_addr.to_string(), DEFAULT_METRICS_ADDR);
+        assert_eq!(c.rescan_secs, 30);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag_and_the_value() {
+        let e = parse(&["--metrics-addr", "nonsense"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--metrics-addr") && e.contains("nonsense"),
+            "{e}"
+        );
+        let e = parse(&["--rescan-secs", "0"]).unwrap_err().to_string();
+        assert!(e.contains("--rescan-secs") && e.contains('0'), "{e}");
+    }
+
+    #[test]
+    fn effective_config_resolves_defaults() {
+        let c = parse(&[
+            "--cgroup",
+            "/sys/fs/cgroup/unified/x",
+            "--bpffs",
+            "/sys/fs/bpf/t",
+        ])
+        .unwrap();
+        let j = c.effective_json();
+        assert_eq!(j["cgroup"], "/sys/fs/cgroup/unified/x");
+        assert_eq!(j["bpffs"], "/sys/fs/bpf/t");
+        assert!(j.get("print_config").is_none());
+    }
+}

@@ -1,0 +1,9 @@
+//! meshd, spright's node agent (see ARCHITECTURE.md), and the pieces the
+//! `spright` CLI shares with it.
+
+pub mod agent;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod status;
+pub mod watch;

@@ -1,0 +1,375 @@
+//! The node's status: what `/status` serves, what `/metrics` is derived from
+//! and what `spright status` prints. Collected from the endpoint records and
+//! the pinned maps, so the CLI can build the same view when meshd is down.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, path::Path};
+
+use serde::{Deserialize, Serialize};
+use spright_ebpf::{Counters, Datapath};
+use spright_endpoint::Record;
+
+/// Whether acceleration is on, and why not when it is off.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acceleration {
+    pub enabled: bool,
+    /// Why acceleration is off (None when on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// "fresh" (this meshd installed the programs) or "adopted" (pinned state reused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<String>,
+    pub cgroup: Option<String>,
+    pub bpffs: String,
+}
+
+/// Counters of one endpoint or chain, summed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterSet {
+    pub redirected_messages: u64,
+    pub redirected_bytes: u64,
+    pub fallback_messages: u64,
+    pub fallback_bytes: u64,
+    pub accelerated_sockets: u64,
+}
+
+impl CounterSet {
+    fn add(&mut self, o: &Self) {
+        self.redirected_messages += o.redirected_messages;
+        self.redirected_bytes += o.redirected_bytes;
+        self.fallback_messages += o.fallback_messages;
+        self.fallback_bytes += o.fallback_bytes;
+        self.accelerated_sockets += o.accelerated_sockets;
+    }
+}
+
+impl From<Counters> for CounterSet {
+    fn from(c: Counters) -> Self {
+        Self {
+            redirected_messages: c.redirected_msgs,
+            redirected_bytes: c.redirected_bytes,
+            fallback_messages: c.fallback_msgs,
+            fallback_bytes: c.fallback_bytes,
+            accelerated_sockets: c.accelerated_socks,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    pub namespace: String,
+    pub pod: String,
+    pub container_id: String,
+    pub ifname: String,
+    pub ips: Vec<IpAddr>,
+    pub chain: Option<String>,
+    pub function: Option<String>,
+    pub redirect: bool,
+    /// Whether every IP of this endpoint is in the kernel's endpoint map.
+    pub in_datapath: bool,
+    pub counters: CounterSet,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainStatus {
+    pub namespace: String,
+    pub chain: String,
+    pub endpoints: usize,
+    pub counters: CounterSet,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MalformedRecord {
+    pub path: String,
+    pub error: String,
+}
+
+/// The whole node view.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// "meshd" when served by the agent, "pinned-maps" when built by the CLI.
+    pub source: String,
+    pub acceleration: Acceleration,
+    pub chains: Vec<ChainStatus>,
+    pub endpoints: Vec<EndpointStatus>,
+    pub malformed_records: Vec<MalformedRecord>,
+    /// Reconciliations done since meshd started (0 from the CLI).
+    pub reconciles: u64,
+}
+
+impl Status {
+    /// Builds the view from records and (when acceleration is on) the maps.
+    pub fn collect(
+        source: &str,
+        acceleration: Acceleration,
+        records: &[Record],
+        malformed: &[MalformedRecord],
+        dp: Option<&Datapath>,
+    ) -> Self {
+        let in_map: Vec<IpAddr> = dp
+            .and_then(|d| d.endpoints().ok())
+            .map(|v| v.into_iter().map(|(ip, _)| ip).collect())
+            .unwrap_or_default();
+        let mut endpoints: Vec<EndpointStatus> = records
+            .iter()
+            .map(|r| {
+                let mut counters = CounterSet::default();
+                for ip in &r.ips {
+                    if let Some(c) = dp.and_then(|d| d.counters(*ip).ok()) {
+                        counters.add(&c.into());
+                    }
+                }
+                EndpointStatus {
+                    namespace: r.pod.namespace.clone(),
+                    pod: r.pod.name.clone(),
+                    container_id: r.container_id.clone(),
+                    ifname: r.ifname.clone(),
+                    ips: r.ips.clone(),
+                    chain: r.chain.clone(),
+                    function: r.function.clone(),
+                    redirect: r.redirect,
+                    in_datapath: !r.ips.is_empty() && r.ips.iter().all(|ip| in_map.contains(ip)),
+                    counters,
+                }
+            })
+            .collect();
+        endpoints.sort_by(|a, b| {
+            (&a.namespace, &a.pod, &a.ifname).cmp(&(&b.namespace, &b.pod, &b.ifname))
+        });
+        let mut chains: BTreeMap<(String, String), ChainStatus> = BTreeMap::new();
+        for e in &endpoints {
+            let Some(chain) = &e.chain else { continue };
+            let c = chains
+                .entry((e.namespace.clone(), chain.clone()))
+                .or_insert_with(|| ChainStatus {
+                    namespace: e.namespace.clone(),
+                    chain: chain.clone(),
+                    endpoints: 0,
+                    counters: CounterSet::default(),
+                });
+            c.endpoints += 1;
+            c.counters.add(&e.counters);
+        }
+        Self {
+            source: source.to_owned(),
+            acceleration,
+            chains: chains.into_values().collect(),
+            endpoints,
+            malformed_records: malformed.to_vec(),
+            reconciles: 0,
+        }
+    }
+
+    /// Builds the view without meshd: records from the state directory, counters
+    /// from the pinned maps (acceleration shows as off when they cannot be opened).
+    pub fn from_node(state_dir: &Path, bpffs: &Path) -> Self {
+        let (records, malformed) = read_records(state_dir);
+        let (dp, acceleration) = match Datapath::open(bpffs) {
+            Ok(dp) => (
+                Some(dp),
+                Acceleration {
+                    enabled: true,
+                    datapath: Some("pinned".into()),
+                    ..Acceleration::default()
+                },
+            ),
+            Err(e) => (
+                None,
+                Acceleration {
+                    enabled: false,
+                    reason: Some(error_chain(&e)),
+                    ..Acceleration::default()
+                },
+            ),
+        };
+        let acceleration = Acceleration {
+            bpffs: bpffs.display().to_string(),
+            ..acceleration
+        };
+        Self::collect(
+            "pinned-maps",
+            acceleration,
+            &records,
+            &malformed,
+            dp.as_ref(),
+        )
+    }
+
+    /// A readable table for `spright status`.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let a = &self.acceleration;
+        let _ = writeln!(
+            s,
+            "acceleration: {}{}   (source: {}, bpffs {}{})",
+            if a.enabled { "ON" } else { "OFF" },
+            a.reason
+                .as_ref()
+                .map(|r| format!(" — {r}"))
+                .unwrap_or_default(),
+            self.source,
+            a.bpffs,
+            a.cgroup
+                .as_ref()
+                .map(|c| format!(", cgroup {c}"))
+                .unwrap_or_default(),
+        );
+        let _ = writeln!(s, "\nCHAINS");
+        let _ = writeln!(
+            s,
+            "{:<16} {:<20} {:>9} {:>12} {:>14} {:>10} {:>8}",
+            "NAMESPACE", "CHAIN", "ENDPOINTS", "REDIR MSGS", "REDIR BYTES", "FALLBACKS", "SOCKETS"
+        );
+        for c in &self.chains {
+            let k = &c.counters;
+            let _ = writeln!(
+                s,
+                "{:<16} {:<20} {:>9} {:>12} {:>14} {:>10} {:>8}",
+                c.namespace,
+                c.chain,
+                c.endpoints,
+                k.redirected_messages,
+                k.redirected_bytes,
+                k.fallback_messages,
+                k.accelerated_sockets
+            );
+        }
+        let _ = writeln!(s, "\nENDPOINTS");
+        let _ = writeln!(
+            s,
+            "{:<16} {:<24} {:<18} {:<16} {:<6} {:>12} {:>14} {:>10}",
+            "NAMESPACE", "POD", "IP", "CHAIN", "ACCEL", "REDIR MSGS", "REDIR BYTES", "FALLBACKS"
+        );
+        for e in &self.endpoints {
+            let ips: Vec<String> = e.ips.iter().map(ToString::to_string).collect();
+            let accel = match (e.chain.is_some(), e.redirect, e.in_datapath) {
+                (false, _, _) => "-",
+                (true, false, _) => "opt-out",
+                (true, true, true) => "yes",
+                (true, true, false) => "no",
+            };
+            let _ = writeln!(
+                s,
+                "{:<16} {:<24} {:<18} {:<16} {:<6} {:>12} {:>14} {:>10}",
+                e.namespace,
+                e.pod,
+                ips.join(","),
+                e.chain.as_deref().unwrap_or("-"),
+                accel,
+                e.counters.redirected_messages,
+                e.counters.redirected_bytes,
+                e.counters.fallback_messages
+            );
+        }
+        for m in &self.malformed_records {
+            let _ = writeln!(s, "\nmalformed record skipped: {}: {}", m.path, m.error);
+        }
+        s
+    }
+}
+
+/// Reads every record; malformed ones are returned separately (with their path).
+pub fn read_records(state_dir: &Path) -> (Vec<Record>, Vec<MalformedRecord>) {
+    let mut records = Vec::new();
+    let mut malformed = Vec::new();
+    match spright_endpoint::list(state_dir) {
+        Ok(list) => {
+            for (path, r) in list {
+                match r {
+                    Ok(r) => records.push(r),
+                    Err(e) => malformed.push(MalformedRecord {
+                        path: path.display().to_string(),
+                        error: error_chain(&e),
+                    }),
+                }
+            }
+        }
+        Err(e) => malformed.push(MalformedRecord {
+            path: spright_endpoint::records_dir(state_dir)
+                .display()
+                .to_string(),
+            error: error_chain(&e),
+        }),
+    }
+    (records, malformed)
+}
+
+/// An error with its sources, `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let _ = write!(s, ": {c}");
+        src = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spright_endpoint::{PodRef, RECORD_VERSION};
+
+    fn rec(pod: &str, ip: &str, chain: Option<&str>) -> Record {
+        Record {
+            version: RECORD_VERSION,
+            container_id: format!("c-{pod}"),
+            ifname: "eth0".into(),
+            netns: "/run/netns/x".into(),
+            network: "spright".into(),
+            ips: vec![ip.parse().unwrap()],
+            pod: PodRef {
+                namespace: "shop".into(),
+                name: pod.into(),
+                uid: String::new(),
+            },
+            chain: chain.map(Into::into),
+            function: None,
+            redirect: true,
+            host_ifname: None,
+        }
+    }
+
+    #[test]
+    fn chains_group_endpoints_by_namespace_and_name() {
+        let records = [
+            rec("a", "10.0.0.1", Some("c1")),
+            rec("b", "10.0.0.2", Some("c1")),
+            rec("z", "10.0.0.3", None),
+        ];
+        let s = Status::collect("meshd", Acceleration::default(), &records, &[], None);
+        assert_eq!(s.chains.len(), 1);
+        assert_eq!(s.chains[0].endpoints, 2);
+        assert_eq!(s.endpoints.len(), 3);
+        assert!(s.endpoints.iter().all(|e| !e.in_datapath));
+        let table = s.render();
+        assert!(table.contains("acceleration: OFF"), "{table}");
+        assert!(
+            table.contains("c1") && table.contains("10.0.0.3"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn status_round_trips_through_json() {
+        let s = Status::collect(
+            "meshd",
+            Acceleration {
+                enabled: false,
+                reason: Some("no bpffs".into()),
+                ..Acceleration::default()
+            },
+            &[rec("a", "fd00::1", Some("c"))],
+            &[MalformedRecord {
+                path: "/x.json".into(),
+                error: "bad".into(),
+            }],
+            None,
+        );
+        let back: Status = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        assert!(
+            s.render()
+                .contains("malformed record skipped: /x.json: bad")
+        );
+    }
+}

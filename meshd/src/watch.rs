@@ -1,0 +1,68 @@
+//! Follows the records directory: inotify for prompt updates, plus a periodic
+//! rescan as the safety net (inotify can overflow, and records may be written
+//! before the directory exists).
+
+use std::{path::PathBuf, time::Duration};
+
+use futures_util::{FutureExt as _, StreamExt as _};
+use inotify::{Inotify, WatchMask};
+use tracing::{debug, warn};
+
+use crate::agent::Shared;
+
+/// How long to wait after an event for the burst it belongs to.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// Reconciles on every change in `records_dir` and every `every`; never returns
+/// unless the runtime shuts down.
+pub async fn run(agent: Shared, records_dir: PathBuf, every: Duration) {
+    let mut events = match watch(&records_dir) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(dir = %records_dir.display(), error = %e, "cannot watch the records directory; relying on periodic rescans");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => debug!("periodic rescan"),
+            ev = async { events.as_mut().expect("guarded").next().await }, if events.is_some() => {
+                match ev {
+                    Some(Ok(ev)) => {
+                        debug!(name = ?ev.name, mask = ?ev.mask, "records changed");
+                        tokio::time::sleep(DEBOUNCE).await;
+                        let s = events.as_mut().expect("guarded");
+                        while let Some(Some(_)) = s.next().now_or_never() {}
+                    }
+                    Some(Err(e)) => warn!(error = %e, "reading inotify events"),
+                    None => {
+                        warn!("inotify stream ended; relying on periodic rescans");
+                        events = None;
+                    }
+                }
+            }
+        }
+        let a = agent.clone();
+        if let Err(e) =
+            tokio::task::spawn_blocking(move || a.lock().expect("agent lock").reconcile()).await
+        {
+            warn!(error = %e, "reconciliation panicked");
+        }
+    }
+}
+
+fn watch(dir: &PathBuf) -> std::io::Result<inotify::EventStream<[u8; 4096]>> {
+    std::fs::create_dir_all(dir)?;
+    let inotify = Inotify::init()?;
+    inotify.watches().add(
+        dir,
+        WatchMask::CLOSE_WRITE
+            | WatchMask::MOVED_TO
+            | WatchMask::MOVED_FROM
+            | WatchMask::DELETE
+            | WatchMask::CREATE,
+    )?;
+    inotify.into_event_stream([0u8; 4096])
+}
