@@ -1,1 +1,5 @@
-fn main() {}
+//! `spright-cni`: the CNI plugin of spright (see README.md for the config keys).
+
+fn main() -> std::process::ExitCode {
+    spright_cni::cli::main()
+}

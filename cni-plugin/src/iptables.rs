@@ -1,0 +1,114 @@
+//! `ipMasq`: one MASQUERADE rule per pod address for traffic leaving the pod
+//! subnet, in the namespace the plugin runs in (the node's). Rules carry a
+//! comment naming the network and container, which is how DEL and GC find
+//! them again without any other state.
+
+use std::process::Command as Process;
+
+use ipnet::IpNet;
+
+use crate::error::{Error, Result};
+
+fn tool(net: &IpNet) -> &'static str {
+    if net.addr().is_ipv4() { "iptables" } else { "ip6tables" }
+}
+
+/// The comment marking rules of one attachment.
+pub fn comment(network: &str, container_id: &str) -> String {
+    let mut c = format!("spright-cni:{network}:{container_id}");
+    c.retain(|ch| ch.is_ascii_graphic() && ch != '"');
+    c.truncate(255);
+    c
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Process::new(program).args(args).output().map_err(|e| Error::Iptables {
+        command: format!("{program} {}", args.join(" ")),
+        detail: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(Error::Iptables {
+            command: format!("{program} {}", args.join(" ")),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Masquerades traffic from `pod` (an address with its subnet) to anything
+/// outside the subnet.
+pub fn add(pod: &IpNet, comment: &str) -> Result<()> {
+    let src = IpNet::new(pod.addr(), pod.max_prefix_len()).expect("host prefix").to_string();
+    let subnet = pod.trunc().to_string();
+    run(
+        tool(pod),
+        &[
+            "-w", "-t", "nat", "-A", "POSTROUTING", "-s", &src, "!", "-d", &subnet, "-m", "comment", "--comment",
+            comment, "-j", "MASQUERADE",
+        ],
+    )
+    .map(drop)
+}
+
+/// Removes every rule carrying `comment`, in both families. Idempotent; a
+/// missing iptables binary means there is nothing to remove.
+pub fn remove(comment: &str) -> Result<()> {
+    for program in ["iptables", "ip6tables"] {
+        let listing = match run(program, &["-w", "-t", "nat", "-S", "POSTROUTING"]) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list {program} rules; nothing to remove");
+                continue;
+            }
+        };
+        for rule in rules_with(&listing, comment) {
+            let mut args = vec!["-w".to_owned(), "-t".to_owned(), "nat".to_owned()];
+            args.extend(rule);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(program, &args)?;
+        }
+    }
+    Ok(())
+}
+
+/// The `-D ...` argument lists of the rules in an `iptables -S` listing that
+/// carry exactly `comment`.
+fn rules_with(listing: &str, comment: &str) -> Vec<Vec<String>> {
+    listing
+        .lines()
+        .filter_map(|line| {
+            let words: Vec<String> = line.split_whitespace().map(|w| w.trim_matches('"').to_owned()).collect();
+            let tagged = words.windows(2).any(|w| w[0] == "--comment" && w[1] == comment);
+            (tagged && words.first().is_some_and(|w| w == "-A")).then(|| {
+                let mut rule = words;
+                "-D".clone_into(&mut rule[0]);
+                rule
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_only_this_attachments_rules() {
+        let c = comment("net", "abc");
+        let listing = format!(
+            "-P POSTROUTING ACCEPT\n\
+             -A POSTROUTING -s 10.213.0.2/32 ! -d 10.213.0.0/24 -m comment --comment \"{c}\" -j MASQUERADE\n\
+             -A POSTROUTING -s 10.213.0.3/32 ! -d 10.213.0.0/24 -m comment --comment \"{c}x\" -j MASQUERADE\n"
+        );
+        let rules = rules_with(&listing, &c);
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules[0][0], "-D");
+        assert!(rules[0].contains(&"10.213.0.2/32".to_owned()));
+        assert!(rules[0].contains(&c));
+    }
+
+    #[test]
+    fn comments_are_safe_words() {
+        assert_eq!(comment("my net", "a\"b"), "spright-cni:mynet:ab");
+    }
+}
