@@ -6,7 +6,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
     sync::{
@@ -20,6 +20,8 @@ use anyhow::{Context as _, bail};
 
 /// The pod subnet inside every sandbox (never routed outside its node namespace).
 pub const SUBNET: [u8; 3] = [10, 213, 0];
+/// The IPv6 pod subnet inside every sandbox (`fd00:213::/64`).
+pub const SUBNET6: [u16; 4] = [0xfd00, 0x213, 0, 0];
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -167,6 +169,9 @@ impl Drop for PinDir {
 pub struct Pod {
     pub ns: Netns,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    /// The veth end on the bridge, in the node namespace.
+    pub host_if: String,
 }
 
 /// One simulated node. Fields drop in declaration order: pins (detach), then
@@ -190,6 +195,7 @@ impl Sandbox {
         let bridge = "br0".to_owned();
         node.ip(&["link", "add", &bridge, "type", "bridge"])?;
         node.ip(&["addr", "add", &format!("{}/24", gateway()), "dev", &bridge])?;
+        node.ip(&["addr", "add", &format!("{}/64", gateway6()), "dev", &bridge, "nodad"])?;
         node.ip(&["link", "set", &bridge, "up"])?;
         let cgroup = Cgroup::create(&name)?;
         let pins = PinDir::create(&name)?;
@@ -208,6 +214,8 @@ impl Sandbox {
         let i = self.pods.len();
         let host_octet = u8::try_from(10 + i).context("too many pods")?;
         let ip = Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], host_octet);
+        let [a, b, c, d] = SUBNET6;
+        let ip6 = Ipv6Addr::new(a, b, c, d, 0, 0, 0, u16::from(host_octet));
         let ns = Netns::create(format!("{}-p{i}", self.name))?;
         let host_if = format!("v{}p{i}", &self.name[3..])
             .chars()
@@ -220,8 +228,9 @@ impl Sandbox {
             .ip(&["link", "set", &host_if, "master", &self.bridge, "up"])?;
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
         ns.ip(&["route", "add", "default", "via", &gateway().to_string()])?;
-        self.pods.push(Pod { ns, ip });
+        self.pods.push(Pod { ns, ip, ip6, host_if });
         Ok(i)
     }
 
@@ -231,6 +240,27 @@ impl Sandbox {
             cgroup: self.cgroup.path.clone(),
             bpffs: self.pins.path.clone(),
         }
+    }
+
+    /// Records pod `pod` as the CNI plugin would, in `state_dir` (bridge mode,
+    /// both addresses, chain `chain` in namespace `default`).
+    pub fn record_pod(&self, state_dir: &Path, pod: usize, chain: Option<&str>) -> anyhow::Result<spright_endpoint::Record> {
+        let p = &self.pods[pod];
+        let record = spright_endpoint::Record {
+            version: spright_endpoint::RECORD_VERSION,
+            container_id: format!("{}-c{pod}", self.name),
+            ifname: "eth0".into(),
+            netns: p.ns.path().display().to_string(),
+            network: "sandbox".into(),
+            ips: vec![p.ip.into(), p.ip6.into()],
+            pod: spright_endpoint::PodRef { namespace: "default".into(), name: format!("pod{pod}"), uid: String::new() },
+            chain: chain.map(Into::into),
+            function: None,
+            redirect: true,
+            host_ifname: Some(p.host_if.clone()),
+        };
+        spright_endpoint::write(state_dir, &record)?;
+        Ok(record)
     }
 
     /// Starts `spright-netpeer ARGS` as a process of pod `pod` (in the sandbox's
@@ -251,18 +281,27 @@ pub fn gateway() -> Ipv4Addr {
     Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], 1)
 }
 
-/// The `spright-netpeer` binary next to the running executable (cargo puts
-/// test binaries in `deps/` and binaries one level up).
+/// The IPv6 address of the bridge.
+pub fn gateway6() -> Ipv6Addr {
+    let [a, b, c, d] = SUBNET6;
+    Ipv6Addr::new(a, b, c, d, 0, 0, 0, 1)
+}
+
+/// The `spright-netpeer` binary.
 pub fn netpeer_bin() -> PathBuf {
-    if let Some(p) = option_env!("CARGO_BIN_EXE_spright-netpeer") {
-        return PathBuf::from(p);
-    }
+    workspace_bin("spright-netpeer")
+}
+
+/// A binary of the workspace, next to the running executable (cargo puts test
+/// binaries in `deps/` and binaries one level up). `cargo xtask test` builds
+/// every workspace binary before the privileged tiers run.
+pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
-    [dir.join("spright-netpeer"), dir.join("../spright-netpeer")]
+    [dir.join(name), dir.join("..").join(name)]
         .into_iter()
         .find(|p| p.exists())
-        .unwrap_or_else(|| dir.join("spright-netpeer"))
+        .unwrap_or_else(|| panic!("binary {name} not found next to {}; run `cargo build --workspace --bins`", exe.display()))
 }
 
 /// A pod process started by the test; killed (by its pid) on drop.

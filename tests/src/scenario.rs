@@ -110,9 +110,10 @@ pub fn smoke(bytes: u64, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Smoke
     Ok(report)
 }
 
-/// One held transfer from pod `from` to the server, with the TCP segment
-/// counts of both sockets read while the connection is still open.
-fn transfer(
+/// One held transfer from pod `from` to the server (listening on
+/// `server_addr` in pod `server`), with the TCP data-segment counts of both
+/// sockets read while the connection is still open.
+pub fn transfer(
     sb: &Sandbox,
     from: usize,
     server: &Pod,
@@ -121,22 +122,14 @@ fn transfer(
 ) -> anyhow::Result<Transfer> {
     let mut client = sb.spawn_peer(
         from,
-        &[
-            "send",
-            "--connect",
-            server_addr,
-            "--bytes",
-            &bytes.to_string(),
-            "--hold",
-        ],
+        &["send", "--connect", server_addr, "--bytes", &bytes.to_string(), "--hold"],
     )?;
     let r = client.report(TIMEOUT)?;
-    let local = r["local"]
-        .as_str()
-        .context("report without local address")?
-        .to_owned();
-    let client_segs = data_segs_out(&sb.pods[from], &format!("dst {server_addr}"))?;
-    let server_segs = data_segs_out(server, &format!("src {server_addr} dst {local}"))?;
+    let local: std::net::SocketAddr = r["local"].as_str().context("report without local address")?.parse()?;
+    let server_port = server_addr.rsplit(':').next().context("server address without port")?;
+    let (sport, dport) = (format!(":{}", local.port()), format!(":{server_port}"));
+    let client_segs = data_segs_out(&sb.pods[from], &["sport", "=", &sport, "and", "dport", "=", &dport])?;
+    let server_segs = data_segs_out(server, &["sport", "=", &dport, "and", "dport", "=", &sport])?;
     client.release();
     client.finish(TIMEOUT)?;
     Ok(Transfer {
@@ -151,13 +144,14 @@ fn transfer(
 
 /// `data_segs_out` of the one established socket matching `filter`, from
 /// `ss -tni` inside the pod (absent means zero).
-fn data_segs_out(pod: &Pod, filter: &str) -> anyhow::Result<u64> {
+fn data_segs_out(pod: &Pod, filter: &[&str]) -> anyhow::Result<u64> {
     let mut args = vec!["-tniH", "state", "established"];
-    args.extend(filter.split(' '));
+    args.extend_from_slice(filter);
     let out = pod.ns.exec("ss", &args)?;
     ensure!(
         !out.trim().is_empty(),
-        "ss found no established socket for `{filter}` in {}",
+        "ss found no established socket for `{}` in {}",
+        filter.join(" "),
         pod.ns.name
     );
     Ok(parse_ss_field(&out, "data_segs_out").unwrap_or(0))

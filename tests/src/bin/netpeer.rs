@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! spright-netpeer [--cgroup DIR] [--netns PATH] serve --listen ADDR [--conns N]
-//! spright-netpeer [--cgroup DIR] [--netns PATH] send --connect ADDR --bytes N [--chunk N] [--hold]
+//! spright-netpeer [--cgroup DIR] [--netns PATH] send --connect ADDR --bytes N [--chunk N]
+//!                 [--hold | --parallel N]
 //! ```
 //!
 //! Protocol (chosen so that every payload byte is sent after both sockets are
@@ -60,8 +61,13 @@ fn main() -> anyhow::Result<()> {
             let chunk: usize =
                 take_opt(&mut args, "--chunk")?.map_or(Ok(64 * 1024), |v| parse(&v))?;
             let hold = take_flag(&mut args, "--hold");
+            let parallel: usize = take_opt(&mut args, "--parallel")?.map_or(Ok(1), |v| parse(&v))?;
             no_leftovers(&args)?;
-            send(connect, bytes, chunk, hold)?
+            if parallel > 1 {
+                send_parallel(connect, bytes, chunk, parallel)?
+            } else {
+                send(connect, bytes, chunk, hold)?
+            }
         }
         other => bail!("expected `serve` or `send`, got {other:?}"),
     };
@@ -76,38 +82,60 @@ fn serve(listen: SocketAddr, conns: u64) -> anyhow::Result<serde_json::Value> {
     let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     println!("ready");
     io::stdout().flush()?;
-    let mut results = Vec::new();
+    // One thread per connection, so concurrent clients really are concurrent.
+    let mut handlers = Vec::new();
     for _ in 0..conns {
-        let (mut s, peer) = listener.accept().context("accepting")?;
-        let mut retries = 0;
-        s.write_all(b"!").context("greeting")?;
-        let mut len = [0u8; 8];
-        read_exact_retrying(&mut s, &mut len, &mut retries)?;
-        let len = u64::from_be_bytes(len);
-        let mut hash = fnv1a::START;
-        let mut got = 0u64;
-        let mut buf = vec![0u8; 256 * 1024];
-        while got < len {
-            let want = usize::try_from((len - got).min(buf.len() as u64))?;
-            let n = read_retrying(&mut s, &mut buf[..want], &mut retries)?;
-            if n == 0 {
-                break;
-            }
-            hash = fnv1a::feed(hash, &buf[..n]);
-            got += n as u64;
-        }
-        let mut reply = [0u8; 16];
-        reply[..8].copy_from_slice(&got.to_be_bytes());
-        reply[8..].copy_from_slice(&hash.to_be_bytes());
-        s.write_all(&reply).context("replying")?;
-        // Wait for the client to close so our reply is never cut short.
-        let mut rest = [0u8; 1];
-        let _ = read_retrying(&mut s, &mut rest, &mut retries);
-        results.push(serde_json::json!({
-            "peer": peer.to_string(), "bytes": got, "hash": format!("{hash:016x}"), "eagain_retries": retries,
-        }));
+        let (s, peer) = listener.accept().context("accepting")?;
+        handlers.push(std::thread::spawn(move || serve_one(s, peer)));
+    }
+    let mut results = Vec::new();
+    for h in handlers {
+        results.push(h.join().map_err(|_| anyhow::anyhow!("handler panicked"))??);
     }
     Ok(serde_json::json!({ "served": results }))
+}
+
+fn serve_one(mut s: TcpStream, peer: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    let mut retries = 0;
+    s.write_all(b"!").context("greeting")?;
+    let mut len = [0u8; 8];
+    read_exact_retrying(&mut s, &mut len, &mut retries)?;
+    let len = u64::from_be_bytes(len);
+    let mut hash = fnv1a::START;
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    while got < len {
+        let want = usize::try_from((len - got).min(buf.len() as u64))?;
+        let n = read_retrying(&mut s, &mut buf[..want], &mut retries)?;
+        if n == 0 {
+            break;
+        }
+        hash = fnv1a::feed(hash, &buf[..n]);
+        got += n as u64;
+    }
+    let mut reply = [0u8; 16];
+    reply[..8].copy_from_slice(&got.to_be_bytes());
+    reply[8..].copy_from_slice(&hash.to_be_bytes());
+    s.write_all(&reply).context("replying")?;
+    // Wait for the client to close so our reply is never cut short.
+    let mut rest = [0u8; 1];
+    let _ = read_retrying(&mut s, &mut rest, &mut retries);
+    Ok(serde_json::json!({
+        "peer": peer.to_string(), "bytes": got, "hash": format!("{hash:016x}"), "eagain_retries": retries,
+    }))
+}
+
+/// `--parallel N`: N concurrent connections, one report with all of them.
+fn send_parallel(connect: SocketAddr, bytes: u64, chunk: usize, n: usize) -> anyhow::Result<serde_json::Value> {
+    let handles: Vec<_> = (0..n)
+        .map(|_| std::thread::spawn(move || send(connect, bytes, chunk, false)))
+        .collect();
+    let mut reports = Vec::new();
+    for h in handles {
+        reports.push(h.join().map_err(|_| anyhow::anyhow!("sender panicked"))??);
+    }
+    let intact = reports.iter().all(|r| r["intact"] == true);
+    Ok(serde_json::json!({ "connections": reports.len(), "intact": intact, "reports": reports }))
 }
 
 fn send(
