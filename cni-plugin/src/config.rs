@@ -225,9 +225,13 @@ impl Config {
     pub fn parse(stdin: &[u8]) -> Result<Self> {
         let raw: NetConf = serde_json::from_slice(stdin).map_err(Error::Decode)?;
         let version = Version::supported(&raw.cni_version)?;
+        // Without an explicit mode, a prevResult and no `ipam` means "after
+        // another plugin". A prevResult alone does not: runtimes also pass
+        // one to the first plugin of a list on CHECK and DEL.
         let mode = match raw.mode.as_deref() {
-            None | Some("bridge") if raw.prev_result.is_none() => Mode::Bridge,
-            None | Some("bridge" | "chained") => Mode::Chained,
+            Some("chained") => Mode::Chained,
+            None if raw.prev_result.is_some() && raw.ipam.is_none() => Mode::Chained,
+            None | Some("bridge") => Mode::Bridge,
             Some(other) => return Err(Error::UnsupportedField { field: "mode", value: other.to_owned() }),
         };
         let bridge = raw.bridge.clone().unwrap_or_else(|| DEFAULT_BRIDGE.to_owned());
@@ -353,6 +357,9 @@ mod tests {
         assert_eq!(c.mode, Mode::Chained);
         let c = Config::parse(br#"{"cniVersion":"1.0.0","mode":"chained"}"#).unwrap();
         assert_eq!(c.mode, Mode::Chained);
+        // CHECK/DEL of a bridge-mode attachment carry prevResult too.
+        let c = Config::parse(br#"{"cniVersion":"1.0.0","prevResult":{"ips":[]},"ipam":{"type":"host-local"}}"#).unwrap();
+        assert_eq!(c.mode, Mode::Bridge);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`scenario`]: end-to-end scenarios shared by tests and the demo binary.
 
 pub mod meshd;
+pub mod cni;
 pub mod privileged;
 pub mod sandbox;
 pub mod scenario;
