@@ -6,9 +6,10 @@ use std::{io::Read as _, process::ExitCode};
 use serde_json::Value;
 
 use crate::{
-    commands, version,
+    commands,
     config::{self, Command, Config, Env},
     error::{Error, Result},
+    version,
 };
 
 /// Runs one CNI invocation from the process environment and stdin.
@@ -24,7 +25,9 @@ pub fn main() -> ExitCode {
         .filter(|v| version::SUPPORTED.contains(v))
         .unwrap_or(version::CURRENT)
         .to_owned();
-    let outcome = read.map_err(Error::io("read", "stdin")).and_then(|_| run(&stdin));
+    let outcome = read
+        .map_err(Error::io("read", "stdin"))
+        .and_then(|_| run(&stdin));
     match outcome {
         Ok(Some(out)) => {
             println!("{out}");
@@ -32,8 +35,13 @@ pub fn main() -> ExitCode {
         }
         Ok(None) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(code = e.code(), error = &e as &dyn std::error::Error, "failed");
-            let json = serde_json::to_string(&e.to_cni(&error_version)).expect("errors always serialise");
+            tracing::error!(
+                code = e.code(),
+                error = &e as &dyn std::error::Error,
+                "failed"
+            );
+            let json =
+                serde_json::to_string(&e.to_cni(&error_version)).expect("errors always serialise");
             println!("{json}");
             ExitCode::FAILURE
         }
@@ -44,7 +52,9 @@ fn run(stdin: &[u8]) -> Result<Option<Value>> {
     let command = std::env::var(config::ENV_COMMAND)
         .ok()
         .filter(|c| !c.is_empty())
-        .ok_or(Error::MissingEnv { name: config::ENV_COMMAND })?;
+        .ok_or(Error::MissingEnv {
+            name: config::ENV_COMMAND,
+        })?;
     let command = Command::parse(&command)?;
     if command == Command::Version {
         return Ok(Some(version::version_info()));
@@ -71,8 +81,16 @@ fn init_logging(config: Option<&Value>) {
     let file = config
         .and_then(|c| c.get("logFile"))
         .and_then(Value::as_str)
-        .and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
+        .and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
     match file {
         Some(f) => builder.with_writer(std::sync::Mutex::new(f)).init(),
         None => builder.with_writer(std::io::stderr).init(),

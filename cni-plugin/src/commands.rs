@@ -3,12 +3,7 @@
 //! behind; DEL tolerates anything already gone; CHECK, STATUS and GC inspect
 //! the real state.
 
-use std::{
-    collections::BTreeSet,
-    net::IpAddr,
-    os::fd::AsFd as _,
-    path::Path,
-};
+use std::{collections::BTreeSet, net::IpAddr, os::fd::AsFd as _, path::Path};
 
 use ipnet::IpNet;
 use serde_json::Value;
@@ -21,8 +16,7 @@ use crate::{
     ipam::{self, Ipam},
     iptables,
     link::Netlink,
-    netns,
-    state,
+    netns, state,
     version::{CniResult, Interface, IpConfig, Route, Version},
 };
 
@@ -51,7 +45,11 @@ impl Drop for Rollback {
         while let Some((what, undo)) = self.steps.pop() {
             match undo() {
                 Ok(()) => tracing::debug!(step = what, "rolled back"),
-                Err(e) => tracing::error!(step = what, error = &e as &dyn std::error::Error, "rollback step failed"),
+                Err(e) => tracing::error!(
+                    step = what,
+                    error = &e as &dyn std::error::Error,
+                    "rollback step failed"
+                ),
             }
         }
     }
@@ -79,10 +77,19 @@ pub fn gateway_of(ip: &IpConfig) -> IpAddr {
 }
 
 fn default_route(v6: bool) -> IpNet {
-    if v6 { "::/0".parse().expect("literal") } else { "0.0.0.0/0".parse().expect("literal") }
+    if v6 {
+        "::/0".parse().expect("literal")
+    } else {
+        "0.0.0.0/0".parse().expect("literal")
+    }
 }
 
-fn record_for(config: &Config, env: &Env, ips: Vec<IpAddr>, host_ifname: Option<String>) -> Result<Record> {
+fn record_for(
+    config: &Config,
+    env: &Env,
+    ips: Vec<IpAddr>,
+    host_ifname: Option<String>,
+) -> Result<Record> {
     let m = config::membership(config, env)?;
     Ok(Record {
         version: RECORD_VERSION,
@@ -128,15 +135,27 @@ pub fn add(config: &Config, env: &Env, stdin: &Value) -> Result<Value> {
         }
         Mode::Bridge => {
             let ipam = Ipam::locate(config, stdin, &env.path)?;
-            let taken = netns::run_in(netns_path, || Ok(Netlink::new()?.link(&env.ifname)?.is_some()))?;
+            let taken = netns::run_in(netns_path, || {
+                Ok(Netlink::new()?.link(&env.ifname)?.is_some())
+            })?;
             if taken {
-                return Err(Error::IfnameTaken { ifname: env.ifname.clone(), netns: env.netns.clone() });
+                return Err(Error::IfnameTaken {
+                    ifname: env.ifname.clone(),
+                    netns: env.netns.clone(),
+                });
             }
             let result = ipam.add()?;
             rollback.push("release the IPAM allocation", move || ipam.del());
             let (result, host) = plumb(config, env, &netns_file, result, &mut rollback)?;
             let ips = result.ips.iter().map(|ip| ip.address.addr()).collect();
-            (result.to_json(config.cni_version()), Record { ips, host_ifname: Some(host), ..probe })
+            (
+                result.to_json(config.cni_version()),
+                Record {
+                    ips,
+                    host_ifname: Some(host),
+                    ..probe
+                },
+            )
         }
     };
 
@@ -151,7 +170,11 @@ pub fn add(config: &Config, env: &Env, stdin: &Value) -> Result<Value> {
     }
 
     spright_endpoint::write(config.state_dir(), &record).map_err(Error::Record)?;
-    let (dir, cid, ifname) = (config.state_dir.clone(), env.container_id.clone(), env.ifname.clone());
+    let (dir, cid, ifname) = (
+        config.state_dir.clone(),
+        env.container_id.clone(),
+        env.ifname.clone(),
+    );
     rollback.push("remove the endpoint record", move || {
         spright_endpoint::remove(&dir, &cid, &ifname).map_err(Error::Record)
     });
@@ -178,7 +201,8 @@ fn plumb(
         let _lock = state::lock(config)?;
         let bridge = node.ensure_bridge(&config.bridge, config.mtu)?;
         for ip in &result.ips {
-            let gw = IpNet::new(gateway_of(ip), ip.address.prefix_len()).expect("prefix from a valid net");
+            let gw = IpNet::new(gateway_of(ip), ip.address.prefix_len())
+                .expect("prefix from a valid net");
             node.add_address(bridge.index, gw, false, &config.bridge)?;
         }
         bridge
@@ -187,29 +211,49 @@ fn plumb(
     let host_name = host_ifname(&env.container_id, &env.ifname);
     node.create_veth(&host_name, &env.ifname, config.mtu, netns_file.as_fd())?;
     let h = host_name.clone();
-    rollback.push("delete the veth pair", move || Netlink::new()?.delete_link(&h).map(drop));
+    rollback.push("delete the veth pair", move || {
+        Netlink::new()?.delete_link(&h).map(drop)
+    });
     let host = node.link(&host_name)?.ok_or_else(|| Error::Netlink {
         op: "find link",
         object: host_name.clone(),
         detail: "it vanished".into(),
     })?;
-    node.attach_to_bridge(host.index, bridge.index, config.raw.hairpin_mode, &host_name)?;
+    node.attach_to_bridge(
+        host.index,
+        bridge.index,
+        config.raw.hairpin_mode,
+        &host_name,
+    )?;
 
     // Routes: the subnet on-link, a default route per family via the
     // gateway (unless IPAM routes already cover it), IPAM's own routes; all
     // with quickack.
     let mut routes: Vec<Route> = Vec::new();
     for v6 in [false, true] {
-        let Some(ip) = result.ips.iter().find(|ip| ip.address.addr().is_ipv6() == v6) else { continue };
+        let Some(ip) = result
+            .ips
+            .iter()
+            .find(|ip| ip.address.addr().is_ipv6() == v6)
+        else {
+            continue;
+        };
         let gw = gateway_of(ip);
         let has_default = result.routes.iter().any(|r| r.dst == default_route(v6));
         if !has_default {
-            routes.push(Route { dst: default_route(v6), gw: Some(gw) });
+            routes.push(Route {
+                dst: default_route(v6),
+                gw: Some(gw),
+            });
         }
     }
     for r in &result.routes {
         let gw = r.gw.or_else(|| {
-            result.ips.iter().find(|ip| ip.address.addr().is_ipv6() == r.dst.addr().is_ipv6()).map(gateway_of)
+            result
+                .ips
+                .iter()
+                .find(|ip| ip.address.addr().is_ipv6() == r.dst.addr().is_ipv6())
+                .map(gateway_of)
         });
         routes.push(Route { dst: r.dst, gw });
     }
@@ -236,9 +280,22 @@ fn plumb(
     })?;
 
     result.interfaces = vec![
-        Interface { name: config.bridge.clone(), mac: bridge.mac, ..Interface::default() },
-        Interface { name: host_name.clone(), mac: host.mac, ..Interface::default() },
-        Interface { name: env.ifname.clone(), mac: pod.mac, sandbox: env.netns.clone(), ..Interface::default() },
+        Interface {
+            name: config.bridge.clone(),
+            mac: bridge.mac,
+            ..Interface::default()
+        },
+        Interface {
+            name: host_name.clone(),
+            mac: host.mac,
+            ..Interface::default()
+        },
+        Interface {
+            name: env.ifname.clone(),
+            mac: pod.mac,
+            sandbox: env.netns.clone(),
+            ..Interface::default()
+        },
     ];
     for ip in &mut result.ips {
         ip.interface = Some(2);
@@ -248,7 +305,10 @@ fn plumb(
         result.routes = result
             .ips
             .iter()
-            .map(|ip| Route { dst: default_route(ip.address.addr().is_ipv6()), gw: ip.gateway })
+            .map(|ip| Route {
+                dst: default_route(ip.address.addr().is_ipv6()),
+                gw: ip.gateway,
+            })
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -261,7 +321,10 @@ pub fn del(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
     let record = match spright_endpoint::find(config.state_dir(), &env.container_id, &env.ifname) {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(error = &e as &dyn std::error::Error, "unreadable endpoint record; cleaning up without it");
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "unreadable endpoint record; cleaning up without it"
+            );
             None
         }
     };
@@ -272,7 +335,8 @@ pub fn del(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
         teardown(config, &env.container_id, &env.ifname, &env.netns)?;
         Ipam::locate(config, stdin, &env.path)?.del()?;
     }
-    spright_endpoint::remove(config.state_dir(), &env.container_id, &env.ifname).map_err(Error::Record)?;
+    spright_endpoint::remove(config.state_dir(), &env.container_id, &env.ifname)
+        .map_err(Error::Record)?;
     tracing::info!(container.id = %env.container_id, pod.ifname = %env.ifname, "DEL done");
     Ok(())
 }
@@ -295,7 +359,11 @@ fn teardown(config: &Config, container_id: &str, ifname: &str, netns: &str) -> R
 /// CHECK: the attachment still looks the way ADD left it.
 pub fn check(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
     if config.version < Version::V0_4_0 {
-        return Err(Error::CommandNeedsVersion { command: "CHECK", min: "0.4.0", version: config.cni_version().into() });
+        return Err(Error::CommandNeedsVersion {
+            command: "CHECK",
+            min: "0.4.0",
+            version: config.cni_version().into(),
+        });
     }
     let prev = config.raw.prev_result.clone().ok_or(Error::InvalidConfig {
         field: "prevResult",
@@ -305,11 +373,18 @@ pub fn check(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
     let failed = |what: String| Error::CheckFailed { what };
     let record = spright_endpoint::find(config.state_dir(), &env.container_id, &env.ifname)
         .map_err(Error::Record)?
-        .ok_or_else(|| failed(format!("no endpoint record for {} {}", env.container_id, env.ifname)))?;
+        .ok_or_else(|| {
+            failed(format!(
+                "no endpoint record for {} {}",
+                env.container_id, env.ifname
+            ))
+        })?;
     let want: BTreeSet<IpAddr> = prev_parsed.pod_ips(&env.ifname).into_iter().collect();
     let recorded: BTreeSet<IpAddr> = record.ips.iter().copied().collect();
     if want != recorded {
-        return Err(failed(format!("recorded IPs {recorded:?} differ from prevResult {want:?}")));
+        return Err(failed(format!(
+            "recorded IPs {recorded:?} differ from prevResult {want:?}"
+        )));
     }
     let netns_path = Path::new(&env.netns);
     netns::open(netns_path)?;
@@ -319,18 +394,29 @@ pub fn check(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
     let ifname = env.ifname.clone();
     let (pod_addrs, routes_ok) = netns::run_in(netns_path, || {
         let nl = Netlink::new()?;
-        let pod = nl.link(&ifname)?.ok_or_else(|| failed(format!("interface {ifname} is missing in the pod")))?;
+        let pod = nl
+            .link(&ifname)?
+            .ok_or_else(|| failed(format!("interface {ifname} is missing in the pod")))?;
         if !pod.up {
             return Err(failed(format!("interface {ifname} is down")));
         }
         let quickack = [false, true].into_iter().try_fold(true, |ok, v6| {
-            Ok::<_, Error>(ok && nl.routes(v6)?.iter().filter(|(d, _)| d.prefix_len() == 0).all(|(_, q)| *q))
+            Ok::<_, Error>(
+                ok && nl
+                    .routes(v6)?
+                    .iter()
+                    .filter(|(d, _)| d.prefix_len() == 0)
+                    .all(|(_, q)| *q),
+            )
         })?;
         Ok((nl.addresses(pod.index)?, quickack))
     })?;
     for ip in &prev_parsed.ips {
         if want.contains(&ip.address.addr()) && !pod_addrs.contains(&ip.address) {
-            return Err(failed(format!("address {} is missing on {}", ip.address, env.ifname)));
+            return Err(failed(format!(
+                "address {} is missing on {}",
+                ip.address, env.ifname
+            )));
         }
     }
     if !routes_ok {
@@ -341,9 +427,14 @@ pub fn check(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
         .link(&config.bridge)?
         .ok_or_else(|| failed(format!("bridge {} is missing", config.bridge)))?;
     let host_name = host_ifname(&env.container_id, &env.ifname);
-    let host = node.link(&host_name)?.ok_or_else(|| failed(format!("host interface {host_name} is missing")))?;
+    let host = node
+        .link(&host_name)?
+        .ok_or_else(|| failed(format!("host interface {host_name} is missing")))?;
     if host.master != Some(bridge.index) || !host.up {
-        return Err(failed(format!("host interface {host_name} is not up on bridge {}", config.bridge)));
+        return Err(failed(format!(
+            "host interface {host_name} is not up on bridge {}",
+            config.bridge
+        )));
     }
     Ipam::locate(config, stdin, &env.path)?.check(&prev)?;
     Ok(())
@@ -351,23 +442,38 @@ pub fn check(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
 
 /// STATUS: can this plugin serve an ADD right now?
 pub fn status(config: &Config, env: &Env) -> Result<()> {
-    let accel = if datapath::installed(config) { "acceleration on" } else { "acceleration off (datapath not installed yet)" };
+    let accel = if datapath::installed(config) {
+        "acceleration on"
+    } else {
+        "acceleration off (datapath not installed yet)"
+    };
     if config.mode == Mode::Bridge {
         let plugin = config.ipam_type.clone().unwrap_or_default();
         if ipam::find_on_path(&plugin, &env.path).is_none() {
-            return Err(Error::NotAvailable { why: format!("IPAM plugin {plugin:?} not found on CNI_PATH {:?}; {accel}", env.path) });
+            return Err(Error::NotAvailable {
+                why: format!(
+                    "IPAM plugin {plugin:?} not found on CNI_PATH {:?}; {accel}",
+                    env.path
+                ),
+            });
         }
         if let Some(link) = Netlink::new()?.link(&config.bridge)? {
             if link.kind.as_deref() != Some("bridge") {
-                return Err(Error::NotAvailable { why: format!("{} exists and is not a bridge; {accel}", config.bridge) });
+                return Err(Error::NotAvailable {
+                    why: format!("{} exists and is not a bridge; {accel}", config.bridge),
+                });
             }
             if !link.up {
-                return Err(Error::LimitedConnectivity { why: format!("bridge {} is down; {accel}", config.bridge) });
+                return Err(Error::LimitedConnectivity {
+                    why: format!("bridge {} is down; {accel}", config.bridge),
+                });
             }
         }
     }
     if let Err(e) = state::prepare(config) {
-        return Err(Error::NotAvailable { why: format!("state directory is not writable ({e}); {accel}") });
+        return Err(Error::NotAvailable {
+            why: format!("state directory is not writable ({e}); {accel}"),
+        });
     }
     tracing::info!(accel, "STATUS ok");
     Ok(())
@@ -379,7 +485,10 @@ pub fn gc(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
         .raw
         .valid_attachments
         .as_ref()
-        .ok_or(Error::InvalidConfig { field: config::GC_VALID_ATTACHMENTS, why: "GC needs the list of valid attachments".into() })?
+        .ok_or(Error::InvalidConfig {
+            field: config::GC_VALID_ATTACHMENTS,
+            why: "GC needs the list of valid attachments".into(),
+        })?
         .iter()
         .map(|a| (a.container_id.clone(), a.ifname.clone()))
         .collect();
@@ -395,7 +504,9 @@ pub fn gc(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
             tracing::warn!(path = %path.display(), "skipping unreadable endpoint record");
             continue;
         };
-        if r.network != config.raw.name || valid.contains(&(r.container_id.clone(), r.ifname.clone())) {
+        if r.network != config.raw.name
+            || valid.contains(&(r.container_id.clone(), r.ifname.clone()))
+        {
             continue;
         }
         datapath::forget(config, &r.ips);
@@ -403,13 +514,17 @@ pub fn gc(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
             teardown(config, &r.container_id, &r.ifname, &r.netns)?;
             ipam.del_for(&r.container_id, &r.ifname)?;
         }
-        spright_endpoint::remove(config.state_dir(), &r.container_id, &r.ifname).map_err(Error::Record)?;
+        spright_endpoint::remove(config.state_dir(), &r.container_id, &r.ifname)
+            .map_err(Error::Record)?;
         removed += 1;
     }
     // Delegate GC to IPAM too (spec); plugins older than 1.1 do not know it,
     // and the per-attachment DELs above already released what we recorded.
     if let Some(Err(e)) = ipam.as_ref().map(|i| i.gc(stdin)) {
-        tracing::debug!(error = &e as &dyn std::error::Error, "IPAM plugin does not support GC");
+        tracing::debug!(
+            error = &e as &dyn std::error::Error,
+            "IPAM plugin does not support GC"
+        );
     }
     tracing::info!(removed, "GC done");
     Ok(())
@@ -431,9 +546,17 @@ mod tests {
 
     #[test]
     fn gateway_defaults_to_first_host() {
-        let ip = IpConfig { address: "10.213.7.9/24".parse().unwrap(), gateway: None, interface: None };
+        let ip = IpConfig {
+            address: "10.213.7.9/24".parse().unwrap(),
+            gateway: None,
+            interface: None,
+        };
         assert_eq!(gateway_of(&ip), "10.213.7.1".parse::<IpAddr>().unwrap());
-        let ip6 = IpConfig { address: "fd00:213::9/64".parse().unwrap(), gateway: None, interface: None };
+        let ip6 = IpConfig {
+            address: "fd00:213::9/64".parse().unwrap(),
+            gateway: None,
+            interface: None,
+        };
         assert_eq!(gateway_of(&ip6), "fd00:213::1".parse::<IpAddr>().unwrap());
     }
 

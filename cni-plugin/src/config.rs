@@ -11,8 +11,8 @@ use std::{
 use serde::Deserialize;
 use serde_json::Value;
 use spright_endpoint::{
-    ANNOTATION_CHAIN, ANNOTATION_FUNCTION, ANNOTATION_REDIRECT, CNI_ARG_CHAIN, DEFAULT_POD_NAMESPACE,
-    DEFAULT_STATE_DIR, PodRef,
+    ANNOTATION_CHAIN, ANNOTATION_FUNCTION, ANNOTATION_REDIRECT, CNI_ARG_CHAIN,
+    DEFAULT_POD_NAMESPACE, DEFAULT_STATE_DIR, PodRef,
 };
 
 use crate::{
@@ -99,8 +99,15 @@ impl Env {
     /// Reads the variables `command` needs (SPEC.md "Parameters": ADD/CHECK
     /// need all four; DEL may omit CNI_NETNS; STATUS/GC need none).
     pub fn from_vars(command: Command, get: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
-        let required = |name: &'static str| get(name).filter(|v| !v.is_empty()).ok_or(Error::MissingEnv { name });
-        let mut env = Self { path: get(ENV_PATH).unwrap_or_default(), ..Self::default() };
+        let required = |name: &'static str| {
+            get(name)
+                .filter(|v| !v.is_empty())
+                .ok_or(Error::MissingEnv { name })
+        };
+        let mut env = Self {
+            path: get(ENV_PATH).unwrap_or_default(),
+            ..Self::default()
+        };
         match command {
             Command::Add | Command::Check => {
                 env.container_id = required(ENV_CONTAINERID)?;
@@ -115,8 +122,11 @@ impl Env {
             Command::Version | Command::Status | Command::Gc => {}
         }
         if !env.ifname.is_empty() {
-            validate_ifname(ENV_IFNAME, &env.ifname)
-                .map_err(|why| Error::InvalidEnv { name: ENV_IFNAME, value: env.ifname.clone(), why })?;
+            validate_ifname(ENV_IFNAME, &env.ifname).map_err(|why| Error::InvalidEnv {
+                name: ENV_IFNAME,
+                value: env.ifname.clone(),
+                why,
+            })?;
         }
         if let Some(args) = get(ENV_ARGS) {
             env.args = parse_args(&args)?;
@@ -144,7 +154,12 @@ pub fn validate_ifname(_what: &str, name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_IFNAME_LEN {
         return Err(format!("must be 1 to {MAX_IFNAME_LEN} bytes"));
     }
-    if name == "." || name == ".." || name.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace()) {
+    if name == "."
+        || name == ".."
+        || name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
+    {
         return Err("must not be '.', '..' or contain '/', ':' or whitespace".into());
     }
     Ok(())
@@ -232,26 +247,50 @@ impl Config {
             Some("chained") => Mode::Chained,
             None if raw.prev_result.is_some() && raw.ipam.is_none() => Mode::Chained,
             None | Some("bridge") => Mode::Bridge,
-            Some(other) => return Err(Error::UnsupportedField { field: "mode", value: other.to_owned() }),
+            Some(other) => {
+                return Err(Error::UnsupportedField {
+                    field: "mode",
+                    value: other.to_owned(),
+                });
+            }
         };
-        let bridge = raw.bridge.clone().unwrap_or_else(|| DEFAULT_BRIDGE.to_owned());
-        validate_ifname("bridge", &bridge).map_err(|why| Error::InvalidConfig { field: "bridge", why: format!("{bridge:?} {why}") })?;
+        let bridge = raw
+            .bridge
+            .clone()
+            .unwrap_or_else(|| DEFAULT_BRIDGE.to_owned());
+        validate_ifname("bridge", &bridge).map_err(|why| Error::InvalidConfig {
+            field: "bridge",
+            why: format!("{bridge:?} {why}"),
+        })?;
         let mtu = match raw.mtu {
             None | Some(0) => None,
-            Some(m) if (i64::from(MIN_MTU)..=i64::from(MAX_MTU)).contains(&m) => Some(u32::try_from(m).expect("in range")),
+            Some(m) if (i64::from(MIN_MTU)..=i64::from(MAX_MTU)).contains(&m) => {
+                Some(u32::try_from(m).expect("in range"))
+            }
             Some(m) => {
-                return Err(Error::InvalidConfig { field: "mtu", why: format!("{m} is outside {MIN_MTU}..={MAX_MTU}") });
+                return Err(Error::InvalidConfig {
+                    field: "mtu",
+                    why: format!("{m} is outside {MIN_MTU}..={MAX_MTU}"),
+                });
             }
         };
         let ipam_type = match &raw.ipam {
             None => None,
             Some(ipam) => match ipam.get("type").and_then(Value::as_str) {
                 Some(t) if !t.is_empty() && !t.contains('/') => Some(t.to_owned()),
-                _ => return Err(Error::InvalidConfig { field: "ipam.type", why: "must name a plugin on CNI_PATH".into() }),
+                _ => {
+                    return Err(Error::InvalidConfig {
+                        field: "ipam.type",
+                        why: "must name a plugin on CNI_PATH".into(),
+                    });
+                }
             },
         };
         if mode == Mode::Bridge && ipam_type.is_none() {
-            return Err(Error::InvalidConfig { field: "ipam", why: "bridge mode needs an IPAM plugin".into() });
+            return Err(Error::InvalidConfig {
+                field: "ipam",
+                why: "bridge mode needs an IPAM plugin".into(),
+            });
         }
         Ok(Self {
             version,
@@ -259,8 +298,14 @@ impl Config {
             bridge,
             mtu,
             ipam_type,
-            state_dir: raw.state_dir.clone().unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
-            bpffs: raw.bpffs.clone().unwrap_or_else(|| spright_ebpf::DEFAULT_BPFFS_DIR.into()),
+            state_dir: raw
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            bpffs: raw
+                .bpffs
+                .clone()
+                .unwrap_or_else(|| spright_ebpf::DEFAULT_BPFFS_DIR.into()),
             cgroup: raw.cgroup.clone(),
             raw,
         })
@@ -273,7 +318,12 @@ impl Config {
     /// The pod's annotations passed by the runtime (containerd with the
     /// capability declared), if any.
     fn annotation(&self, key: &str) -> Option<&str> {
-        self.raw.runtime_config.as_ref()?.get(CAP_POD_ANNOTATIONS)?.get(key)?.as_str()
+        self.raw
+            .runtime_config
+            .as_ref()?
+            .get(CAP_POD_ANNOTATIONS)?
+            .get(key)?
+            .as_str()
     }
 
     /// Where the lock file sits.
@@ -312,9 +362,19 @@ pub fn membership(config: &Config, env: &Env) -> Result<Membership> {
     if let Some(c) = &chain {
         spright_endpoint::validate_chain(c).map_err(Error::InvalidChain)?;
     }
-    let function = config.annotation(ANNOTATION_FUNCTION).filter(|f| !f.is_empty()).map(str::to_owned);
-    let redirect = !config.annotation(ANNOTATION_REDIRECT).is_some_and(|v| v.eq_ignore_ascii_case("off"));
-    Ok(Membership { pod, chain, function, redirect })
+    let function = config
+        .annotation(ANNOTATION_FUNCTION)
+        .filter(|f| !f.is_empty())
+        .map(str::to_owned);
+    let redirect = !config
+        .annotation(ANNOTATION_REDIRECT)
+        .is_some_and(|v| v.eq_ignore_ascii_case("off"));
+    Ok(Membership {
+        pod,
+        chain,
+        function,
+        redirect,
+    })
 }
 
 #[cfg(test)]
@@ -322,7 +382,9 @@ mod tests {
     use super::*;
 
     fn conf(extra: &str) -> Result<Config> {
-        let s = format!(r#"{{"cniVersion":"1.0.0","name":"n","type":"spright-cni","ipam":{{"type":"host-local"}}{extra}}}"#);
+        let s = format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","type":"spright-cni","ipam":{{"type":"host-local"}}{extra}}}"#
+        );
         Config::parse(s.as_bytes())
     }
 
@@ -340,14 +402,27 @@ mod tests {
     #[test]
     fn bad_configs_get_spec_codes() {
         assert_eq!(Config::parse(b"{nope").unwrap_err().code(), 6);
-        assert_eq!(Config::parse(br#"{"cniVersion":"0.2.0","ipam":{"type":"x"}}"#).unwrap_err().code(), 1);
+        assert_eq!(
+            Config::parse(br#"{"cniVersion":"0.2.0","ipam":{"type":"x"}}"#)
+                .unwrap_err()
+                .code(),
+            1
+        );
         assert_eq!(conf(r#","mtu":10"#).unwrap_err().code(), 7);
         assert_eq!(conf(r#","mtu":70000"#).unwrap_err().code(), 7);
         assert_eq!(conf(r#","mtu":-1"#).unwrap_err().code(), 7);
-        assert_eq!(conf(r#","bridge":"abcdefghijklmnop""#).unwrap_err().code(), 7);
+        assert_eq!(
+            conf(r#","bridge":"abcdefghijklmnop""#).unwrap_err().code(),
+            7
+        );
         assert_eq!(conf(r#","bridge":"a/b""#).unwrap_err().code(), 7);
         assert_eq!(conf(r#","mode":"overlay""#).unwrap_err().code(), 2);
-        assert_eq!(Config::parse(br#"{"cniVersion":"1.0.0"}"#).unwrap_err().code(), 7);
+        assert_eq!(
+            Config::parse(br#"{"cniVersion":"1.0.0"}"#)
+                .unwrap_err()
+                .code(),
+            7
+        );
         assert_eq!(conf(r#","mtu":1400"#).unwrap().mtu, Some(1400));
     }
 
@@ -358,33 +433,70 @@ mod tests {
         let c = Config::parse(br#"{"cniVersion":"1.0.0","mode":"chained"}"#).unwrap();
         assert_eq!(c.mode, Mode::Chained);
         // CHECK/DEL of a bridge-mode attachment carry prevResult too.
-        let c = Config::parse(br#"{"cniVersion":"1.0.0","prevResult":{"ips":[]},"ipam":{"type":"host-local"}}"#).unwrap();
+        let c = Config::parse(
+            br#"{"cniVersion":"1.0.0","prevResult":{"ips":[]},"ipam":{"type":"host-local"}}"#,
+        )
+        .unwrap();
         assert_eq!(c.mode, Mode::Bridge);
     }
 
     #[test]
     fn env_requirements_per_command() {
         let vars = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_owned())
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_owned())
+            }
         };
-        let full = vars(&[("CNI_CONTAINERID", "c"), ("CNI_NETNS", "/n"), ("CNI_IFNAME", "eth0"), ("CNI_ARGS", "A=1;B=2")]);
+        let full = vars(&[
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_NETNS", "/n"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", "A=1;B=2"),
+        ]);
         let e = Env::from_vars(Command::Add, &full).unwrap();
         assert_eq!(e.args.get("B").map(String::as_str), Some("2"));
         let no_netns = vars(&[("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0")]);
-        assert!(matches!(Env::from_vars(Command::Add, &no_netns), Err(Error::MissingEnv { name: "CNI_NETNS" })));
+        assert!(matches!(
+            Env::from_vars(Command::Add, &no_netns),
+            Err(Error::MissingEnv { name: "CNI_NETNS" })
+        ));
         Env::from_vars(Command::Del, &no_netns).unwrap();
         let no_id = vars(&[("CNI_NETNS", "/n"), ("CNI_IFNAME", "eth0")]);
-        assert!(matches!(Env::from_vars(Command::Del, &no_id), Err(Error::MissingEnv { name: "CNI_CONTAINERID" })));
+        assert!(matches!(
+            Env::from_vars(Command::Del, &no_id),
+            Err(Error::MissingEnv {
+                name: "CNI_CONTAINERID"
+            })
+        ));
         Env::from_vars(Command::Status, &vars(&[])).unwrap();
-        let long = vars(&[("CNI_CONTAINERID", "c"), ("CNI_NETNS", "/n"), ("CNI_IFNAME", "abcdefghijklmnopq")]);
+        let long = vars(&[
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_NETNS", "/n"),
+            ("CNI_IFNAME", "abcdefghijklmnopq"),
+        ]);
         assert_eq!(Env::from_vars(Command::Add, &long).unwrap_err().code(), 4);
-        let bad_args = vars(&[("CNI_CONTAINERID", "c"), ("CNI_NETNS", "/n"), ("CNI_IFNAME", "e"), ("CNI_ARGS", "novalue")]);
-        assert_eq!(Env::from_vars(Command::Add, &bad_args).unwrap_err().code(), 4);
+        let bad_args = vars(&[
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_NETNS", "/n"),
+            ("CNI_IFNAME", "e"),
+            ("CNI_ARGS", "novalue"),
+        ]);
+        assert_eq!(
+            Env::from_vars(Command::Add, &bad_args).unwrap_err().code(),
+            4
+        );
         assert_eq!(Command::parse("FOO").unwrap_err().code(), 4);
     }
 
     fn env_with(args: &str) -> Env {
-        Env { container_id: "cid".into(), args: parse_args(args).unwrap(), ..Env::default() }
+        Env {
+            container_id: "cid".into(),
+            args: parse_args(args).unwrap(),
+            ..Env::default()
+        }
     }
 
     #[test]
@@ -393,11 +505,22 @@ mod tests {
             r#","runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"spright.dev/chain":"checkout","spright.dev/function":"gw","spright.dev/redirect":"off"}}"#,
         )
         .unwrap();
-        let m = membership(&c, &env_with("K8S_POD_NAMESPACE=shop;K8S_POD_NAME=gw-1;K8S_POD_UID=u;SPRIGHT_CHAIN=other")).unwrap();
+        let m = membership(
+            &c,
+            &env_with("K8S_POD_NAMESPACE=shop;K8S_POD_NAME=gw-1;K8S_POD_UID=u;SPRIGHT_CHAIN=other"),
+        )
+        .unwrap();
         assert_eq!(m.chain.as_deref(), Some("checkout"));
         assert_eq!(m.function.as_deref(), Some("gw"));
         assert!(!m.redirect);
-        assert_eq!(m.pod, PodRef { namespace: "shop".into(), name: "gw-1".into(), uid: "u".into() });
+        assert_eq!(
+            m.pod,
+            PodRef {
+                namespace: "shop".into(),
+                name: "gw-1".into(),
+                uid: "u".into()
+            }
+        );
 
         let plain = conf("").unwrap();
         let m = membership(&plain, &env_with("SPRIGHT_CHAIN=fallback")).unwrap();

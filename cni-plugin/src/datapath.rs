@@ -18,11 +18,14 @@ pub enum Acceleration {
 /// Installs (or adopts) the datapath and records `ips`. On any failure the
 /// entries written so far are removed and acceleration is off.
 pub fn accelerate(config: &Config, ips: &[IpAddr], value: EndpointValue) -> Acceleration {
-    let Some(cgroup) = config.cgroup.clone().or_else(spright_ebpf::cgroup2_mount) else {
+    let Some(cgroup) = config.cgroup.clone().or_else(spright_ebpf::default_cgroup) else {
         tracing::warn!("no cgroup v2 hierarchy; pod networking works without acceleration");
         return Acceleration::Off;
     };
-    let placement = Placement { cgroup, bpffs: config.bpffs.clone() };
+    let placement = Placement {
+        cgroup,
+        bpffs: config.bpffs.clone(),
+    };
     let mut dp = match Datapath::ensure(&placement) {
         Ok((dp, installed)) => {
             tracing::debug!(?installed, bpffs = %placement.bpffs.display(), "datapath ready");
@@ -60,7 +63,10 @@ pub fn forget(config: &Config, ips: &[IpAddr]) {
             }
         }
         Err(spright_ebpf::Error::NotInstalled { .. }) => {}
-        Err(e) => tracing::warn!(error = &e as &dyn std::error::Error, "cannot open the datapath to remove endpoints"),
+        Err(e) => tracing::warn!(
+            error = &e as &dyn std::error::Error,
+            "cannot open the datapath to remove endpoints"
+        ),
     }
 }
 

@@ -41,13 +41,21 @@ pub enum Error {
     #[error("cniVersion {version:?} is not supported (supported: {supported})")]
     IncompatibleVersion { version: String, supported: String },
     #[error("command {command} needs cniVersion {min} or later, the config says {version}")]
-    CommandNeedsVersion { command: &'static str, min: &'static str, version: String },
+    CommandNeedsVersion {
+        command: &'static str,
+        min: &'static str,
+        version: String,
+    },
     #[error("unsupported value {value:?} for {field}")]
     UnsupportedField { field: &'static str, value: String },
     #[error("missing environment variable {name}")]
     MissingEnv { name: &'static str },
     #[error("invalid environment variable {name}={value:?}: {why}")]
-    InvalidEnv { name: &'static str, value: String, why: String },
+    InvalidEnv {
+        name: &'static str,
+        value: String,
+        why: String,
+    },
     #[error("network namespace {path} does not exist")]
     NetnsMissing { path: PathBuf },
     #[error("failed to decode the network configuration")]
@@ -73,16 +81,29 @@ pub enum Error {
         source: nix::Error,
     },
     #[error("failed to {op} {object}: {detail}")]
-    Netlink { op: &'static str, object: String, detail: String },
+    Netlink {
+        op: &'static str,
+        object: String,
+        detail: String,
+    },
     #[error("interface {ifname} already exists in network namespace {netns}")]
     IfnameTaken { ifname: String, netns: String },
     #[error("IPAM plugin {plugin:?} not found on CNI_PATH {path:?}")]
     IpamNotFound { plugin: String, path: String },
     #[error("IPAM plugin {plugin} failed to {op}: {detail}")]
-    IpamExec { plugin: String, op: &'static str, detail: String },
+    IpamExec {
+        plugin: String,
+        op: &'static str,
+        detail: String,
+    },
     /// The IPAM plugin returned a CNI error: passed on with its own code.
     #[error("IPAM plugin {plugin}: {msg}")]
-    IpamError { plugin: String, code: u32, msg: String, details: String },
+    IpamError {
+        plugin: String,
+        code: u32,
+        msg: String,
+        details: String,
+    },
     #[error("IPAM plugin {plugin} returned no usable address: {why}")]
     IpamResult { plugin: String, why: String },
     #[error("`{command}` failed: {detail}")]
@@ -101,7 +122,9 @@ impl Error {
     /// The CNI error code of this error. Exhaustive on purpose.
     pub fn code(&self) -> u32 {
         match self {
-            Self::IncompatibleVersion { .. } | Self::CommandNeedsVersion { .. } => code::INCOMPATIBLE_VERSION,
+            Self::IncompatibleVersion { .. } | Self::CommandNeedsVersion { .. } => {
+                code::INCOMPATIBLE_VERSION
+            }
             Self::UnsupportedField { .. } => code::UNSUPPORTED_FIELD,
             Self::NetnsMissing { .. } => code::UNKNOWN_CONTAINER,
             Self::MissingEnv { .. } | Self::InvalidEnv { .. } => code::INVALID_ENV,
@@ -113,7 +136,9 @@ impl Error {
             Self::LimitedConnectivity { .. } => code::LIMITED_CONNECTIVITY,
             Self::Netlink { .. } => code::NETLINK,
             Self::IfnameTaken { .. } => code::IFNAME_TAKEN,
-            Self::IpamNotFound { .. } | Self::IpamExec { .. } | Self::IpamResult { .. } => code::IPAM,
+            Self::IpamNotFound { .. } | Self::IpamExec { .. } | Self::IpamResult { .. } => {
+                code::IPAM
+            }
             Self::IpamError { code, .. } => *code,
             Self::Iptables { .. } => code::IPTABLES,
             Self::CheckFailed { .. } => code::CHECK_FAILED,
@@ -135,7 +160,12 @@ impl Error {
         {
             details.push(d.clone());
         }
-        CniError { cni_version: cni_version.to_owned(), code: self.code(), msg, details: details.join(": ") }
+        CniError {
+            cni_version: cni_version.to_owned(),
+            code: self.code(),
+            msg,
+            details: details.join(": "),
+        }
     }
 
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
@@ -143,9 +173,16 @@ impl Error {
         move |source| Self::Io { op, path, source }
     }
 
-    pub(crate) fn netlink(op: &'static str, object: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Self {
+    pub(crate) fn netlink(
+        op: &'static str,
+        object: impl Into<String>,
+    ) -> impl FnOnce(rtnetlink::Error) -> Self {
         let object = object.into();
-        move |e| Self::Netlink { op, object, detail: crate::link::describe(&e) }
+        move |e| Self::Netlink {
+            op,
+            object,
+            detail: crate::link::describe(&e),
+        }
     }
 }
 
@@ -169,19 +206,65 @@ mod tests {
     #[test]
     fn codes_follow_the_spec() {
         let cases: Vec<(Error, u32)> = vec![
-            (Error::IncompatibleVersion { version: "9".into(), supported: String::new() }, 1),
-            (Error::UnsupportedField { field: "mode", value: "x".into() }, 2),
+            (
+                Error::IncompatibleVersion {
+                    version: "9".into(),
+                    supported: String::new(),
+                },
+                1,
+            ),
+            (
+                Error::UnsupportedField {
+                    field: "mode",
+                    value: "x".into(),
+                },
+                2,
+            ),
             (Error::NetnsMissing { path: "/x".into() }, 3),
-            (Error::MissingEnv { name: "CNI_COMMAND" }, 4),
+            (
+                Error::MissingEnv {
+                    name: "CNI_COMMAND",
+                },
+                4,
+            ),
             (Error::io("write", "/x")(io::Error::other("boom")), 5),
-            (Error::Decode(serde_json::from_str::<u8>("{").unwrap_err()), 6),
-            (Error::InvalidConfig { field: "mtu", why: "too small".into() }, 7),
+            (
+                Error::Decode(serde_json::from_str::<u8>("{").unwrap_err()),
+                6,
+            ),
+            (
+                Error::InvalidConfig {
+                    field: "mtu",
+                    why: "too small".into(),
+                },
+                7,
+            ),
             (Error::Busy { path: "/x".into() }, 11),
             (Error::NotAvailable { why: "x".into() }, 50),
             (Error::LimitedConnectivity { why: "x".into() }, 51),
-            (Error::IfnameTaken { ifname: "eth0".into(), netns: "/x".into() }, 101),
-            (Error::IpamNotFound { plugin: "host-local".into(), path: String::new() }, 102),
-            (Error::IpamError { plugin: "h".into(), code: 11, msg: "m".into(), details: String::new() }, 11),
+            (
+                Error::IfnameTaken {
+                    ifname: "eth0".into(),
+                    netns: "/x".into(),
+                },
+                101,
+            ),
+            (
+                Error::IpamNotFound {
+                    plugin: "host-local".into(),
+                    path: String::new(),
+                },
+                102,
+            ),
+            (
+                Error::IpamError {
+                    plugin: "h".into(),
+                    code: 11,
+                    msg: "m".into(),
+                    details: String::new(),
+                },
+                11,
+            ),
         ];
         for (e, c) in cases {
             assert_eq!(e.code(), c, "{e}");

@@ -31,8 +31,10 @@ impl Ipam {
             field: "ipam",
             why: "no IPAM plugin configured".into(),
         })?;
-        let path = find_on_path(&plugin, cni_path)
-            .ok_or_else(|| Error::IpamNotFound { plugin: plugin.clone(), path: cni_path.to_owned() })?;
+        let path = find_on_path(&plugin, cni_path).ok_or_else(|| Error::IpamNotFound {
+            plugin: plugin.clone(),
+            path: cni_path.to_owned(),
+        })?;
         let mut stdin = stdin.clone();
         // Plugins of containernetworking/plugins up to v1.4 speak at most
         // 1.0.0; ADD/DEL/CHECK results of 1.1.0 are the 1.0.0 shape, so hand
@@ -40,7 +42,11 @@ impl Ipam {
         if config.version >= Version::V1_1_0 {
             stdin["cniVersion"] = Value::from("1.0.0");
         }
-        Ok(Self { plugin, path, stdin })
+        Ok(Self {
+            plugin,
+            path,
+            stdin,
+        })
     }
 
     pub fn add(&self) -> Result<CniResult> {
@@ -49,10 +55,15 @@ impl Ipam {
             plugin: self.plugin.clone(),
             why: format!("undecodable result: {e}"),
         })?;
-        let result = CniResult::parse(&value)
-            .map_err(|e| Error::IpamResult { plugin: self.plugin.clone(), why: format!("undecodable result: {e}") })?;
+        let result = CniResult::parse(&value).map_err(|e| Error::IpamResult {
+            plugin: self.plugin.clone(),
+            why: format!("undecodable result: {e}"),
+        })?;
         if result.ips.is_empty() {
-            return Err(Error::IpamResult { plugin: self.plugin.clone(), why: "no IPs".into() });
+            return Err(Error::IpamResult {
+                plugin: self.plugin.clone(),
+                why: "no IPs".into(),
+            });
         }
         Ok(result)
     }
@@ -63,7 +74,11 @@ impl Ipam {
 
     /// DEL of another attachment than this invocation's (GC).
     pub fn del_for(&self, container_id: &str, ifname: &str) -> Result<()> {
-        let env = [(ENV_CONTAINERID, container_id), (ENV_IFNAME, ifname), (ENV_NETNS, "")];
+        let env = [
+            (ENV_CONTAINERID, container_id),
+            (ENV_IFNAME, ifname),
+            (ENV_NETNS, ""),
+        ];
         self.exec("DEL", &self.stdin, &env).map(drop)
     }
 
@@ -79,14 +94,25 @@ impl Ipam {
     }
 
     fn exec(&self, command: &str, stdin: &Value, env: &[(&str, &str)]) -> Result<Vec<u8>> {
-        let exec_err = |op, detail: String| Error::IpamExec { plugin: self.plugin.clone(), op, detail };
+        let exec_err = |op, detail: String| Error::IpamExec {
+            plugin: self.plugin.clone(),
+            op,
+            detail,
+        };
         let mut child = Process::new(&self.path);
         // CNI_ARGS may carry keys the IPAM plugin does not know (SPRIGHT_CHAIN);
         // plugins built on libcni reject those unless told to ignore them.
         if let Ok(args) = std::env::var(ENV_ARGS)
-            && !args.split(';').any(|kv| kv.eq_ignore_ascii_case("IgnoreUnknown=1") || kv.eq_ignore_ascii_case("IgnoreUnknown=true"))
+            && !args.split(';').any(|kv| {
+                kv.eq_ignore_ascii_case("IgnoreUnknown=1")
+                    || kv.eq_ignore_ascii_case("IgnoreUnknown=true")
+            })
         {
-            let args = if args.is_empty() { "IgnoreUnknown=1".to_owned() } else { format!("IgnoreUnknown=1;{args}") };
+            let args = if args.is_empty() {
+                "IgnoreUnknown=1".to_owned()
+            } else {
+                format!("IgnoreUnknown=1;{args}")
+            };
             child.env(ENV_ARGS, args);
         }
         let mut child = child
@@ -99,9 +125,12 @@ impl Ipam {
             .map_err(|e| exec_err("start", e.to_string()))?;
         let body = serde_json::to_vec(stdin).expect("values always serialise");
         if let Some(mut s) = child.stdin.take() {
-            s.write_all(&body).map_err(|e| exec_err("read its config", e.to_string()))?;
+            s.write_all(&body)
+                .map_err(|e| exec_err("read its config", e.to_string()))?;
         }
-        let out = child.wait_with_output().map_err(|e| exec_err("finish", e.to_string()))?;
+        let out = child
+            .wait_with_output()
+            .map_err(|e| exec_err("finish", e.to_string()))?;
         if out.status.success() {
             return Ok(out.stdout);
         }
@@ -109,13 +138,27 @@ impl Ipam {
         match serde_json::from_slice::<Value>(&out.stdout) {
             Ok(v) if v.get("code").and_then(Value::as_u64).is_some() => Err(Error::IpamError {
                 plugin: self.plugin.clone(),
-                code: v["code"].as_u64().and_then(|c| u32::try_from(c).ok()).unwrap_or(crate::error::code::IPAM),
-                msg: v.get("msg").and_then(Value::as_str).unwrap_or_default().to_owned(),
-                details: v.get("details").and_then(Value::as_str).map_or(stderr, str::to_owned),
+                code: v["code"]
+                    .as_u64()
+                    .and_then(|c| u32::try_from(c).ok())
+                    .unwrap_or(crate::error::code::IPAM),
+                msg: v
+                    .get("msg")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                details: v
+                    .get("details")
+                    .and_then(Value::as_str)
+                    .map_or(stderr, str::to_owned),
             }),
             _ => Err(exec_err(
                 "complete",
-                format!("{} ({}; stderr: {stderr})", String::from_utf8_lossy(&out.stdout).trim(), out.status),
+                format!(
+                    "{} ({}; stderr: {stderr})",
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    out.status
+                ),
             )),
         }
     }
@@ -128,6 +171,8 @@ pub fn find_on_path(name: &str, cni_path: &str) -> Option<PathBuf> {
         .split(':')
         .filter(|d| !d.is_empty())
         .map(|d| PathBuf::from(d).join(name))
-        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
-

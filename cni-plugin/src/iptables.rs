@@ -10,7 +10,11 @@ use ipnet::IpNet;
 use crate::error::{Error, Result};
 
 fn tool(net: &IpNet) -> &'static str {
-    if net.addr().is_ipv4() { "iptables" } else { "ip6tables" }
+    if net.addr().is_ipv4() {
+        "iptables"
+    } else {
+        "ip6tables"
+    }
 }
 
 /// The comment marking rules of one attachment.
@@ -22,10 +26,13 @@ pub fn comment(network: &str, container_id: &str) -> String {
 }
 
 fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Process::new(program).args(args).output().map_err(|e| Error::Iptables {
-        command: format!("{program} {}", args.join(" ")),
-        detail: e.to_string(),
-    })?;
+    let out = Process::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| Error::Iptables {
+            command: format!("{program} {}", args.join(" ")),
+            detail: e.to_string(),
+        })?;
     if !out.status.success() {
         return Err(Error::Iptables {
             command: format!("{program} {}", args.join(" ")),
@@ -38,13 +45,29 @@ fn run(program: &str, args: &[&str]) -> Result<String> {
 /// Masquerades traffic from `pod` (an address with its subnet) to anything
 /// outside the subnet.
 pub fn add(pod: &IpNet, comment: &str) -> Result<()> {
-    let src = IpNet::new(pod.addr(), pod.max_prefix_len()).expect("host prefix").to_string();
+    let src = IpNet::new(pod.addr(), pod.max_prefix_len())
+        .expect("host prefix")
+        .to_string();
     let subnet = pod.trunc().to_string();
     run(
         tool(pod),
         &[
-            "-w", "-t", "nat", "-A", "POSTROUTING", "-s", &src, "!", "-d", &subnet, "-m", "comment", "--comment",
-            comment, "-j", "MASQUERADE",
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            &src,
+            "!",
+            "-d",
+            &subnet,
+            "-m",
+            "comment",
+            "--comment",
+            comment,
+            "-j",
+            "MASQUERADE",
         ],
     )
     .map(drop)
@@ -77,8 +100,13 @@ fn rules_with(listing: &str, comment: &str) -> Vec<Vec<String>> {
     listing
         .lines()
         .filter_map(|line| {
-            let words: Vec<String> = line.split_whitespace().map(|w| w.trim_matches('"').to_owned()).collect();
-            let tagged = words.windows(2).any(|w| w[0] == "--comment" && w[1] == comment);
+            let words: Vec<String> = line
+                .split_whitespace()
+                .map(|w| w.trim_matches('"').to_owned())
+                .collect();
+            let tagged = words
+                .windows(2)
+                .any(|w| w[0] == "--comment" && w[1] == comment);
             (tagged && words.first().is_some_and(|w| w == "-A")).then(|| {
                 let mut rule = words;
                 "-D".clone_into(&mut rule[0]);

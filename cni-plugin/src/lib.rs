@@ -2,6 +2,7 @@
 //! [`cli::main`]; the modules are public so the integration tests and the
 //! benchmark can reuse names and helpers (e.g. [`commands::host_ifname`]).
 
+pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod datapath;
@@ -12,4 +13,3 @@ pub mod link;
 pub mod netns;
 pub mod state;
 pub mod version;
-pub mod cli;

@@ -68,7 +68,11 @@ impl Link {
             match attr {
                 LinkAttribute::IfName(n) => link.name.clone_from(n),
                 LinkAttribute::Address(a) => {
-                    link.mac = a.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+                    link.mac = a
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":");
                 }
                 LinkAttribute::Controller(c) => link.master = Some(*c),
                 LinkAttribute::Mtu(m) => link.mtu = Some(*m),
@@ -108,8 +112,16 @@ impl Netlink {
 
     /// The link called `name`, if there is one.
     pub fn link(&self, name: &str) -> Result<Option<Link>> {
-        let req = self.handle.link().get().match_name(name.to_owned()).execute();
-        match self.rt.block_on(async { futures::pin_mut!(req); req.try_next().await }) {
+        let req = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match self.rt.block_on(async {
+            futures::pin_mut!(req);
+            req.try_next().await
+        }) {
             Ok(m) => Ok(m.as_ref().map(Link::from_message)),
             Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
             Err(e) => Err(Error::netlink("look up link", name)(e)),
@@ -132,7 +144,10 @@ impl Netlink {
             if let Some(m) = mtu {
                 msg = msg.mtu(m);
             }
-            match self.rt.block_on(self.handle.link().add(msg.build()).execute()) {
+            match self
+                .rt
+                .block_on(self.handle.link().add(msg.build()).execute())
+            {
                 Ok(()) => {}
                 Err(e) if errno(&e) == Some(EEXIST) => {}
                 Err(e) => return Err(Error::netlink("create bridge", name)(e)),
@@ -142,7 +157,10 @@ impl Netlink {
         if link.kind.as_deref() != Some("bridge") {
             return Err(Error::InvalidConfig {
                 field: "bridge",
-                why: format!("{name} exists and is a {} link, not a bridge", link.kind.as_deref().unwrap_or("plain")),
+                why: format!(
+                    "{name} exists and is a {} link, not a bridge",
+                    link.kind.as_deref().unwrap_or("plain")
+                ),
             });
         }
         if !link.up {
@@ -161,8 +179,17 @@ impl Netlink {
     /// Adds an address; an existing identical one is fine. IPv6 addresses
     /// skip DAD (the plugin owns the subnet); `no_prefix_route` leaves the
     /// subnet route to the caller.
-    pub fn add_address(&self, index: u32, net: IpNet, no_prefix_route: bool, object: &str) -> Result<()> {
-        let mut req = self.handle.address().add(index, net.addr(), net.prefix_len());
+    pub fn add_address(
+        &self,
+        index: u32,
+        net: IpNet,
+        no_prefix_route: bool,
+        object: &str,
+    ) -> Result<()> {
+        let mut req = self
+            .handle
+            .address()
+            .add(index, net.addr(), net.prefix_len());
         let mut flags = AddressFlags::empty();
         if net.addr().is_ipv6() {
             flags |= AddressFlags::Nodad;
@@ -171,18 +198,27 @@ impl Netlink {
             flags |= AddressFlags::Noprefixroute;
         }
         if !flags.is_empty() {
-            req.message_mut().attributes.push(AddressAttribute::Flags(flags));
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(flags));
         }
         match self.rt.block_on(req.execute()) {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
-            Err(e) => Err(Error::netlink("add address", format!("{net} on {object}"))(e)),
+            Err(e) => Err(Error::netlink("add address", format!("{net} on {object}"))(
+                e,
+            )),
         }
     }
 
     /// The addresses on a link.
     pub fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
-        let req = self.handle.address().get().set_link_index_filter(index).execute();
+        let req = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
         let msgs: Vec<_> = self
             .rt
             .block_on(req.try_collect())
@@ -201,22 +237,44 @@ impl Netlink {
 
     /// Creates a veth pair: `host` here, `peer` directly inside the namespace
     /// `peer_netns` (so the pod end never appears on the node).
-    pub fn create_veth(&self, host: &str, peer: &str, mtu: Option<u32>, peer_netns: BorrowedFd<'_>) -> Result<()> {
-        let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::new().name(peer.to_owned()).setns_by_fd(peer_netns.as_raw_fd());
+    pub fn create_veth(
+        &self,
+        host: &str,
+        peer: &str,
+        mtu: Option<u32>,
+        peer_netns: BorrowedFd<'_>,
+    ) -> Result<()> {
+        let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer.to_owned())
+            .setns_by_fd(peer_netns.as_raw_fd());
         let mut msg = LinkVeth::new(host, peer);
         if let Some(m) = mtu {
             peer_msg = peer_msg.mtu(m);
             msg = msg.mtu(m);
         }
-        let msg = msg.set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build()))).build();
+        let msg = msg
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())))
+            .build();
         self.rt
             .block_on(self.handle.link().add(msg).execute())
-            .map_err(Error::netlink("create veth", format!("{host} (peer {peer})")))
+            .map_err(Error::netlink(
+                "create veth",
+                format!("{host} (peer {peer})"),
+            ))
     }
 
     /// Enslaves a link to the bridge, sets hairpin mode and brings it up.
-    pub fn attach_to_bridge(&self, index: u32, bridge: u32, hairpin: bool, name: &str) -> Result<()> {
-        let msg = LinkUnspec::new_with_index(index).controller(bridge).up().build();
+    pub fn attach_to_bridge(
+        &self,
+        index: u32,
+        bridge: u32,
+        hairpin: bool,
+        name: &str,
+    ) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index)
+            .controller(bridge)
+            .up()
+            .build();
         self.rt
             .block_on(self.handle.link().set(msg).execute())
             .map_err(Error::netlink("attach to bridge", name))?;
@@ -231,8 +289,13 @@ impl Netlink {
 
     /// Deletes a link by name; a missing link is fine. Returns whether it existed.
     pub fn delete_link(&self, name: &str) -> Result<bool> {
-        let Some(link) = self.link(name)? else { return Ok(false) };
-        match self.rt.block_on(self.handle.link().del(link.index).execute()) {
+        let Some(link) = self.link(name)? else {
+            return Ok(false);
+        };
+        match self
+            .rt
+            .block_on(self.handle.link().del(link.index).execute())
+        {
             Ok(()) => Ok(true),
             Err(e) if errno(&e) == Some(ENODEV) => Ok(false),
             Err(e) => Err(Error::netlink("delete link", name)(e)),
@@ -242,25 +305,40 @@ impl Netlink {
     /// Adds a route through `index`, with `quickack 1` (see DESIGN.md, sharp
     /// edge #1: it cuts the redirect path's EAGAIN on half-closed sockets).
     /// Without a gateway the route is on-link (scope link, from `src`).
-    pub fn add_route(&self, dst: IpNet, gw: Option<IpAddr>, src: Option<IpAddr>, index: u32) -> Result<()> {
+    pub fn add_route(
+        &self,
+        dst: IpNet,
+        gw: Option<IpAddr>,
+        src: Option<IpAddr>,
+        index: u32,
+    ) -> Result<()> {
         let mut b = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst.addr(), dst.prefix_len())
-            .map_err(|e| Error::Netlink { op: "build route", object: dst.to_string(), detail: e.to_string() })?
+            .map_err(|e| Error::Netlink {
+                op: "build route",
+                object: dst.to_string(),
+                detail: e.to_string(),
+            })?
             .output_interface(index);
         if let Some(gw) = gw {
-            b = b
-                .gateway(gw)
-                .map_err(|e| Error::Netlink { op: "build route", object: dst.to_string(), detail: e.to_string() })?;
+            b = b.gateway(gw).map_err(|e| Error::Netlink {
+                op: "build route",
+                object: dst.to_string(),
+                detail: e.to_string(),
+            })?;
         } else {
             b = b.scope(RouteScope::Link);
             if let Some(src) = src.filter(IpAddr::is_ipv4) {
-                b = b
-                    .pref_source(src)
-                    .map_err(|e| Error::Netlink { op: "build route", object: dst.to_string(), detail: e.to_string() })?;
+                b = b.pref_source(src).map_err(|e| Error::Netlink {
+                    op: "build route",
+                    object: dst.to_string(),
+                    detail: e.to_string(),
+                })?;
             }
         }
         let mut msg = b.build();
-        msg.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::QuickAck(1)]));
+        msg.attributes
+            .push(RouteAttribute::Metrics(vec![RouteMetric::QuickAck(1)]));
         match self.rt.block_on(self.handle.route().add(msg).execute()) {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
@@ -278,7 +356,10 @@ impl Netlink {
         let msgs: Vec<_> = self
             .rt
             .block_on(self.handle.route().get(filter).execute().try_collect())
-            .map_err(Error::netlink("list routes", if v6 { "ipv6" } else { "ipv4" }))?;
+            .map_err(Error::netlink(
+                "list routes",
+                if v6 { "ipv6" } else { "ipv4" },
+            ))?;
         Ok(msgs
             .iter()
             .filter_map(|m| {
@@ -298,7 +379,6 @@ impl Netlink {
             })
             .collect())
     }
-
 }
 
 fn route_addr(a: &rtnetlink::packet_route::route::RouteAddress) -> Option<IpAddr> {
@@ -309,4 +389,3 @@ fn route_addr(a: &rtnetlink::packet_route::route::RouteAddress) -> Option<IpAddr
         _ => None,
     }
 }
-

@@ -7,11 +7,7 @@
 //! inside the namespace, so the caller's thread never moves. Sockets created
 //! inside (netlink) stay bound to that namespace.
 
-use std::{
-    fs::File,
-    os::fd::AsFd as _,
-    path::Path,
-};
+use std::{fs::File, os::fd::AsFd as _, path::Path};
 
 use nix::sched::{CloneFlags, setns};
 
@@ -25,7 +21,8 @@ pub struct NetnsGuard {
 impl NetnsGuard {
     /// Moves the current thread into the namespace at `path`.
     pub fn enter(path: &Path) -> Result<Self> {
-        let original = File::open("/proc/thread-self/ns/net").map_err(Error::io("open", "/proc/thread-self/ns/net"))?;
+        let original = File::open("/proc/thread-self/ns/net")
+            .map_err(Error::io("open", "/proc/thread-self/ns/net"))?;
         let target = open(path)?;
         setns(target.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| Error::Netns {
             op: "enter",
@@ -49,9 +46,15 @@ impl Drop for NetnsGuard {
 pub fn open(path: &Path) -> Result<File> {
     File::open(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
-            Error::NetnsMissing { path: path.to_path_buf() }
+            Error::NetnsMissing {
+                path: path.to_path_buf(),
+            }
         } else {
-            Error::Io { op: "open network namespace", path: path.to_path_buf(), source }
+            Error::Io {
+                op: "open network namespace",
+                path: path.to_path_buf(),
+                source,
+            }
         }
     })
 }

@@ -29,7 +29,10 @@ impl Version {
 
     /// Parses a version this plugin supports.
     pub fn supported(s: &str) -> Result<Self> {
-        let bad = || Error::IncompatibleVersion { version: s.to_owned(), supported: SUPPORTED.join(", ") };
+        let bad = || Error::IncompatibleVersion {
+            version: s.to_owned(),
+            supported: SUPPORTED.join(", "),
+        };
         if !SUPPORTED.contains(&s) {
             return Err(bad());
         }
@@ -123,7 +126,11 @@ impl CniResult {
         let has_version = Version::supported(version).is_ok_and(Version::ips_have_version);
         if has_version && let Some(ips) = v["ips"].as_array_mut() {
             for (ip, cfg) in ips.iter_mut().zip(&self.ips) {
-                ip["version"] = json!(if cfg.address.addr().is_ipv4() { "4" } else { "6" });
+                ip["version"] = json!(if cfg.address.addr().is_ipv4() {
+                    "4"
+                } else {
+                    "6"
+                });
             }
         }
         v
@@ -134,10 +141,12 @@ impl CniResult {
     pub fn pod_ips(&self, ifname: &str) -> Vec<IpAddr> {
         self.ips
             .iter()
-            .filter(|ip| match ip.interface.and_then(|i| self.interfaces.get(i)) {
-                Some(iface) => iface.name == ifname && !iface.sandbox.is_empty(),
-                None => true,
-            })
+            .filter(
+                |ip| match ip.interface.and_then(|i| self.interfaces.get(i)) {
+                    Some(iface) => iface.name == ifname && !iface.sandbox.is_empty(),
+                    None => true,
+                },
+            )
             .map(|ip| ip.address.addr())
             .collect()
     }
@@ -149,12 +158,27 @@ mod tests {
 
     fn sample() -> CniResult {
         CniResult {
-            interfaces: vec![Interface { name: "eth0".into(), sandbox: "/run/netns/p".into(), ..Default::default() }],
+            interfaces: vec![Interface {
+                name: "eth0".into(),
+                sandbox: "/run/netns/p".into(),
+                ..Default::default()
+            }],
             ips: vec![
-                IpConfig { address: "10.213.0.5/24".parse().unwrap(), gateway: Some("10.213.0.1".parse().unwrap()), interface: Some(0) },
-                IpConfig { address: "fd00:213::5/64".parse().unwrap(), gateway: None, interface: Some(0) },
+                IpConfig {
+                    address: "10.213.0.5/24".parse().unwrap(),
+                    gateway: Some("10.213.0.1".parse().unwrap()),
+                    interface: Some(0),
+                },
+                IpConfig {
+                    address: "fd00:213::5/64".parse().unwrap(),
+                    gateway: None,
+                    interface: Some(0),
+                },
             ],
-            routes: vec![Route { dst: "0.0.0.0/0".parse().unwrap(), gw: None }],
+            routes: vec![Route {
+                dst: "0.0.0.0/0".parse().unwrap(),
+                gw: None,
+            }],
             dns: Dns::default(),
         }
     }
@@ -196,14 +220,27 @@ mod tests {
         let host_local = json!({"cniVersion":"0.3.1","ips":[{"version":"4","address":"10.1.0.2/16","gateway":"10.1.0.1"}],"dns":{}});
         let r = CniResult::parse(&host_local).unwrap();
         assert_eq!(r.ips[0].gateway, Some("10.1.0.1".parse().unwrap()));
-        assert_eq!(r.pod_ips("eth0"), vec!["10.1.0.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            r.pod_ips("eth0"),
+            vec!["10.1.0.2".parse::<IpAddr>().unwrap()]
+        );
     }
 
     #[test]
     fn pod_ips_skip_host_side_interfaces() {
         let mut r = sample();
-        r.interfaces.insert(0, Interface { name: "veth0".into(), ..Default::default() });
-        r.ips.push(IpConfig { address: "10.9.9.9/32".parse().unwrap(), gateway: None, interface: Some(0) });
+        r.interfaces.insert(
+            0,
+            Interface {
+                name: "veth0".into(),
+                ..Default::default()
+            },
+        );
+        r.ips.push(IpConfig {
+            address: "10.9.9.9/32".parse().unwrap(),
+            gateway: None,
+            interface: Some(0),
+        });
         r.ips[0].interface = Some(1);
         r.ips[1].interface = Some(1);
         assert_eq!(r.pod_ips("eth0").len(), 2);

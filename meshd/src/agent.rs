@@ -198,7 +198,7 @@ fn sync_maps(dp: &mut Datapath, want: &BTreeMap<IpAddr, EndpointValue>) -> (usiz
             match dp.upsert_endpoint(*ip, *v) {
                 Ok(()) => upserted += 1,
                 Err(e) => {
-                    warn!(endpoint.ip = %ip, error = %error_chain(&e), "updating the endpoint map")
+                    warn!(endpoint.ip = %ip, error = %error_chain(&e), "updating the endpoint map");
                 }
             }
         }
@@ -208,7 +208,7 @@ fn sync_maps(dp: &mut Datapath, want: &BTreeMap<IpAddr, EndpointValue>) -> (usiz
         match dp.remove_endpoint(*ip) {
             Ok(()) => removed += 1,
             Err(e) => {
-                warn!(endpoint.ip = %ip, error = %error_chain(&e), "removing from the endpoint map")
+                warn!(endpoint.ip = %ip, error = %error_chain(&e), "removing from the endpoint map");
             }
         }
     }

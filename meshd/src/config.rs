@@ -24,7 +24,7 @@ pub mod env {
 #[derive(Clone, Debug, Parser, Serialize)]
 #[command(name = "meshd", version, about)]
 pub struct Config {
-    /// cgroup v2 directory the programs attach to [default: the cgroup v2 mount point]
+    /// cgroup v2 directory the programs attach to [default: `<cgroup2>/kubepods.slice` or `<cgroup2>/kubepods` when present, else the cgroup v2 mount point]
     #[arg(long, env = env::CGROUP, value_name = "DIR")]
     pub cgroup: Option<PathBuf>,
     /// bpffs directory holding the pinned programs and maps
@@ -52,7 +52,7 @@ pub struct Config {
 impl Config {
     /// The cgroup to attach to: the flag, or the detected cgroup v2 mount.
     pub fn cgroup_dir(&self) -> Option<PathBuf> {
-        self.cgroup.clone().or_else(spright_ebpf::cgroup2_mount)
+        self.cgroup.clone().or_else(spright_ebpf::default_cgroup)
     }
 
     pub fn rescan_interval(&self) -> Duration {

@@ -34,7 +34,11 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A short name unique to this process and call.
 pub fn unique(tag: &str) -> String {
-    format!("sc{tag}{}x{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "sc{tag}{}x{}",
+        std::process::id() % 100_000,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The plugin binary under test.
@@ -47,10 +51,13 @@ pub fn plugin_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
-    [dir.join("spright-cni-shim"), dir.join("../spright-cni-shim")]
-        .into_iter()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| dir.join("spright-cni-shim"))
+    [
+        dir.join("spright-cni-shim"),
+        dir.join("../spright-cni-shim"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .unwrap_or_else(|| dir.join("spright-cni-shim"))
 }
 
 /// What one invocation printed and how it exited.
@@ -65,7 +72,9 @@ impl Outcome {
     /// The CNI error code (panics when the call succeeded).
     pub fn code(&self) -> u64 {
         assert!(!self.ok, "expected a failure, got {}", self.stdout);
-        self.stdout["code"].as_u64().unwrap_or_else(|| panic!("no code in {}", self.stdout))
+        self.stdout["code"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no code in {}", self.stdout))
     }
 }
 
@@ -93,17 +102,28 @@ pub struct Node {
 impl Node {
     pub fn new(tag: &str) -> anyhow::Result<Self> {
         let name = unique(tag);
-        let dir = tempfile::Builder::new().prefix(&format!("{name}-")).tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{name}-"))
+            .tempdir()?;
         let node = Netns::create(format!("{name}-node"))?;
         let cgroup = Cgroup::create(&name)?;
         let pins = PinDir::create(&name)?;
-        Ok(Self { pins, cgroup, pods: Vec::new(), node, dir, bridge: "sprbr0".into(), name })
+        Ok(Self {
+            pins,
+            cgroup,
+            pods: Vec::new(),
+            node,
+            dir,
+            bridge: "sprbr0".into(),
+            name,
+        })
     }
 
     /// Adds an empty pod namespace; returns its index.
     pub fn add_pod(&mut self) -> anyhow::Result<usize> {
         let i = self.pods.len();
-        self.pods.push(Netns::create(format!("{}-p{i}", self.name))?);
+        self.pods
+            .push(Netns::create(format!("{}-p{i}", self.name))?);
         Ok(i)
     }
 
@@ -151,13 +171,28 @@ impl Node {
     }
 
     /// Runs the plugin inside the node namespace as a runtime would.
-    pub fn invoke(&self, command: &str, conf: &Value, at: Option<&Attach>) -> anyhow::Result<Outcome> {
-        invoke_plugin(&plugin_bin(), &self.node.path(), command, conf, at, &plugin_path())
+    pub fn invoke(
+        &self,
+        command: &str,
+        conf: &Value,
+        at: Option<&Attach>,
+    ) -> anyhow::Result<Outcome> {
+        invoke_plugin(
+            &plugin_bin(),
+            &self.node.path(),
+            command,
+            conf,
+            at,
+            &plugin_path(),
+        )
     }
 
     /// Links in the node namespace other than `lo` and the bridge.
     pub fn node_links(&self) -> anyhow::Result<Vec<String>> {
-        Ok(link_names(&self.node)?.into_iter().filter(|l| l != "lo" && *l != self.bridge).collect())
+        Ok(link_names(&self.node)?
+            .into_iter()
+            .filter(|l| l != "lo" && *l != self.bridge)
+            .collect())
     }
 
     /// IP allocations host-local holds for network `net`.
@@ -192,8 +227,14 @@ impl Node {
     pub fn masq_rules(&self) -> anyhow::Result<Vec<String>> {
         let mut rules = Vec::new();
         for tool in ["iptables", "ip6tables"] {
-            let out = self.node.exec(tool, &["-w", "-t", "nat", "-S", "POSTROUTING"])?;
-            rules.extend(out.lines().filter(|l| l.contains("spright-cni:")).map(str::to_owned));
+            let out = self
+                .node
+                .exec(tool, &["-w", "-t", "nat", "-S", "POSTROUTING"])?;
+            rules.extend(
+                out.lines()
+                    .filter(|l| l.contains("spright-cni:"))
+                    .map(str::to_owned),
+            );
         }
         Ok(rules)
     }
@@ -201,14 +242,38 @@ impl Node {
     /// Everything an attachment can leave behind; empty means clean.
     pub fn leftovers(&self, net: &str) -> anyhow::Result<Vec<String>> {
         let mut left = Vec::new();
-        left.extend(self.node_links()?.into_iter().map(|l| format!("node link {l}")));
-        left.extend(self.allocations(net).into_iter().map(|a| format!("ip allocation {a}")));
-        left.extend(self.records().into_iter().map(|r| format!("record {}", r.display())));
-        left.extend(self.map_entries()?.into_iter().map(|ip| format!("endpoint map entry {ip}")));
-        left.extend(self.masq_rules()?.into_iter().map(|r| format!("iptables rule {r}")));
+        left.extend(
+            self.node_links()?
+                .into_iter()
+                .map(|l| format!("node link {l}")),
+        );
+        left.extend(
+            self.allocations(net)
+                .into_iter()
+                .map(|a| format!("ip allocation {a}")),
+        );
+        left.extend(
+            self.records()
+                .into_iter()
+                .map(|r| format!("record {}", r.display())),
+        );
+        left.extend(
+            self.map_entries()?
+                .into_iter()
+                .map(|ip| format!("endpoint map entry {ip}")),
+        );
+        left.extend(
+            self.masq_rules()?
+                .into_iter()
+                .map(|r| format!("iptables rule {r}")),
+        );
         for pod in &self.pods {
             let links: Vec<String> = link_names(pod)?.into_iter().filter(|l| l != "lo").collect();
-            left.extend(links.into_iter().map(|l| format!("link {l} in {}", pod.name)));
+            left.extend(
+                links
+                    .into_iter()
+                    .map(|l| format!("link {l} in {}", pod.name)),
+            );
         }
         Ok(left)
     }
@@ -241,7 +306,9 @@ pub fn invoke_plugin(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(a) = at {
-        cmd.env("CNI_CONTAINERID", &a.container_id).env("CNI_NETNS", &a.netns).env("CNI_IFNAME", &a.ifname);
+        cmd.env("CNI_CONTAINERID", &a.container_id)
+            .env("CNI_NETNS", &a.netns)
+            .env("CNI_IFNAME", &a.ifname);
         if !a.args.is_empty() {
             cmd.env("CNI_ARGS", &a.args);
         }
@@ -260,7 +327,11 @@ pub fn raw_invoke(mut cmd: Command, stdin: &[u8]) -> anyhow::Result<Outcome> {
     } else {
         serde_json::from_str(&text).with_context(|| format!("plugin printed {text:?}"))?
     };
-    Ok(Outcome { ok: out.status.success(), stdout, stderr: String::from_utf8_lossy(&out.stderr).into_owned() })
+    Ok(Outcome {
+        ok: out.status.success(),
+        stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }
 
 /// Link names in a namespace.
@@ -287,15 +358,30 @@ pub fn result_ips(result: &Value) -> anyhow::Result<Vec<IpAddr>> {
 
 /// `ping` (busybox) from a namespace; true when a reply came back.
 pub fn ping(from: &Netns, to: IpAddr) -> bool {
-    from.exec("busybox", &["ping", "-c", "1", "-W", "2", &to.to_string()]).is_ok()
+    from.exec("busybox", &["ping", "-c", "1", "-W", "2", &to.to_string()])
+        .is_ok()
 }
 
 /// A TCP exchange with busybox nc: a listener in `server` echoes a line the
 /// client in `client` sends; returns what the server received.
-pub fn tcp_exchange(client: &Netns, server: &Netns, to: IpAddr, port: u16) -> anyhow::Result<String> {
+pub fn tcp_exchange(
+    client: &Netns,
+    server: &Netns,
+    to: IpAddr,
+    port: u16,
+) -> anyhow::Result<String> {
     let mut listener = ChildGuard(Some(
         Command::new("ip")
-            .args(["netns", "exec", &server.name, "busybox", "nc", "-l", "-p", &port.to_string()])
+            .args([
+                "netns",
+                "exec",
+                &server.name,
+                "busybox",
+                "nc",
+                "-l",
+                "-p",
+                &port.to_string(),
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?,
@@ -303,7 +389,17 @@ pub fn tcp_exchange(client: &Netns, server: &Netns, to: IpAddr, port: u16) -> an
     let msg = format!("hello-{port}");
     let mut sent = false;
     for _ in 0..50 {
-        let r = run("ip", &["netns", "exec", &client.name, "sh", "-c", &format!("echo {msg} | busybox nc -w 2 {to} {port}")]);
+        let r = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &client.name,
+                "sh",
+                "-c",
+                &format!("echo {msg} | busybox nc -w 2 {to} {port}"),
+            ],
+        );
         if r.is_ok() {
             sent = true;
             break;
@@ -315,7 +411,13 @@ pub fn tcp_exchange(client: &Netns, server: &Netns, to: IpAddr, port: u16) -> an
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        if listener.0.as_mut().context("listener")?.try_wait()?.is_some() {
+        if listener
+            .0
+            .as_mut()
+            .context("listener")?
+            .try_wait()?
+            .is_some()
+        {
             break;
         }
         if std::time::Instant::now() > deadline {

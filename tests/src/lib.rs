@@ -7,8 +7,8 @@
 //!   are removed on drop, also when the test panics.
 //! - [`scenario`]: end-to-end scenarios shared by tests and the demo binary.
 
-pub mod meshd;
 pub mod cni;
+pub mod meshd;
 pub mod privileged;
 pub mod sandbox;
 pub mod scenario;

@@ -25,9 +25,16 @@ impl Meshd {
     }
 
     /// Starts meshd on `addr` (e.g. to restart it where it was).
-    pub fn start_on(placement: &spright_ebpf::Placement, state_dir: &Path, addr: &str) -> anyhow::Result<Self> {
+    pub fn start_on(
+        placement: &spright_ebpf::Placement,
+        state_dir: &Path,
+        addr: &str,
+    ) -> anyhow::Result<Self> {
         let log = state_dir.join(format!("meshd-{}.log", addr.replace([':', '.'], "_")));
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let child = Command::new(workspace_bin("meshd"))
             .arg("--cgroup")
             .arg(&placement.cgroup)
@@ -35,13 +42,24 @@ impl Meshd {
             .arg(&placement.bpffs)
             .arg("--state-dir")
             .arg(state_dir)
-            .args(["--metrics-addr", addr, "--rescan-secs", "2", "--log", "meshd=debug,info"])
+            .args([
+                "--metrics-addr",
+                addr,
+                "--rescan-secs",
+                "2",
+                "--log",
+                "meshd=debug,info",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
             .context("starting meshd")?;
-        let m = Self { child, addr: addr.to_owned(), log };
+        let m = Self {
+            child,
+            addr: addr.to_owned(),
+            log,
+        };
         m.wait_ready(Duration::from_secs(30))?;
         Ok(m)
     }
@@ -54,7 +72,10 @@ impl Meshd {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("meshd not ready within {timeout:?}; log:\n{}", self.log_text())
+        bail!(
+            "meshd not ready within {timeout:?}; log:\n{}",
+            self.log_text()
+        )
     }
 
     pub fn log_text(&self) -> String {
@@ -67,7 +88,11 @@ impl Meshd {
             .timeout_global(Some(Duration::from_secs(5)))
             .build()
             .into();
-        Ok(agent.get(&format!("http://{}{path}", self.addr)).call()?.body_mut().read_to_string()?)
+        Ok(agent
+            .get(&format!("http://{}{path}", self.addr))
+            .call()?
+            .body_mut()
+            .read_to_string()?)
     }
 
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {
@@ -88,7 +113,10 @@ impl Meshd {
                 return Ok(s);
             }
             if Instant::now() > deadline {
-                bail!("meshd status never showed {what} within {timeout:?}: {s:#}\nlog:\n{}", self.log_text());
+                bail!(
+                    "meshd status never showed {what} within {timeout:?}: {s:#}\nlog:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -110,5 +138,8 @@ impl Drop for Meshd {
 
 /// The endpoint entry of `pod` (by pod name) in a status document.
 pub fn endpoint<'a>(status: &'a serde_json::Value, pod: &str) -> Option<&'a serde_json::Value> {
-    status["endpoints"].as_array()?.iter().find(|e| e["pod"] == pod)
+    status["endpoints"]
+        .as_array()?
+        .iter()
+        .find(|e| e["pod"] == pod)
 }

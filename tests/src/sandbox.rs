@@ -195,7 +195,14 @@ impl Sandbox {
         let bridge = "br0".to_owned();
         node.ip(&["link", "add", &bridge, "type", "bridge"])?;
         node.ip(&["addr", "add", &format!("{}/24", gateway()), "dev", &bridge])?;
-        node.ip(&["addr", "add", &format!("{}/64", gateway6()), "dev", &bridge, "nodad"])?;
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", gateway6()),
+            "dev",
+            &bridge,
+            "nodad",
+        ])?;
         node.ip(&["link", "set", &bridge, "up"])?;
         let cgroup = Cgroup::create(&name)?;
         let pins = PinDir::create(&name)?;
@@ -214,8 +221,7 @@ impl Sandbox {
         let i = self.pods.len();
         let host_octet = u8::try_from(10 + i).context("too many pods")?;
         let ip = Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], host_octet);
-        let [a, b, c, d] = SUBNET6;
-        let ip6 = Ipv6Addr::new(a, b, c, d, 0, 0, 0, u16::from(host_octet));
+        let ip6 = subnet6_host(u16::from(host_octet));
         let ns = Netns::create(format!("{}-p{i}", self.name))?;
         let host_if = format!("v{}p{i}", &self.name[3..])
             .chars()
@@ -230,7 +236,12 @@ impl Sandbox {
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
         ns.ip(&["route", "add", "default", "via", &gateway().to_string()])?;
-        self.pods.push(Pod { ns, ip, ip6, host_if });
+        self.pods.push(Pod {
+            ns,
+            ip,
+            ip6,
+            host_if,
+        });
         Ok(i)
     }
 
@@ -244,7 +255,12 @@ impl Sandbox {
 
     /// Records pod `pod` as the CNI plugin would, in `state_dir` (bridge mode,
     /// both addresses, chain `chain` in namespace `default`).
-    pub fn record_pod(&self, state_dir: &Path, pod: usize, chain: Option<&str>) -> anyhow::Result<spright_endpoint::Record> {
+    pub fn record_pod(
+        &self,
+        state_dir: &Path,
+        pod: usize,
+        chain: Option<&str>,
+    ) -> anyhow::Result<spright_endpoint::Record> {
         let p = &self.pods[pod];
         let record = spright_endpoint::Record {
             version: spright_endpoint::RECORD_VERSION,
@@ -253,7 +269,11 @@ impl Sandbox {
             netns: p.ns.path().display().to_string(),
             network: "sandbox".into(),
             ips: vec![p.ip.into(), p.ip6.into()],
-            pod: spright_endpoint::PodRef { namespace: "default".into(), name: format!("pod{pod}"), uid: String::new() },
+            pod: spright_endpoint::PodRef {
+                namespace: "default".into(),
+                name: format!("pod{pod}"),
+                uid: String::new(),
+            },
             chain: chain.map(Into::into),
             function: None,
             redirect: true,
@@ -272,7 +292,7 @@ impl Sandbox {
             .arg("--netns")
             .arg(self.pods[pod].ns.path())
             .args(args);
-        Peer::spawn(cmd)
+        Peer::spawn_command(cmd)
     }
 }
 
@@ -283,8 +303,13 @@ pub fn gateway() -> Ipv4Addr {
 
 /// The IPv6 address of the bridge.
 pub fn gateway6() -> Ipv6Addr {
-    let [a, b, c, d] = SUBNET6;
-    Ipv6Addr::new(a, b, c, d, 0, 0, 0, 1)
+    subnet6_host(1)
+}
+
+/// Host `n` of the IPv6 pod subnet.
+fn subnet6_host(n: u16) -> Ipv6Addr {
+    let [p0, p1, p2, p3] = SUBNET6;
+    Ipv6Addr::new(p0, p1, p2, p3, 0, 0, 0, n)
 }
 
 /// The `spright-netpeer` binary.
@@ -301,7 +326,12 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     [dir.join(name), dir.join("..").join(name)]
         .into_iter()
         .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("binary {name} not found next to {}; run `cargo build --workspace --bins`", exe.display()))
+        .unwrap_or_else(|| {
+            panic!(
+                "binary {name} not found next to {}; run `cargo build --workspace --bins`",
+                exe.display()
+            )
+        })
 }
 
 /// A pod process started by the test; killed (by its pid) on drop.
@@ -312,7 +342,8 @@ pub struct Peer {
 }
 
 impl Peer {
-    fn spawn(mut cmd: Command) -> anyhow::Result<Self> {
+    /// Starts `cmd` (a netpeer invocation, possibly wrapped, e.g. by `taskset`).
+    pub fn spawn_command(mut cmd: Command) -> anyhow::Result<Self> {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -122,13 +122,29 @@ pub fn transfer(
 ) -> anyhow::Result<Transfer> {
     let mut client = sb.spawn_peer(
         from,
-        &["send", "--connect", server_addr, "--bytes", &bytes.to_string(), "--hold"],
+        &[
+            "send",
+            "--connect",
+            server_addr,
+            "--bytes",
+            &bytes.to_string(),
+            "--hold",
+        ],
     )?;
     let r = client.report(TIMEOUT)?;
-    let local: std::net::SocketAddr = r["local"].as_str().context("report without local address")?.parse()?;
-    let server_port = server_addr.rsplit(':').next().context("server address without port")?;
+    let local: std::net::SocketAddr = r["local"]
+        .as_str()
+        .context("report without local address")?
+        .parse()?;
+    let server_port = server_addr
+        .rsplit(':')
+        .next()
+        .context("server address without port")?;
     let (sport, dport) = (format!(":{}", local.port()), format!(":{server_port}"));
-    let client_segs = data_segs_out(&sb.pods[from], &["sport", "=", &sport, "and", "dport", "=", &dport])?;
+    let client_segs = data_segs_out(
+        &sb.pods[from],
+        &["sport", "=", &sport, "and", "dport", "=", &dport],
+    )?;
     let server_segs = data_segs_out(server, &["sport", "=", &dport, "and", "dport", "=", &sport])?;
     client.release();
     client.finish(TIMEOUT)?;

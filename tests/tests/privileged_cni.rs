@@ -20,10 +20,17 @@ fn require(name: &str) -> bool {
     }
     for tool in ["busybox", "iptables", "nsenter", "/usr/lib/cni/host-local"] {
         let found = tool.starts_with('/') && Path::new(tool).exists()
-            || ["/usr/bin", "/usr/sbin", "/bin", "/sbin"].iter().any(|d| Path::new(d).join(tool).exists());
+            || ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+                .iter()
+                .any(|d| Path::new(d).join(tool).exists());
         if !found {
-            let why = format!("{tool} is missing (apt-get install busybox-static iptables containernetworking-plugins)");
-            assert!(std::env::var("CI").is_err(), "privileged test {name} cannot run in CI: {why}");
+            let why = format!(
+                "{tool} is missing (apt-get install busybox-static iptables containernetworking-plugins)"
+            );
+            assert!(
+                std::env::var("CI").is_err(),
+                "privileged test {name} cannot run in CI: {why}"
+            );
             eprintln!("SKIPPED {name}: {why}");
             return false;
         }
@@ -46,7 +53,8 @@ fn privileged_cni_every_version_dual_stack_traffic_check_del() {
     for (n, version) in VERSIONS.iter().enumerate() {
         let conf = node.conf(version, &[V4, V6]);
         let mut pa = node.attach(a, &format!("ctr-a-{n}"));
-        pa.args = "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=a;K8S_POD_UID=ua;SPRIGHT_CHAIN=checkout".into();
+        pa.args =
+            "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=a;K8S_POD_UID=ua;SPRIGHT_CHAIN=checkout".into();
         let pb = node.attach(b, &format!("ctr-b-{n}"));
         let ra = node.invoke("ADD", &conf, Some(&pa)).unwrap();
         assert!(ra.ok, "{version}: {ra:#?}");
@@ -81,14 +89,35 @@ fn privileged_cni_every_version_dual_stack_traffic_check_del() {
         }
 
         // Pod routes carry quickack; MTU applied; masquerade rules present.
-        let routes = node.pods[a].ip(&["route", "show"]).unwrap() + &node.pods[a].ip(&["-6", "route", "show"]).unwrap();
-        assert!(routes.lines().filter(|l| l.starts_with("default")).count() == 2, "{routes}");
-        assert!(routes.lines().filter(|l| !l.starts_with("fe80")).all(|l| l.contains("quickack 1")), "{routes}");
-        assert!(node.pods[a].ip(&["link", "show", "eth0"]).unwrap().contains("mtu 1400"));
-        assert_eq!(node.masq_rules().unwrap().len(), 4, "two pods, two families");
+        let routes = node.pods[a].ip(&["route", "show"]).unwrap()
+            + &node.pods[a].ip(&["-6", "route", "show"]).unwrap();
+        assert!(
+            routes.lines().filter(|l| l.starts_with("default")).count() == 2,
+            "{routes}"
+        );
+        assert!(
+            routes
+                .lines()
+                .filter(|l| !l.starts_with("fe80"))
+                .all(|l| l.contains("quickack 1")),
+            "{routes}"
+        );
+        assert!(
+            node.pods[a]
+                .ip(&["link", "show", "eth0"])
+                .unwrap()
+                .contains("mtu 1400")
+        );
+        assert_eq!(
+            node.masq_rules().unwrap().len(),
+            4,
+            "two pods, two families"
+        );
 
         // Record and endpoint map.
-        let rec = spright_endpoint::find(&node.state_dir(), &pa.container_id, "eth0").unwrap().expect("record");
+        let rec = spright_endpoint::find(&node.state_dir(), &pa.container_id, "eth0")
+            .unwrap()
+            .expect("record");
         assert_eq!(rec.chain.as_deref(), Some("checkout"));
         assert_eq!(rec.pod.namespace, "shop");
         assert_eq!(rec.pod.uid, "ua");
@@ -186,24 +215,39 @@ fn privileged_cni_bad_inputs_fail_with_codes_and_leave_nothing() {
     // Missing environment variables (code 4).
     for missing in ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"] {
         let mut cmd = std::process::Command::new("nsenter");
-        cmd.arg(format!("--net={}", node_ns.display())).arg(&bin).env("CNI_PATH", cni::plugin_path());
-        for (k, v) in [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "m"), ("CNI_NETNS", at.netns.as_str()), ("CNI_IFNAME", "eth0")] {
+        cmd.arg(format!("--net={}", node_ns.display()))
+            .arg(&bin)
+            .env("CNI_PATH", cni::plugin_path());
+        for (k, v) in [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "m"),
+            ("CNI_NETNS", at.netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+        ] {
             if k == missing {
                 cmd.env_remove(k);
             } else {
                 cmd.env(k, v);
             }
         }
-        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
         let o = cni::raw_invoke(cmd, &serde_json::to_vec(&good).unwrap()).unwrap();
         assert_eq!(o.code(), 4, "{missing}: {o:#?}");
-        assert!(o.stdout["msg"].as_str().unwrap().contains(missing), "{o:#?}");
+        assert!(
+            o.stdout["msg"].as_str().unwrap().contains(missing),
+            "{o:#?}"
+        );
         assert_clean(&node);
     }
 
     // Config and environment errors, each with its code.
     let mut cases: Vec<(&str, Value, Attach, u64)> = Vec::new();
-    let missing_ns = Attach { netns: "/run/netns/spright-no-such-ns".into(), ..at.clone() };
+    let missing_ns = Attach {
+        netns: "/run/netns/spright-no-such-ns".into(),
+        ..at.clone()
+    };
     cases.push(("netns does not exist", good.clone(), missing_ns, 3));
     let mut v = good.clone();
     v["cniVersion"] = json!("0.2.0");
@@ -230,12 +274,18 @@ fn privileged_cni_bad_inputs_fail_with_codes_and_leave_nothing() {
     std::fs::write(&blocker, b"x").unwrap();
     v["stateDir"] = json!(blocker.join("state"));
     cases.push(("state dir not writable", v, at.clone(), 5));
-    let bad_chain = Attach { args: "SPRIGHT_CHAIN=Bad_Chain".into(), ..at.clone() };
+    let bad_chain = Attach {
+        args: "SPRIGHT_CHAIN=Bad_Chain".into(),
+        ..at.clone()
+    };
     cases.push(("invalid chain", good.clone(), bad_chain, 7));
     let mut v = good.clone();
     v["mode"] = json!("overlay");
     cases.push(("unsupported mode", v, at.clone(), 2));
-    let long_if = Attach { ifname: "eth0-much-too-long".into(), ..at.clone() };
+    let long_if = Attach {
+        ifname: "eth0-much-too-long".into(),
+        ..at.clone()
+    };
     cases.push(("ifname too long", good.clone(), long_if, 4));
 
     for (what, conf, at, code) in &cases {
@@ -252,7 +302,11 @@ fn privileged_cni_bad_inputs_fail_with_codes_and_leave_nothing() {
 
     // Interface name already taken in the pod: the IP allocation is never
     // made (or is rolled back) and the existing link is untouched.
-    node.pods[a].ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"]).unwrap();
+    node.pods[a]
+        .ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer",
+        ])
+        .unwrap();
     let o = node.invoke("ADD", &good, Some(&at)).unwrap();
     assert_eq!(o.code(), 101, "{o:#?}");
     node.pods[a].ip(&["link", "del", "eth0"]).unwrap();
@@ -284,9 +338,14 @@ fn privileged_cni_fifty_concurrent_adds_and_dels() {
         node.add_pod().unwrap();
     }
     let conf = node.conf("1.0.0", &[V4]);
-    let attaches: Vec<Attach> = (0..PODS).map(|i| node.attach(i, &format!("conc-{i}"))).collect();
+    let attaches: Vec<Attach> = (0..PODS)
+        .map(|i| node.attach(i, &format!("conc-{i}")))
+        .collect();
     let results: Vec<cni::Outcome> = std::thread::scope(|s| {
-        let handles: Vec<_> = attaches.iter().map(|at| s.spawn(|| node.invoke("ADD", &conf, Some(at)).unwrap())).collect();
+        let handles: Vec<_> = attaches
+            .iter()
+            .map(|at| s.spawn(|| node.invoke("ADD", &conf, Some(at)).unwrap()))
+            .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let mut ips = Vec::new();
@@ -304,7 +363,10 @@ fn privileged_cni_fifty_concurrent_adds_and_dels() {
     }
     assert!(cni::ping(&node.pods[PODS - 1], ips[0]));
     let dels: Vec<cni::Outcome> = std::thread::scope(|s| {
-        let handles: Vec<_> = attaches.iter().map(|at| s.spawn(|| node.invoke("DEL", &conf, Some(at)).unwrap())).collect();
+        let handles: Vec<_> = attaches
+            .iter()
+            .map(|at| s.spawn(|| node.invoke("DEL", &conf, Some(at)).unwrap()))
+            .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for d in &dels {
@@ -325,13 +387,19 @@ fn privileged_cni_chained_mode_records_prev_result() {
         "cniVersion": "1.0.0", "name": "sprnet", "type": "bridge", "bridge": "refbr0",
         "isGateway": true, "ipam": node.ipam(&[V4]),
     });
-    let at = Attach { args: "K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=p;SPRIGHT_CHAIN=flow".into(), ..node.attach(a, "chain-1") };
+    let at = Attach {
+        args: "K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=p;SPRIGHT_CHAIN=flow".into(),
+        ..node.attach(a, "chain-1")
+    };
     let prev = cni::invoke_plugin(
         Path::new("/usr/lib/cni/bridge"),
         &node.node.path(),
         "ADD",
         &bridge_conf,
-        Some(&Attach { args: format!("IgnoreUnknown=1;{}", at.args), ..at.clone() }),
+        Some(&Attach {
+            args: format!("IgnoreUnknown=1;{}", at.args),
+            ..at.clone()
+        }),
         &cni::plugin_path(),
     )
     .unwrap();
@@ -344,10 +412,19 @@ fn privileged_cni_chained_mode_records_prev_result() {
     conf["prevResult"] = prev.stdout.clone();
     let o = node.invoke("ADD", &conf, Some(&at)).unwrap();
     assert!(o.ok, "{o:#?}");
-    assert_eq!(o.stdout["ips"], prev.stdout["ips"], "prevResult passed through");
-    assert_eq!(cni::link_names(&node.pods[a]).unwrap(), links_before, "chained mode creates no interfaces");
+    assert_eq!(
+        o.stdout["ips"], prev.stdout["ips"],
+        "prevResult passed through"
+    );
+    assert_eq!(
+        cni::link_names(&node.pods[a]).unwrap(),
+        links_before,
+        "chained mode creates no interfaces"
+    );
     let ip = cni::result_ips(&prev.stdout).unwrap()[0];
-    let rec = spright_endpoint::find(&node.state_dir(), "chain-1", "eth0").unwrap().expect("record");
+    let rec = spright_endpoint::find(&node.state_dir(), "chain-1", "eth0")
+        .unwrap()
+        .expect("record");
     assert_eq!(rec.ips, vec![ip]);
     assert_eq!(rec.chain.as_deref(), Some("flow"));
     assert_eq!(rec.host_ifname, None);
@@ -357,7 +434,19 @@ fn privileged_cni_chained_mode_records_prev_result() {
     // A prevResult without an IP for this interface is a config error.
     let mut empty = conf.clone();
     empty["prevResult"] = json!({ "cniVersion": "1.0.0", "ips": [] });
-    assert_eq!(node.invoke("ADD", &empty, Some(&Attach { container_id: "c2".into(), ..at.clone() })).unwrap().code(), 7);
+    assert_eq!(
+        node.invoke(
+            "ADD",
+            &empty,
+            Some(&Attach {
+                container_id: "c2".into(),
+                ..at.clone()
+            })
+        )
+        .unwrap()
+        .code(),
+        7
+    );
 
     assert!(node.invoke("DEL", &conf, Some(&at)).unwrap().ok);
     assert!(node.records().is_empty());
@@ -368,7 +457,10 @@ fn privileged_cni_chained_mode_records_prev_result() {
         &node.node.path(),
         "DEL",
         &bridge_conf,
-        Some(&Attach { args: format!("IgnoreUnknown=1;{}", at.args), ..at.clone() }),
+        Some(&Attach {
+            args: format!("IgnoreUnknown=1;{}", at.args),
+            ..at.clone()
+        }),
         &cni::plugin_path(),
     )
     .unwrap();
@@ -386,7 +478,9 @@ fn privileged_cni_status_gc_and_version() {
     let (a, b) = (node.add_pod().unwrap(), node.add_pod().unwrap());
     let conf = node.conf("1.1.0", &[V4]);
 
-    let v = node.invoke("VERSION", &json!({ "cniVersion": "1.1.0" }), None).unwrap();
+    let v = node
+        .invoke("VERSION", &json!({ "cniVersion": "1.1.0" }), None)
+        .unwrap();
     assert!(v.ok);
     assert_eq!(v.stdout["supportedVersions"], json!(VERSIONS));
 
@@ -396,7 +490,10 @@ fn privileged_cni_status_gc_and_version() {
     no_ipam["ipam"]["type"] = json!("no-such-ipam");
     let s = node.invoke("STATUS", &no_ipam, None).unwrap();
     assert_eq!(s.code(), 50, "{s:#?}");
-    assert!(s.stdout["msg"].as_str().unwrap().contains("acceleration"), "{s:#?}");
+    assert!(
+        s.stdout["msg"].as_str().unwrap().contains("acceleration"),
+        "{s:#?}"
+    );
     let mut ro = conf.clone();
     let blocker = node.dir.path().join("blocker");
     std::fs::write(&blocker, b"").unwrap();
@@ -407,7 +504,9 @@ fn privileged_cni_status_gc_and_version() {
     assert!(node.invoke("ADD", &conf, Some(&pa)).unwrap().ok);
     assert!(node.invoke("ADD", &conf, Some(&pb)).unwrap().ok);
     // The bridge exists now; a downed bridge is "limited connectivity".
-    node.node.ip(&["link", "set", &node.bridge, "down"]).unwrap();
+    node.node
+        .ip(&["link", "set", &node.bridge, "down"])
+        .unwrap();
     assert_eq!(node.invoke("STATUS", &conf, None).unwrap().code(), 51);
     node.node.ip(&["link", "set", &node.bridge, "up"]).unwrap();
 
@@ -417,7 +516,11 @@ fn privileged_cni_status_gc_and_version() {
     assert!(g.ok, "{g:#?}");
     assert_eq!(node.records().len(), 1);
     assert_eq!(node.allocations("sprnet").len(), 1);
-    assert_eq!(node.node_links().unwrap().len(), 1, "the stale veth is gone");
+    assert_eq!(
+        node.node_links().unwrap().len(),
+        1,
+        "the stale veth is gone"
+    );
     assert_eq!(node.map_entries().unwrap().len(), 1);
     // GC without the list is refused rather than deleting everything.
     assert_eq!(node.invoke("GC", &conf, None).unwrap().code(), 7);

@@ -12,7 +12,7 @@ use spright_tests::{
     scenario::{Transfer, transfer},
 };
 
-const T: Duration = Duration::from_secs(60);
+const T: Duration = Duration::from_mins(1);
 
 /// A sandbox with `pods` pods, the given chain per pod, meshd running and
 /// every recorded pod in the datapath.
@@ -21,7 +21,10 @@ fn node(tag: &str, chains: &[Option<&str>]) -> (Sandbox, tempfile::TempDir, Mesh
     (sb, state, meshd)
 }
 
-fn node_with_records(tag: &str, chains: &[Option<&str>]) -> (Sandbox, tempfile::TempDir, Meshd, Vec<Record>) {
+fn node_with_records(
+    tag: &str,
+    chains: &[Option<&str>],
+) -> (Sandbox, tempfile::TempDir, Meshd, Vec<Record>) {
     let mut sb = Sandbox::new(tag).expect("sandbox");
     let state = tempfile::tempdir().expect("state dir");
     let mut records = Vec::new();
@@ -33,7 +36,9 @@ fn node_with_records(tag: &str, chains: &[Option<&str>]) -> (Sandbox, tempfile::
     let n = chains.len();
     meshd
         .wait_status(T, "every pod in the datapath", |s| {
-            s["endpoints"].as_array().is_some_and(|e| e.len() == n && e.iter().all(|e| e["in_datapath"] == true))
+            s["endpoints"]
+                .as_array()
+                .is_some_and(|e| e.len() == n && e.iter().all(|e| e["in_datapath"] == true))
         })
         .expect("reconciled");
     (sb, state, meshd, records)
@@ -41,7 +46,10 @@ fn node_with_records(tag: &str, chains: &[Option<&str>]) -> (Sandbox, tempfile::
 
 fn serve(sb: &Sandbox, pod: usize, addr: &str, conns: usize) -> Peer {
     let p = sb
-        .spawn_peer(pod, &["serve", "--listen", addr, "--conns", &conns.to_string()])
+        .spawn_peer(
+            pod,
+            &["serve", "--listen", addr, "--conns", &conns.to_string()],
+        )
         .expect("server");
     assert_eq!(p.line(T).expect("server start"), "ready");
     p
@@ -58,7 +66,10 @@ fn assert_redirected(t: &Transfer, what: &str) {
 
 fn assert_tcp_path(t: &Transfer, what: &str) {
     assert!(t.intact, "{what}: data not intact: {t:?}");
-    assert!(t.client_data_segs_out > 0, "{what}: no TCP data segments, so it was redirected: {t:?}");
+    assert!(
+        t.client_data_segs_out > 0,
+        "{what}: no TCP data segments, so it was redirected: {t:?}"
+    );
 }
 
 #[test]
@@ -85,13 +96,25 @@ fn privileged_datapath_policy_sizes_and_concurrency() {
     srv.finish(T).expect("server");
 
     // 120 concurrent connections.
-    let before = endpoint(&meshd.status().unwrap(), "pod0").unwrap()["counters"]["accelerated_sockets"]
-        .as_u64()
-        .unwrap();
+    let before =
+        endpoint(&meshd.status().unwrap(), "pod0").unwrap()["counters"]["accelerated_sockets"]
+            .as_u64()
+            .unwrap();
     let server = format!("{}:7001", sb.pods[1].ip);
     let srv = serve(&sb, 1, &server, 120);
     let client = sb
-        .spawn_peer(0, &["send", "--connect", &server, "--bytes", "65536", "--parallel", "120"])
+        .spawn_peer(
+            0,
+            &[
+                "send",
+                "--connect",
+                &server,
+                "--bytes",
+                "65536",
+                "--parallel",
+                "120",
+            ],
+        )
         .expect("client");
     let r = client.report(T).expect("report");
     assert_eq!(r["connections"], 120);
@@ -99,13 +122,25 @@ fn privileged_datapath_policy_sizes_and_concurrency() {
     client.finish(T).expect("client");
     srv.finish(T).expect("server");
     let s = meshd.status().unwrap();
-    let after = endpoint(&s, "pod0").unwrap()["counters"]["accelerated_sockets"].as_u64().unwrap();
-    assert_eq!(after - before, 120, "every concurrent connection accelerated: {s:#}");
-    let fallbacks = endpoint(&s, "pod0").unwrap()["counters"]["fallback_messages"].as_u64().unwrap();
+    let after = endpoint(&s, "pod0").unwrap()["counters"]["accelerated_sockets"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        after - before,
+        120,
+        "every concurrent connection accelerated: {s:#}"
+    );
+    let fallbacks = endpoint(&s, "pod0").unwrap()["counters"]["fallback_messages"]
+        .as_u64()
+        .unwrap();
     assert_eq!(fallbacks, 0, "{s:#}");
     // The outsider and the other chain never show up in the counters.
     for pod in ["pod2", "pod3"] {
-        assert_eq!(endpoint(&s, pod).unwrap()["counters"]["redirected_bytes"], 0, "{pod}: {s:#}");
+        assert_eq!(
+            endpoint(&s, pod).unwrap()["counters"]["redirected_bytes"],
+            0,
+            "{pod}: {s:#}"
+        );
     }
 }
 
@@ -140,18 +175,24 @@ fn privileged_datapath_pod_deleted_while_connected() {
     let server = format!("{}:7000", sb.pods[1].ip);
     let srv = serve(&sb, 1, &server, 1);
     let mut client = sb
-        .spawn_peer(0, &["send", "--connect", &server, "--bytes", "4096", "--hold"])
+        .spawn_peer(
+            0,
+            &["send", "--connect", &server, "--bytes", "4096", "--hold"],
+        )
         .expect("client");
     assert_eq!(client.report(T).expect("report")["intact"], true);
 
     // Delete pod 1 the way the runtime does: its processes die, CNI DEL removes
     // the record, the namespace (and its veth) goes away.
     drop(srv);
-    spright_endpoint::remove(state.path(), &records[1].container_id, "eth0").expect("remove record");
+    spright_endpoint::remove(state.path(), &records[1].container_id, "eth0")
+        .expect("remove record");
     drop(sb.pods.remove(1));
 
     let s = meshd
-        .wait_status(T, "pod1 gone from the datapath", |s| endpoint(s, "pod1").is_none())
+        .wait_status(T, "pod1 gone from the datapath", |s| {
+            endpoint(s, "pod1").is_none()
+        })
         .expect("reconciled");
     assert_eq!(s["endpoints"].as_array().unwrap().len(), 1);
     let in_map: Vec<_> = spright_ebpf::Datapath::open(&sb.pins.path)
@@ -162,10 +203,18 @@ fn privileged_datapath_pod_deleted_while_connected() {
         .map(|(ip, _)| ip)
         .collect();
     for ip in &records[1].ips {
-        assert!(!in_map.contains(ip), "{ip} of the deleted pod is still in the map: {in_map:?}");
+        assert!(
+            !in_map.contains(ip),
+            "{ip} of the deleted pod is still in the map: {in_map:?}"
+        );
     }
-    assert!(records[0].ips.iter().all(|ip| in_map.contains(ip)), "{in_map:?}");
+    assert!(
+        records[0].ips.iter().all(|ip| in_map.contains(ip)),
+        "{in_map:?}"
+    );
     // The peer sees the connection end and exits; nothing hangs.
     client.release();
-    client.finish(T).expect("client exits after its peer is gone");
+    client
+        .finish(T)
+        .expect("client exits after its peer is gone");
 }

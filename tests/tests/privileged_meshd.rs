@@ -10,10 +10,12 @@ use spright_tests::{
     sandbox::{Sandbox, workspace_bin},
 };
 
-const T: Duration = Duration::from_secs(60);
+const T: Duration = Duration::from_mins(1);
 
 fn all_in_datapath(s: &serde_json::Value, n: usize) -> bool {
-    s["endpoints"].as_array().is_some_and(|e| e.len() == n && e.iter().all(|e| e["in_datapath"] == true))
+    s["endpoints"]
+        .as_array()
+        .is_some_and(|e| e.len() == n && e.iter().all(|e| e["in_datapath"] == true))
 }
 
 #[test]
@@ -28,7 +30,9 @@ fn privileged_meshd_follows_records() {
     }
     sb.record_pod(state.path(), 0, Some("alpha")).unwrap();
     let meshd = Meshd::start(&sb.placement(), state.path()).unwrap();
-    let s = meshd.wait_status(T, "pod0 reconciled at start", |s| all_in_datapath(s, 1)).unwrap();
+    let s = meshd
+        .wait_status(T, "pod0 reconciled at start", |s| all_in_datapath(s, 1))
+        .unwrap();
     assert_eq!(s["acceleration"]["enabled"], true, "{s:#}");
     assert_eq!(s["acceleration"]["datapath"], "fresh", "{s:#}");
 
@@ -38,26 +42,52 @@ fn privileged_meshd_follows_records() {
     std::fs::write(&bad, "{ not json").unwrap();
     let s = meshd
         .wait_status(T, "pod1 added and the malformed record reported", |s| {
-            all_in_datapath(s, 2) && s["malformed_records"].as_array().is_some_and(|m| m.len() == 1)
+            all_in_datapath(s, 2)
+                && s["malformed_records"]
+                    .as_array()
+                    .is_some_and(|m| m.len() == 1)
         })
         .unwrap();
-    assert!(s["malformed_records"][0]["path"].as_str().unwrap().ends_with("broken_eth0.json"), "{s:#}");
-    assert!(meshd.log_text().contains("broken_eth0.json"), "malformed record not logged with its path");
+    assert!(
+        s["malformed_records"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("broken_eth0.json"),
+        "{s:#}"
+    );
+    assert!(
+        meshd.log_text().contains("broken_eth0.json"),
+        "malformed record not logged with its path"
+    );
 
     // A record whose pod's namespace is gone is garbage-collected with its entries.
     let r2 = sb.record_pod(state.path(), 2, Some("beta")).unwrap();
-    meshd.wait_status(T, "pod2 added", |s| all_in_datapath(s, 3)).unwrap();
+    meshd
+        .wait_status(T, "pod2 added", |s| all_in_datapath(s, 3))
+        .unwrap();
     let gone = sb.pods.remove(2);
     drop(gone);
-    meshd.wait_status(T, "pod2 collected", |s| endpoint(s, "pod2").is_none()).unwrap();
-    assert!(spright_endpoint::find(state.path(), &r2.container_id, "eth0").unwrap().is_none());
-    let in_map = spright_ebpf::Datapath::open(&sb.pins.path).unwrap().endpoints().unwrap();
+    meshd
+        .wait_status(T, "pod2 collected", |s| endpoint(s, "pod2").is_none())
+        .unwrap();
+    assert!(
+        spright_endpoint::find(state.path(), &r2.container_id, "eth0")
+            .unwrap()
+            .is_none()
+    );
+    let in_map = spright_ebpf::Datapath::open(&sb.pins.path)
+        .unwrap()
+        .endpoints()
+        .unwrap();
     assert_eq!(in_map.len(), 4, "two pods × (IPv4 + IPv6): {in_map:?}");
 
     // Metrics: chain gauges and acceleration state.
     let m = meshd.get("/metrics").unwrap();
     assert!(m.contains("spright_acceleration_enabled 1"), "{m}");
-    assert!(m.contains(r#"spright_chain_endpoints{namespace="default",chain="alpha"} 2"#), "{m}");
+    assert!(
+        m.contains(r#"spright_chain_endpoints{namespace="default",chain="alpha"} 2"#),
+        "{m}"
+    );
     assert!(m.contains("# TYPE spright_redirected_bytes counter"), "{m}");
     assert_eq!(meshd.get("/healthz").unwrap(), "ok\n");
 
@@ -71,16 +101,25 @@ fn privileged_meshd_follows_records() {
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
-        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (table, _) = status(&meshd.addr);
-    assert!(table.contains("acceleration: ON") && table.contains("source: meshd"), "{table}");
+    assert!(
+        table.contains("acceleration: ON") && table.contains("source: meshd"),
+        "{table}"
+    );
     assert!(table.contains("alpha") && table.contains("pod1"), "{table}");
     let addr = meshd.addr.clone();
     meshd.kill();
     let (table, err) = status(&addr);
     assert!(err.contains("not reachable"), "{err}");
-    assert!(table.contains("source: pinned-maps") && table.contains("acceleration: ON"), "{table}");
+    assert!(
+        table.contains("source: pinned-maps") && table.contains("acceleration: ON"),
+        "{table}"
+    );
     assert!(table.contains("pod0") && table.contains("yes"), "{table}");
 }
 
@@ -96,7 +135,9 @@ fn privileged_meshd_sigkill_mid_transfer_loses_nothing() {
         sb.record_pod(state.path(), i, Some("alpha")).unwrap();
     }
     let meshd = Meshd::start(&sb.placement(), state.path()).unwrap();
-    meshd.wait_status(T, "both pods reconciled", |s| all_in_datapath(s, 2)).unwrap();
+    meshd
+        .wait_status(T, "both pods reconciled", |s| all_in_datapath(s, 2))
+        .unwrap();
     let addr = meshd.addr.clone();
 
     let server = format!("{}:7000", sb.pods[1].ip);
@@ -104,24 +145,44 @@ fn privileged_meshd_sigkill_mid_transfer_loses_nothing() {
     assert_eq!(srv.line(T).unwrap(), "ready");
     let bytes: u64 = 256 << 20;
     let client = sb
-        .spawn_peer(0, &["send", "--connect", &server, "--bytes", &bytes.to_string()])
+        .spawn_peer(
+            0,
+            &["send", "--connect", &server, "--bytes", &bytes.to_string()],
+        )
         .unwrap();
     // Kill meshd while the transfer runs, restart it, and let the transfer end.
     std::thread::sleep(Duration::from_millis(300));
-    assert!(client.line(Duration::ZERO).is_err(), "the transfer ended before meshd was killed");
+    assert!(
+        client.line(Duration::ZERO).is_err(),
+        "the transfer ended before meshd was killed"
+    );
     meshd.kill();
     std::thread::sleep(Duration::from_millis(300));
     let meshd = Meshd::start_on(&sb.placement(), state.path(), &addr).unwrap();
     let r = client.report(T).unwrap();
-    assert_eq!(r["intact"], true, "bytes lost or corrupted across the meshd crash: {r:#}");
+    assert_eq!(
+        r["intact"], true,
+        "bytes lost or corrupted across the meshd crash: {r:#}"
+    );
     assert_eq!(r["received_by_peer"].as_u64(), Some(bytes), "{r:#}");
     client.finish(T).unwrap();
     srv.finish(T).unwrap();
 
-    let s = meshd.wait_status(T, "pods still in the datapath", |s| all_in_datapath(s, 2)).unwrap();
-    assert_eq!(s["acceleration"]["datapath"], "adopted", "the restarted meshd must adopt the pinned state: {s:#}");
-    let redirected = endpoint(&s, "pod0").unwrap()["counters"]["redirected_bytes"].as_u64().unwrap();
-    assert_eq!(redirected, bytes + 8, "the whole transfer went socket to socket: {s:#}");
+    let s = meshd
+        .wait_status(T, "pods still in the datapath", |s| all_in_datapath(s, 2))
+        .unwrap();
+    assert_eq!(
+        s["acceleration"]["datapath"], "adopted",
+        "the restarted meshd must adopt the pinned state: {s:#}"
+    );
+    let redirected = endpoint(&s, "pod0").unwrap()["counters"]["redirected_bytes"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        redirected,
+        bytes + 8,
+        "the whole transfer went socket to socket: {s:#}"
+    );
 }
 
 #[test]
@@ -134,14 +195,28 @@ fn privileged_meshd_degrades_when_bpf_is_unavailable() {
     sb.add_pod().unwrap();
     sb.record_pod(state.path(), 0, Some("alpha")).unwrap();
     // A pin directory that is not on bpffs: the datapath cannot be installed.
-    let placement = spright_ebpf::Placement { cgroup: sb.cgroup.path.clone(), bpffs: state.path().join("pins") };
+    let placement = spright_ebpf::Placement {
+        cgroup: sb.cgroup.path.clone(),
+        bpffs: state.path().join("pins"),
+    };
     let meshd = Meshd::start(&placement, state.path()).unwrap();
-    let s = meshd.wait_status(T, "the record listed", |s| endpoint(s, "pod0").is_some()).unwrap();
+    let s = meshd
+        .wait_status(T, "the record listed", |s| endpoint(s, "pod0").is_some())
+        .unwrap();
     assert_eq!(s["acceleration"]["enabled"], false, "{s:#}");
     let reason = s["acceleration"]["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("not on a bpf filesystem"), "{reason}");
     assert_eq!(endpoint(&s, "pod0").unwrap()["in_datapath"], false);
-    assert!(meshd.get("/metrics").unwrap().contains("spright_acceleration_enabled 0"));
+    assert!(
+        meshd
+            .get("/metrics")
+            .unwrap()
+            .contains("spright_acceleration_enabled 0")
+    );
     assert_eq!(meshd.get("/readyz").unwrap(), "ready\n");
-    assert!(meshd.log_text().contains("acceleration off"), "{}", meshd.log_text());
+    assert!(
+        meshd.log_text().contains("acceleration off"),
+        "{}",
+        meshd.log_text()
+    );
 }

@@ -158,13 +158,32 @@ impl Datapath {
     /// pin is written last, so its presence means "fully installed"; an
     /// interrupted install is completed by the next call (pinned maps are
     /// reused by name, a re-attached sk_msg program replaces the old one).
+    ///
+    /// A failed install leaves nothing behind: the cgroup is checked before
+    /// anything is created, and pins (and a pin directory this call created)
+    /// are removed when a later step fails.
     pub fn ensure(placement: &Placement) -> Result<(Self, Installed), Error> {
-        let _lock = lock_pin_dir(&placement.bpffs)?;
-        if placement.bpffs.join(names::SOCKOPS_LINK_PIN).exists() {
-            return Ok((Self::adopt(&placement.bpffs)?, Installed::Adopted));
+        let dir = &placement.bpffs;
+        let link_pin = dir.join(names::SOCKOPS_LINK_PIN);
+        if !link_pin.exists() {
+            check_cgroup2(&placement.cgroup)?;
         }
-        check_cgroup2(&placement.cgroup)?;
-        Ok((Self::install(placement)?, Installed::Fresh))
+        let created = !dir.exists();
+        let result = lock_pin_dir(dir).and_then(|lock| {
+            if link_pin.exists() {
+                return Ok((Self::adopt(dir)?, Installed::Adopted));
+            }
+            let installed = Self::install(placement);
+            if installed.is_err() {
+                let _ = remove_pins(dir);
+            }
+            drop(lock);
+            Ok((installed?, Installed::Fresh))
+        });
+        if result.is_err() && created {
+            let _ = std::fs::remove_dir(dir);
+        }
+        result
     }
 
     /// Adopts an installed datapath without installing anything.
@@ -321,7 +340,20 @@ pub fn uninstall(bpffs: &Path) -> Result<(), Error> {
         return Ok(());
     }
     let lock = lock_pin_dir(bpffs)?;
-    let link_pin = bpffs.join(names::SOCKOPS_LINK_PIN);
+    remove_pins(bpffs)?;
+    drop(lock);
+    match std::fs::remove_dir(bpffs) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        // Someone else's pins live here too: leave the directory.
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOTEMPTY) => Ok(()),
+        Err(e) => Err(Error::io("remove", bpffs)(e)),
+    }
+}
+
+/// Detaches the programs and removes every pin spright owns in `dir`.
+fn remove_pins(dir: &Path) -> Result<(), Error> {
+    let link_pin = dir.join(names::SOCKOPS_LINK_PIN);
     if link_pin.exists() {
         // Unpinning leaves this process the only holder; dropping it detaches.
         let link = PinnedLink::from_pin(&link_pin)
@@ -334,16 +366,22 @@ pub fn uninstall(bpffs: &Path) -> Result<(), Error> {
         .into_iter()
         .chain(names::PINNED_MAPS)
     {
-        remove_stale(&bpffs.join(name))?;
+        remove_stale(&dir.join(name))?;
     }
-    drop(lock);
-    match std::fs::remove_dir(bpffs) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        // Someone else's pins live here too: leave the directory.
-        Err(e) if e.raw_os_error() == Some(nix::libc::ENOTEMPTY) => Ok(()),
-        Err(e) => Err(Error::io("remove", bpffs)(e)),
-    }
+    Ok(())
+}
+
+/// The cgroup v2 directory to attach to when none is configured: on a
+/// Kubernetes node the pods' parent (`kubepods.slice` with the systemd cgroup
+/// driver, `kubepods` with cgroupfs), so the node's own sockets are never
+/// seen; otherwise the cgroup v2 mount point.
+pub fn default_cgroup() -> Option<PathBuf> {
+    let root = cgroup2_mount()?;
+    ["kubepods.slice", "kubepods"]
+        .iter()
+        .map(|c| root.join(c))
+        .find(|p| p.is_dir())
+        .or(Some(root))
 }
 
 /// Mounts bpffs at `path` unless one is already there.

@@ -17,7 +17,11 @@ fn median(v: &mut [Duration]) -> Duration {
 }
 
 fn main() -> anyhow::Result<()> {
-    let n: usize = std::env::args().nth(1).map_or(Ok(30), |s| s.parse()).context("ITERATIONS")?.clamp(1, 500);
+    let n: usize = std::env::args()
+        .nth(1)
+        .map_or(Ok(30), |s| s.parse())
+        .context("ITERATIONS")?
+        .clamp(1, 500);
     let mut node = Node::new("bn")?;
     let pod = node.add_pod()?;
     let spright_conf = node.conf("1.0.0", &["10.213.0.0/24"]);
@@ -33,10 +37,19 @@ fn main() -> anyhow::Result<()> {
     let mut results = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
     // One warm-up round each (bridge creation, datapath install).
     for i in 0..=n {
-        for (k, (bin, conf)) in [(&spright_bin, &spright_conf), (&reference_bin, &reference_conf)].into_iter().enumerate() {
-            let at = Attach { ..node.attach(pod, &format!("bench-{k}-{i}")) };
+        for (k, (bin, conf)) in [
+            (&spright_bin, &spright_conf),
+            (&reference_bin, &reference_conf),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let at = Attach {
+                ..node.attach(pod, &format!("bench-{k}-{i}"))
+            };
             let t = Instant::now();
-            let add = cni::invoke_plugin(bin, &node_ns, "ADD", conf, Some(&at), &cni::plugin_path())?;
+            let add =
+                cni::invoke_plugin(bin, &node_ns, "ADD", conf, Some(&at), &cni::plugin_path())?;
             let t_add = t.elapsed();
             if !add.ok {
                 bail!("{} ADD failed: {add:?}", bin.display());
@@ -44,7 +57,14 @@ fn main() -> anyhow::Result<()> {
             let mut del_conf = conf.clone();
             del_conf["prevResult"] = add.stdout.clone();
             let t = Instant::now();
-            let del = cni::invoke_plugin(bin, &node_ns, "DEL", &del_conf, Some(&at), &cni::plugin_path())?;
+            let del = cni::invoke_plugin(
+                bin,
+                &node_ns,
+                "DEL",
+                &del_conf,
+                Some(&at),
+                &cni::plugin_path(),
+            )?;
             let t_del = t.elapsed();
             if !del.ok {
                 bail!("{} DEL failed: {del:?}", bin.display());
@@ -57,13 +77,41 @@ fn main() -> anyhow::Result<()> {
     }
     let _ = node.node.ip(&["link", "del", "refbr0"]);
     let [(mut sa, mut sd), (mut ra, mut rd)] = results;
-    let (sa, sd, ra, rd) = (median(&mut sa), median(&mut sd), median(&mut ra), median(&mut rd));
+    let (sa, sd, ra, rd) = (
+        median(&mut sa),
+        median(&mut sd),
+        median(&mut ra),
+        median(&mut rd),
+    );
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("ADD+DEL latency per pod, {n} iterations, medians (ms), same node, same host-local IPAM");
-    println!("{:<22} {:>9} {:>9} {:>9}", "plugin", "ADD", "DEL", "ADD+DEL");
-    println!("{:<22} {:>9.2} {:>9.2} {:>9.2}", "spright-cni", ms(sa), ms(sd), ms(sa + sd));
-    println!("{:<22} {:>9.2} {:>9.2} {:>9.2}", "reference bridge", ms(ra), ms(rd), ms(ra + rd));
-    println!("{:<22} {:>9.2} {:>9.2} {:>9.2}", "ratio spright/ref", ms(sa) / ms(ra), ms(sd) / ms(rd), ms(sa + sd) / ms(ra + rd));
+    println!(
+        "ADD+DEL latency per pod, {n} iterations, medians (ms), same node, same host-local IPAM"
+    );
+    println!(
+        "{:<22} {:>9} {:>9} {:>9}",
+        "plugin", "ADD", "DEL", "ADD+DEL"
+    );
+    println!(
+        "{:<22} {:>9.2} {:>9.2} {:>9.2}",
+        "spright-cni",
+        ms(sa),
+        ms(sd),
+        ms(sa + sd)
+    );
+    println!(
+        "{:<22} {:>9.2} {:>9.2} {:>9.2}",
+        "reference bridge",
+        ms(ra),
+        ms(rd),
+        ms(ra + rd)
+    );
+    println!(
+        "{:<22} {:>9.2} {:>9.2} {:>9.2}",
+        "ratio spright/ref",
+        ms(sa) / ms(ra),
+        ms(sd) / ms(rd),
+        ms(sa + sd) / ms(ra + rd)
+    );
     let left = node.leftovers("sprnet")?;
     if !left.is_empty() {
         bail!("benchmark left state behind: {left:?}");

@@ -17,6 +17,15 @@
 //! `--hold` the client keeps the connection open after its report until its
 //! stdin closes, so the test can inspect the live socket with `ss`.
 //!
+//! Benchmark modes (no verification, nothing but the socket work is timed):
+//!
+//! ```text
+//! spright-netpeer ... echo --listen ADDR       echo one connection's bytes back
+//! spright-netpeer ... sink --listen ADDR       read one connection to EOF, reply with the count
+//! spright-netpeer ... pingpong --connect ADDR --size N --iters K   RTT percentiles
+//! spright-netpeer ... bulk --connect ADDR --bytes N --chunk C      throughput
+//! ```
+//!
 //! Reads retry `EAGAIN` on blocking sockets (a known behaviour of the kernel's
 //! redirect path, see DESIGN.md) and report how often they had to.
 
@@ -61,7 +70,8 @@ fn main() -> anyhow::Result<()> {
             let chunk: usize =
                 take_opt(&mut args, "--chunk")?.map_or(Ok(64 * 1024), |v| parse(&v))?;
             let hold = take_flag(&mut args, "--hold");
-            let parallel: usize = take_opt(&mut args, "--parallel")?.map_or(Ok(1), |v| parse(&v))?;
+            let parallel: usize =
+                take_opt(&mut args, "--parallel")?.map_or(Ok(1), |v| parse(&v))?;
             no_leftovers(&args)?;
             if parallel > 1 {
                 send_parallel(connect, bytes, chunk, parallel)?
@@ -69,7 +79,36 @@ fn main() -> anyhow::Result<()> {
                 send(connect, bytes, chunk, hold)?
             }
         }
-        other => bail!("expected `serve` or `send`, got {other:?}"),
+        Some("echo" | "sink") => {
+            let mode = args.remove(0);
+            let listen: SocketAddr =
+                parse(&take_opt(&mut args, "--listen")?.context("--listen is required")?)?;
+            no_leftovers(&args)?;
+            perf::serve(listen, mode == "echo")?
+        }
+        Some("pingpong") => {
+            args.remove(0);
+            let connect: SocketAddr =
+                parse(&take_opt(&mut args, "--connect")?.context("--connect is required")?)?;
+            let size: usize =
+                parse(&take_opt(&mut args, "--size")?.context("--size is required")?)?;
+            let iters: u64 =
+                parse(&take_opt(&mut args, "--iters")?.context("--iters is required")?)?;
+            no_leftovers(&args)?;
+            perf::pingpong(connect, size, iters)?
+        }
+        Some("bulk") => {
+            args.remove(0);
+            let connect: SocketAddr =
+                parse(&take_opt(&mut args, "--connect")?.context("--connect is required")?)?;
+            let bytes: u64 =
+                parse(&take_opt(&mut args, "--bytes")?.context("--bytes is required")?)?;
+            let chunk: usize =
+                parse(&take_opt(&mut args, "--chunk")?.context("--chunk is required")?)?;
+            no_leftovers(&args)?;
+            perf::bulk(connect, bytes, chunk)?
+        }
+        other => bail!("expected serve, send, echo, sink, pingpong or bulk; got {other:?}"),
     };
     // `send --hold` already printed its report.
     if !report.is_null() {
@@ -90,7 +129,10 @@ fn serve(listen: SocketAddr, conns: u64) -> anyhow::Result<serde_json::Value> {
     }
     let mut results = Vec::new();
     for h in handlers {
-        results.push(h.join().map_err(|_| anyhow::anyhow!("handler panicked"))??);
+        results.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("handler panicked"))??,
+        );
     }
     Ok(serde_json::json!({ "served": results }))
 }
@@ -126,7 +168,12 @@ fn serve_one(mut s: TcpStream, peer: SocketAddr) -> anyhow::Result<serde_json::V
 }
 
 /// `--parallel N`: N concurrent connections, one report with all of them.
-fn send_parallel(connect: SocketAddr, bytes: u64, chunk: usize, n: usize) -> anyhow::Result<serde_json::Value> {
+fn send_parallel(
+    connect: SocketAddr,
+    bytes: u64,
+    chunk: usize,
+    n: usize,
+) -> anyhow::Result<serde_json::Value> {
     let handles: Vec<_> = (0..n)
         .map(|_| std::thread::spawn(move || send(connect, bytes, chunk, false)))
         .collect();
@@ -249,5 +296,102 @@ fn no_leftovers(args: &[String]) -> anyhow::Result<()> {
         Ok(())
     } else {
         bail!("unexpected arguments: {args:?}")
+    }
+}
+
+/// Benchmark modes.
+mod perf {
+    use std::{
+        io::{Read as _, Write as _},
+        net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+        time::Instant,
+    };
+
+    use anyhow::{Context as _, ensure};
+
+    use super::{read_exact_retrying, read_retrying};
+
+    pub(super) fn serve(listen: SocketAddr, echo: bool) -> anyhow::Result<serde_json::Value> {
+        let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+        println!("ready");
+        std::io::stdout().flush()?;
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        let mut retries = 0;
+        loop {
+            let n = read_retrying(&mut s, &mut buf, &mut retries)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            if echo {
+                s.write_all(&buf[..n])?;
+            }
+        }
+        if !echo {
+            s.write_all(&total.to_be_bytes())?;
+        }
+        Ok(serde_json::json!({ "bytes": total, "eagain_retries": retries }))
+    }
+
+    pub(super) fn pingpong(
+        connect: SocketAddr,
+        size: usize,
+        iters: u64,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut s = TcpStream::connect(connect)?;
+        s.set_nodelay(true)?;
+        let out = vec![0x5au8; size];
+        let mut back = vec![0u8; size];
+        let mut retries = 0;
+        let warmup = (iters / 10).max(1);
+        let mut rtts = Vec::with_capacity(usize::try_from(iters)?);
+        for i in 0..warmup + iters {
+            let t = Instant::now();
+            s.write_all(&out)?;
+            read_exact_retrying(&mut s, &mut back, &mut retries)?;
+            if i >= warmup {
+                rtts.push(t.elapsed().as_nanos());
+            }
+        }
+        s.shutdown(Shutdown::Write)?;
+        let _ = s.read(&mut back);
+        rtts.sort_unstable();
+        let pct = |p: usize| rtts[(rtts.len() - 1) * p / 100] as f64 / 1000.0;
+        Ok(serde_json::json!({
+            "size": size, "iters": iters, "p50_us": pct(50), "p99_us": pct(99), "eagain_retries": retries,
+        }))
+    }
+
+    pub(super) fn bulk(
+        connect: SocketAddr,
+        bytes: u64,
+        chunk: usize,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut s = TcpStream::connect(connect)?;
+        let buf = vec![0xa5u8; chunk];
+        let t = Instant::now();
+        let mut sent = 0u64;
+        while sent < bytes {
+            let n = usize::try_from((bytes - sent).min(chunk as u64))?;
+            s.write_all(&buf[..n])?;
+            sent += n as u64;
+        }
+        s.shutdown(Shutdown::Write)?;
+        let mut count = [0u8; 8];
+        let mut retries = 0;
+        read_exact_retrying(&mut s, &mut count, &mut retries)?;
+        let secs = t.elapsed().as_secs_f64();
+        ensure!(
+            u64::from_be_bytes(count) == sent,
+            "sink counted {} of {sent} bytes",
+            u64::from_be_bytes(count)
+        );
+        Ok(serde_json::json!({
+            "bytes": sent, "chunk": chunk, "seconds": secs,
+            "mib_per_s": sent as f64 / 1_048_576.0 / secs, "eagain_retries": retries,
+        }))
     }
 }

@@ -27,7 +27,6 @@ fn main() -> ExitCode {
                 ("chain A → B (redirected)", &r.chain),
                 ("outsider C → B (TCP)", &r.outsider),
             ] {
-                #[expect(clippy::cast_precision_loss, reason = "display only")]
                 let mibps = t.bytes as f64 / 1_048_576.0 / (t.micros.max(1) as f64 / 1e6);
                 println!(
                     "  {name:<28} {mibps:>12.0} {:>10} {:>14}",

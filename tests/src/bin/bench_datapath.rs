@@ -1,0 +1,298 @@
+//! `bench-datapath`: RTT and throughput between two pods on one node, for
+//! message sizes 64 B … 1 MiB, on three paths measured in the same run:
+//!
+//! - `bridge`: pods made by the reference CNI `bridge` plugin with `host-local`
+//!   IPAM (`/usr/lib/cni`), processes outside any spright cgroup;
+//! - `spright-off`: veth + bridge pods in spright's cgroup with the programs
+//!   attached, recorded without a chain (the programs run and decide "no");
+//! - `spright-on`: the same pods recorded in one chain (socket to socket).
+//!
+//! Client and server are pinned with `taskset`, both on CPU 0 ("same vCPU")
+//! and on CPUs 0 and 1 ("cross vCPU"). Each figure is the median of three
+//! runs; ratios are against `bridge` from the same run. Needs root. Results
+//! also go to `target/bench/datapath.json`.
+//!
+//! Usage: `bench-datapath [--quick]` (`cargo xtask bench datapath`).
+
+use std::{
+    net::IpAddr,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use spright_ebpf::{Datapath, EndpointValue, chain_id};
+use spright_tests::sandbox::{Netns, Peer, Sandbox, netpeer_bin, run};
+
+const T: Duration = Duration::from_mins(2);
+const SIZES: [usize; 5] = [64, 1 << 10, 16 << 10, 64 << 10, 1 << 20];
+
+/// Two pods and how to start processes in them.
+struct Pair {
+    name: &'static str,
+    server_ns: String,
+    client_ns: String,
+    server_ip: IpAddr,
+    cgroup: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    spright_tests::privileged::check()
+        .map_err(|e| anyhow::anyhow!("bench-datapath needs root: {e}"))?;
+    let ncpu = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+
+    // spright pods (also used, re-labelled, for spright-off).
+    let mut sb = Sandbox::new("b")?;
+    let (a, b) = (sb.add_pod()?, sb.add_pod()?);
+    let (mut dp, _) = Datapath::ensure(&sb.placement())?;
+    // The reference plugin's node and pods.
+    let reference = RefNode::new()?;
+
+    let spright = |name| Pair {
+        name,
+        server_ns: sb.pods[b].ns.path().display().to_string(),
+        client_ns: sb.pods[a].ns.path().display().to_string(),
+        server_ip: sb.pods[b].ip.into(),
+        cgroup: Some(sb.cgroup.path.display().to_string()),
+    };
+    let bridge = Pair {
+        name: "bridge",
+        server_ns: reference.pods[1].0.path().display().to_string(),
+        client_ns: reference.pods[0].0.path().display().to_string(),
+        server_ip: reference.pods[1].1,
+        cgroup: None,
+    };
+
+    let placements: Vec<(&str, [&str; 2])> = if ncpu > 1 {
+        vec![("same vCPU", ["0", "0"]), ("cross vCPU", ["0", "1"])]
+    } else {
+        vec![("same vCPU", ["0", "0"])]
+    };
+    let sizes: &[usize] = if quick { &SIZES[..2] } else { &SIZES };
+    let mut results = Vec::new();
+    for (pin_name, cpus) in &placements {
+        for &size in sizes {
+            let mut row = serde_json::json!({ "cpus": pin_name, "size": size });
+            for mode in ["bridge", "spright-off", "spright-on"] {
+                let pair = match mode {
+                    "bridge" => &bridge,
+                    m => {
+                        let chain = if m == "spright-on" {
+                            chain_id("default", "bench")
+                        } else {
+                            0
+                        };
+                        for pod in [a, b] {
+                            for ip in [IpAddr::V4(sb.pods[pod].ip), IpAddr::V6(sb.pods[pod].ip6)] {
+                                dp.upsert_endpoint(
+                                    ip,
+                                    EndpointValue {
+                                        chain_id: chain,
+                                        ..Default::default()
+                                    },
+                                )?;
+                            }
+                        }
+                        &spright(if m == "spright-on" {
+                            "spright-on"
+                        } else {
+                            "spright-off"
+                        })
+                    }
+                };
+                let (rtt, tput) = measure(pair, cpus, size, quick)
+                    .with_context(|| format!("{} at {size} B, {pin_name}", pair.name))?;
+                row[mode] = serde_json::json!({ "rtt_p50_us": rtt, "mib_per_s": tput });
+                eprintln!(
+                    "  {pin_name:<10} {size:>8} B  {mode:<12} RTT p50 {rtt:>8.1} µs  {tput:>9.0} MiB/s"
+                );
+            }
+            results.push(row);
+        }
+    }
+    drop(dp);
+    drop(reference);
+    drop(sb);
+
+    print_table(&results);
+    let out = Path::new("target/bench");
+    std::fs::create_dir_all(out)?;
+    std::fs::write(
+        out.join("datapath.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    println!("\nresults written to target/bench/datapath.json");
+    Ok(())
+}
+
+/// Median RTT (µs) and median throughput (MiB/s) of three runs.
+fn measure(pair: &Pair, cpus: &[&str; 2], size: usize, quick: bool) -> anyhow::Result<(f64, f64)> {
+    let iters = (200_000_000 / size).clamp(200, if quick { 2_000 } else { 20_000 });
+    let bytes = (size as u64 * 50_000).clamp(8 << 20, if quick { 64 << 20 } else { 512 << 20 });
+    let runs = if quick { 1 } else { 3 };
+    let mut rtts = Vec::new();
+    let mut tputs = Vec::new();
+    for i in 0..runs {
+        let port = 7100 + i;
+        let addr = sock_addr(pair.server_ip, port);
+        let srv = spawn(pair, &pair.server_ns, cpus[1], &["echo", "--listen", &addr])?;
+        ensure!(srv.line(T)? == "ready", "echo server did not start");
+        let cli = spawn(
+            pair,
+            &pair.client_ns,
+            cpus[0],
+            &[
+                "pingpong",
+                "--connect",
+                &addr,
+                "--size",
+                &size.to_string(),
+                "--iters",
+                &iters.to_string(),
+            ],
+        )?;
+        rtts.push(cli.report(T)?["p50_us"].as_f64().context("p50_us")?);
+        cli.finish(T)?;
+        srv.finish(T)?;
+
+        let addr = sock_addr(pair.server_ip, port + 50);
+        let srv = spawn(pair, &pair.server_ns, cpus[1], &["sink", "--listen", &addr])?;
+        ensure!(srv.line(T)? == "ready", "sink did not start");
+        let cli = spawn(
+            pair,
+            &pair.client_ns,
+            cpus[0],
+            &[
+                "bulk",
+                "--connect",
+                &addr,
+                "--bytes",
+                &bytes.to_string(),
+                "--chunk",
+                &size.to_string(),
+            ],
+        )?;
+        tputs.push(cli.report(T)?["mib_per_s"].as_f64().context("mib_per_s")?);
+        cli.finish(T)?;
+        srv.finish(T)?;
+    }
+    Ok((median(rtts), median(tputs)))
+}
+
+fn sock_addr(ip: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn spawn(pair: &Pair, netns: &str, cpu: &str, args: &[&str]) -> anyhow::Result<Peer> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", cpu]).arg(netpeer_bin());
+    if let Some(cg) = &pair.cgroup {
+        cmd.args(["--cgroup", cg]);
+    }
+    cmd.args(["--netns", netns]).args(args);
+    Peer::spawn_command(cmd)
+}
+
+fn print_table(results: &[serde_json::Value]) {
+    println!(
+        "\nRTT p50 (µs, lower is better) and throughput (MiB/s), medians of 3; ratios vs bridge"
+    );
+    println!(
+        "{:<10} {:>8} | {:>9} {:>11} {:>10} {:>7} | {:>9} {:>11} {:>10} {:>7}",
+        "cpus",
+        "size",
+        "RTT brdg",
+        "RTT spr-off",
+        "RTT spr-on",
+        "speedup",
+        "MiB/s brdg",
+        "spr-off",
+        "spr-on",
+        "ratio"
+    );
+    for r in results {
+        let g = |m: &str, k: &str| r[m][k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:<10} {:>8} | {:>9.1} {:>11.1} {:>10.1} {:>6.2}x | {:>10.0} {:>11.0} {:>10.0} {:>6.2}x",
+            r["cpus"].as_str().unwrap_or(""),
+            r["size"].as_u64().unwrap_or(0),
+            g("bridge", "rtt_p50_us"),
+            g("spright-off", "rtt_p50_us"),
+            g("spright-on", "rtt_p50_us"),
+            g("bridge", "rtt_p50_us") / g("spright-on", "rtt_p50_us"),
+            g("bridge", "mib_per_s"),
+            g("spright-off", "mib_per_s"),
+            g("spright-on", "mib_per_s"),
+            g("spright-on", "mib_per_s") / g("bridge", "mib_per_s"),
+        );
+    }
+}
+
+/// A node namespace whose two pods were made by the reference `bridge` plugin.
+struct RefNode {
+    pods: Vec<(Netns, IpAddr)>,
+    _node: Netns,
+    _ipam: tempfile::TempDir,
+}
+
+impl RefNode {
+    fn new() -> anyhow::Result<Self> {
+        let plugin_dir = Path::new("/usr/lib/cni");
+        if !plugin_dir.join("bridge").exists() {
+            bail!("the reference plugins are missing: apt-get install containernetworking-plugins");
+        }
+        let tag = format!("sprref{}", std::process::id() % 100_000);
+        let node = Netns::create(format!("{tag}-node"))?;
+        let ipam = tempfile::tempdir()?;
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0", "name": "reference", "type": "bridge", "bridge": "cni0",
+            "isGateway": true,
+            "ipam": { "type": "host-local", "subnet": "10.213.1.0/24", "dataDir": ipam.path() },
+        })
+        .to_string();
+        let mut pods = Vec::new();
+        for i in 0..2 {
+            let ns = Netns::create(format!("{tag}-p{i}"))?;
+            let mut child = Command::new("nsenter")
+                .arg(format!("--net={}", node.path().display()))
+                .arg(plugin_dir.join("bridge"))
+                .env("CNI_COMMAND", "ADD")
+                .env("CNI_CONTAINERID", format!("{tag}-{i}"))
+                .env("CNI_NETNS", ns.path())
+                .env("CNI_IFNAME", "eth0")
+                .env("CNI_PATH", plugin_dir)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, conf.as_bytes())?;
+            let out = child.wait_with_output()?;
+            ensure!(
+                out.status.success(),
+                "bridge ADD failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            let result: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let ip = result["ips"][0]["address"]
+                .as_str()
+                .and_then(|a| a.split('/').next())
+                .context("no IP in the bridge plugin's result")?
+                .parse()?;
+            pods.push((ns, ip));
+        }
+        // The reference bridge plugin leaves the pods' routes as they are.
+        let _ = run("ip", &["-n", &node.name, "link", "set", "cni0", "up"]);
+        Ok(Self {
+            pods,
+            _node: node,
+            _ipam: ipam,
+        })
+    }
+}
