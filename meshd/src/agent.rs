@@ -306,7 +306,7 @@ mod tests {
                 .reason
                 .as_deref()
                 .unwrap_or("")
-                .contains("bpf"),
+                .contains("not a cgroup v2 directory"),
             "{status:?}"
         );
         assert_eq!(status.endpoints.len(), 1);
