@@ -108,6 +108,11 @@ impl Agent {
         &self.config
     }
 
+    /// The live endpoint records as of the last reconciliation.
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
+
     pub fn reconciles(&self) -> u64 {
         self.reconciles
     }

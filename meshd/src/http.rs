@@ -1,12 +1,13 @@
 //! The HTTP server: `/metrics` (Prometheus text), `/status` (JSON),
 //! `/healthz` (the process serves), `/readyz` (the first reconciliation is
-//! done), `/config` (effective configuration).
+//! done), `/config` (effective configuration), `/v1/members?namespace=NS&chain=C`
+//! (the pods of a chain on this node, for shm-csi's membership check).
 
 use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Query, State},
     http::{StatusCode, header},
     response::IntoResponse,
     routing::get,
@@ -29,6 +30,7 @@ pub fn router(agent: Shared) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/config", get(config))
+        .route("/v1/members", get(members))
         .with_state(App { agent, registry })
 }
 
@@ -70,4 +72,46 @@ async fn config(State(app): State<App>) -> impl IntoResponse {
             .config()
             .effective_json(),
     )
+}
+
+#[derive(serde::Deserialize)]
+struct MembersQuery {
+    namespace: String,
+    chain: String,
+}
+
+/// One pod of a chain, as `/v1/members` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    pub pod: String,
+    #[serde(default)]
+    pub uid: String,
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+/// The answer of `/v1/members`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Members {
+    pub namespace: String,
+    pub chain: String,
+    pub members: Vec<Member>,
+}
+
+async fn members(State(app): State<App>, Query(q): Query<MembersQuery>) -> impl IntoResponse {
+    let agent = app.agent.lock().expect("agent lock");
+    let members = agent
+        .records()
+        .iter()
+        .filter(|r| r.pod.namespace == q.namespace && r.chain.as_deref() == Some(q.chain.as_str()))
+        .map(|r| Member {
+            pod: r.pod.name.clone(),
+            uid: r.pod.uid.clone(),
+            ips: r.ips.clone(),
+        })
+        .collect();
+    Json(Members {
+        namespace: q.namespace,
+        chain: q.chain,
+        members,
+    })
 }

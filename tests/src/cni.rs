@@ -5,11 +5,8 @@
 //! `CNI_*` environment, config on stdin, inside the node namespace
 //! (`nsenter --net=...`). Everything is removed on drop, also on panic.
 //!
-//! Which binary: `SPRIGHT_CNI_BIN` when set (e.g. a release build), else
-//! `spright-cni-shim`, a binary of this crate whose `main` is the plugin's
-//! own entry point (`spright_cni::cli::main`). Cargo always builds a
-//! package's binaries before its integration tests, so the shim is never
-//! stale, which a lookup of `target/debug/spright-cni` could not promise.
+//! Which binary: `SPRIGHT_CNI_BIN` when set (e.g. a release build), else the
+//! workspace's `spright-cni` (see [`crate::sandbox::workspace_bin`]).
 
 use std::{
     collections::BTreeSet,
@@ -17,47 +14,26 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use crate::sandbox::{Cgroup, Netns, PinDir, run};
+use crate::sandbox::{Cgroup, Netns, PinDir, run, workspace_bin};
 
 /// Every version the plugin supports.
 pub const VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// Where Debian's reference plugins live.
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
 /// A short name unique to this process and call.
 pub fn unique(tag: &str) -> String {
-    format!(
-        "sc{tag}{}x{}",
-        std::process::id() % 100_000,
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
+    crate::sandbox::unique(&format!("c{tag}"))
 }
 
 /// The plugin binary under test.
 pub fn plugin_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("SPRIGHT_CNI_BIN") {
-        return PathBuf::from(p);
-    }
-    if let Some(p) = option_env!("CARGO_BIN_EXE_spright-cni-shim") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().expect("exe dir");
-    [
-        dir.join("spright-cni-shim"),
-        dir.join("../spright-cni-shim"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .unwrap_or_else(|| dir.join("spright-cni-shim"))
+    std::env::var_os("SPRIGHT_CNI_BIN").map_or_else(|| workspace_bin("spright-cni"), PathBuf::from)
 }
 
 /// What one invocation printed and how it exited.

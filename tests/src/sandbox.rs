@@ -26,7 +26,7 @@ pub const SUBNET6: [u16; 4] = [0xfd00, 0x213, 0, 0];
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this process and call, short enough for interface names.
-fn unique(tag: &str) -> String {
+pub fn unique(tag: &str) -> String {
     format!(
         "spr{tag}{}x{}",
         std::process::id() % 100_000,
@@ -318,12 +318,16 @@ pub fn netpeer_bin() -> PathBuf {
 }
 
 /// A binary of the workspace, next to the running executable (cargo puts test
-/// binaries in `deps/` and binaries one level up). `cargo xtask test` builds
-/// every workspace binary before the privileged tiers run.
+/// binaries in `deps/` and binaries one level up).
+///
+/// `cargo xtask test` builds every workspace binary before the privileged
+/// tiers. A plain `cargo test -p spright-tests` does not rebuild other
+/// packages' binaries, so a binary older than its sources fails loudly here
+/// instead of testing yesterday's code.
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
-    [dir.join(name), dir.join("..").join(name)]
+    let bin = [dir.join(name), dir.join("..").join(name)]
         .into_iter()
         .find(|p| p.exists())
         .unwrap_or_else(|| {
@@ -331,7 +335,51 @@ pub fn workspace_bin(name: &str) -> PathBuf {
                 "binary {name} not found next to {}; run `cargo build --workspace --bins`",
                 exe.display()
             )
-        })
+        });
+    let package = match name {
+        "meshd" | "spright" => "meshd",
+        "spright-cni" => "cni-plugin",
+        _ => "tests",
+    };
+    let built = mtime(&bin);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for src in [
+        package,
+        "endpoint",
+        "ebpf/loader",
+        "ebpf/common",
+        "ebpf/programs",
+    ] {
+        if let Some(newer) = newest(&root.join(src).join("src")).filter(|t| *t > built) {
+            panic!(
+                "{} is older than the sources in {src}/src ({newer:?}); run `cargo build --workspace --bins` \
+                 (cargo xtask test does)",
+                bin.display()
+            );
+        }
+    }
+    bin
+}
+
+fn mtime(p: &Path) -> std::time::SystemTime {
+    std::fs::metadata(p)
+        .and_then(|m| m.modified())
+        .unwrap_or(std::time::UNIX_EPOCH)
+}
+
+/// The newest modification time of any file under `dir`.
+fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut best = None;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        let t = if p.is_dir() {
+            newest(&p)
+        } else {
+            Some(mtime(&p))
+        };
+        best = best.max(t);
+    }
+    best
 }
 
 /// A pod process started by the test; killed (by its pid) on drop.

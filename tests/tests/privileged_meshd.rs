@@ -90,6 +90,30 @@ fn privileged_meshd_follows_records() {
     );
     assert!(m.contains("# TYPE spright_redirected_bytes counter"), "{m}");
     assert_eq!(meshd.get("/healthz").unwrap(), "ok\n");
+    let members: serde_json::Value = serde_json::from_str(
+        &meshd
+            .get("/v1/members?namespace=default&chain=alpha")
+            .unwrap(),
+    )
+    .unwrap();
+    let names: Vec<&str> = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["pod"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["pod0", "pod1"], "{members:#}");
+    let none: serde_json::Value = serde_json::from_str(
+        &meshd
+            .get("/v1/members?namespace=other&chain=alpha")
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        none["members"],
+        serde_json::json!([]),
+        "chains are scoped by namespace"
+    );
 
     // `spright status` through meshd, then from the pinned maps with meshd down.
     let status = |addr: &str| {
