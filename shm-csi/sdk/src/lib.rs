@@ -1,0 +1,1 @@
+//! spright-shm: zero-copy hops between chained functions (work in progress).
