@@ -29,7 +29,19 @@ const PACKAGES: &[(&str, &str)] = &[
     ("runc", "OCI runtime for podman and containerd"),
     ("busybox-static", "container rootfs for the runtime tests"),
     ("containerd", "CRI end-to-end tests"),
+    (
+        "protobuf-compiler",
+        "k8s-cri's build script compiles the CRI proto (e2e_containerd)",
+    ),
 ];
+
+/// PyPI tools: (command, package, why). Installed with pip when the command
+/// does not run.
+const PYTHON_TOOLS: &[(&str, &str, &str)] = &[(
+    "kubernetes-validate",
+    "kubernetes-validate",
+    "offline schema validation of manifests/ (e2e_manifests)",
+)];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";
@@ -39,6 +51,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     let t = Instant::now();
     let mut did = Vec::new();
     packages(&mut did)?;
+    python_tools(&mut did)?;
     nightly(&mut did)?;
     bpf_linker(&mut did)?;
     bpffs(&mut did)?;
@@ -113,6 +126,35 @@ fn packages(did: &mut Vec<String>) -> anyhow::Result<()> {
         bail!("apt-get install {} failed ({status})", missing.join(" "));
     }
     did.push(format!("installed {}", missing.join(" ")));
+    Ok(())
+}
+
+fn python_tools(did: &mut Vec<String>) -> anyhow::Result<()> {
+    let missing: Vec<&str> = PYTHON_TOOLS
+        .iter()
+        .filter(|(command, _, _)| output(command, &["--version"]).is_err())
+        .map(|(_, package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("setup: pip installing {}", missing.join(" "));
+    let mut args = vec![
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ];
+    args.extend(&missing);
+    let status = Command::new("python3")
+        .args(&args)
+        .status()
+        .context("running python3 -m pip (is python3-pip installed?)")?;
+    if !status.success() {
+        bail!("pip install {} failed ({status})", missing.join(" "));
+    }
+    did.push(format!("pip installed {}", missing.join(" ")));
     Ok(())
 }
 

@@ -2,8 +2,19 @@
 //!
 //! `spright status` asks meshd (`/status`); when meshd is not reachable it
 //! builds the same view from the endpoint records and the pinned maps.
+//!
+//! `spright uninstall` leaves a node clean: the conflist and the plugin binary
+//! are removed from the CNI directories, the eBPF programs are detached and
+//! their pins removed, and the endpoint records, the plugin's lock and the
+//! host-local allocations of the spright network are deleted. The cleanup
+//! DaemonSet in manifests/cleanup.yaml runs it on every node.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::{Parser, Subcommand};
 use meshd::{config, status::Status};
@@ -31,6 +42,30 @@ enum Command {
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
+    },
+    /// Remove spright from this node: conflist, plugin binary, eBPF programs
+    /// and pins, endpoint records and IP allocations. Idempotent. Run it after
+    /// the spright DaemonSet is gone (otherwise install-cni and meshd put
+    /// everything back).
+    Uninstall {
+        /// The runtime's CNI binary directory
+        #[arg(long, default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        /// The runtime's CNI config directory
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        /// The conflist file name install-cni wrote (removed only when it names spright-cni)
+        #[arg(long, default_value = "10-spright.conflist")]
+        conflist: String,
+        /// Pin directory of the datapath
+        #[arg(long, env = config::env::BPFFS, default_value = spright_ebpf::DEFAULT_BPFFS_DIR)]
+        bpffs: PathBuf,
+        /// State directory with the endpoint records
+        #[arg(long, env = config::env::STATE_DIR, default_value = spright_endpoint::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// host-local's data directory of the spright network (its IP allocations)
+        #[arg(long, default_value = "/var/lib/cni/networks/spright")]
+        ipam_dir: PathBuf,
     },
 }
 
@@ -61,6 +96,129 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Uninstall {
+            cni_bin_dir,
+            cni_conf_dir,
+            conflist,
+            bpffs,
+            state_dir,
+            ipam_dir,
+        } => {
+            let steps = Uninstall {
+                conflist: cni_conf_dir.join(conflist),
+                plugin: cni_bin_dir.join("spright-cni"),
+                bpffs,
+                state_dir,
+                ipam_dir,
+            };
+            match steps.run() {
+                Ok(done) => {
+                    for d in done {
+                        println!("spright: {d}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("spright: uninstall: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// What `spright uninstall` removes.
+struct Uninstall {
+    conflist: PathBuf,
+    plugin: PathBuf,
+    bpffs: PathBuf,
+    state_dir: PathBuf,
+    ipam_dir: PathBuf,
+}
+
+impl Uninstall {
+    /// Removes everything; returns what it did. Stops at the first error (a
+    /// rerun continues where it stopped).
+    fn run(&self) -> Result<Vec<String>, String> {
+        let mut done = Vec::new();
+        // First the conflist, so the runtime stops calling the plugin.
+        match std::fs::read_to_string(&self.conflist) {
+            Ok(text) if text.contains("\"spright-cni\"") => {
+                remove_file(&self.conflist, &mut done)?;
+            }
+            Ok(_) => done.push(format!(
+                "left {} alone: it does not configure spright-cni",
+                self.conflist.display()
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("reading {}: {e}", self.conflist.display())),
+        }
+        remove_file(&self.plugin, &mut done)?;
+        if self.bpffs.exists() {
+            spright_ebpf::uninstall(&self.bpffs)
+                .map_err(|e| format!("detaching the datapath in {}: {e}", self.bpffs.display()))?;
+            done.push(format!(
+                "detached the programs and removed the pins in {}",
+                self.bpffs.display()
+            ));
+        }
+        remove_dir_files(&spright_endpoint::records_dir(&self.state_dir), &mut done)?;
+        remove_file(&self.state_dir.join("spright-cni.lock"), &mut done)?;
+        remove_empty_dir(&self.state_dir, &mut done)?;
+        remove_dir_files(&self.ipam_dir, &mut done)?;
+        Ok(done)
+    }
+}
+
+fn remove_file(path: &Path, done: &mut Vec<String>) -> Result<(), String> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            done.push(format!("removed {}", path.display()));
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("removing {}: {e}", path.display())),
+    }
+}
+
+/// Removes the plain files of `dir`, then `dir` when it is empty.
+fn remove_dir_files(dir: &Path, done: &mut Vec<String>) -> Result<(), String> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("listing {}: {e}", dir.display())),
+    };
+    let mut n = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("listing {}: {e}", dir.display()))?;
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::remove_file(entry.path())
+                .map_err(|e| format!("removing {}: {e}", entry.path().display()))?;
+            n += 1;
+        }
+    }
+    if n > 0 {
+        done.push(format!("removed {n} files in {}", dir.display()));
+    }
+    remove_empty_dir(dir, done)
+}
+
+/// Removes `dir` when empty; says so when something unknown keeps it.
+fn remove_empty_dir(dir: &Path, done: &mut Vec<String>) -> Result<(), String> {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {
+            done.push(format!("removed {}", dir.display()));
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => {
+            done.push(format!(
+                "left {}: it holds files spright did not write",
+                dir.display()
+            ));
+            Ok(())
+        }
+        Err(e) => Err(format!("removing {}: {e}", dir.display())),
     }
 }
 
@@ -74,4 +232,54 @@ fn fetch(addr: &str) -> Result<Status, ureq::Error> {
         .call()?
         .body_mut()
         .read_json()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn steps(root: &Path) -> Uninstall {
+        Uninstall {
+            conflist: root.join("net.d/10-spright.conflist"),
+            plugin: root.join("bin/spright-cni"),
+            bpffs: root.join("no-bpffs"),
+            state_dir: root.join("state"),
+            ipam_dir: root.join("ipam/spright"),
+        }
+    }
+
+    #[test]
+    fn uninstall_removes_what_spright_wrote_and_is_idempotent() {
+        let root = tempfile::tempdir().unwrap();
+        let s = steps(root.path());
+        for d in ["net.d", "bin", "state/endpoints", "ipam/spright"] {
+            std::fs::create_dir_all(root.path().join(d)).unwrap();
+        }
+        std::fs::write(&s.conflist, r#"{"plugins":[{"type":"spright-cni"}]}"#).unwrap();
+        std::fs::write(&s.plugin, "binary").unwrap();
+        std::fs::write(root.path().join("bin/host-local"), "other plugin").unwrap();
+        std::fs::write(s.state_dir.join("endpoints/c1-eth0.json"), "{}").unwrap();
+        std::fs::write(s.state_dir.join("spright-cni.lock"), "").unwrap();
+        std::fs::write(s.ipam_dir.join("10.244.1.2"), "c1").unwrap();
+        std::fs::write(s.ipam_dir.join("lock"), "").unwrap();
+        let done = s.run().unwrap();
+        assert!(!s.conflist.exists() && !s.plugin.exists(), "{done:?}");
+        assert!(!s.state_dir.exists() && !s.ipam_dir.exists(), "{done:?}");
+        assert!(root.path().join("bin/host-local").exists());
+        assert!(
+            s.run().unwrap().is_empty(),
+            "a second run has nothing to do"
+        );
+    }
+
+    #[test]
+    fn uninstall_leaves_a_foreign_conflist_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let s = steps(root.path());
+        std::fs::create_dir_all(root.path().join("net.d")).unwrap();
+        std::fs::write(&s.conflist, r#"{"plugins":[{"type":"bridge"}]}"#).unwrap();
+        let done = s.run().unwrap();
+        assert!(s.conflist.exists());
+        assert!(done.iter().any(|d| d.contains("left")), "{done:?}");
+    }
 }
