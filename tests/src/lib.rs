@@ -7,8 +7,10 @@
 //!   are removed on drop, also when the test panics.
 //! - [`scenario`]: end-to-end scenarios shared by tests and the demo binary.
 
+pub mod chain;
 pub mod cni;
 pub mod meshd;
+pub mod pod;
 pub mod privileged;
 pub mod sandbox;
 pub mod scenario;

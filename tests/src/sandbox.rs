@@ -322,8 +322,9 @@ pub fn netpeer_bin() -> PathBuf {
 ///
 /// `cargo xtask test` builds every workspace binary before the privileged
 /// tiers. A plain `cargo test -p spright-tests` does not rebuild other
-/// packages' binaries, so a binary older than its sources fails loudly here
-/// instead of testing yesterday's code.
+/// packages' binaries, so a binary older than any source file it was built
+/// from (per cargo's dep-info) fails loudly here instead of testing
+/// yesterday's code.
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
@@ -336,27 +337,18 @@ pub fn workspace_bin(name: &str) -> PathBuf {
                 exe.display()
             )
         });
-    let package = match name {
-        "meshd" | "spright" => "meshd",
-        "spright-cni" => "cni-plugin",
-        _ => "tests",
-    };
+    // Cargo's dep-info next to the binary lists every source file it was
+    // built from; any of them being newer means the binary is stale.
     let built = mtime(&bin);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    for src in [
-        package,
-        "endpoint",
-        "ebpf/loader",
-        "ebpf/common",
-        "ebpf/programs",
-    ] {
-        if let Some(newer) = newest(&root.join(src).join("src")).filter(|t| *t > built) {
-            panic!(
-                "{} is older than the sources in {src}/src ({newer:?}); run `cargo build --workspace --bins` \
-                 (cargo xtask test does)",
-                bin.display()
-            );
-        }
+    let depinfo = std::fs::read_to_string(bin.with_extension("d")).unwrap_or_default();
+    let sources = depinfo.split_once(": ").map_or("", |(_, deps)| deps);
+    for src in sources.split_whitespace().map(Path::new) {
+        assert!(
+            !src.exists() || mtime(src) <= built,
+            "{} is older than {}; run `cargo build --workspace --bins` (cargo xtask test does)",
+            bin.display(),
+            src.display()
+        );
     }
     bin
 }
@@ -365,21 +357,6 @@ fn mtime(p: &Path) -> std::time::SystemTime {
     std::fs::metadata(p)
         .and_then(|m| m.modified())
         .unwrap_or(std::time::UNIX_EPOCH)
-}
-
-/// The newest modification time of any file under `dir`.
-fn newest(dir: &Path) -> Option<std::time::SystemTime> {
-    let mut best = None;
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let p = e.path();
-        let t = if p.is_dir() {
-            newest(&p)
-        } else {
-            Some(mtime(&p))
-        };
-        best = best.max(t);
-    }
-    best
 }
 
 /// A pod process started by the test; killed (by its pid) on drop.

@@ -17,7 +17,14 @@ use anyhow::{Context as _, bail};
 const HELP: &str = "\
 usage: cargo xtask <task> [args]
 
-  demo                 set up, build, and run the demo on a simulated node (needs root)
+  demo [ARGS]          set up, build (release), and run the demo: a 4-function HTTP chain on a
+                       simulated node, on the reference bridge CNI and on spright (needs root;
+                       ARGS go to spright-demo, e.g. --duration 10 --payload 65536)
+  bench NAME [ARGS]    release benchmarks, each against a baseline measured in the same run:
+                         datapath    pod-to-pod RTT and throughput, 64 B..1 MiB
+                         chain       the demo's chain incl. a sidecar baseline (--length, --payload,
+                                     --connections, --duration)
+                         cni         ADD+DEL latency vs the reference bridge plugin
   test [TIER...]       set up, build, and run test tiers (default: all, in this order):
                          lint        cargo fmt --check, clippy -D warnings
                          unit        host unit tests, no privileges
@@ -48,6 +55,10 @@ fn main() -> anyhow::Result<()> {
         Some("demo") => {
             setup::run()?;
             demo(&args[1..])
+        }
+        Some("bench") => {
+            setup::run()?;
+            bench(&args[1..])
         }
         None | Some("help" | "-h" | "--help") => {
             println!("{HELP}");
@@ -179,14 +190,31 @@ fn test_targets(prefix: &str) -> anyhow::Result<Vec<String>> {
     Ok(out)
 }
 
+fn build_release() -> anyhow::Result<()> {
+    step("build (release)", || {
+        cmd("cargo", &["build", "--release", "--workspace", "--bins"])
+    })
+}
+
 fn demo(args: &[String]) -> anyhow::Result<()> {
-    build()?;
+    build_release()?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     step(
-        "smoke demo: a two-pod chain and an outsider on a simulated node",
-        || {
-            let mut a = vec![];
-            a.extend(args.iter().map(String::as_str));
-            cmd("target/debug/spright-smoke", &a)
-        },
+        "demo: a chain of unmodified HTTP functions on a simulated node",
+        || cmd("target/release/spright-demo", &args),
     )
+}
+
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    let (bin, fixed): (&str, &[&str]) = match args.first().map(String::as_str) {
+        Some("datapath") => ("target/release/bench-datapath", &[]),
+        Some("chain") => ("target/release/spright-demo", &["--bench"]),
+        Some("cni") => ("target/release/bench-cni", &[]),
+        Some(other) => bail!("unknown benchmark {other:?}; benchmarks: datapath, chain, cni"),
+        None => bail!("name a benchmark: datapath, chain, cni"),
+    };
+    build_release()?;
+    let mut all: Vec<&str> = fixed.to_vec();
+    all.extend(args[1..].iter().map(String::as_str));
+    step(&format!("benchmark {}", args[0]), || cmd(bin, &all))
 }

@@ -33,6 +33,11 @@ const PACKAGES: &[(&str, &str)] = &[
         "protobuf-compiler",
         "k8s-cri's build script compiles the CRI proto (e2e_containerd)",
     ),
+    ("wrk", "HTTP load for the demo and the chain benchmark"),
+    (
+        "haproxy",
+        "the L4 sidecar of the chain benchmark's sidecar baseline",
+    ),
 ];
 
 /// PyPI tools: (command, package, why). Installed with pip when the command

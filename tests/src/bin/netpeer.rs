@@ -36,22 +36,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use spright_tests::{fnv1a, pattern};
+use spright_tests::{fnv1a, pattern, pod::take_opt};
 
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(dir) = take_opt(&mut args, "--cgroup")? {
-        std::fs::write(
-            format!("{dir}/cgroup.procs"),
-            std::process::id().to_string(),
-        )
-        .with_context(|| format!("joining cgroup {dir}"))?;
-    }
-    if let Some(path) = take_opt(&mut args, "--netns")? {
-        let f = std::fs::File::open(&path).with_context(|| format!("opening netns {path}"))?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("entering netns {path}"))?;
-    }
+    spright_tests::pod::enter_from_args(&mut args)?;
     let report = match args.first().map(String::as_str) {
         Some("serve") => {
             args.remove(0);
@@ -263,18 +252,6 @@ fn read_exact_retrying(
         buf = &mut buf[n..];
     }
     Ok(())
-}
-
-fn take_opt(args: &mut Vec<String>, name: &str) -> anyhow::Result<Option<String>> {
-    let Some(i) = args.iter().position(|a| a == name) else {
-        return Ok(None);
-    };
-    if i + 1 >= args.len() {
-        bail!("{name} needs a value");
-    }
-    let v = args.remove(i + 1);
-    args.remove(i);
-    Ok(Some(v))
 }
 
 fn take_flag(args: &mut Vec<String>, name: &str) -> bool {

@@ -1,0 +1,106 @@
+//! `spright-demo`: a chain of four unmodified HTTP functions on a simulated
+//! node, run on the reference bridge CNI, on spright without acceleration and
+//! on spright with acceleration (plus, with `--bench`, a sidecar-mesh
+//! baseline), compared side by side. Needs root. `cargo xtask demo` runs it.
+//!
+//! ```text
+//! spright-demo [--bench] [--modes reference,sidecar,spright-off,spright-on]
+//!              [--length 4] [--payload 1024] [--connections 8] [--duration 6] [--work 1]
+//! ```
+//!
+//! Writes `target/demo/results.{json,md}` and `target/demo/chain.svg`.
+//! Everything it creates is removed at the end, on failure and on Ctrl-C.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use spright_tests::{
+    chain::{self, Mode, Spec},
+    pod::take_opt,
+};
+
+fn main() -> ExitCode {
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register(sig, chain::interrupted().clone());
+    }
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("spright-demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let bench = args
+        .iter()
+        .position(|a| a == "--bench")
+        .map(|i| args.remove(i))
+        .is_some();
+    let num = |args: &mut Vec<String>, name: &str, default: u64| -> anyhow::Result<u64> {
+        take_opt(args, name)?.map_or(Ok(default), |v| {
+            v.parse()
+                .with_context(|| format!("{name}: {v:?} is not a number"))
+        })
+    };
+    let spec = Spec {
+        length: usize::try_from(num(&mut args, "--length", 4)?)?,
+        payload: usize::try_from(num(&mut args, "--payload", 1024)?)?,
+        connections: usize::try_from(num(&mut args, "--connections", 8)?)?,
+        seconds: num(&mut args, "--duration", if bench { 10 } else { 6 })?,
+        work: u32::try_from(num(&mut args, "--work", 1)?)?,
+    };
+    let modes: Vec<Mode> = match take_opt(&mut args, "--modes")? {
+        Some(list) => list
+            .split(',')
+            .map(Mode::parse)
+            .collect::<anyhow::Result<_>>()?,
+        None if bench => Mode::ALL.to_vec(),
+        None => vec![Mode::Reference, Mode::SprightOff, Mode::SprightOn],
+    };
+    anyhow::ensure!(args.is_empty(), "unexpected arguments: {args:?}");
+    spec.validate()?;
+    spright_tests::privileged::check().map_err(|e| anyhow::anyhow!("the demo needs root: {e}"))?;
+
+    println!(
+        "spright demo: a chain of {} unmodified HTTP functions (gateway + {} stages), {} B bodies, {} connections",
+        spec.length,
+        spec.length - 1,
+        spec.payload,
+        spec.connections
+    );
+    let mut outcomes = Vec::new();
+    for (i, mode) in modes.iter().enumerate() {
+        println!("\n[{}/{}] {}", i + 1, modes.len(), mode.describe());
+        let o = chain::run(&spec, *mode, &mut |l| println!("  {l}"))?;
+        println!(
+            "  → {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms, {:.0} µs CPU per request, {} errors",
+            o.requests_per_s, o.p50_ms, o.p99_ms, o.cpu_us_per_request, o.errors
+        );
+        if *mode == Mode::SprightOn {
+            println!(
+                "  → {} MiB went socket to socket inside the chain; the outsider pod's call redirected {} bytes",
+                o.redirected_bytes >> 20,
+                o.outsider_redirected_bytes.unwrap_or(0)
+            );
+        }
+        outcomes.push(o);
+    }
+    let table = chain::markdown(&spec, &outcomes);
+    println!("\n{table}");
+    let dir = chain::out_dir();
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("results.md"), &table)?;
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&serde_json::json!({ "spec": spec, "results": outcomes }))?,
+    )?;
+    std::fs::write(dir.join("chain.svg"), chain::svg(&spec, &outcomes))?;
+    println!(
+        "wrote {0}/results.md, {0}/results.json and {0}/chain.svg",
+        dir.display()
+    );
+    Ok(())
+}

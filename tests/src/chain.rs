@@ -1,0 +1,929 @@
+//! The demo's and the chain benchmark's machinery: a simulated node running a
+//! chain of unmodified HTTP functions (`spright-fn`) under one of several
+//! network set-ups, loaded by `wrk` from a client pod outside the chain.
+//!
+//! Modes:
+//! - `reference`: pods made by the reference CNI `bridge` plugin;
+//! - `sidecar`: the same, plus a real L4 proxy (haproxy, TCP mode) in front of
+//!   every function, as a sidecar mesh would put one;
+//! - `spright-off`: pods made by spright-cni, not annotated into a chain (the
+//!   programs are attached and decide "no");
+//! - `spright-on`: pods made by spright-cni with `spright.dev/chain` in the pod
+//!   annotations (passed as containerd passes them), meshd running.
+//!
+//! Functions and sidecars run pinned to CPU 0, the load generator to the last
+//! CPU; CPU per request comes from the kernel (the functions' cgroup
+//! `cpu.stat`).
+
+use std::{
+    fmt::Write as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::{
+    cni::{self, Node, invoke_plugin},
+    meshd::Meshd,
+    sandbox::{Cgroup, Peer, workspace_bin},
+};
+
+const T: Duration = Duration::from_mins(1);
+const PORT: u16 = 8080;
+const APP_PORT: u16 = 9080;
+
+/// A set-up the chain runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Reference,
+    Sidecar,
+    SprightOff,
+    SprightOn,
+}
+
+impl Mode {
+    pub const ALL: [Self; 4] = [
+        Self::Reference,
+        Self::Sidecar,
+        Self::SprightOff,
+        Self::SprightOn,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Reference => "reference",
+            Self::Sidecar => "sidecar",
+            Self::SprightOff => "spright-off",
+            Self::SprightOn => "spright-on",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Reference => "reference bridge CNI",
+            Self::Sidecar => "bridge CNI + haproxy L4 sidecars",
+            Self::SprightOff => "spright, no acceleration",
+            Self::SprightOn => "spright, accelerated",
+        }
+    }
+
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .with_context(|| {
+                format!("unknown mode {s:?}; modes: reference, sidecar, spright-off, spright-on")
+            })
+    }
+
+    fn spright(self) -> bool {
+        matches!(self, Self::SprightOff | Self::SprightOn)
+    }
+}
+
+/// What to run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Spec {
+    /// Functions in the chain, gateway included (1–8).
+    pub length: usize,
+    /// Request body size in bytes.
+    pub payload: usize,
+    /// Concurrent keep-alive connections of the load generator.
+    pub connections: usize,
+    /// Measured load duration.
+    pub seconds: u64,
+    /// Hash rounds each function does over the body.
+    pub work: u32,
+}
+
+impl Spec {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(
+            (1..=8).contains(&self.length),
+            "--length must be 1 to 8, got {}",
+            self.length
+        );
+        ensure!(
+            (64..=1 << 20).contains(&self.payload),
+            "--payload must be 64 B to 1 MiB, got {}",
+            self.payload
+        );
+        ensure!(
+            (1..=256).contains(&self.connections),
+            "--connections must be 1 to 256, got {}",
+            self.connections
+        );
+        ensure!(
+            (1..=300).contains(&self.seconds),
+            "--duration must be 1 to 300 seconds, got {}",
+            self.seconds
+        );
+        Ok(())
+    }
+}
+
+/// What one mode measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    pub mode: Mode,
+    pub requests: u64,
+    pub requests_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+    /// CPU time of the functions (and sidecars) per request, from their cgroup.
+    pub cpu_us_per_request: f64,
+    /// Bytes the chain's pods sent socket to socket (spright-on only).
+    pub redirected_bytes: u64,
+    /// The outsider's request went through the chain without being redirected.
+    pub outsider_redirected_bytes: Option<u64>,
+}
+
+/// Set by Ctrl-C; long waits check it so everything unwinds and cleans up.
+pub fn interrupted() -> &'static Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
+}
+
+fn check_interrupted() -> anyhow::Result<()> {
+    if interrupted().load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// One pod: its namespace index in the node, its address, its CNI identity.
+struct PodInfo {
+    index: usize,
+    ip: IpAddr,
+    attach: cni::Attach,
+}
+
+/// Runs the chain under `mode`; `progress` gets human-readable lines.
+pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Outcome> {
+    spec.validate()?;
+    let ncpu = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let (fn_cpu, load_cpu) = ("0".to_owned(), (ncpu - 1).to_string());
+    let mut node = Node::new("d")?;
+    // Reference modes keep their processes out of the cgroup the programs
+    // watch, but in one of their own so CPU is accounted the same way.
+    let ref_cgroup = if mode.spright() {
+        None
+    } else {
+        Some(Cgroup::create(&format!("{}-ref", node.name))?)
+    };
+    let cgroup_path = ref_cgroup
+        .as_ref()
+        .map_or(node.cgroup.path.clone(), |c| c.path.clone());
+
+    // Pods: the chain's functions, a client (load generator), an outsider.
+    let n = spec.length;
+    let mut pods = Vec::new();
+    for i in 0..n + 2 {
+        let index = node.add_pod()?;
+        let name = match i {
+            i if i < n => format!("fn-{i}"),
+            i if i == n => "client".to_owned(),
+            _ => "outsider".to_owned(),
+        };
+        let in_chain = mode == Mode::SprightOn && i < n;
+        pods.push(add_pod(&node, mode, index, &name, in_chain)?);
+    }
+    progress(&format!(
+        "{}: {} pods attached by {} ({})",
+        mode.name(),
+        pods.len(),
+        if mode.spright() {
+            "spright-cni"
+        } else {
+            "the reference bridge plugin"
+        },
+        pods.iter()
+            .map(|p| p.ip.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    let meshd = if mode.spright() {
+        Some(Meshd::start(&node_placement(&node), &node.state_dir())?)
+    } else {
+        None
+    };
+
+    // Functions, last first so each can name the next.
+    let mut procs: Vec<Peer> = Vec::new();
+    for i in (0..n).rev() {
+        let p = &pods[i];
+        let next = (i + 1 < n).then(|| format!("http://{}/", sock(pods[i + 1].ip, PORT)));
+        let listen = if mode == Mode::Sidecar {
+            format!("127.0.0.1:{APP_PORT}")
+        } else {
+            sock(p.ip, PORT)
+        };
+        let mut args = vec![
+            "--listen".to_owned(),
+            listen,
+            "--name".into(),
+            format!("fn{i}"),
+            "--work".into(),
+            spec.work.to_string(),
+        ];
+        if let Some(next) = next {
+            args.extend(["--next".into(), next]);
+        }
+        procs.push(spawn_in_pod(
+            &node,
+            p.index,
+            &cgroup_path,
+            &fn_cpu,
+            &workspace_bin("spright-fn"),
+            &args,
+        )?);
+        if mode == Mode::Sidecar {
+            procs.push(sidecar(&node, p.index, &cgroup_path, &fn_cpu)?);
+        }
+    }
+    for p in &procs {
+        ensure!(p.line(T)? == "ready", "a function did not start");
+    }
+    progress(&format!(
+        "{}: chain of {n} functions up: {}",
+        mode.name(),
+        chain_desc(&pods[..n])
+    ));
+
+    // The outsider calls the gateway once: it works, and is never redirected.
+    let gateway = format!("http://{}/", sock(pods[0].ip, PORT));
+    let body_file = node.dir.path().join("body");
+    std::fs::write(&body_file, vec![b'x'; spec.payload])?;
+    let outsider_before = meshd
+        .as_ref()
+        .map(|_| counters_of(&node, pods[n + 1].ip))
+        .transpose()?;
+    let reply = curl(&node, pods[n + 1].index, &gateway, &body_file)?;
+    ensure!(
+        reply.len() == spec.payload,
+        "the outsider got {} bytes back, expected {}",
+        reply.len(),
+        spec.payload
+    );
+    let outsider_redirected_bytes = match outsider_before {
+        Some(before) => Some(counters_of(&node, pods[n + 1].ip)? - before),
+        None => None,
+    };
+
+    // Warm-up, then the measured run.
+    let script = node.dir.path().join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = string.rep(\"x\", {})\nwrk.headers[\"Content-Type\"] = \"application/octet-stream\"\n",
+            spec.payload
+        ),
+    )?;
+    wrk(
+        &node,
+        pods[n].index,
+        &load_cpu,
+        spec.connections,
+        1,
+        &script,
+        &gateway,
+    )?;
+    check_interrupted()?;
+    let cpu_before = cpu_usage_us(&cgroup_path)?;
+    let redirected_before = chain_redirected(meshd.as_ref())?;
+    progress(&format!(
+        "{}: load: {} connections for {} s, {} B bodies ({} → {} → …)",
+        mode.name(),
+        spec.connections,
+        spec.seconds,
+        spec.payload,
+        "client",
+        "fn0"
+    ));
+    let mut load = wrk_async(
+        &node,
+        pods[n].index,
+        &load_cpu,
+        spec.connections,
+        spec.seconds,
+        &script,
+        &gateway,
+    )?;
+    let started = Instant::now();
+    let out = loop {
+        if let Some(out) = load.try_finish()? {
+            break out;
+        }
+        check_interrupted()?;
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(m) = meshd.as_ref().filter(|_| mode == Mode::SprightOn)
+            && started.elapsed().as_millis() % 2000 < 200
+        {
+            progress(&live_line(m, started.elapsed()));
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(spec.seconds + 60),
+            "wrk did not finish"
+        );
+    };
+    let cpu_after = cpu_usage_us(&cgroup_path)?;
+    let redirected = chain_redirected(meshd.as_ref())? - redirected_before;
+    let mut outcome = parse_wrk(&out, mode)?;
+    outcome.cpu_us_per_request = (cpu_after - cpu_before) as f64 / outcome.requests.max(1) as f64;
+    outcome.redirected_bytes = redirected;
+    outcome.outsider_redirected_bytes = outsider_redirected_bytes;
+    if let Some(m) = &meshd {
+        progress(&format!("{}: `spright status` after the run:", mode.name()));
+        for line in status_table(m, &node)?.lines() {
+            progress(&format!("    {line}"));
+        }
+    }
+
+    // Tear down as a runtime would: processes die, then CNI DEL.
+    drop(procs);
+    for p in &pods {
+        let r = del_pod(&node, mode, p)?;
+        ensure!(
+            r.ok,
+            "DEL of {} failed: {}",
+            p.attach.container_id,
+            r.stdout
+        );
+    }
+    drop(meshd);
+    drop(ref_cgroup);
+    node.pods.clear();
+    Ok(outcome)
+}
+
+fn node_placement(node: &Node) -> spright_ebpf::Placement {
+    spright_ebpf::Placement {
+        cgroup: node.cgroup.path.clone(),
+        bpffs: node.pins.path.clone(),
+    }
+}
+
+fn sock(ip: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
+}
+
+fn chain_desc(pods: &[PodInfo]) -> String {
+    pods.iter()
+        .enumerate()
+        .map(|(i, p)| format!("fn{i}@{}", p.ip))
+        .collect::<Vec<_>>()
+        .join(" → ")
+}
+
+fn reference_conf(node: &Node) -> Value {
+    json!({
+        "cniVersion": "1.0.0", "name": "reference", "type": "bridge", "bridge": "cni0",
+        "isGateway": true, "ipam": node.ipam(&["10.213.0.0/24"]),
+    })
+}
+
+fn spright_conf(node: &Node, annotations: &Value) -> Value {
+    let mut c = node.conf("1.0.0", &["10.213.0.0/24"]);
+    c["runtimeConfig"] = json!({ "io.kubernetes.cri.pod-annotations": annotations });
+    c
+}
+
+fn add_pod(
+    node: &Node,
+    mode: Mode,
+    index: usize,
+    name: &str,
+    in_chain: bool,
+) -> anyhow::Result<PodInfo> {
+    let mut attach = node.attach(index, &format!("{}-{name}", node.name));
+    attach.args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=demo;K8S_POD_NAME={name};K8S_POD_UID={}-{name}",
+        node.name
+    );
+    let r = if mode.spright() {
+        let mut annotations = json!({ "spright.dev/function": name });
+        if in_chain {
+            annotations[spright_endpoint::ANNOTATION_CHAIN] = json!("demo");
+        }
+        node.invoke("ADD", &spright_conf(node, &annotations), Some(&attach))?
+    } else {
+        invoke_plugin(
+            &Path::new(cni::REFERENCE_PLUGINS).join("bridge"),
+            &node.node.path(),
+            "ADD",
+            &reference_conf(node),
+            Some(&attach),
+            &cni::plugin_path(),
+        )?
+    };
+    ensure!(r.ok, "ADD of pod {name} failed: {}", r.stdout);
+    let ip = cni::result_ips(&r.stdout)?
+        .into_iter()
+        .next()
+        .context("ADD result without an IP")?;
+    Ok(PodInfo { index, ip, attach })
+}
+
+fn del_pod(node: &Node, mode: Mode, p: &PodInfo) -> anyhow::Result<cni::Outcome> {
+    if mode.spright() {
+        node.invoke("DEL", &spright_conf(node, &json!({})), Some(&p.attach))
+    } else {
+        invoke_plugin(
+            &Path::new(cni::REFERENCE_PLUGINS).join("bridge"),
+            &node.node.path(),
+            "DEL",
+            &reference_conf(node),
+            Some(&p.attach),
+            &cni::plugin_path(),
+        )
+    }
+}
+
+/// Starts `bin ARGS` as a process of pod `index`, in `cgroup`, pinned to `cpu`.
+fn spawn_in_pod(
+    node: &Node,
+    index: usize,
+    cgroup: &Path,
+    cpu: &str,
+    bin: &Path,
+    args: &[String],
+) -> anyhow::Result<Peer> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", cpu])
+        .arg(bin)
+        .arg("--cgroup")
+        .arg(cgroup)
+        .arg("--netns")
+        .arg(node.pods[index].path())
+        .args(args);
+    Peer::spawn_command(cmd)
+}
+
+/// haproxy in TCP mode on the pod's :8080 in front of the function on
+/// 127.0.0.1:9080, in the pod's cgroup and netns (entered by a shell that
+/// joins the cgroup first, then `ip netns exec`).
+fn sidecar(node: &Node, index: usize, cgroup: &Path, cpu: &str) -> anyhow::Result<Peer> {
+    let cfg = node.dir.path().join(format!("haproxy-{index}.cfg"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 4096\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             frontend in\n  bind :{PORT}\n  default_backend app\nbackend app\n  server app 127.0.0.1:{APP_PORT}\n"
+        ),
+    )?;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && echo ready && exec taskset -c {cpu} ip netns exec {} haproxy -db -f {}",
+            cgroup.display(),
+            node.pods[index].name,
+            cfg.display()
+        ));
+    Peer::spawn_command(cmd)
+}
+
+fn curl(node: &Node, index: usize, url: &str, body: &Path) -> anyhow::Result<Vec<u8>> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node.pods[index].name,
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "--post-file",
+        ])
+        .arg(body)
+        .arg(url)
+        .output()
+        .context("running wget")?;
+    ensure!(
+        out.status.success(),
+        "wget {url} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
+}
+
+fn wrk_cmd(
+    node: &Node,
+    index: usize,
+    cpu: &str,
+    conns: usize,
+    secs: u64,
+    script: &Path,
+    url: &str,
+) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &node.pods[index].name,
+        "taskset",
+        "-c",
+        cpu,
+        "wrk",
+        "-t1",
+    ])
+    .arg(format!("-c{conns}"))
+    .arg(format!("-d{secs}s"))
+    .arg("--latency")
+    .arg("-s")
+    .arg(script)
+    .arg(url);
+    cmd
+}
+
+fn wrk(
+    node: &Node,
+    index: usize,
+    cpu: &str,
+    conns: usize,
+    secs: u64,
+    script: &Path,
+    url: &str,
+) -> anyhow::Result<String> {
+    let out = wrk_cmd(node, index, cpu, conns, secs, script, url)
+        .output()
+        .context("running wrk")?;
+    ensure!(
+        out.status.success(),
+        "wrk failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A running wrk, killed (by pid) if dropped early.
+struct Load(Option<std::process::Child>);
+
+impl Load {
+    /// wrk's report once it has exited (None while it runs).
+    fn try_finish(&mut self) -> anyhow::Result<Option<String>> {
+        let child = self.0.as_mut().context("wrk already collected")?;
+        if child.try_wait()?.is_none() {
+            return Ok(None);
+        }
+        let out = self
+            .0
+            .take()
+            .context("wrk already collected")?
+            .wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "wrk failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+    }
+}
+
+fn wrk_async(
+    node: &Node,
+    index: usize,
+    cpu: &str,
+    conns: usize,
+    secs: u64,
+    script: &Path,
+    url: &str,
+) -> anyhow::Result<Load> {
+    let child = wrk_cmd(node, index, cpu, conns, secs, script, url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting wrk")?;
+    Ok(Load(Some(child)))
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Parses wrk's `--latency` report.
+pub fn parse_wrk(out: &str, mode: Mode) -> anyhow::Result<Outcome> {
+    let field = |prefix: &str| -> Option<&str> {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .map(str::trim)
+    };
+    let rps: f64 = field("Requests/sec:")
+        .context("no Requests/sec in wrk output")?
+        .parse()?;
+    let requests: u64 = out
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in ")
+                .map(|(n, _)| n.trim().parse().ok())
+        })
+        .flatten()
+        .context("no request count in wrk output")?;
+    let pct = |p: &str| -> anyhow::Result<f64> {
+        parse_duration_ms(field(p).with_context(|| format!("no {p} latency"))?)
+    };
+    let mut errors = field("Non-2xx or 3xx responses:").map_or(Ok(0), str::parse)?;
+    if let Some(sock) = field("Socket errors:") {
+        // "connect 0, read 0, write 0, timeout 0"
+        errors += sock
+            .split(',')
+            .filter_map(|kv| kv.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Ok(Outcome {
+        mode,
+        requests,
+        requests_per_s: rps,
+        p50_ms: pct("50%")?,
+        p99_ms: pct("99%")?,
+        errors,
+        cpu_us_per_request: 0.0,
+        redirected_bytes: 0,
+        outsider_redirected_bytes: None,
+    })
+}
+
+/// wrk's durations: `812.00us`, `1.23ms`, `2.00s`.
+fn parse_duration_ms(s: &str) -> anyhow::Result<f64> {
+    let (num, unit) = s.split_at(
+        s.find(|c: char| c.is_ascii_alphabetic())
+            .with_context(|| format!("duration {s:?} without unit"))?,
+    );
+    let v: f64 = num.parse().with_context(|| format!("duration {s:?}"))?;
+    Ok(match unit {
+        "us" => v / 1000.0,
+        "ms" => v,
+        "s" => v * 1000.0,
+        "m" => v * 60_000.0,
+        _ => bail!("duration {s:?} has unknown unit"),
+    })
+}
+
+/// `usage_usec` from a cgroup v2 directory's `cpu.stat`.
+fn cpu_usage_us(cgroup: &Path) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(cgroup.join("cpu.stat")).context("reading cpu.stat")?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
+        .context("no usage_usec in cpu.stat")
+}
+
+fn counters_of(node: &Node, ip: IpAddr) -> anyhow::Result<u64> {
+    Ok(spright_ebpf::Datapath::open(&node.pins.path)?
+        .counters(ip)?
+        .redirected_bytes)
+}
+
+fn chain_redirected(meshd: Option<&Meshd>) -> anyhow::Result<u64> {
+    let Some(m) = meshd else { return Ok(0) };
+    let s = m.status()?;
+    Ok(s["chains"].as_array().map_or(0, |c| {
+        c.iter().filter_map(|c| c["counters"]["redirected_bytes"].as_u64()).sum()
+    }))
+}
+
+fn live_line(m: &Meshd, elapsed: Duration) -> String {
+    let s = m.status().unwrap_or_default();
+    let c = &s["chains"][0]["counters"];
+    format!(
+        "  t+{:>2}s  chain demo/demo: {} msgs / {} MiB redirected, {} sockets accelerated, {} fallbacks",
+        elapsed.as_secs(),
+        c["redirected_messages"],
+        c["redirected_bytes"].as_u64().unwrap_or(0) >> 20,
+        c["accelerated_sockets"],
+        c["fallback_messages"],
+    )
+}
+
+fn status_table(m: &Meshd, node: &Node) -> anyhow::Result<String> {
+    let out = Command::new(workspace_bin("spright"))
+        .args(["status", "--addr", &m.addr, "--bpffs"])
+        .arg(&node.pins.path)
+        .arg("--state-dir")
+        .arg(node.state_dir())
+        .output()?;
+    ensure!(out.status.success(), "spright status failed");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A Markdown table of outcomes, with ratios against `reference`.
+pub fn markdown(spec: &Spec, outcomes: &[Outcome]) -> String {
+    let base = outcomes.iter().find(|o| o.mode == Mode::Reference);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "chain of {} functions, {} B bodies, {} connections, {} s per mode\n",
+        spec.length, spec.payload, spec.connections, spec.seconds
+    );
+    let _ = writeln!(
+        s,
+        "| mode | requests/s | × ref | p50 ms | p99 ms | CPU µs/req | × ref | errors |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for o in outcomes {
+        let (r_rps, r_cpu) = base.map_or((f64::NAN, f64::NAN), |b| {
+            (
+                o.requests_per_s / b.requests_per_s,
+                o.cpu_us_per_request / b.cpu_us_per_request,
+            )
+        });
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {} |",
+            o.mode.describe(),
+            o.requests_per_s,
+            r_rps,
+            o.p50_ms,
+            o.p99_ms,
+            o.cpu_us_per_request,
+            r_cpu,
+            o.errors
+        );
+    }
+    s
+}
+
+/// An SVG with two bar charts: requests/s and p50/p99 latency per mode.
+pub fn svg(spec: &Spec, outcomes: &[Outcome]) -> String {
+    let w = 760.0;
+    let h = 340.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\">spright demo: chain of {} functions, {} B bodies, {} connections</text>\n",
+        w / 2.0,
+        spec.length,
+        spec.payload,
+        spec.connections
+    );
+    let colors = ["#888888", "#d9822b", "#5b8def", "#2ca05a"];
+    let panel = |s: &mut String,
+                 x0: f64,
+                 title: &str,
+                 values: &[(String, f64, String)],
+                 unit: &str| {
+        let max = values.iter().map(|v| v.1).fold(0.0_f64, f64::max).max(1e-9);
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"48\" text-anchor=\"middle\">{title}</text>",
+            x0 + 170.0
+        );
+        let bw = 300.0 / values.len().max(1) as f64;
+        for (i, (label, v, color)) in values.iter().enumerate() {
+            let bh = 220.0 * v / max;
+            let x = x0 + 20.0 + i as f64 * bw;
+            let _ = writeln!(
+                s,
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{color}\"/>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{v:.1}{unit}</text>\n\
+                 <text x=\"{:.1}\" y=\"300\" text-anchor=\"middle\" font-size=\"10\">{label}</text>",
+                280.0 - bh,
+                bw * 0.8,
+                x + bw * 0.4,
+                275.0 - bh,
+                x + bw * 0.4
+            );
+        }
+    };
+    let rps: Vec<(String, f64, String)> = outcomes
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            (
+                o.mode.name().to_owned(),
+                o.requests_per_s,
+                colors[i % colors.len()].to_owned(),
+            )
+        })
+        .collect();
+    panel(&mut s, 10.0, "requests/s (higher is better)", &rps, "");
+    let lat: Vec<(String, f64, String)> = outcomes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, o)| {
+            [
+                (
+                    format!("{} p50", o.mode.name()),
+                    o.p50_ms,
+                    colors[i % colors.len()].to_owned(),
+                ),
+                (
+                    "p99".to_owned(),
+                    o.p99_ms,
+                    colors[i % colors.len()].to_owned(),
+                ),
+            ]
+        })
+        .collect();
+    panel(&mut s, 390.0, "latency ms (lower is better)", &lat, "");
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Where the demo writes its artefacts.
+pub fn out_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/demo")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WRK: &str = "Running 8s test @ http://10.213.0.2:8080/
+  1 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   812.31us  100.00us   5.00ms   90.00%
+  Latency Distribution
+     50%  790.00us
+     75%  850.00us
+     90%    1.01ms
+     99%    1.52ms
+  78901 requests in 8.00s, 90.12MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:   9862.61
+Transfer/sec:     11.26MB
+";
+
+    #[test]
+    fn parses_wrk_reports() {
+        let o = parse_wrk(WRK, Mode::SprightOn).unwrap();
+        assert_eq!(o.requests, 78901);
+        assert!((o.requests_per_s - 9862.61).abs() < 1e-6);
+        assert!((o.p50_ms - 0.79).abs() < 1e-9);
+        assert!((o.p99_ms - 1.52).abs() < 1e-9);
+        assert_eq!(o.errors, 7);
+        assert!(parse_wrk("garbage", Mode::Reference).is_err());
+        assert!((parse_duration_ms("2.00s").unwrap() - 2000.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn specs_are_bounded() {
+        let ok = Spec {
+            length: 4,
+            payload: 1024,
+            connections: 8,
+            seconds: 5,
+            work: 1,
+        };
+        ok.validate().unwrap();
+        for bad in [
+            Spec {
+                length: 9,
+                ..ok.clone()
+            },
+            Spec {
+                payload: 2 << 20,
+                ..ok.clone()
+            },
+            Spec {
+                connections: 0,
+                ..ok.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err());
+        }
+        assert_eq!(Mode::parse("spright-on").unwrap(), Mode::SprightOn);
+        assert!(Mode::parse("nope").is_err());
+    }
+
+    #[test]
+    fn renders_table_and_plot() {
+        let spec = Spec {
+            length: 4,
+            payload: 1024,
+            connections: 8,
+            seconds: 5,
+            work: 1,
+        };
+        let mut a = parse_wrk(WRK, Mode::Reference).unwrap();
+        a.cpu_us_per_request = 100.0;
+        let mut b = a.clone();
+        b.mode = Mode::SprightOn;
+        b.requests_per_s *= 2.0;
+        b.cpu_us_per_request = 50.0;
+        let md = markdown(&spec, &[a.clone(), b.clone()]);
+        assert!(
+            md.contains("| spright, accelerated | 19725 | 2.00 |"),
+            "{md}"
+        );
+        assert!(md.contains("| 0.50 |"), "{md}");
+        let svg = svg(&spec, &[a, b]);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    }
+}
