@@ -14,6 +14,7 @@ pub mod pod;
 pub mod privileged;
 pub mod sandbox;
 pub mod scenario;
+pub mod shm_csi;
 
 /// 64-bit FNV-1a, used to compare what was sent with what arrived.
 pub mod fnv1a {

@@ -1,0 +1,233 @@
+//! `spright-shm-worker`: processes that use the SDK, driven by the SDK tests
+//! and `bench-shm`. It joins a cgroup and a network namespace first (before
+//! any socket exists), then runs one mode and prints a JSON report.
+//!
+//! ```text
+//! spright-shm-worker [--cgroup DIR] [--netns PATH] churn   --region DIR --iters N --seed S
+//! spright-shm-worker [--cgroup DIR] [--netns PATH] serve   --listen ADDR --mode shm|tcp [--region DIR]
+//! spright-shm-worker [--cgroup DIR] [--netns PATH] ping    --connect ADDR --mode shm|tcp --size N --iters N [--region DIR]
+//! ```
+//!
+//! `serve`/`ping` measure one hop: in `tcp` mode the payload crosses the
+//! socket and the server reads all of it; in `shm` mode a 16-byte descriptor
+//! crosses and the server takes the buffer and touches its first and last
+//! byte in place. Either way the reply is 16 bytes.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use spright_shm::{Descriptor, Pool, recv, send};
+
+fn take(args: &mut Vec<String>, flag: &str) -> Option<String> {
+    let i = args.iter().position(|a| a == flag)?;
+    args.remove(i);
+    (i < args.len()).then(|| args.remove(i))
+}
+
+fn need(args: &mut Vec<String>, flag: &str) -> anyhow::Result<String> {
+    take(args, flag).with_context(|| format!("{flag} is required"))
+}
+
+/// CPU time of this (single-threaded) process in ns, from the scheduler's
+/// own accounting (`/proc/self/schedstat`, nanosecond resolution).
+fn cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(cg) = take(&mut args, "--cgroup") {
+        std::fs::write(
+            PathBuf::from(&cg).join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .with_context(|| format!("joining cgroup {cg}"))?;
+    }
+    if let Some(ns) = take(&mut args, "--netns") {
+        let f = std::fs::File::open(&ns).with_context(|| format!("opening {ns}"))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {ns}"))?;
+    }
+    let mode = args.first().cloned().context("mode is required")?;
+    args.remove(0);
+    match mode.as_str() {
+        "churn" => churn(&mut args),
+        "serve" => serve(&mut args),
+        "ping" => ping(&mut args),
+        m => bail!("unknown mode {m}"),
+    }
+}
+
+/// Allocates, fills, hands over to itself through a descriptor, checks and
+/// frees, `iters` times, with sizes across all classes; holds up to 8
+/// buffers at once so frees interleave with other processes' allocations.
+fn churn(args: &mut Vec<String>) -> anyhow::Result<()> {
+    let pool = Pool::open(&PathBuf::from(need(args, "--region")?))?;
+    let iters: u64 = need(args, "--iters")?.parse()?;
+    let mut x: u64 = need(args, "--seed")?.parse::<u64>()? | 1;
+    let mut held = std::collections::VecDeque::new();
+    let (mut allocs, mut oom) = (0u64, 0u64);
+    let deadline = Instant::now() + Duration::from_mins(2);
+    for i in 0..iters {
+        if Instant::now() > deadline {
+            bail!("churn exceeded its time bound at iteration {i}");
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let size = usize::try_from(1 + x % (256 << 10)).unwrap_or(1);
+        let tag = u8::try_from(x >> 56).unwrap_or(0);
+        match pool.alloc(size) {
+            Ok(mut b) => {
+                b.fill(tag);
+                held.push_back((b.into_descriptor(), tag));
+                allocs += 1;
+            }
+            Err(spright_shm::Error::OutOfMemory(_)) => oom += 1,
+            Err(e) => return Err(e.into()),
+        }
+        if held.len() > 8 || (x & 1 == 0 && !held.is_empty()) {
+            let (d, tag): (Descriptor, u8) = held.pop_front().expect("non-empty");
+            let b = pool.take(d)?;
+            if !b.iter().all(|&v| v == tag) {
+                bail!("buffer {d:?} was overwritten by another process");
+            }
+        }
+    }
+    for (d, tag) in held {
+        let b = pool.take(d)?;
+        if !b.iter().all(|&v| v == tag) {
+            bail!("buffer {d:?} was overwritten by another process");
+        }
+    }
+    println!("{}", serde_json::json!({ "allocs": allocs, "oom": oom }));
+    Ok(())
+}
+
+fn serve(args: &mut Vec<String>) -> anyhow::Result<()> {
+    let listen = need(args, "--listen")?;
+    let shm = need(args, "--mode")? == "shm";
+    let pool = take(args, "--region")
+        .map(|r| Pool::open(&PathBuf::from(r)))
+        .transpose()?;
+    let l = TcpListener::bind(&listen)?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let (mut c, _) = l.accept()?;
+    c.set_nodelay(true)?;
+    let cpu0 = cpu_ns();
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    if shm {
+        let pool = pool.context("--region is required in shm mode")?;
+        while let Some(d) = recv(&mut c)? {
+            let b = pool.take(d)?;
+            let touched = b.first().copied().unwrap_or(0) ^ b.last().copied().unwrap_or(0);
+            std::hint::black_box(touched);
+            send(&mut c, b.into_descriptor())?;
+            n += 1;
+        }
+    } else {
+        let mut hdr = [0u8; 8];
+        while read_full(&mut c, &mut hdr)? {
+            let len = usize::try_from(u64::from_le_bytes(hdr))?;
+            let body = &mut buf[..len];
+            if !read_full(&mut c, body)? {
+                bail!("peer closed mid-message");
+            }
+            std::hint::black_box(body[0] ^ body[len - 1]);
+            c.write_all(&[0u8; 16])?;
+            n += 1;
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "served": n, "cpu_ns": cpu_ns() - cpu0 })
+    );
+    Ok(())
+}
+
+/// Reads exactly `buf.len()` bytes; `false` on a clean end of stream. EAGAIN
+/// from a redirected socket is retried (it blocks again).
+fn read_full(c: &mut TcpStream, buf: &mut [u8]) -> anyhow::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        match c.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => bail!("unexpected end of stream"),
+            Ok(n) => got += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+fn ping(args: &mut Vec<String>) -> anyhow::Result<()> {
+    let addr = need(args, "--connect")?;
+    let shm = need(args, "--mode")? == "shm";
+    let size: usize = need(args, "--size")?.parse()?;
+    let iters: usize = need(args, "--iters")?.parse()?;
+    let pool = take(args, "--region")
+        .map(|r| Pool::open(&PathBuf::from(r)))
+        .transpose()?;
+    let mut c = TcpStream::connect(&addr).with_context(|| format!("connecting {addr}"))?;
+    c.set_nodelay(true)?;
+    let mut lat = Vec::with_capacity(iters);
+    let cpu0 = cpu_ns();
+    let start = Instant::now();
+    if shm {
+        let pool = pool.context("--region is required in shm mode")?;
+        let mut b = pool.alloc(size)?;
+        spright_tests::pattern::fill(&mut b, 0);
+        let mut d = b.into_descriptor();
+        for _ in 0..iters {
+            let t = Instant::now();
+            send(&mut c, d)?;
+            d = recv(&mut c)?.context("server closed")?;
+            lat.push(t.elapsed());
+        }
+        drop(pool.take(d)?);
+    } else {
+        let mut msg = vec![0u8; 8 + size];
+        msg[..8].copy_from_slice(&(size as u64).to_le_bytes());
+        spright_tests::pattern::fill(&mut msg[8..], 0);
+        let mut reply = [0u8; 16];
+        for _ in 0..iters {
+            let t = Instant::now();
+            c.write_all(&msg)?;
+            if !read_full(&mut c, &mut reply)? {
+                bail!("server closed");
+            }
+            lat.push(t.elapsed());
+        }
+    }
+    let wall = start.elapsed();
+    let cpu = cpu_ns() - cpu0;
+    drop(c);
+    lat.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "{}",
+        serde_json::json!({
+            "p50_us": us(lat[lat.len() / 2]),
+            "p99_us": us(lat[lat.len() * 99 / 100]),
+            "wall_us": us(wall),
+            "cpu_ns": cpu,
+            "iters": iters,
+        })
+    );
+    Ok(())
+}
