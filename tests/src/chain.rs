@@ -693,7 +693,9 @@ fn chain_redirected(meshd: Option<&Meshd>) -> anyhow::Result<u64> {
     let Some(m) = meshd else { return Ok(0) };
     let s = m.status()?;
     Ok(s["chains"].as_array().map_or(0, |c| {
-        c.iter().filter_map(|c| c["counters"]["redirected_bytes"].as_u64()).sum()
+        c.iter()
+            .filter_map(|c| c["counters"]["redirected_bytes"].as_u64())
+            .sum()
     }))
 }
 

@@ -20,6 +20,9 @@ pub mod names {
     pub const CHAIN_ALLOW: &str = "spr_allow_v1";
     /// Per-CPU counters per local endpoint: [`super::Addr`] → [`super::Counters`].
     pub const COUNTERS: &str = "spr_counters_v1";
+    /// Sockets that must stay on the TCP path for the rest of their life:
+    /// [`super::SockKey`] → `u32`. LRU, so entries of closed sockets age out.
+    pub const TCP_ONLY: &str = "spr_tcponly_v1";
     /// The sockops program (function name in the object).
     pub const SOCKOPS_PROG: &str = "spright_sockops";
     /// The sk_msg program (function name in the object).
@@ -30,7 +33,7 @@ pub mod names {
     /// Pin of the sk_msg program (attached to the sockhash, which keeps it alive).
     pub const SK_MSG_PROG_PIN: &str = "spr_sk_msg_v1";
     /// Every map that is pinned by name.
-    pub const PINNED_MAPS: [&str; 4] = [SOCKHASH, ENDPOINTS, CHAIN_ALLOW, COUNTERS];
+    pub const PINNED_MAPS: [&str; 5] = [SOCKHASH, ENDPOINTS, CHAIN_ALLOW, COUNTERS, TCP_ONLY];
 }
 
 /// Capacities of the maps.

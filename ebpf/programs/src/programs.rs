@@ -6,7 +6,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS,
     },
     macros::{map, sk_msg, sock_ops},
-    maps::{HashMap, PerCpuHashMap, SockHash},
+    maps::{HashMap, LruHashMap, PerCpuHashMap, SockHash},
     programs::{SkMsgContext, SockOpsContext},
 };
 use spright_common::{
@@ -26,6 +26,13 @@ static CHAIN_ALLOW: HashMap<ChainPair, u32> = HashMap::pinned(limits::MAX_CHAIN_
 
 #[map(name = "spr_counters_v1")]
 static COUNTERS: PerCpuHashMap<Addr, Counters> = PerCpuHashMap::pinned(limits::MAX_ENDPOINTS, 0);
+
+/// Sockets whose messages once took the TCP path (their peer was not yet in
+/// the sockhash). They never redirect afterwards: the receiver reads its
+/// redirect queue before its TCP receive queue, so switching a connection
+/// from TCP to redirect mid-stream could deliver newer bytes first.
+#[map(name = "spr_tcponly_v1")]
+static TCP_ONLY: LruHashMap<SockKey, u32> = LruHashMap::pinned(limits::MAX_SOCKETS, 0);
 
 /// sock_ops entry point. The return value of the established callbacks is
 /// ignored by the kernel; on any internal error the socket simply stays on the
@@ -67,6 +74,8 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
         local_port: lport,
         remote_port: remote_port_to_host(rport),
     };
+    // A new connection reusing the 4-tuple of a closed one starts clean.
+    let _ = TCP_ONLY.remove(&key);
     // SAFETY: `ctx.ops` is the context pointer the kernel handed this program.
     SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY))?;
     bump(&local, |c| c.accelerated_socks += 1);
@@ -152,25 +161,30 @@ fn try_sk_msg(ctx: &SkMsgContext) {
     let Some((local, remote)) = endpoints_of(family, l4, r4, l6, r6) else {
         return;
     };
-    let mut peer = SockKey {
-        local: remote,
-        remote: local,
-        local_port: remote_port_to_host(rport),
-        remote_port: lport,
+    let own = SockKey {
+        local,
+        remote,
+        local_port: lport,
+        remote_port: remote_port_to_host(rport),
     };
-    let verdict = SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS));
     let bytes = u64::from(size);
-    if verdict == i64::from(SK_PASS) {
-        bump(&local, |c| {
-            c.redirected_msgs += 1;
-            c.redirected_bytes += bytes;
-        });
-    } else {
-        bump(&local, |c| {
-            c.fallback_msgs += 1;
-            c.fallback_bytes += bytes;
-        });
+    // The path is decided per connection, never per message: once a message
+    // of this socket went the TCP way, all later ones do too.
+    if TCP_ONLY.get_ptr(own).is_none() {
+        let mut peer = own.reversed();
+        if SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+            bump(&local, |c| {
+                c.redirected_msgs += 1;
+                c.redirected_bytes += bytes;
+            });
+            return;
+        }
+        let _ = TCP_ONLY.insert(own, 1, u64::from(BPF_ANY));
     }
+    bump(&local, |c| {
+        c.fallback_msgs += 1;
+        c.fallback_bytes += bytes;
+    });
 }
 
 /// Both ends of a socket as map keys, from the context's address fields.
