@@ -108,12 +108,14 @@ fn host_mounts(spec: &Value, c: &Value) -> BTreeMap<String, (String, Option<Stri
         .collect()
 }
 
-/// Whether `path` is inside a mount of `c` that maps it to the same host path.
-fn mounted_same(spec: &Value, c: &Value, path: &str) -> Option<Option<String>> {
+/// The mount propagation (`None` by default, as in Kubernetes) of the mount
+/// of `c` that holds `path` at the same path as on the host, if any.
+fn mounted_same(spec: &Value, c: &Value, path: &str) -> Option<String> {
     host_mounts(spec, c)
         .into_iter()
         .find_map(|(at, (host, prop))| {
-            (at == host && Path::new(path).starts_with(&at)).then_some(prop)
+            (at == host && Path::new(path).starts_with(&at))
+                .then(|| prop.unwrap_or_else(|| "None".into()))
         })
 }
 
@@ -175,7 +177,7 @@ fn images_are_ours_at_the_workspace_version_or_pinned() {
                 assert!(script.contains(bin), "build.sh does not package {bin}");
             } else {
                 // Third-party images carry an explicit version tag.
-                let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
+                let tag = image.rsplit_once(':').map_or("", |(_, t)| t);
                 assert!(
                     !tag.is_empty() && tag != "latest" && !tag.contains('/'),
                     "image {image} is not pinned"
@@ -244,7 +246,7 @@ fn meshd_env_and_mounts_match_what_meshd_reads() {
     let bpffs = cm["bpffs"].as_str().unwrap();
     assert_eq!(
         mounted_same(spec, meshd, bpffs),
-        Some(Some("Bidirectional".into())),
+        Some("Bidirectional".into()),
         "meshd must see the host's bpffs at {bpffs}"
     );
     assert!(mounted_same(spec, meshd, cm["state-dir"].as_str().unwrap()).is_some());
@@ -368,7 +370,7 @@ fn csi_driver_name_and_sockets_agree() {
     );
     assert_eq!(
         mounted_same(spec, csi, "/var/lib/kubelet/pods"),
-        Some(Some("Bidirectional".into()))
+        Some("Bidirectional".into())
     );
     let node_id = csi["env"]
         .as_array()
@@ -415,7 +417,7 @@ fn csi_driver_name_and_sockets_agree() {
         .expect("SHM_CSI_REGION_ROOT");
     assert_eq!(
         mounted_same(spec, csi, root),
-        Some(Some("Bidirectional".into())),
+        Some("Bidirectional".into()),
         "the regions live on the host"
     );
 }
