@@ -12,6 +12,7 @@ pub mod cni;
 pub mod meshd;
 pub mod pod;
 pub mod privileged;
+pub mod runtime;
 pub mod sandbox;
 pub mod scenario;
 pub mod shm_csi;

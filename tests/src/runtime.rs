@@ -1,0 +1,285 @@
+//! Real container runtimes (podman, containerd) for the e2e tier, each
+//! confined to what the test owns: temporary roots for storage, state and
+//! configuration (never the machine's global config), processes started
+//! inside the test's node network namespace (`nsenter --net`), containers
+//! placed below the test's cgroup. Guards undo everything on drop.
+
+use std::{
+    io::Write as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+/// Whether an e2e test that needs `tools` can run; like
+/// [`crate::privileged::require`], a missing tool skips outside CI and fails
+/// under `CI=true`.
+#[must_use]
+pub fn require_tools(test: &str, tools: &[&str]) -> bool {
+    if !crate::privileged::require(test) {
+        return false;
+    }
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| {
+            !["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+                .iter()
+                .any(|d| Path::new(d).join(t).exists())
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!(
+        "{} not installed (cargo xtask setup installs them)",
+        missing.join(", ")
+    );
+    assert!(
+        !std::env::var("CI").is_ok_and(|v| v == "true" || v == "1"),
+        "e2e test {test} cannot run in CI: {why}"
+    );
+    eprintln!("SKIPPED e2e test {test}: {why}");
+    false
+}
+
+/// A busybox root filesystem (static busybox plus applet links) in `dir`.
+pub fn busybox_rootfs(dir: &Path) -> anyhow::Result<()> {
+    for d in ["bin", "etc", "tmp", "www", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).context("copying /bin/busybox")?;
+    for applet in [
+        "sh", "httpd", "wget", "cat", "echo", "sleep", "ip", "ls", "nc", "true", "timeout",
+    ] {
+        std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet))?;
+    }
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
+    std::fs::write(dir.join("etc/group"), "root:x:0:\n")?;
+    std::fs::write(dir.join("www/index.html"), "spright-e2e\n")?;
+    Ok(())
+}
+
+/// The cgroup v1 directories a runtime creates with cgroupfs for a parent
+/// named like the test's cgroup (`/sys/fs/cgroup/<controller>/<name>`), and
+/// whatever the runtime left below the test's v2 cgroup: removed bottom-up
+/// on drop. Must drop before the [`crate::sandbox::Cgroup`] of the same name.
+#[derive(Debug)]
+pub struct RuntimeCgroups {
+    pub name: String,
+}
+
+impl Drop for RuntimeCgroups {
+    fn drop(&mut self) {
+        let Ok(ctrls) = std::fs::read_dir("/sys/fs/cgroup") else {
+            return;
+        };
+        for c in ctrls.flatten() {
+            let top = c.path().join(&self.name);
+            if !top.is_dir() {
+                continue;
+            }
+            let unified = spright_ebpf::cgroup2_mount().is_some_and(|m| m == c.path());
+            // The v2 top itself belongs to the sandbox's Cgroup guard.
+            remove_tree(&top, !unified);
+        }
+    }
+}
+
+/// Removes a cgroup tree bottom-up (kills nothing: its processes belong to
+/// containers the runtime already removed); `top` too when `remove_top`.
+fn remove_tree(dir: &Path, remove_top: bool) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path(), true);
+            }
+        }
+    }
+    if remove_top {
+        for _ in 0..50 {
+            match std::fs::remove_dir(dir) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        eprintln!("cleanup: could not remove cgroup {}", dir.display());
+    }
+}
+
+/// A spright conflist for a runtime: the plugin attaches at `cgroup`, pins in
+/// `bpffs`, records to `state_dir`; host-local hands out `subnet`.
+pub fn spright_conflist(
+    name: &str,
+    bridge: &str,
+    subnet: &str,
+    cgroup: &Path,
+    bpffs: &Path,
+    dir: &Path,
+) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": name,
+        "plugins": [{
+            "type": "spright-cni",
+            "bridge": bridge,
+            "stateDir": dir.join("state"),
+            "cgroup": cgroup,
+            "bpffs": bpffs,
+            "logFile": dir.join("cni.log"),
+            "capabilities": { "io.kubernetes.cri.pod-annotations": true },
+            "ipam": {
+                "type": "host-local",
+                "dataDir": dir.join("ipam"),
+                "ranges": [[{ "subnet": subnet }]],
+                "routes": [{ "dst": "0.0.0.0/0" }],
+            },
+        }],
+    })
+}
+
+/// A CNI plugin directory holding the workspace's spright-cni.
+pub fn cni_bin_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    let bin = dir.join("cni-bin");
+    std::fs::create_dir_all(&bin)?;
+    std::os::unix::fs::symlink(crate::cni::plugin_bin(), bin.join("spright-cni"))?;
+    Ok(bin)
+}
+
+/// podman with its own storage, run root, tmp dir, CNI config dir and
+/// containers.conf under `dir`, executed inside the node namespace. On drop
+/// every container is removed (which runs CNI DEL).
+#[derive(Debug)]
+pub struct Podman {
+    pub dir: PathBuf,
+    pub node_netns: PathBuf,
+}
+
+impl Podman {
+    /// Configures podman under `dir` (CNI backend, cgroupfs, runc, vfs, file
+    /// locks) with `cni_bin` before the reference plugins.
+    pub fn new(dir: &Path, node_netns: &Path, cni_bin: &Path) -> anyhow::Result<Self> {
+        for d in ["root", "runroot", "tmp", "net.d"] {
+            std::fs::create_dir_all(dir.join(d))?;
+        }
+        let conf = format!(
+            r#"[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+events_logfile_path = "{d}/events.log"
+tmp_dir = "{d}/tmp"
+lock_type = "file"
+[network]
+network_backend = "cni"
+cni_plugin_dirs = ["{bin}", "{reference}"]
+network_config_dir = "{d}/net.d"
+"#,
+            d = dir.display(),
+            bin = cni_bin.display(),
+            reference = crate::cni::REFERENCE_PLUGINS,
+        );
+        std::fs::write(dir.join("containers.conf"), conf)?;
+        std::fs::write(
+            dir.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"vfs\"\ngraphroot = \"{d}/root\"\nrunroot = \"{d}/runroot\"\n",
+                d = dir.display()
+            ),
+        )?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            node_netns: node_netns.to_owned(),
+        })
+    }
+
+    /// Adds a network (a conflist named after it).
+    pub fn add_network(&self, conflist: &Value) -> anyhow::Result<()> {
+        let name = conflist["name"].as_str().context("conflist name")?;
+        std::fs::write(
+            self.dir.join("net.d").join(format!("{name}.conflist")),
+            serde_json::to_vec_pretty(conflist)?,
+        )?;
+        Ok(())
+    }
+
+    /// A podman command (inside the node namespace) with extra environment.
+    pub fn command(&self, env: &[(&str, &str)], args: &[&str]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.node_netns.display()))
+            .arg("podman")
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--runroot")
+            .arg(self.dir.join("runroot"))
+            .args(args)
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"))
+            .env_remove("CNI_ARGS");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Runs podman; fails with its stderr.
+    pub fn run(&self, env: &[(&str, &str)], args: &[&str]) -> anyhow::Result<String> {
+        let out = self.command(env, args).output().context("running podman")?;
+        check(&out, &format!("podman {}", args.join(" ")))
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        if let Err(e) = self.run(&[], &["rm", "--all", "--force", "--time", "0"]) {
+            eprintln!("cleanup: {e:#}");
+        }
+    }
+}
+
+/// stdout of a finished command, or an error with its stderr.
+pub fn check(out: &Output, what: &str) -> anyhow::Result<String> {
+    if !out.status.success() {
+        bail!(
+            "`{what}` failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Retries `f` until it succeeds (at most `timeout`, every 100 ms).
+pub fn retry<T>(timeout: Duration, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// The redirect counters of `ip` in the datapath pinned at `bpffs`
+/// (redirected messages, redirected bytes).
+pub fn redirected(bpffs: &Path, ip: IpAddr) -> anyhow::Result<(u64, u64)> {
+    let dp = spright_ebpf::Datapath::open(bpffs)?;
+    let c = dp.counters(ip)?;
+    Ok((c.redirected_msgs, c.redirected_bytes))
+}
+
+/// Writes `text` to a new file (for configs built as strings).
+pub fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! podman (CNI backend) as a runtime for spright-cni, and the node image.
+//!
+//! podman runs inside a node network namespace the test owns (so the bridge
+//! and pod addresses never touch the root namespace), with its own storage,
+//! run root and containers.conf in a temporary directory, and places
+//! containers below the test's cgroup (`--cgroup-parent`, cgroupfs): runc
+//! creates `<v2>/<test cgroup>/libpod-<id>` next to the v1 controllers, so
+//! the programs attached at the test's cgroup see the containers' sockets.
+//! podman passes no pod annotations; the chain comes from `CNI_ARGS`
+//! (`SPRIGHT_CHAIN=...`), which podman forwards to the plugins.
+
+use std::{net::IpAddr, path::Path, time::Duration};
+
+use spright_tests::{
+    runtime::{self, Podman, RuntimeCgroups, redirected, retry},
+    sandbox::{Cgroup, Netns, PinDir, workspace_bin},
+};
+
+const SUBNET: &str = "10.213.21.0/24";
+
+/// What one podman test owns. Fields drop in order: containers first
+/// (CNI DEL), then leftovers of the runtime's cgroups, the datapath, the
+/// cgroup, the node namespace, the files.
+struct Setup {
+    podman: Podman,
+    _runtime_cgroups: RuntimeCgroups,
+    pins: PinDir,
+    cgroup: Cgroup,
+    node: Netns,
+    dir: tempfile::TempDir,
+    name: String,
+}
+
+impl Setup {
+    fn new(tag: &str) -> Self {
+        let name = spright_tests::sandbox::unique(tag);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{name}-"))
+            .tempdir()
+            .unwrap();
+        let node = Netns::create(format!("{name}-node")).unwrap();
+        let cgroup = Cgroup::create(&name).unwrap();
+        let pins = PinDir::create(&name).unwrap();
+        let runtime_cgroups = RuntimeCgroups { name: name.clone() };
+        let bin = runtime::cni_bin_dir(dir.path()).unwrap();
+        let podman = Podman::new(&dir.path().join("podman"), &node.path(), &bin).unwrap();
+        Self {
+            podman,
+            _runtime_cgroups: runtime_cgroups,
+            pins,
+            cgroup,
+            node,
+            dir,
+            name,
+        }
+    }
+
+    fn rootfs(&self) -> String {
+        let r = self.dir.path().join("rootfs");
+        if !r.exists() {
+            runtime::busybox_rootfs(&r).unwrap();
+        }
+        r.display().to_string()
+    }
+
+    fn state_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("state")
+    }
+}
+
+/// Starts a busybox httpd container on network `net` (chain via CNI_ARGS).
+fn serve(s: &Setup, name: &str, net: &str, chain: Option<&str>) -> IpAddr {
+    let args = chain.map(|c| format!("{}={c}", spright_endpoint::CNI_ARG_CHAIN));
+    let env: Vec<(&str, &str)> = args.iter().map(|a| ("CNI_ARGS", a.as_str())).collect();
+    let parent = format!("/{}", s.name);
+    let rootfs = s.rootfs();
+    s.podman
+        .run(
+            &env,
+            &[
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--network",
+                net,
+                "--cgroup-parent",
+                &parent,
+                "--rootfs",
+                &rootfs,
+                "/bin/httpd",
+                "-f",
+                "-p",
+                "8080",
+                "-h",
+                "/www",
+            ],
+        )
+        .unwrap();
+    let ip = s
+        .podman
+        .run(
+            &[],
+            &[
+                "inspect",
+                "-f",
+                &format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}"),
+                name,
+            ],
+        )
+        .unwrap();
+    ip.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{name} ip {ip:?}: {e}"))
+}
+
+/// `wget` from inside container `from` (a process in its cgroup and netns).
+fn fetch(s: &Setup, from: &str, to: IpAddr) -> anyhow::Result<String> {
+    retry(Duration::from_secs(5), || {
+        s.podman.run(
+            &[],
+            &[
+                // busybox-static 1.35 segfaults on `wget -T`: bound it with timeout.
+                "exec",
+                from,
+                "timeout",
+                "5",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                &format!("http://{to}:8080/"),
+            ],
+        )
+    })
+}
+
+#[test]
+fn e2e_podman_chain_over_cni_args() {
+    if !runtime::require_tools(
+        "e2e_podman_chain_over_cni_args",
+        &["podman", "runc", "conmon"],
+    ) {
+        return;
+    }
+    let s = Setup::new("pm");
+    let conflist = runtime::spright_conflist(
+        "spright",
+        "sprpm0",
+        SUBNET,
+        &s.cgroup.path,
+        &s.pins.path,
+        s.dir.path(),
+    );
+    s.podman.add_network(&conflist).unwrap();
+
+    let a = serve(&s, "fn-a", "spright", Some("demo"));
+    let b = serve(&s, "fn-b", "spright", Some("demo"));
+    let outsider = serve(&s, "outsider", "spright", None);
+    let records = spright_endpoint::list(&s.state_dir()).unwrap();
+    assert_eq!(records.len(), 3, "one record per container");
+    let netns_paths: Vec<String> = records
+        .iter()
+        .filter_map(|l| l.1.as_ref().ok())
+        .map(|r| r.netns.clone())
+        .collect();
+    let chains: Vec<Option<String>> = records
+        .iter()
+        .filter_map(|l| l.1.as_ref().ok())
+        .map(|r| r.chain.clone())
+        .collect();
+    assert_eq!(
+        chains
+            .iter()
+            .filter(|c| c.as_deref() == Some("demo"))
+            .count(),
+        2,
+        "SPRIGHT_CHAIN from CNI_ARGS reached the records: {chains:?}"
+    );
+
+    // The two chain containers reach each other, and their connections go
+    // socket to socket.
+    assert_eq!(fetch(&s, "fn-a", b).unwrap().trim(), "spright-e2e");
+    assert_eq!(fetch(&s, "fn-b", a).unwrap().trim(), "spright-e2e");
+    let (msgs_a, bytes_a) = redirected(&s.pins.path, a).unwrap();
+    let (msgs_b, bytes_b) = redirected(&s.pins.path, b).unwrap();
+    assert!(
+        msgs_a > 0 && msgs_b > 0 && bytes_a > 0 && bytes_b > 0,
+        "chain hops were not redirected: a {msgs_a}/{bytes_a}, b {msgs_b}/{bytes_b}"
+    );
+    // The outsider reaches them too, over the normal path: no redirect.
+    assert_eq!(fetch(&s, "outsider", a).unwrap().trim(), "spright-e2e");
+    assert_eq!(fetch(&s, "fn-a", outsider).unwrap().trim(), "spright-e2e");
+    assert_eq!(redirected(&s.pins.path, outsider).unwrap(), (0, 0));
+    assert_eq!(
+        redirected(&s.pins.path, a).unwrap().0,
+        msgs_a,
+        "a connection with the outsider was redirected"
+    );
+
+    // Removing the containers removes every trace (CNI DEL).
+    s.podman
+        .run(
+            &[],
+            &["rm", "--force", "--time", "0", "fn-a", "fn-b", "outsider"],
+        )
+        .unwrap();
+    assert!(spright_endpoint::list(&s.state_dir()).unwrap().is_empty());
+    let links = s.node.ip(&["-o", "link", "show"]).unwrap();
+    assert_eq!(
+        links.lines().count(),
+        2,
+        "only lo and the bridge remain in the node: {links}"
+    );
+    let ipam = s.dir.path().join("ipam/spright");
+    let left: Vec<String> = std::fs::read_dir(&ipam)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "lock" && !n.starts_with("last_reserved_ip"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "IP allocations left: {left:?}");
+    let dp = spright_ebpf::Datapath::open(&s.pins.path).unwrap();
+    assert!(
+        dp.endpoints().unwrap().is_empty(),
+        "endpoint map entries left"
+    );
+    for ns in netns_paths {
+        assert!(!Path::new(&ns).exists(), "pod netns {ns} left");
+    }
+}
+
+#[test]
+fn e2e_image_runs_meshd_and_installs_the_cni() {
+    if !runtime::require_tools(
+        "e2e_image_runs_meshd_and_installs_the_cni",
+        &["podman", "runc", "conmon", "strip"],
+    ) {
+        return;
+    }
+    let s = Setup::new("im");
+    // The image packages these (build.sh); never yesterday's binaries.
+    let bin_dir = workspace_bin("meshd")
+        .canonicalize()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_owned();
+    workspace_bin("spright");
+    workspace_bin("spright-cni");
+    let image = format!("ghcr.io/spright-dev/spright:{}", env!("CARGO_PKG_VERSION"));
+    let podman_cmd = format!(
+        "podman --root {d}/root --runroot {d}/runroot",
+        d = s.podman.dir.display()
+    );
+    let out = std::process::Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/image/build.sh"),
+    )
+    .env("PROFILE", bin_dir.file_name().unwrap())
+    .env("TARGET", bin_dir.parent().unwrap())
+    .env("PODMAN", &podman_cmd)
+    .env("CONTAINERS_CONF", s.podman.dir.join("containers.conf"))
+    .env("CONTAINERS_STORAGE_CONF", s.podman.dir.join("storage.conf"))
+    .env("TMPDIR", s.dir.path())
+    .output()
+    .unwrap();
+    let built = runtime::check(&out, "manifests/image/build.sh").unwrap();
+    assert_eq!(built.trim(), image);
+
+    // install-cni.sh from the ConfigMap, run in the image against a fake host.
+    let host = s.dir.path().join("host");
+    for d in ["opt/cni/bin", "etc/cni/net.d", "etc/spright", "config"] {
+        std::fs::create_dir_all(host.join(d)).unwrap();
+    }
+    let cm = configmap_data();
+    for key in ["install-cni.sh", "10-spright.conflist"] {
+        std::fs::write(host.join("config").join(key), cm[key].as_str().unwrap()).unwrap();
+    }
+    std::fs::write(host.join("etc/spright/pod-cidr"), "10.213.22.0/24\n").unwrap();
+    let vol = |h: &str, c: &str| format!("{}:{c}", host.join(h).display());
+    s.podman
+        .run(
+            &[],
+            &[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--read-only",
+                "-v",
+                &vol("config", "/etc/spright:ro"),
+                "-v",
+                &vol("opt/cni/bin", "/host/opt/cni/bin"),
+                "-v",
+                &vol("etc/cni/net.d", "/host/etc/cni/net.d"),
+                "-v",
+                &vol("etc/spright", "/host/etc/spright:ro"),
+                &image,
+                "/bin/sh",
+                "/etc/spright/install-cni.sh",
+            ],
+        )
+        .unwrap();
+    let conf: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(host.join("etc/cni/net.d/10-spright.conflist")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        conf["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
+        "10.213.22.0/24"
+    );
+    let installed = host.join("opt/cni/bin/spright-cni");
+    let version = std::process::Command::new(&installed)
+        .env("CNI_COMMAND", "VERSION")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&version.stdout).contains("1.1.0"),
+        "the installed plugin answers VERSION"
+    );
+
+    // meshd from the image, on the node's network, with the host's bpffs,
+    // cgroup tree and a state dir, as the DaemonSet runs it.
+    let state = s.dir.path().join("meshd-state");
+    std::fs::create_dir_all(spright_endpoint::records_dir(&state)).unwrap();
+    let env_args = [
+        format!("SPRIGHT_CGROUP={}", s.cgroup.path.display()),
+        format!("SPRIGHT_BPFFS={}", s.pins.path.display()),
+        "SPRIGHT_STATE_DIR=/var/lib/spright".to_owned(),
+        "SPRIGHT_METRICS_ADDR=127.0.0.1:9943".to_owned(),
+        "SPRIGHT_RESCAN_SECS=1".to_owned(),
+    ];
+    let mut args: Vec<String> = [
+        "run",
+        "-d",
+        "--name",
+        "meshd",
+        "--network",
+        "host",
+        "--privileged",
+        "--cgroup-parent",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    args.push(format!("/{}", s.name));
+    for e in &env_args {
+        args.extend(["--env".to_owned(), e.clone()]);
+    }
+    args.extend([
+        "-v".to_owned(),
+        "/sys/fs/bpf:/sys/fs/bpf:rshared".to_owned(),
+        "-v".to_owned(),
+        "/sys/fs/cgroup:/sys/fs/cgroup".to_owned(),
+        "-v".to_owned(),
+        format!("{}:/var/lib/spright", state.display()),
+        image.clone(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    s.podman.run(&[], &args).unwrap();
+    let status = retry(Duration::from_secs(30), || {
+        let ready = s.node.exec(
+            "timeout",
+            &[
+                "3",
+                "busybox",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                "http://127.0.0.1:9943/readyz",
+            ],
+        )?;
+        anyhow::ensure!(!ready.is_empty(), "not ready");
+        s.node.exec(
+            "timeout",
+            &[
+                "3",
+                "busybox",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                "http://127.0.0.1:9943/status",
+            ],
+        )
+    })
+    .unwrap_or_else(|e| {
+        let logs = s.podman.run(&[], &["logs", "meshd"]).unwrap_or_default();
+        panic!("meshd in the image never became ready: {e:#}\n{logs}")
+    });
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["acceleration"]["enabled"], true, "{status:#}");
+    assert_eq!(
+        status["acceleration"]["cgroup"],
+        s.cgroup.path.display().to_string(),
+        "{status:#}"
+    );
+    // The programs are pinned on the host: they outlive the container.
+    s.podman
+        .run(&[], &["rm", "--force", "--time", "5", "meshd"])
+        .unwrap();
+    assert!(spright_ebpf::Datapath::open(&s.pins.path).is_ok());
+}
+
+fn configmap_data() -> serde_json::Value {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/configmap.yaml"),
+    )
+    .unwrap();
+    let cm: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+    cm["data"].clone()
+}
