@@ -67,6 +67,9 @@ pub struct Stats {
     pub chunks_used: u32,
     /// Free slots on each class's free list.
     pub free: [u32; 8],
+    /// Slots carved for each class (all of them are free when nothing is
+    /// owned or in flight).
+    pub carved: [u32; 8],
 }
 
 fn stride(class: usize) -> u64 {
@@ -347,10 +350,18 @@ impl Pool {
                 unit = u64::from(self.map.u32_at(unit * UNIT + S_NEXT).load(Acquire));
             }
         }
+        let chunks_used = self.map.u32_at(H_NEXT_CHUNK).load(Acquire);
+        let mut carved = [0u32; 8];
+        for n in 0..chunks_used {
+            if let Some(class) = self.class_of_chunk(n) {
+                carved[class] += u32::try_from(CHUNK / stride(class)).expect("small");
+            }
+        }
         Stats {
             chunks: self.nchunks(),
-            chunks_used: self.map.u32_at(H_NEXT_CHUNK).load(Acquire),
+            chunks_used,
             free,
+            carved,
         }
     }
 }
@@ -599,5 +610,6 @@ mod tests {
         });
         let s = p.stats();
         assert!(s.chunks_used <= s.chunks);
+        assert_eq!(s.free, s.carved, "every slot is back on its list");
     }
 }

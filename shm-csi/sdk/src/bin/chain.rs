@@ -140,13 +140,15 @@ fn gateway(pool: &Pool, conn: TcpStream, next: &str) -> Res<()> {
         let mut buf = match pool.alloc(len) {
             Ok(b) => b,
             Err(e) => {
+                // Consume the body so the client sees the answer, not a reset.
+                std::io::copy(&mut (&mut r).take(len as u64), &mut std::io::sink())?;
                 let msg = e.to_string();
                 write!(
                     out,
                     "HTTP/1.1 413 Payload Too Large\r\ncontent-length: {}\r\n\r\n{msg}",
                     msg.len()
                 )?;
-                return Ok(());
+                continue;
             }
         };
         // The body goes from the socket straight into shared memory.
