@@ -186,24 +186,30 @@ fn ping(args: &mut Vec<String>) -> anyhow::Result<()> {
     let mut c = TcpStream::connect(&addr).with_context(|| format!("connecting {addr}"))?;
     c.set_nodelay(true)?;
     let mut lat = Vec::with_capacity(iters);
-    let cpu0 = cpu_ns();
-    let start = Instant::now();
+    // Set-up (allocating and filling the payload) is not part of a hop.
+    let mut d = None;
+    let mut msg = Vec::new();
     if shm {
-        let pool = pool.context("--region is required in shm mode")?;
+        let pool = pool.as_ref().context("--region is required in shm mode")?;
         let mut b = pool.alloc(size)?;
         spright_tests::pattern::fill(&mut b, 0);
-        let mut d = b.into_descriptor();
+        d = Some(b.into_descriptor());
+    } else {
+        msg = vec![0u8; 8 + size];
+        msg[..8].copy_from_slice(&(size as u64).to_le_bytes());
+        spright_tests::pattern::fill(&mut msg[8..], 0);
+    }
+    let cpu0 = cpu_ns();
+    let start = Instant::now();
+    if let Some(mut d) = d {
         for _ in 0..iters {
             let t = Instant::now();
             send(&mut c, d)?;
             d = recv(&mut c)?.context("server closed")?;
             lat.push(t.elapsed());
         }
-        drop(pool.take(d)?);
+        drop(pool.as_ref().expect("shm mode").take(d)?);
     } else {
-        let mut msg = vec![0u8; 8 + size];
-        msg[..8].copy_from_slice(&(size as u64).to_le_bytes());
-        spright_tests::pattern::fill(&mut msg[8..], 0);
         let mut reply = [0u8; 16];
         for _ in 0..iters {
             let t = Instant::now();

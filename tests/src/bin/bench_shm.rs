@@ -1,0 +1,183 @@
+//! `bench-shm`: per-hop latency and CPU per request versus payload size
+//! (64 B … 1 MiB) on three paths, measured in one run between two pods of a
+//! simulated node:
+//!
+//! - `tcp`: the payload crosses veth + bridge TCP (spright's programs attached
+//!   but the pods in no chain, so they decide "no redirect");
+//! - `sockmap`: the same pods in one chain, payload redirected socket to socket;
+//! - `shm`: the same chain, the payload sits in a shared-memory pool
+//!   (spright-shm) and only its 16-byte descriptor crosses the redirected socket.
+//!
+//! A hop is one request and a 16-byte reply; the receiver reads the whole
+//! payload (`tcp`, `sockmap`) or takes the buffer and touches its first and
+//! last byte in place (`shm`). Both processes are pinned to CPU 0 with
+//! `taskset`; latency is the median of the per-hop p50 over three runs; CPU
+//! per request is client + server CPU time (scheduler accounting) divided by
+//! the requests. Ratios are against `tcp` from the same run. Needs root.
+//!
+//! Usage: `bench-shm [--quick]`.
+
+use std::{net::IpAddr, time::Duration};
+
+use anyhow::{Context as _, ensure};
+use spright_ebpf::{Datapath, EndpointValue, chain_id};
+use spright_tests::{
+    sandbox::{Peer, Sandbox, workspace_bin},
+    shm_csi::MountDir,
+};
+
+const T: Duration = Duration::from_mins(2);
+const SIZES: [usize; 6] = [64, 1 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20];
+const PATHS: [&str; 3] = ["tcp", "sockmap", "shm"];
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    spright_tests::privileged::check().map_err(|e| anyhow::anyhow!("bench-shm needs root: {e}"))?;
+    let mut sb = Sandbox::new("bs")?;
+    let (a, b) = (sb.add_pod()?, sb.add_pod()?);
+    let (mut dp, _) = Datapath::ensure(&sb.placement())?;
+    let dir = MountDir::new()?;
+    let region = dir.tmpfs("region", "64m")?;
+
+    let mut rows = Vec::new();
+    let mut port = 7300u16;
+    for &size in &SIZES {
+        let mut row = serde_json::json!({ "size": size });
+        for path in PATHS {
+            let chain = if path == "tcp" {
+                0
+            } else {
+                chain_id("default", "bench")
+            };
+            for pod in [a, b] {
+                for ip in [IpAddr::V4(sb.pods[pod].ip), IpAddr::V6(sb.pods[pod].ip6)] {
+                    dp.upsert_endpoint(
+                        ip,
+                        EndpointValue {
+                            chain_id: chain,
+                            ..Default::default()
+                        },
+                    )?;
+                }
+            }
+            let runs = if quick { 1 } else { 3 };
+            let iters = (100_000_000 / size).clamp(200, if quick { 1_000 } else { 5_000 });
+            let (mut p50s, mut cpus) = (Vec::new(), Vec::new());
+            for _ in 0..runs {
+                port += 1;
+                let addr = std::net::SocketAddr::new(sb.pods[b].ip.into(), port).to_string();
+                let mode = if path == "shm" { "shm" } else { "tcp" };
+                let region_args = ["--region", region.to_str().context("utf-8 path")?];
+                let extra: &[&str] = if path == "shm" { &region_args } else { &[] };
+                let mut srv_args = vec!["serve", "--listen", &addr, "--mode", mode];
+                srv_args.extend_from_slice(extra);
+                let srv = worker(&sb, b, &srv_args)?;
+                ensure!(srv.line(T)? == "ready", "server did not start");
+                let (size_s, iters_s) = (size.to_string(), iters.to_string());
+                let mut cli_args = vec![
+                    "ping",
+                    "--connect",
+                    &addr,
+                    "--mode",
+                    mode,
+                    "--size",
+                    &size_s,
+                    "--iters",
+                    &iters_s,
+                ];
+                cli_args.extend_from_slice(extra);
+                let cli = worker(&sb, a, &cli_args)?;
+                let c = cli
+                    .report(T)
+                    .with_context(|| format!("{path} at {size} B"))?;
+                let s = srv.report(T)?;
+                cli.finish(T)?;
+                srv.finish(T)?;
+                p50s.push(c["p50_us"].as_f64().context("p50_us")?);
+                let cpu = c["cpu_ns"].as_f64().unwrap_or(0.0) + s["cpu_ns"].as_f64().unwrap_or(0.0);
+                cpus.push(cpu / iters as f64 / 1000.0);
+            }
+            let (p50, cpu) = (median(p50s), median(cpus));
+            eprintln!("  {size:>8} B  {path:<8} hop p50 {p50:>8.1} µs  cpu/req {cpu:>8.1} µs");
+            row[path] = serde_json::json!({ "p50_us": p50, "cpu_us": cpu });
+        }
+        rows.push(row);
+    }
+    drop(dp);
+    drop(sb);
+    print_table(&rows);
+    let out = std::path::Path::new("target/bench");
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("shm.json"), serde_json::to_string_pretty(&rows)?)?;
+    println!("\nresults written to target/bench/shm.json");
+    Ok(())
+}
+
+/// `taskset -c 0 spright-shm-worker --cgroup CG --netns POD ARGS` (a process of pod `pod`).
+fn worker(sb: &Sandbox, pod: usize, args: &[&str]) -> anyhow::Result<Peer> {
+    let mut cmd = std::process::Command::new("taskset");
+    cmd.args(["-c", "0"])
+        .arg(workspace_bin("spright-shm-worker"))
+        .arg("--cgroup")
+        .arg(&sb.cgroup.path)
+        .arg("--netns")
+        .arg(sb.pods[pod].ns.path())
+        .args(args);
+    Peer::spawn_command(cmd)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn print_table(rows: &[serde_json::Value]) {
+    println!(
+        "\nOne hop (request + 16-byte reply), both ends on CPU 0; medians of 3; ratios vs tcp"
+    );
+    println!(
+        "{:>8} | {:>9} {:>9} {:>9} {:>8} {:>8} | {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "size",
+        "p50 tcp",
+        "sockmap",
+        "shm",
+        "sockmap",
+        "shm",
+        "cpu tcp",
+        "sockmap",
+        "shm",
+        "sockmap",
+        "shm"
+    );
+    println!(
+        "{:>8} | {:>9} {:>9} {:>9} {:>8} {:>8} | {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "bytes",
+        "µs",
+        "µs",
+        "µs",
+        "speedup",
+        "speedup",
+        "µs/req",
+        "µs/req",
+        "µs/req",
+        "ratio",
+        "ratio"
+    );
+    for r in rows {
+        let g = |p: &str, k: &str| r[p][k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:>8} | {:>9.1} {:>9.1} {:>9.1} {:>7.2}x {:>7.2}x | {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2}",
+            r["size"].as_u64().unwrap_or(0),
+            g("tcp", "p50_us"),
+            g("sockmap", "p50_us"),
+            g("shm", "p50_us"),
+            g("tcp", "p50_us") / g("sockmap", "p50_us"),
+            g("tcp", "p50_us") / g("shm", "p50_us"),
+            g("tcp", "cpu_us"),
+            g("sockmap", "cpu_us"),
+            g("shm", "cpu_us"),
+            g("sockmap", "cpu_us") / g("tcp", "cpu_us"),
+            g("shm", "cpu_us") / g("tcp", "cpu_us"),
+        );
+    }
+}
