@@ -84,6 +84,10 @@ impl Drop for RuntimeCgroups {
                 continue;
             }
             let unified = spright_ebpf::cgroup2_mount().is_some_and(|m| m == c.path());
+            if unified {
+                // Containers a failed test left running (only ours live here).
+                kill_cgroup_tree(&top);
+            }
             // The v2 top itself belongs to the sandbox's Cgroup guard.
             remove_tree(&top, !unified);
         }
@@ -282,4 +286,189 @@ pub fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
     let mut f = std::fs::File::create(path)?;
     f.write_all(text.as_bytes())?;
     Ok(())
+}
+
+/// A containerd (with its CRI plugin) started by the test inside the node
+/// namespace, with root, state, sockets and config under `dir`. On drop:
+/// the shims it started (found by their `-address` under `dir`) and
+/// containerd itself are killed by pid, and mounts left under `dir` are
+/// lazily unmounted.
+pub struct Containerd {
+    child: std::process::Child,
+    pub dir: PathBuf,
+    pub address: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Containerd {
+    /// Writes a version-2 config (CRI: `sandbox_image`, native snapshotter,
+    /// runc v2 with cgroupfs, CNI from `cni_bin`/`cni_conf`) and starts
+    /// containerd; waits (≤ 30 s) for its socket.
+    pub fn start(
+        dir: &Path,
+        node_netns: &Path,
+        sandbox_image: &str,
+        cni_bin: &Path,
+        cni_conf: &Path,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let address = dir.join("containerd.sock");
+        let d = dir.display();
+        let config = format!(
+            r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{sandbox_image}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+  # CAP_SYS_RESOURCE is missing here: a negative oom_score_adj (the CRI
+  # gives sandboxes -998) would make runc's init fail.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "{d}/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{bin}"
+    conf_dir = "{conf}"
+    max_conf_num = 1
+"#,
+            sock = address.display(),
+            bin = cni_bin.display(),
+            conf = cni_conf.display(),
+        );
+        std::fs::write(dir.join("config.toml"), config)?;
+        let log = dir.join("containerd.log");
+        let log_file = std::fs::File::create(&log)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", node_netns.display()))
+            .arg("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .stdin(std::process::Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("starting containerd")?;
+        let c = Self {
+            child,
+            dir: dir.to_owned(),
+            address,
+            log,
+        };
+        retry(Duration::from_secs(30), || {
+            anyhow::ensure!(
+                std::os::unix::net::UnixStream::connect(&c.address).is_ok(),
+                "containerd socket not up; log:\n{}",
+                c.log_text()
+            );
+            Ok(())
+        })?;
+        Ok(c)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `ctr --address ... -n k8s.io ARGS`.
+    pub fn ctr(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.address)
+            .args(["-n", "k8s.io"])
+            .args(args)
+            .output()?;
+        check(&out, &format!("ctr {}", args.join(" ")))
+    }
+
+    /// Pids of the shims this containerd started.
+    fn shims(&self) -> Vec<i32> {
+        let needle = self.address.display().to_string();
+        std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                    .filter(|pid| {
+                        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                            let c = String::from_utf8_lossy(&c);
+                            c.contains("containerd-shim") && c.contains(&needle)
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for pid in self.shims() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        unmount_below(&self.dir);
+        // The shims' socket directory is fixed in containerd 1.6; remove it
+        // (and its parent) only when nothing else uses them.
+        let _ = std::fs::remove_dir("/run/containerd/s");
+        let _ = std::fs::remove_dir("/run/containerd");
+    }
+}
+
+/// Network namespace files a runtime created for the test's pods
+/// (`/run/netns/cni-...`); on drop, those still present (the test failed
+/// before removing its sandboxes) are unmounted and removed.
+#[derive(Debug, Default)]
+pub struct RuntimeNetns(pub std::cell::RefCell<Vec<PathBuf>>);
+
+impl Drop for RuntimeNetns {
+    fn drop(&mut self) {
+        for p in self.0.borrow().iter().filter(|p| p.exists()) {
+            let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+            if let Err(e) = std::fs::remove_file(p) {
+                eprintln!("cleanup: removing {}: {e}", p.display());
+            }
+        }
+    }
+}
+
+/// Lazily unmounts every mount point below `dir` (deepest first).
+pub fn unmount_below(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| Path::new(p).starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        if let Err(e) = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH) {
+            eprintln!("cleanup: unmounting {p}: {e}");
+        }
+    }
+}
+
+/// Kills every process below the test's v2 cgroup `path` (`cgroup.kill`,
+/// which covers the whole subtree): only the test's containers live there.
+pub fn kill_cgroup_tree(path: &Path) {
+    let _ = std::fs::write(path.join("cgroup.kill"), "1");
 }
