@@ -424,3 +424,84 @@ fn privileged_shm_csi_aborted_and_fallback() {
     c.unpublish("v2", &t).unwrap();
     assert_eq!(dir.mounts(), Vec::<PathBuf>::new());
 }
+
+fn record(state: &Path, pod: &str, chain: &str) {
+    spright_endpoint::write(
+        state,
+        &spright_endpoint::Record {
+            version: spright_endpoint::RECORD_VERSION,
+            container_id: format!("c-{pod}"),
+            ifname: "eth0".into(),
+            netns: "/proc/self/ns/net".into(),
+            network: "test".into(),
+            ips: vec![],
+            pod: spright_endpoint::PodRef {
+                namespace: "default".into(),
+                name: pod.into(),
+                uid: String::new(),
+            },
+            chain: Some(chain.into()),
+            function: None,
+            redirect: true,
+            host_ifname: None,
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn privileged_shm_csi_restart_without_state_and_readonly() {
+    if !privileged::require("privileged_shm_csi_restart_without_state_and_readonly") {
+        return;
+    }
+    let dir = MountDir::new().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    record(state.path(), "pa", "delta");
+    record(state.path(), "pb", "delta");
+    let closed = "127.0.0.1:1";
+    let flags = ["--state-dir", state.path().to_str().unwrap()];
+    let csi_dir = dir.path().join("csi");
+    let csi = ShmCsi::start(&csi_dir, closed, &flags).unwrap();
+    let mut c = csi.client().unwrap();
+
+    // Read-only publish: the pod can read the region but not write it.
+    let (r, ta) = publish(&mut c, &dir, "va", "default", "pa", &[("chain", "delta")]);
+    assert_eq!(r, Code::Ok);
+    std::fs::write(ta.join("f"), b"rw").unwrap();
+    let tb = target(&dir, "vb");
+    let mut req = ephemeral_publish("vb", &tb, "default", "pb", "", &[("chain", "delta")]);
+    req.readonly = true;
+    assert_eq!(code(c.publish(req)), Code::Ok);
+    assert_eq!(std::fs::read(tb.join("f")).unwrap(), b"rw");
+    let e = std::fs::write(tb.join("g"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(nix::libc::EROFS), "{e}");
+
+    // The plugin dies and its state file is lost: users still come from
+    // mountinfo, so the region survives the first unpublish.
+    drop(c);
+    csi.kill();
+    std::fs::remove_file(csi_dir.join("regions/state.json")).unwrap();
+    // Meanwhile a region nobody uses was left behind (a crash between the
+    // region mount and the bind): the restarted plugin frees it.
+    let orphan = csi_dir.join("regions/regions/default/orphan");
+    std::fs::create_dir_all(&orphan).unwrap();
+    nix::mount::mount(
+        Some("shm.spright.dev"),
+        &orphan,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+    let csi = ShmCsi::start(&csi_dir, closed, &flags).unwrap();
+    assert!(!is_mounted(&orphan), "orphan region freed at start");
+    assert!(!orphan.exists());
+    let mut c = csi.client().unwrap();
+    let region = csi.region_root.join("regions/default/delta");
+    c.unpublish("va", &ta).unwrap();
+    assert!(is_mounted(&region), "pb still maps delta");
+    assert_eq!(std::fs::read(tb.join("f")).unwrap(), b"rw");
+    c.unpublish("vb", &tb).unwrap();
+    assert!(!is_mounted(&region));
+    assert_eq!(dir.mounts(), Vec::<PathBuf>::new());
+}
