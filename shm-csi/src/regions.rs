@@ -118,32 +118,7 @@ impl Regions {
     /// The regions mounted now, with their users.
     pub fn regions(&self) -> Result<Vec<RegionInfo>, Error> {
         let mounts = sys::mounts()?;
-        Ok(self.regions_in(&mounts))
-    }
-
-    fn regions_in(&self, mounts: &[MountEntry]) -> Vec<RegionInfo> {
-        let base = self.root.join(REGIONS_DIR);
-        let mut out: Vec<RegionInfo> = Vec::new();
-        for m in mounts {
-            let under = m.mount_point.strip_prefix(&base).ok();
-            if m.source != MOUNT_SOURCE || under.is_none_or(|u| u.components().count() != 2) {
-                continue;
-            }
-            // The top-most mount at the directory is the region.
-            if last_mount_at(mounts, &m.mount_point) != Some(m) {
-                continue;
-            }
-            let users = mounts
-                .iter()
-                .filter(|o| o.dev == m.dev && o.mount_point != m.mount_point)
-                .count();
-            out.push(RegionInfo {
-                dir: m.mount_point.clone(),
-                fstype: m.fstype.clone(),
-                users,
-            });
-        }
-        out
+        Ok(regions_in(&self.root.join(REGIONS_DIR), &mounts))
     }
 
     /// Unmounts and removes every region nobody else mounts; returns how many.
@@ -264,6 +239,32 @@ impl Regions {
     }
 }
 
+/// The regions under `base` (`<base>/<namespace>/<chain>`) in a mount table,
+/// each with the number of other mounts of the same filesystem.
+fn regions_in(base: &Path, mounts: &[MountEntry]) -> Vec<RegionInfo> {
+    let mut out: Vec<RegionInfo> = Vec::new();
+    for m in mounts {
+        let under = m.mount_point.strip_prefix(base).ok();
+        if m.source != MOUNT_SOURCE || under.is_none_or(|u| u.components().count() != 2) {
+            continue;
+        }
+        // The top-most mount at the directory is the region.
+        if last_mount_at(mounts, &m.mount_point) != Some(m) {
+            continue;
+        }
+        let users = mounts
+            .iter()
+            .filter(|o| o.dev == m.dev && o.mount_point != m.mount_point)
+            .count();
+        out.push(RegionInfo {
+            dir: m.mount_point.clone(),
+            fstype: m.fstype.clone(),
+            users,
+        });
+    }
+    out
+}
+
 fn sys_fstype(m: Medium) -> &'static str {
     match m {
         Medium::Memory => "tmpfs",
@@ -278,4 +279,36 @@ fn region_size(dir: &Path) -> Result<u64, Error> {
         source,
     })?;
     Ok(s.blocks() * s.fragment_size())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_are_mounts_of_the_same_filesystem() {
+        let text = "\
+80 29 0:52 / /r/regions/default/alpha rw - tmpfs shm.spright.dev rw
+81 29 0:52 / /pods/a/mount rw - tmpfs shm.spright.dev rw
+82 29 0:52 / /pods/b/mount ro - tmpfs shm.spright.dev rw
+83 29 0:53 / /r/regions/other/alpha rw - tmpfs shm.spright.dev rw
+84 29 0:54 / /r/regions/default/x rw - tmpfs tmpfs rw
+85 29 0:55 / /r/regions/default rw - tmpfs shm.spright.dev rw
+86 29 0:56 / /r/elsewhere/default/y rw - tmpfs shm.spright.dev rw
+";
+        let mounts = sys::parse_mountinfo(text);
+        let r = regions_in(Path::new("/r/regions"), &mounts);
+        let got: Vec<(&str, usize)> = r
+            .iter()
+            .map(|r| (r.dir.to_str().unwrap(), r.users))
+            .collect();
+        // Not ours: a foreign tmpfs, a mount at the wrong depth, outside the base.
+        assert_eq!(
+            got,
+            [
+                ("/r/regions/default/alpha", 2),
+                ("/r/regions/other/alpha", 0)
+            ]
+        );
+    }
 }

@@ -24,7 +24,7 @@ use crate::{
     membership::Membership,
     regions::Regions,
     request::{self, Limits, Medium},
-    sys,
+    size, sys,
 };
 
 /// The CSI driver name.
@@ -175,7 +175,17 @@ impl csi::node_server::Node for Node {
         let result = blocking(move || {
             let _guard = guard;
             if p.medium == Medium::Hugepages {
-                sys::hugepages_available().map_err(Error::NoHugepages)?;
+                let page = sys::hugepages_available().map_err(Error::NoHugepages)?;
+                if !p.size.is_multiple_of(page) {
+                    return Err(Error::invalid(
+                        "size",
+                        &size::format(p.size),
+                        format!(
+                            "must be a multiple of the huge page size {}",
+                            size::format(page)
+                        ),
+                    ));
+                }
             }
             plugin
                 .membership

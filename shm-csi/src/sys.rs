@@ -85,8 +85,9 @@ pub fn unmount(path: &Path) -> Result<(), Error> {
     }
 }
 
-/// Whether the node can back a region with huge pages; the error says why not.
-pub fn hugepages_available() -> Result<(), String> {
+/// The huge page size, when the node can back a region with huge pages;
+/// the error says why not.
+pub fn hugepages_available() -> Result<u64, String> {
     let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
     if !fs
         .lines()
@@ -95,15 +96,20 @@ pub fn hugepages_available() -> Result<(), String> {
         return Err("the kernel has no hugetlbfs".into());
     }
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let total = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("HugePages_Total:"))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    if total == 0 {
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    if field("HugePages_Total:") == 0 {
         return Err("no huge pages are reserved (HugePages_Total is 0)".into());
     }
-    Ok(())
+    match field("Hugepagesize:") {
+        0 => Err("the huge page size is unknown (no Hugepagesize in /proc/meminfo)".into()),
+        kib => Ok(kib * 1024),
+    }
 }
 
 /// One line of `/proc/self/mountinfo`.
