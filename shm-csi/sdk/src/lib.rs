@@ -43,7 +43,8 @@
 //! when the chain's last pod on the node leaves. Pids are not comparable
 //! across pod pid namespaces, so leaked slots are not reclaimed by owner
 //! liveness. The pool file is created under an advisory file lock, released
-//! by the kernel if the creator dies.
+//! by the kernel if the creator dies; a header the dead creator never wrote
+//! is formatted by the next process that opens the pool.
 
 mod map;
 mod pool;

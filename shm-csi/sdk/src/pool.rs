@@ -111,24 +111,30 @@ impl Pool {
         if fresh {
             format_file(&file, path, size)?;
         }
+        let not_a_pool = |version| Error::NotAPool {
+            path: path.to_path_buf(),
+            version,
+        };
+        if !fresh && (len < HEADER + CHUNK || !(len - HEADER).is_multiple_of(CHUNK)) {
+            return Err(not_a_pool(0));
+        }
         let map = Mapping::new(&file).map_err(io("map", path))?;
         let pool = Self {
             map,
             path: path.to_path_buf(),
         };
-        if fresh {
+        // A creator that died after sizing the file but before writing the
+        // magic left an all-zero header: format it again (we hold the lock).
+        let unformatted = pool.map.u64_at(H_MAGIC).load(Acquire) == 0
+            && pool.map.u32_at(H_VERSION).load(Acquire) == 0
+            && pool.map.u32_at(H_NEXT_CHUNK).load(Acquire) == 0;
+        if fresh || unformatted {
             pool.init();
         }
         file.unlock().map_err(io("unlock", path))?;
         let version = pool.map.u32_at(H_VERSION).load(Acquire);
-        if pool.map.len() < HEADER
-            || pool.map.u64_at(H_MAGIC).load(Acquire) != MAGIC
-            || version != VERSION
-        {
-            return Err(Error::NotAPool {
-                path: path.to_path_buf(),
-                version,
-            });
+        if pool.map.u64_at(H_MAGIC).load(Acquire) != MAGIC || version != VERSION {
+            return Err(not_a_pool(version));
         }
         Ok(pool)
     }
@@ -576,11 +582,18 @@ mod tests {
     fn rejects_foreign_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x");
+        let not_a_pool = |p: &Path| matches!(Pool::open_file(p, 0), Err(Error::NotAPool { .. }));
         std::fs::write(&path, vec![1u8; 16 << 10]).unwrap();
-        assert!(matches!(
-            Pool::open_file(&path, 0).err().unwrap(),
-            Error::NotAPool { .. }
-        ));
+        assert!(not_a_pool(&path));
+        std::fs::write(&path, b"tiny").unwrap();
+        assert!(not_a_pool(&path));
+        let garbage = vec![1u8; usize::try_from(HEADER + CHUNK).unwrap()];
+        std::fs::write(&path, &garbage).unwrap();
+        assert!(not_a_pool(&path));
+        // A creator that died before writing the header: formatted on next open.
+        std::fs::write(&path, vec![0u8; garbage.len()]).unwrap();
+        let p = Pool::open_file(&path, 0).unwrap();
+        drop(p.alloc(10).unwrap());
         assert!(matches!(
             Pool::open_file(&dir.path().join("y"), 4096).err().unwrap(),
             Error::TooSmall { .. }
