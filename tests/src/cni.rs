@@ -16,10 +16,10 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use serde_json::{Value, json};
 
-use crate::sandbox::{Cgroup, Netns, PinDir, run, workspace_bin};
+use crate::sandbox::{Cgroup, Netns, PinDir, workspace_bin};
 
 /// Every version the plugin supports.
 pub const VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -338,83 +338,33 @@ pub fn ping(from: &Netns, to: IpAddr) -> bool {
         .is_ok()
 }
 
-/// A TCP exchange with busybox nc: a listener in `server` echoes a line the
-/// client in `client` sends; returns what the server received.
+/// A TCP exchange between two pods with `spright-netpeer` (a framed,
+/// hashed transfer; the sender retries a blocking read's EAGAIN): returns
+/// `hello-<port>` when the bytes arrived intact, else the sender's report.
 pub fn tcp_exchange(
     client: &Netns,
     server: &Netns,
     to: IpAddr,
     port: u16,
 ) -> anyhow::Result<String> {
-    let mut listener = ChildGuard(Some(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &server.name,
-                "busybox",
-                "nc",
-                "-l",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?,
-    ));
-    let msg = format!("hello-{port}");
-    let mut sent = false;
-    for _ in 0..50 {
-        let r = run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &client.name,
-                "sh",
-                "-c",
-                &format!("echo {msg} | busybox nc -w 2 {to} {port}"),
-            ],
-        );
-        if r.is_ok() {
-            sent = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    if !sent {
-        bail!("could not connect to {to}:{port}");
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        if listener
-            .0
-            .as_mut()
-            .context("listener")?
-            .try_wait()?
-            .is_some()
-        {
-            break;
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("listener did not finish");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let out = listener.0.take().context("listener")?.wait_with_output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-/// Kills (and reaps) a process this test started unless it was taken.
-struct ChildGuard(Option<std::process::Child>);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    let t = std::time::Duration::from_secs(30);
+    let addr = std::net::SocketAddr::new(to, port).to_string();
+    let peer = |ns: &Netns, args: &[&str]| {
+        let mut cmd = Command::new(crate::sandbox::netpeer_bin());
+        cmd.arg("--netns").arg(ns.path()).args(args);
+        crate::sandbox::Peer::spawn_command(cmd)
+    };
+    let srv = peer(server, &["serve", "--listen", &addr])?;
+    anyhow::ensure!(srv.line(t)? == "ready", "server did not start");
+    let cli = peer(client, &["send", "--connect", &addr, "--bytes", "4096"])?;
+    let report = cli.report(t)?;
+    cli.finish(t)?;
+    srv.finish(t)?;
+    Ok(if report["intact"] == true {
+        format!("hello-{port}")
+    } else {
+        report.to_string()
+    })
 }
 
 /// Distinct values of a list (for "50 distinct IPs").

@@ -25,6 +25,7 @@ usage: cargo xtask <task> [args]
                          chain       the demo's chain incl. a sidecar baseline (--length, --payload,
                                      --connections, --duration)
                          cni         ADD+DEL latency vs the reference bridge plugin
+                         shm         one hop over TCP, sockmap and shared memory, 64 B..1 MiB
   test [TIER...]       set up, build, and run test tiers (default: all, in this order):
                          lint        cargo fmt --check, clippy -D warnings
                          unit        host unit tests, no privileges
@@ -210,8 +211,9 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         Some("datapath") => ("target/release/bench-datapath", &[]),
         Some("chain") => ("target/release/spright-demo", &["--bench"]),
         Some("cni") => ("target/release/bench-cni", &[]),
-        Some(other) => bail!("unknown benchmark {other:?}; benchmarks: datapath, chain, cni"),
-        None => bail!("name a benchmark: datapath, chain, cni"),
+        Some("shm") => ("target/release/bench-shm", &[]),
+        Some(other) => bail!("unknown benchmark {other:?}; benchmarks: datapath, chain, cni, shm"),
+        None => bail!("name a benchmark: datapath, chain, cni, shm"),
     };
     build_release()?;
     let mut all: Vec<&str> = fixed.to_vec();

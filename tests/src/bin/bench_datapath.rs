@@ -14,16 +14,14 @@
 //!
 //! Usage: `bench-datapath [--quick]` (`cargo xtask bench datapath`).
 
-use std::{
-    net::IpAddr,
-    path::Path,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{net::IpAddr, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail, ensure};
 use spright_ebpf::{Datapath, EndpointValue, chain_id};
-use spright_tests::sandbox::{Netns, Peer, Sandbox, netpeer_bin, run};
+use spright_tests::{
+    cni,
+    sandbox::{Netns, Peer, Sandbox, netpeer_bin},
+};
 
 const T: Duration = Duration::from_mins(2);
 const SIZES: [usize; 5] = [64, 1 << 10, 16 << 10, 64 << 10, 1 << 20];
@@ -244,7 +242,7 @@ struct RefNode {
 
 impl RefNode {
     fn new() -> anyhow::Result<Self> {
-        let plugin_dir = Path::new("/usr/lib/cni");
+        let plugin_dir = Path::new(cni::REFERENCE_PLUGINS);
         if !plugin_dir.join("bridge").exists() {
             bail!("the reference plugins are missing: apt-get install containernetworking-plugins");
         }
@@ -257,38 +255,31 @@ impl RefNode {
             "ipam": { "type": "host-local", "subnet": "10.213.1.0/24", "dataDir": ipam.path() },
         })
         .to_string();
+        let conf: serde_json::Value = serde_json::from_str(&conf)?;
         let mut pods = Vec::new();
         for i in 0..2 {
             let ns = Netns::create(format!("{tag}-p{i}"))?;
-            let mut child = Command::new("nsenter")
-                .arg(format!("--net={}", node.path().display()))
-                .arg(plugin_dir.join("bridge"))
-                .env("CNI_COMMAND", "ADD")
-                .env("CNI_CONTAINERID", format!("{tag}-{i}"))
-                .env("CNI_NETNS", ns.path())
-                .env("CNI_IFNAME", "eth0")
-                .env("CNI_PATH", plugin_dir)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()?;
-            std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, conf.as_bytes())?;
-            let out = child.wait_with_output()?;
-            ensure!(
-                out.status.success(),
-                "bridge ADD failed: {}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-            let result: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-            let ip = result["ips"][0]["address"]
-                .as_str()
-                .and_then(|a| a.split('/').next())
-                .context("no IP in the bridge plugin's result")?
-                .parse()?;
+            let attach = cni::Attach {
+                container_id: format!("{tag}-{i}"),
+                netns: ns.path().display().to_string(),
+                ifname: "eth0".into(),
+                args: String::new(),
+            };
+            let r = cni::invoke_plugin(
+                &plugin_dir.join("bridge"),
+                &node.path(),
+                "ADD",
+                &conf,
+                Some(&attach),
+                &cni::plugin_path(),
+            )?;
+            ensure!(r.ok, "bridge ADD failed: {}", r.stdout);
+            let ip = cni::result_ips(&r.stdout)?
+                .into_iter()
+                .next()
+                .context("no IP in the bridge plugin's result")?;
             pods.push((ns, ip));
         }
-        // The reference bridge plugin leaves the pods' routes as they are.
-        let _ = run("ip", &["-n", &node.name, "link", "set", "cni0", "up"]);
         Ok(Self {
             pods,
             _node: node,
