@@ -253,6 +253,30 @@ impl Sandbox {
         }
     }
 
+    /// Puts pods into chain `chain` of namespace `default` (or into none)
+    /// directly in the endpoint map, both addresses of each, as meshd would
+    /// from their records.
+    pub fn set_chain(
+        &self,
+        dp: &mut spright_ebpf::Datapath,
+        pods: &[usize],
+        chain: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let value = spright_ebpf::EndpointValue {
+            chain_id: chain.map_or(0, |c| spright_ebpf::chain_id("default", c)),
+            ..Default::default()
+        };
+        for &pod in pods {
+            for ip in [
+                std::net::IpAddr::V4(self.pods[pod].ip),
+                std::net::IpAddr::V6(self.pods[pod].ip6),
+            ] {
+                dp.upsert_endpoint(ip, value)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Records pod `pod` as the CNI plugin would, in `state_dir` (bridge mode,
     /// both addresses, chain `chain` in namespace `default`).
     pub fn record_pod(

@@ -17,7 +17,7 @@
 use std::{net::IpAddr, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail, ensure};
-use spright_ebpf::{Datapath, EndpointValue, chain_id};
+use spright_ebpf::Datapath;
 use spright_tests::{
     cni,
     sandbox::{Netns, Peer, Sandbox, netpeer_bin},
@@ -77,22 +77,7 @@ fn main() -> anyhow::Result<()> {
                 let pair = match mode {
                     "bridge" => &bridge,
                     m => {
-                        let chain = if m == "spright-on" {
-                            chain_id("default", "bench")
-                        } else {
-                            0
-                        };
-                        for pod in [a, b] {
-                            for ip in [IpAddr::V4(sb.pods[pod].ip), IpAddr::V6(sb.pods[pod].ip6)] {
-                                dp.upsert_endpoint(
-                                    ip,
-                                    EndpointValue {
-                                        chain_id: chain,
-                                        ..Default::default()
-                                    },
-                                )?;
-                            }
-                        }
+                        sb.set_chain(&mut dp, &[a, b], (m == "spright-on").then_some("bench"))?;
                         &spright(if m == "spright-on" {
                             "spright-on"
                         } else {

@@ -17,10 +17,10 @@
 //!
 //! Usage: `bench-shm [--quick]`.
 
-use std::{net::IpAddr, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use spright_ebpf::{Datapath, EndpointValue, chain_id};
+use spright_ebpf::Datapath;
 use spright_tests::{
     sandbox::{Peer, Sandbox, workspace_bin},
     shm_csi::MountDir,
@@ -44,22 +44,7 @@ fn main() -> anyhow::Result<()> {
     for &size in &SIZES {
         let mut row = serde_json::json!({ "size": size });
         for path in PATHS {
-            let chain = if path == "tcp" {
-                0
-            } else {
-                chain_id("default", "bench")
-            };
-            for pod in [a, b] {
-                for ip in [IpAddr::V4(sb.pods[pod].ip), IpAddr::V6(sb.pods[pod].ip6)] {
-                    dp.upsert_endpoint(
-                        ip,
-                        EndpointValue {
-                            chain_id: chain,
-                            ..Default::default()
-                        },
-                    )?;
-                }
-            }
+            sb.set_chain(&mut dp, &[a, b], (path != "tcp").then_some("bench"))?;
             let runs = if quick { 1 } else { 3 };
             let iters = (100_000_000 / size).clamp(200, if quick { 1_000 } else { 5_000 });
             let (mut p50s, mut cpus) = (Vec::new(), Vec::new());
