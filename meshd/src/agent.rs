@@ -41,6 +41,7 @@ pub struct Agent {
     records: Vec<Record>,
     malformed: Vec<MalformedRecord>,
     reconciles: u64,
+    selftest: crate::selftest::Report,
 }
 
 impl std::fmt::Debug for Agent {
@@ -94,7 +95,15 @@ impl Agent {
                 }
             },
         };
+        let selftest = if config.no_selftest {
+            crate::selftest::Report::disabled()
+        } else {
+            crate::selftest::run(&config.bpffs)
+        };
+        info!(verdict = %selftest.verdict, trials = selftest.trials, eagain_trials = selftest.eagain_trials,
+              detail = ?selftest.detail, "self-test: blocking recv() EAGAIN on the redirect path");
         Self {
+            selftest,
             config,
             dp,
             acceleration,
@@ -174,6 +183,7 @@ impl Agent {
             self.dp.as_ref(),
         );
         s.reconciles = self.reconciles;
+        s.selftest = Some(self.selftest.clone());
         s
     }
 }

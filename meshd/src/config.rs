@@ -18,6 +18,7 @@ pub mod env {
     pub const METRICS_ADDR: &str = "SPRIGHT_METRICS_ADDR";
     pub const RESCAN_SECS: &str = "SPRIGHT_RESCAN_SECS";
     pub const LOG: &str = "SPRIGHT_LOG";
+    pub const NO_SELFTEST: &str = "SPRIGHT_NO_SELFTEST";
 }
 
 /// spright's node agent.
@@ -43,6 +44,9 @@ pub struct Config {
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `meshd=debug`)
     #[arg(long, env = env::LOG, value_name = "FILTER", default_value = "info")]
     pub log: String,
+    /// Skip the start-up self-test of the kernel's redirect path (see selftest.rs)
+    #[arg(long, env = env::NO_SELFTEST)]
+    pub no_selftest: bool,
     /// Print the effective configuration as JSON and exit
     #[arg(long)]
     #[serde(skip)]

@@ -5,5 +5,6 @@ pub mod agent;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod selftest;
 pub mod status;
 pub mod watch;

@@ -10,6 +10,9 @@ use meshd::{agent::Agent, config::Config, http, watch};
 use tracing::{error, info};
 
 fn main() -> ExitCode {
+    if let Some(code) = meshd::selftest::child_main_if_requested() {
+        return code;
+    }
     let config = Config::parse();
     if config.print_config {
         println!("{:#}", config.effective_json());

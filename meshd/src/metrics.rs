@@ -44,6 +44,14 @@ fn encode_status(s: &Status, enc: &mut DescriptorEncoder<'_>) -> Result<(), std:
         "1 when the eBPF datapath is installed and in use, 0 when off (see /status for why)",
         &[(vec![], i64::from(s.acceleration.enabled))],
     )?;
+    if let Some(t) = &s.selftest {
+        gauge(
+            enc,
+            "spright_kernel_blocking_recv_eagain",
+            "Start-up self-test: 1 when this kernel's redirect path makes a blocking recv() return EAGAIN, 0 when not, -1 unknown or disabled",
+            &[(vec![], t.gauge())],
+        )?;
+    }
     gauge(
         enc,
         "spright_malformed_records",

@@ -94,6 +94,9 @@ pub struct Status {
     pub malformed_records: Vec<MalformedRecord>,
     /// Reconciliations done since meshd started (0 from the CLI).
     pub reconciles: u64,
+    /// meshd's start-up self-test of the redirect path (absent from the CLI).
+    #[serde(default)]
+    pub selftest: Option<crate::selftest::Report>,
 }
 
 impl Status {
@@ -156,6 +159,7 @@ impl Status {
             endpoints,
             malformed_records: malformed.to_vec(),
             reconciles: 0,
+            selftest: None,
         }
     }
 
@@ -213,6 +217,19 @@ impl Status {
                 .map(|c| format!(", cgroup {c}"))
                 .unwrap_or_default(),
         );
+        if let Some(t) = &self.selftest {
+            let _ = writeln!(
+                s,
+                "self-test (blocking recv EAGAIN after half-close): {} ({} of {} trials{})",
+                t.verdict,
+                t.eagain_trials,
+                t.trials,
+                t.detail
+                    .as_ref()
+                    .map(|d| format!("; {d}"))
+                    .unwrap_or_default(),
+            );
+        }
         let _ = writeln!(s, "\nCHAINS");
         let _ = writeln!(
             s,
