@@ -9,7 +9,12 @@
 //! - `spright-off`: pods made by spright-cni, not annotated into a chain (the
 //!   programs are attached and decide "no");
 //! - `spright-on`: pods made by spright-cni with `spright.dev/chain` in the pod
-//!   annotations (passed as containerd passes them), meshd running.
+//!   annotations (passed as containerd passes them), meshd running;
+//! - `spright-sdk`: as `spright-on`, but the functions are the SDK's example
+//!   chain (`spright-shm-chain`): the gateway puts each body into the chain's
+//!   shared memory, mounted into every function pod by shm-csi
+//!   (NodePublishVolume as kubelet calls it), and only 16-byte descriptors
+//!   cross the (redirected) sockets.
 //!
 //! Functions and sidecars run pinned to CPU 0, the load generator to the last
 //! CPU; CPU per request comes from the kernel (the functions' cgroup
@@ -49,14 +54,16 @@ pub enum Mode {
     Sidecar,
     SprightOff,
     SprightOn,
+    SprightSdk,
 }
 
 impl Mode {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::Reference,
         Self::Sidecar,
         Self::SprightOff,
         Self::SprightOn,
+        Self::SprightSdk,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +72,7 @@ impl Mode {
             Self::Sidecar => "sidecar",
             Self::SprightOff => "spright-off",
             Self::SprightOn => "spright-on",
+            Self::SprightSdk => "spright-sdk",
         }
     }
 
@@ -74,6 +82,7 @@ impl Mode {
             Self::Sidecar => "bridge CNI + haproxy L4 sidecars",
             Self::SprightOff => "spright, no acceleration",
             Self::SprightOn => "spright, accelerated",
+            Self::SprightSdk => "spright + SDK shared memory",
         }
     }
 
@@ -82,12 +91,16 @@ impl Mode {
             .into_iter()
             .find(|m| m.name() == s)
             .with_context(|| {
-                format!("unknown mode {s:?}; modes: reference, sidecar, spright-off, spright-on")
+                format!("unknown mode {s:?}; modes: reference, sidecar, spright-off, spright-on, spright-sdk")
             })
     }
 
     fn spright(self) -> bool {
-        matches!(self, Self::SprightOff | Self::SprightOn)
+        matches!(self, Self::SprightOff | Self::SprightOn | Self::SprightSdk)
+    }
+
+    fn in_chain(self) -> bool {
+        matches!(self, Self::SprightOn | Self::SprightSdk)
     }
 }
 
@@ -196,7 +209,7 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
             i if i == n => "client".to_owned(),
             _ => "outsider".to_owned(),
         };
-        let in_chain = mode == Mode::SprightOn && i < n;
+        let in_chain = mode.in_chain() && i < n;
         pods.push(add_pod(&node, mode, index, &name, in_chain)?);
     }
     progress(&format!(
@@ -219,11 +232,30 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
         None
     };
 
+    // SDK mode: shm-csi mounts the chain's region into every function pod.
+    let shm = match (mode, &meshd) {
+        (Mode::SprightSdk, Some(m)) => Some(Shm::publish(&node, m, spec.payload, n)?),
+        _ => None,
+    };
+
     // Functions, last first so each can name the next.
     let mut procs: Vec<Peer> = Vec::new();
     for i in (0..n).rev() {
         let p = &pods[i];
-        let next = (i + 1 < n).then(|| format!("http://{}/", sock(pods[i + 1].ip, PORT)));
+        let next = (i + 1 < n).then(|| sock(pods[i + 1].ip, PORT));
+        if let Some(shm) = &shm {
+            procs.push(sdk_function(
+                &node,
+                p.index,
+                &cgroup_path,
+                &fn_cpu,
+                i,
+                next.as_deref(),
+                &shm.targets[i],
+            )?);
+            continue;
+        }
+        let next = next.map(|a| format!("http://{a}/"));
         let listen = if mode == Mode::Sidecar {
             format!("127.0.0.1:{APP_PORT}")
         } else {
@@ -254,6 +286,9 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
     }
     for p in &procs {
         ensure!(p.line(T)? == "ready", "a function did not start");
+    }
+    for p in &pods[..n] {
+        wait_listening(&node, p.index, PORT)?;
     }
     progress(&format!(
         "{}: chain of {n} functions up: {}",
@@ -327,7 +362,7 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
         }
         check_interrupted()?;
         std::thread::sleep(Duration::from_millis(200));
-        if let Some(m) = meshd.as_ref().filter(|_| mode == Mode::SprightOn)
+        if let Some(m) = meshd.as_ref().filter(|_| mode.in_chain())
             && started.elapsed().as_millis() % 2000 < 200
         {
             progress(&live_line(m, started.elapsed()));
@@ -350,8 +385,12 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
         }
     }
 
-    // Tear down as a runtime would: processes die, then CNI DEL.
+    // Tear down as a runtime would: processes die, volumes are unpublished,
+    // then CNI DEL.
     drop(procs);
+    if let Some(shm) = shm {
+        shm.unpublish()?;
+    }
     for p in &pods {
         let r = del_pod(&node, mode, p)?;
         ensure!(
@@ -491,6 +530,134 @@ fn sidecar(node: &Node, index: usize, cgroup: &Path, cpu: &str) -> anyhow::Resul
             cfg.display()
         ));
     Peer::spawn_command(cmd)
+}
+
+/// shm-csi serving this node, with the chain's volume published into every
+/// function pod; unmounted (also on failure) through the mount guard.
+struct Shm {
+    targets: Vec<PathBuf>,
+    volumes: Vec<String>,
+    csi: crate::shm_csi::ShmCsi,
+    _mounts: crate::shm_csi::MountDir,
+}
+
+impl Shm {
+    fn publish(
+        node: &Node,
+        meshd: &Meshd,
+        payload: usize,
+        functions: usize,
+    ) -> anyhow::Result<Self> {
+        let mounts = crate::shm_csi::MountDir::new()?;
+        let csi = crate::shm_csi::ShmCsi::start(&mounts.path().join("csi"), &meshd.addr, &[])?;
+        let mut client = csi.client()?;
+        // Room for every in-flight body of every connection, with headroom.
+        let size = format!("{}Mi", ((payload * 64) >> 20).clamp(64, 512));
+        let (mut targets, mut volumes) = (Vec::new(), Vec::new());
+        for i in 0..functions {
+            let name = format!("fn-{i}");
+            let target = mounts.path().join("pods").join(&name).join("shm");
+            std::fs::create_dir_all(target.parent().context("target parent")?)?;
+            let volume = format!("csi-{}-{name}", node.name);
+            let uid = format!("{}-{name}", node.name);
+            client
+                .publish(crate::shm_csi::ephemeral_publish(
+                    &volume,
+                    &target,
+                    "demo",
+                    &name,
+                    &uid,
+                    &[("chain", "demo"), ("size", &size)],
+                ))
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "publishing the chain volume into {name}: {e}\n{}",
+                        csi.log_text()
+                    )
+                })?;
+            targets.push(target);
+            volumes.push(volume);
+        }
+        Ok(Self {
+            targets,
+            volumes,
+            csi,
+            _mounts: mounts,
+        })
+    }
+
+    fn unpublish(self) -> anyhow::Result<()> {
+        let mut client = self.csi.client()?;
+        for (v, t) in self.volumes.iter().zip(&self.targets) {
+            client
+                .unpublish(v, t)
+                .map_err(|e| anyhow::anyhow!("unpublishing {v}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// One function of the SDK's example chain (gateway first, then stages), in
+/// the pod's cgroup and netns, pinned to `cpu`.
+fn sdk_function(
+    node: &Node,
+    index: usize,
+    cgroup: &Path,
+    cpu: &str,
+    position: usize,
+    next: Option<&str>,
+    region: &Path,
+) -> anyhow::Result<Peer> {
+    let listen = format!("0.0.0.0:{PORT}");
+    let mut args = if position == 0 {
+        vec!["gateway".to_owned(), "--listen".into(), listen]
+    } else {
+        let op = if position % 2 == 1 {
+            "upper"
+        } else {
+            "reverse"
+        };
+        vec![
+            "stage".to_owned(),
+            "--listen".into(),
+            listen,
+            "--op".into(),
+            op.into(),
+        ]
+    };
+    if let Some(next) = next {
+        args.extend(["--next".into(), next.to_owned()]);
+    }
+    args.extend(["--region".into(), region.display().to_string()]);
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "echo $$ > {}/cgroup.procs && echo ready && exec taskset -c {cpu} ip netns exec {} {} {}",
+        cgroup.display(),
+        node.pods[index].name,
+        workspace_bin("spright-shm-chain").display(),
+        args.join(" ")
+    ));
+    Peer::spawn_command(cmd)
+}
+
+/// Waits until something listens on `port` in pod `index`.
+fn wait_listening(node: &Node, index: usize, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + T;
+    while Instant::now() < deadline {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &node.pods[index].name, "ss", "-Hltn"])
+            .arg(format!("sport = :{port}"))
+            .output()?;
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return Ok(());
+        }
+        check_interrupted()?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!(
+        "nothing listens on port {port} in {}",
+        node.pods[index].name
+    )
 }
 
 fn curl(node: &Node, index: usize, url: &str, body: &Path) -> anyhow::Result<Vec<u8>> {
@@ -738,15 +905,13 @@ pub fn markdown(spec: &Spec, outcomes: &[Outcome]) -> String {
     );
     let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for o in outcomes {
-        let (r_rps, r_cpu) = base.map_or((f64::NAN, f64::NAN), |b| {
-            (
-                o.requests_per_s / b.requests_per_s,
-                o.cpu_us_per_request / b.cpu_us_per_request,
-            )
-        });
+        let ratio = |f: fn(&Outcome) -> f64| {
+            base.map_or_else(|| "–".to_owned(), |b| format!("{:.2}", f(o) / f(b)))
+        };
+        let (r_rps, r_cpu) = (ratio(|o| o.requests_per_s), ratio(|o| o.cpu_us_per_request));
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {} |",
+            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.0} | {} | {} |",
             o.mode.describe(),
             o.requests_per_s,
             r_rps,
@@ -773,7 +938,7 @@ pub fn svg(spec: &Spec, outcomes: &[Outcome]) -> String {
         spec.payload,
         spec.connections
     );
-    let colors = ["#888888", "#d9822b", "#5b8def", "#2ca05a"];
+    let colors = ["#888888", "#d9822b", "#5b8def", "#2ca05a", "#9b59b6"];
     let panel = |s: &mut String,
                  x0: f64,
                  title: &str,

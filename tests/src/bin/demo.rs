@@ -1,10 +1,10 @@
 //! `spright-demo`: a chain of four unmodified HTTP functions on a simulated
 //! node, run on the reference bridge CNI, on spright without acceleration and
-//! on spright with acceleration (plus, with `--bench`, a sidecar-mesh
-//! baseline), compared side by side. Needs root. `cargo xtask demo` runs it.
+//! on spright with acceleration, then the SDK's shared-memory chain (plus,
+//! with `--bench`, a sidecar-mesh baseline), compared side by side. Needs root. `cargo xtask demo` runs it.
 //!
 //! ```text
-//! spright-demo [--bench] [--modes reference,sidecar,spright-off,spright-on]
+//! spright-demo [--bench] [--modes reference,sidecar,spright-off,spright-on,spright-sdk]
 //!              [--length 4] [--payload 1024] [--connections 8] [--duration 6] [--work 1]
 //! ```
 //!
@@ -58,7 +58,12 @@ fn run() -> anyhow::Result<()> {
             .map(Mode::parse)
             .collect::<anyhow::Result<_>>()?,
         None if bench => Mode::ALL.to_vec(),
-        None => vec![Mode::Reference, Mode::SprightOff, Mode::SprightOn],
+        None => vec![
+            Mode::Reference,
+            Mode::SprightOff,
+            Mode::SprightOn,
+            Mode::SprightSdk,
+        ],
     };
     anyhow::ensure!(args.is_empty(), "unexpected arguments: {args:?}");
     spec.validate()?;
