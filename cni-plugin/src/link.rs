@@ -302,15 +302,17 @@ impl Netlink {
         }
     }
 
-    /// Adds a route through `index`, with `quickack 1` (see DESIGN.md, sharp
-    /// edge #1: it cuts the redirect path's EAGAIN on half-closed sockets).
-    /// Without a gateway the route is on-link (scope link, from `src`).
+    /// Adds a route through `index`, with `quickack 1` when asked (see
+    /// DESIGN.md, sharp edge #1: it cuts the redirect path's EAGAIN on
+    /// half-closed sockets). Without a gateway the route is on-link (scope
+    /// link, from `src`).
     pub fn add_route(
         &self,
         dst: IpNet,
         gw: Option<IpAddr>,
         src: Option<IpAddr>,
         index: u32,
+        quickack: bool,
     ) -> Result<()> {
         let mut b = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst.addr(), dst.prefix_len())
@@ -337,8 +339,10 @@ impl Netlink {
             }
         }
         let mut msg = b.build();
-        msg.attributes
-            .push(RouteAttribute::Metrics(vec![RouteMetric::QuickAck(1)]));
+        if quickack {
+            msg.attributes
+                .push(RouteAttribute::Metrics(vec![RouteMetric::QuickAck(1)]));
+        }
         match self.rt.block_on(self.handle.route().add(msg).execute()) {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(EEXIST) => Ok(()),

@@ -186,7 +186,10 @@ struct PodInfo {
 pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Outcome> {
     spec.validate()?;
     let ncpu = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let (fn_cpu, load_cpu) = ("0".to_owned(), (ncpu - 1).to_string());
+    let (fn_cpu, load_cpu) = match std::env::var("SPRIGHT_DEMO_UNPINNED") {
+        Ok(_) => (format!("0-{}", ncpu - 1), format!("0-{}", ncpu - 1)),
+        Err(_) => ("0".to_owned(), (ncpu - 1).to_string()),
+    };
     let mut node = Node::new("d")?;
     // Reference modes keep their processes out of the cgroup the programs
     // watch, but in one of their own so CPU is accounted the same way.
@@ -434,6 +437,13 @@ fn reference_conf(node: &Node) -> Value {
 
 fn spright_conf(node: &Node, annotations: &Value) -> Value {
     let mut c = node.conf("1.0.0", &["10.213.0.0/24"]);
+    // Like the reference plugin's config: no masquerade, no hairpin, the
+    // default MTU; what differs is spright's own (quickack routes, programs).
+    for key in ["ipMasq", "hairpinMode", "mtu"] {
+        if let Some(o) = c.as_object_mut() {
+            o.remove(key);
+        }
+    }
     c["runtimeConfig"] = json!({ "io.kubernetes.cri.pod-annotations": annotations });
     c
 }

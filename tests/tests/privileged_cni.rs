@@ -88,7 +88,15 @@ fn privileged_cni_every_version_dual_stack_traffic_check_del() {
             assert_eq!(got, format!("hello-{port}"), "{version} TCP to {ip}");
         }
 
-        // Pod routes carry quickack; MTU applied; masquerade rules present.
+        // Pod b is in no chain: its routes keep TCP's delayed ACKs.
+        let routes_b = node.pods[b].ip(&["route", "show"]).unwrap()
+            + &node.pods[b].ip(&["-6", "route", "show"]).unwrap();
+        assert!(
+            routes_b.lines().any(|l| l.starts_with("default")) && !routes_b.contains("quickack"),
+            "{routes_b}"
+        );
+
+        // Chain pod a's routes carry quickack; MTU applied; masquerade rules present.
         let routes = node.pods[a].ip(&["route", "show"]).unwrap()
             + &node.pods[a].ip(&["-6", "route", "show"]).unwrap();
         assert!(
