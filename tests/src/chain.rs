@@ -328,7 +328,7 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
             spec.payload
         ),
     )?;
-    wrk(
+    wrk_async(
         &node,
         pods[n].index,
         &load_cpu,
@@ -336,7 +336,8 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
         1,
         &script,
         &gateway,
-    )?;
+    )?
+    .wait()?;
     check_interrupted()?;
     let cpu_before = cpu_usage_us(&cgroup_path)?;
     let redirected_before = chain_redirected(meshd.as_ref())?;
@@ -723,26 +724,6 @@ fn wrk_cmd(
     cmd
 }
 
-fn wrk(
-    node: &Node,
-    index: usize,
-    cpu: &str,
-    conns: usize,
-    secs: u64,
-    script: &Path,
-    url: &str,
-) -> anyhow::Result<String> {
-    let out = wrk_cmd(node, index, cpu, conns, secs, script, url)
-        .output()
-        .context("running wrk")?;
-    ensure!(
-        out.status.success(),
-        "wrk failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// A running wrk, killed (by pid) if dropped early.
 struct Load(Option<std::process::Child>);
 
@@ -753,6 +734,11 @@ impl Load {
         if child.try_wait()?.is_none() {
             return Ok(None);
         }
+        self.wait().map(Some)
+    }
+
+    /// Waits for wrk and returns its report.
+    fn wait(&mut self) -> anyhow::Result<String> {
         let out = self
             .0
             .take()
@@ -763,7 +749,7 @@ impl Load {
             "wrk failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 
