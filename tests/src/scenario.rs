@@ -160,7 +160,7 @@ pub fn transfer(
 
 /// `data_segs_out` of the one established socket matching `filter`, from
 /// `ss -tni` inside the pod (absent means zero).
-fn data_segs_out(pod: &Pod, filter: &[&str]) -> anyhow::Result<u64> {
+pub fn data_segs_out(pod: &Pod, filter: &[&str]) -> anyhow::Result<u64> {
     let mut args = vec!["-tniH", "state", "established"];
     args.extend_from_slice(filter);
     let out = pod.ns.exec("ss", &args)?;

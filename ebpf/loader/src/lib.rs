@@ -22,7 +22,7 @@ use aya::{
     pin::PinError,
     programs::{
         CgroupAttachMode, ProgramError, SkMsg, SockOps,
-        links::{FdLink, LinkError, PinnedLink},
+        links::{FdLink, LinkError, PinnedLink, ProgAttachLink},
     },
 };
 use nix::fcntl::{Flock, FlockArg};
@@ -234,13 +234,13 @@ impl Datapath {
             path: prog_pin,
             source: Box::new(e),
         })?;
-        // The attachment lives in the (pinned) sockhash, not in this process:
-        // dropping the link would detach the program.
-        #[expect(
-            clippy::mem_forget,
-            reason = "keep sk_msg attached after this process exits"
-        )]
-        std::mem::forget(link);
+        // The attachment lives in the (pinned) sockhash, not in this process.
+        // Turning the link into its base type disarms the wrapper's
+        // detach-on-drop; dropping the base only closes this process's
+        // descriptors, so nothing but the pins keeps the map alive and
+        // `uninstall` really frees it (a leaked descriptor used to keep the
+        // sockets redirected until the installing process exited).
+        drop(ProgAttachLink::from(link));
 
         let cgroup = File::open(&placement.cgroup).map_err(Error::io("open", &placement.cgroup))?;
         let sockops: &mut SockOps = ebpf
