@@ -73,7 +73,7 @@ impl Agent {
                     Some("no cgroup v2 hierarchy is mounted and --cgroup is not set".into());
                 None
             }
-            Some(cgroup) => match Datapath::ensure(&Placement {
+            Some(cgroup) => match Datapath::ensure_current(&Placement {
                 cgroup,
                 bpffs: config.bpffs.clone(),
             }) {
@@ -81,6 +81,7 @@ impl Agent {
                     let how = match how {
                         Installed::Fresh => "fresh",
                         Installed::Adopted => "adopted",
+                        Installed::Upgraded => "upgraded",
                     };
                     info!(datapath = how, bpffs = %config.bpffs.display(), "acceleration on");
                     acceleration.enabled = true;

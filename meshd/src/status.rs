@@ -15,7 +15,8 @@ pub struct Acceleration {
     /// Why acceleration is off (None when on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// "fresh" (this meshd installed the programs) or "adopted" (pinned state reused).
+    /// "fresh" (this meshd installed the programs), "adopted" (pinned state
+    /// reused) or "upgraded" (maps reused, this build's programs swapped in).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datapath: Option<String>,
     pub cgroup: Option<String>,

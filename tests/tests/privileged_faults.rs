@@ -125,3 +125,75 @@ fn privileged_faults_server_killed_mid_transfer() {
         );
     }
 }
+
+/// The DaemonSet's upgrade path: this build's programs are swapped in while a
+/// transfer runs. The running connection keeps the programs it started with
+/// and loses nothing; new connections are redirected by the new programs; one
+/// sockops program stays attached.
+#[test]
+fn privileged_faults_programs_replaced_mid_transfer() {
+    if !privileged::require("privileged_faults_programs_replaced_mid_transfer") {
+        return;
+    }
+    let (sb, dp) = pair("u", true);
+    let server = format!("{}:7000", sb.pods[1].ip);
+    let srv = sb
+        .spawn_peer(1, &["serve", "--listen", &server, "--conns", "2"])
+        .unwrap();
+    assert_eq!(srv.line(T).unwrap(), "ready");
+    let client = sb
+        .spawn_peer(
+            0,
+            &["send", "--connect", &server, "--bytes", &BYTES.to_string()],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        client.line(Duration::ZERO).is_err(),
+        "the transfer ended before the upgrade"
+    );
+    let old_ids = sockops_ids(&sb.cgroup.path);
+    drop(dp);
+    let dp =
+        spright_ebpf::Datapath::replace_programs(&sb.placement()).expect("replacing the programs");
+    let new_ids = sockops_ids(&sb.cgroup.path);
+    assert_eq!(
+        new_ids.len(),
+        1,
+        "one sockops program attached after the swap: {new_ids:?}"
+    );
+    assert_ne!(old_ids, new_ids, "the sockops program was not replaced");
+    let r = client
+        .report(T)
+        .expect("the transfer neither finished nor failed after the upgrade");
+    assert_eq!(
+        r["intact"], true,
+        "bytes lost or reordered across the upgrade: {r:#}"
+    );
+    client.finish(T).unwrap();
+
+    // The maps survived (the endpoints are still there) and a new connection
+    // is redirected by the new programs.
+    let t = transfer(&sb, 0, &sb.pods[1], &server, 1 << 20).unwrap();
+    assert!(
+        t.intact && t.client_data_segs_out == 0 && t.server_data_segs_out == 0,
+        "{t:?}"
+    );
+    let c = dp.counters(sb.pods[0].ip.into()).unwrap();
+    assert_eq!(c.redirected_bytes, BYTES + 8 + (1 << 20) + 8, "{c:?}");
+    srv.finish(T).unwrap();
+}
+
+/// Ids of the sock_ops programs attached at `cgroup` (bpftool).
+fn sockops_ids(cgroup: &std::path::Path) -> Vec<String> {
+    let out = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("bpftool");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("sock_ops"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}

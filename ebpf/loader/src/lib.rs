@@ -134,6 +134,9 @@ pub enum Installed {
     Fresh,
     /// The programs were already attached and pinned; this call adopted them.
     Adopted,
+    /// Other programs were pinned; this call swapped this build's in, keeping
+    /// the maps ([`Datapath::ensure_current`]).
+    Upgraded,
 }
 
 /// Handles on the pinned maps of an installed datapath.
@@ -198,84 +201,56 @@ impl Datapath {
     }
 
     fn install(placement: &Placement) -> Result<Self, Error> {
-        let dir = &placement.bpffs;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(dir)
-            .load(OBJECT)
-            .map_err(|e| Error::Load(Box::new(e)))?;
+        let mut ebpf = load(&placement.bpffs)?;
+        attach_and_pin(&mut ebpf, placement)?;
+        Self::from_loaded(&mut ebpf)
+    }
 
-        // sk_msg first: once sockops runs, sockets land in the map.
-        let socks: SockHash<MapData, SockKey> = ebpf
-            .take_map(names::SOCKHASH)
-            .ok_or(Error::MissingMap {
-                name: names::SOCKHASH,
-            })?
-            .try_into()
-            .map_err(Error::map("open", names::SOCKHASH))?;
-        let sk_msg: &mut SkMsg = ebpf
-            .program_mut(names::SK_MSG_PROG)
-            .ok_or(Error::MissingProgram {
-                name: names::SK_MSG_PROG,
-            })?
-            .try_into()
-            .map_err(Error::prog("look up", names::SK_MSG_PROG))?;
-        sk_msg
-            .load()
-            .map_err(Error::prog("load", names::SK_MSG_PROG))?;
-        let link = sk_msg
-            .attach(socks.fd())
-            .map_err(Error::prog("attach", names::SK_MSG_PROG))?;
-        let link = sk_msg
-            .take_link(link)
-            .map_err(Error::prog("take the link of", names::SK_MSG_PROG))?;
-        let prog_pin = dir.join(names::SK_MSG_PROG_PIN);
-        remove_stale(&prog_pin)?;
-        sk_msg.pin(&prog_pin).map_err(|e| Error::Pin {
-            path: prog_pin,
-            source: Box::new(e),
-        })?;
-        // The attachment lives in the (pinned) sockhash, not in this process.
-        // Turning the link into its base type disarms the wrapper's
-        // detach-on-drop; dropping the base only closes this process's
-        // descriptors, so nothing but the pins keeps the map alive and
-        // `uninstall` really frees it (a leaked descriptor used to keep the
-        // sockets redirected until the installing process exited).
-        drop(ProgAttachLink::from(link));
-
-        let cgroup = File::open(&placement.cgroup).map_err(Error::io("open", &placement.cgroup))?;
-        let sockops: &mut SockOps = ebpf
-            .program_mut(names::SOCKOPS_PROG)
-            .ok_or(Error::MissingProgram {
-                name: names::SOCKOPS_PROG,
-            })?
-            .try_into()
-            .map_err(Error::prog("look up", names::SOCKOPS_PROG))?;
-        sockops
-            .load()
-            .map_err(Error::prog("load", names::SOCKOPS_PROG))?;
-        // A bpf_link on a cgroup always coexists with other programs there
-        // (the kernel attaches links in multi mode); link_create rejects the
-        // explicit BPF_F_ALLOW_MULTI flag, so `Single` (flags 0) is correct.
-        let link = sockops
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(Error::prog("attach", names::SOCKOPS_PROG))?;
-        let link: FdLink = sockops
-            .take_link(link)
-            .map_err(Error::prog("take the link of", names::SOCKOPS_PROG))?
-            .try_into()
-            .map_err(Error::link("convert", names::SOCKOPS_PROG))?;
-        let link_pin = dir.join(names::SOCKOPS_LINK_PIN);
-        remove_stale(&link_pin)?;
-        link.pin(&link_pin).map_err(|e| Error::Pin {
-            path: link_pin,
-            source: Box::new(e),
-        })?;
-
+    fn from_loaded(ebpf: &mut aya::Ebpf) -> Result<Self, Error> {
         Ok(Self {
-            endpoints: take(&mut ebpf, names::ENDPOINTS)?,
-            allows: take(&mut ebpf, names::CHAIN_ALLOW)?,
-            counters: take(&mut ebpf, names::COUNTERS)?,
+            endpoints: take(ebpf, names::ENDPOINTS)?,
+            allows: take(ebpf, names::CHAIN_ALLOW)?,
+            counters: take(ebpf, names::COUNTERS)?,
         })
+    }
+
+    /// Like [`Datapath::ensure`], and when the pinned programs are not this
+    /// build's (a DaemonSet upgrade), swaps this build's in place: the maps
+    /// are kept (reused by their pins), the new sk_msg program replaces the
+    /// old one on the sockhash, the new sockops link is attached before the
+    /// old one's pin is renamed over (so no new connection is missed), and
+    /// connections already in the sockhash keep the programs they started
+    /// with to their end. meshd calls this at start-up; spright-cni only
+    /// needs [`Datapath::ensure`].
+    pub fn ensure_current(placement: &Placement) -> Result<(Self, Installed), Error> {
+        let (dp, how) = Self::ensure(placement)?;
+        if how == Installed::Fresh {
+            return Ok((dp, how));
+        }
+        drop(dp);
+        let _lock = lock_pin_dir(&placement.bpffs)?;
+        let mut ebpf = load(&placement.bpffs)?;
+        if pinned_programs_match(&mut ebpf, &placement.bpffs)? {
+            return Ok((Self::adopt(&placement.bpffs)?, Installed::Adopted));
+        }
+        check_cgroup2(&placement.cgroup)?;
+        attach_and_pin(&mut ebpf, placement)?;
+        Ok((Self::from_loaded(&mut ebpf)?, Installed::Upgraded))
+    }
+
+    /// Swaps this build's programs in unconditionally (what
+    /// [`Datapath::ensure_current`] does when the pinned ones differ).
+    pub fn replace_programs(placement: &Placement) -> Result<Self, Error> {
+        let (dp, how) = Self::ensure(placement)?;
+        if how == Installed::Fresh {
+            return Ok(dp);
+        }
+        drop(dp);
+        let _lock = lock_pin_dir(&placement.bpffs)?;
+        check_cgroup2(&placement.cgroup)?;
+        let mut ebpf = load(&placement.bpffs)?;
+        attach_and_pin(&mut ebpf, placement)?;
+        Self::from_loaded(&mut ebpf)
     }
 
     fn adopt(dir: &Path) -> Result<Self, Error> {
@@ -351,6 +326,137 @@ pub fn uninstall(bpffs: &Path) -> Result<(), Error> {
     }
 }
 
+/// Parses the object with its maps pinned by name in `dir` (existing pins
+/// are reused, so maps and their entries survive reloads).
+fn load(dir: &Path) -> Result<aya::Ebpf, Error> {
+    EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(OBJECT)
+        .map_err(|e| Error::Load(Box::new(e)))
+}
+
+fn sk_msg_of(ebpf: &mut aya::Ebpf) -> Result<&mut SkMsg, Error> {
+    ebpf.program_mut(names::SK_MSG_PROG)
+        .ok_or(Error::MissingProgram {
+            name: names::SK_MSG_PROG,
+        })?
+        .try_into()
+        .map_err(Error::prog("look up", names::SK_MSG_PROG))
+}
+
+fn sockops_of(ebpf: &mut aya::Ebpf) -> Result<&mut SockOps, Error> {
+    ebpf.program_mut(names::SOCKOPS_PROG)
+        .ok_or(Error::MissingProgram {
+            name: names::SOCKOPS_PROG,
+        })?
+        .try_into()
+        .map_err(Error::prog("look up", names::SOCKOPS_PROG))
+}
+
+/// Loads both programs into the kernel (if not yet) and says whether they
+/// are the ones pinned in `dir` (same instruction tags).
+fn pinned_programs_match(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<bool, Error> {
+    let sk_msg = sk_msg_of(ebpf)?;
+    sk_msg
+        .load()
+        .map_err(Error::prog("load", names::SK_MSG_PROG))?;
+    let new_sk_msg = sk_msg
+        .info()
+        .map_err(Error::prog("inspect", names::SK_MSG_PROG))?
+        .tag();
+    let sockops = sockops_of(ebpf)?;
+    sockops
+        .load()
+        .map_err(Error::prog("load", names::SOCKOPS_PROG))?;
+    let new_sockops = sockops
+        .info()
+        .map_err(Error::prog("inspect", names::SOCKOPS_PROG))?
+        .tag();
+
+    let pinned_sk_msg = aya::programs::ProgramInfo::from_pin(dir.join(names::SK_MSG_PROG_PIN))
+        .map_err(Error::prog("inspect the pin of", names::SK_MSG_PROG))?
+        .tag();
+    let link = PinnedLink::from_pin(dir.join(names::SOCKOPS_LINK_PIN))
+        .map_err(Error::link("open the pin of", names::SOCKOPS_PROG))?;
+    let prog_id = FdLink::from(link)
+        .info()
+        .map_err(Error::link("inspect", names::SOCKOPS_PROG))?
+        .program_id();
+    let pinned_sockops = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == prog_id)
+        .map(|p| p.tag());
+    Ok(pinned_sk_msg == new_sk_msg && pinned_sockops == Some(new_sockops))
+}
+
+/// Attaches the loaded object's programs and pins them, each pin written
+/// under a temporary name and renamed into place: on an upgrade the rename
+/// drops the old pin (and with it the old sockops link) only after the new
+/// program is attached.
+fn attach_and_pin(ebpf: &mut aya::Ebpf, placement: &Placement) -> Result<(), Error> {
+    let dir = &placement.bpffs;
+    // sk_msg first: once sockops runs, sockets land in the map.
+    let socks: SockHash<MapData, SockKey> = from_pin(dir, names::SOCKHASH)?;
+    let sk_msg = sk_msg_of(ebpf)?;
+    if sk_msg.fd().is_err() {
+        sk_msg
+            .load()
+            .map_err(Error::prog("load", names::SK_MSG_PROG))?;
+    }
+    let link = sk_msg
+        .attach(socks.fd())
+        .map_err(Error::prog("attach", names::SK_MSG_PROG))?;
+    let link = sk_msg
+        .take_link(link)
+        .map_err(Error::prog("take the link of", names::SK_MSG_PROG))?;
+    pin_via_rename(dir, names::SK_MSG_PROG_PIN, |tmp| sk_msg.pin(tmp))?;
+    // The attachment lives in the (pinned) sockhash, not in this process.
+    // Turning the link into its base type disarms the wrapper's
+    // detach-on-drop; dropping the base only closes this process's
+    // descriptors, so nothing but the pins keeps the map alive and
+    // `uninstall` really frees it (a leaked descriptor used to keep the
+    // sockets redirected until the installing process exited).
+    drop(ProgAttachLink::from(link));
+
+    let cgroup = File::open(&placement.cgroup).map_err(Error::io("open", &placement.cgroup))?;
+    let sockops = sockops_of(ebpf)?;
+    if sockops.fd().is_err() {
+        sockops
+            .load()
+            .map_err(Error::prog("load", names::SOCKOPS_PROG))?;
+    }
+    // A bpf_link on a cgroup always coexists with other programs there
+    // (the kernel attaches links in multi mode); link_create rejects the
+    // explicit BPF_F_ALLOW_MULTI flag, so `Single` (flags 0) is correct.
+    let link = sockops
+        .attach(&cgroup, CgroupAttachMode::Single)
+        .map_err(Error::prog("attach", names::SOCKOPS_PROG))?;
+    let link: FdLink = sockops
+        .take_link(link)
+        .map_err(Error::prog("take the link of", names::SOCKOPS_PROG))?
+        .try_into()
+        .map_err(Error::link("convert", names::SOCKOPS_PROG))?;
+    pin_via_rename(dir, names::SOCKOPS_LINK_PIN, |tmp| link.pin(tmp).map(drop))
+}
+
+/// Pins with `pin` under a temporary name, then renames it to `name`
+/// (replacing an older pin atomically).
+fn pin_via_rename(
+    dir: &Path,
+    name: &str,
+    pin: impl FnOnce(&Path) -> Result<(), PinError>,
+) -> Result<(), Error> {
+    // bpffs refuses names with dots.
+    let tmp = dir.join(format!("{name}_new"));
+    remove_stale(&tmp)?;
+    pin(&tmp).map_err(|e| Error::Pin {
+        path: tmp.clone(),
+        source: Box::new(e),
+    })?;
+    let path = dir.join(name);
+    std::fs::rename(&tmp, &path).map_err(Error::io("rename a pin into", &path))
+}
+
 /// Detaches the programs and removes every pin spright owns in `dir`.
 fn remove_pins(dir: &Path) -> Result<(), Error> {
     let link_pin = dir.join(names::SOCKOPS_LINK_PIN);
@@ -367,6 +473,11 @@ fn remove_pins(dir: &Path) -> Result<(), Error> {
         .chain(names::PINNED_MAPS)
     {
         remove_stale(&dir.join(name))?;
+    }
+    // Temporary pins of an install or upgrade interrupted before its rename
+    // (unlinking a link pin with no other holder detaches it).
+    for name in [names::SK_MSG_PROG_PIN, names::SOCKOPS_LINK_PIN] {
+        remove_stale(&dir.join(format!("{name}_new")))?;
     }
     Ok(())
 }
