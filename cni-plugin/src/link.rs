@@ -364,8 +364,12 @@ impl Netlink {
                 "list routes",
                 if v6 { "ipv6" } else { "ipv4" },
             ))?;
+        // The main table only: the local table's host, broadcast and
+        // multicast routes are the kernel's, never ours.
+        const RT_TABLE_MAIN: u8 = 254;
         Ok(msgs
             .iter()
+            .filter(|m| m.header.table == RT_TABLE_MAIN)
             .filter_map(|m| {
                 let dst = m
                     .attributes

@@ -1,10 +1,13 @@
 //! `bench-datapath`: RTT and throughput between two pods on one node, for
-//! message sizes 64 B … 1 MiB, on three paths measured in the same run:
+//! message sizes 64 B … 1 MiB, on four set-ups measured in the same run:
 //!
 //! - `bridge`: pods made by the reference CNI `bridge` plugin with `host-local`
 //!   IPAM (`/usr/lib/cni`), processes outside any spright cgroup;
 //! - `spright-off`: veth + bridge pods in spright's cgroup with the programs
 //!   attached, recorded without a chain (the programs run and decide "no");
+//! - `quickack`: the spright-off pods with `quickack 1` on their routes (what
+//!   spright-cni sets for chain members), to show that mitigation's cost on
+//!   the TCP path;
 //! - `spright-on`: the same pods recorded in one chain (socket to socket).
 //!
 //! Client and server are pinned with `taskset`, both on CPU 0 ("same vCPU")
@@ -73,9 +76,17 @@ fn main() -> anyhow::Result<()> {
     for (pin_name, cpus) in &placements {
         for &size in sizes {
             let mut row = serde_json::json!({ "cpus": pin_name, "size": size });
-            for mode in ["bridge", "spright-off", "spright-on"] {
+            for mode in ["bridge", "spright-off", "quickack", "spright-on"] {
+                // `quickack`: the spright-off pods with `quickack 1` on their
+                // routes, as spright-cni sets it for chain members: the cost
+                // of that mitigation on the TCP path.
+                set_quickack(&sb, &[a, b], mode == "quickack")?;
                 let pair = match mode {
                     "bridge" => &bridge,
+                    "quickack" => {
+                        sb.set_chain(&mut dp, &[a, b], None)?;
+                        &spright("quickack")
+                    }
                     m => {
                         sb.set_chain(&mut dp, &[a, b], (m == "spright-on").then_some("bench"))?;
                         &spright(if m == "spright-on" {
@@ -100,6 +111,7 @@ fn main() -> anyhow::Result<()> {
     drop(sb);
 
     print_table(&results);
+    print_quickack(&results);
     let out = Path::new("target/bench");
     std::fs::create_dir_all(out)?;
     std::fs::write(
@@ -108,6 +120,65 @@ fn main() -> anyhow::Result<()> {
     )?;
     println!("\nresults written to target/bench/datapath.json");
     Ok(())
+}
+
+/// Sets or clears `quickack 1` on every route of the pods' `eth0`.
+fn set_quickack(sb: &Sandbox, pods: &[usize], on: bool) -> anyhow::Result<()> {
+    let q = if on { "1" } else { "0" };
+    for &pod in pods {
+        let ns = &sb.pods[pod].ns;
+        ns.ip(&[
+            "route",
+            "change",
+            "10.213.0.0/24",
+            "dev",
+            "eth0",
+            "proto",
+            "kernel",
+            "scope",
+            "link",
+            "src",
+            &sb.pods[pod].ip.to_string(),
+            "quickack",
+            q,
+        ])?;
+        ns.ip(&[
+            "route",
+            "change",
+            "default",
+            "via",
+            &spright_tests::sandbox::gateway().to_string(),
+            "dev",
+            "eth0",
+            "quickack",
+            q,
+        ])?;
+    }
+    Ok(())
+}
+
+fn print_quickack(results: &[serde_json::Value]) {
+    println!(
+        "\nquickack on the TCP path (pods not redirected): with vs without, same pods, same run"
+    );
+    println!(
+        "{:<10} {:>8} | {:>10} {:>10} {:>7} | {:>10} {:>10} {:>7}",
+        "cpus", "size", "RTT off", "RTT qa", "ratio", "MiB/s off", "MiB/s qa", "ratio"
+    );
+    for r in results {
+        let g = |m: &str, k: &str| r[m][k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:<10} {:>8} | {:>10.1} {:>10.1} {:>6.2}x | {:>10.0} {:>10.0} {:>6.2}x",
+            r["cpus"].as_str().unwrap_or(""),
+            r["size"].as_u64().unwrap_or(0),
+            g("spright-off", "rtt_p50_us"),
+            g("quickack", "rtt_p50_us"),
+            g("quickack", "rtt_p50_us") / g("spright-off", "rtt_p50_us"),
+            g("spright-off", "mib_per_s"),
+            g("quickack", "mib_per_s"),
+            g("quickack", "mib_per_s") / g("spright-off", "mib_per_s"),
+        );
+    }
 }
 
 /// Median RTT (µs) and median throughput (MiB/s) of three runs.
