@@ -366,7 +366,6 @@ impl Netlink {
             ))?;
         // The main table only: the local table's host, broadcast and
         // multicast routes are the kernel's, never ours.
-        const RT_TABLE_MAIN: u8 = 254;
         Ok(msgs
             .iter()
             .filter(|m| m.header.table == RT_TABLE_MAIN)
@@ -388,6 +387,9 @@ impl Netlink {
             .collect())
     }
 }
+
+/// The kernel's main routing table.
+const RT_TABLE_MAIN: u8 = 254;
 
 fn route_addr(a: &rtnetlink::packet_route::route::RouteAddress) -> Option<IpAddr> {
     use rtnetlink::packet_route::route::RouteAddress;
