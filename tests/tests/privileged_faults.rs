@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use spright_tests::{
     privileged,
-    sandbox::Sandbox,
+    sandbox::{Peer, Sandbox},
     scenario::{data_segs_out, transfer},
 };
 
@@ -23,33 +23,33 @@ fn pair(tag: &str, chain: bool) -> (Sandbox, spright_ebpf::Datapath) {
     (sb, dp)
 }
 
+/// A 256 MiB transfer from pod 0 to a server on pod 1 (accepting `conns`
+/// connections), still running when this returns.
+fn running_transfer(sb: &Sandbox, conns: &str, client_args: &[&str]) -> (Peer, Peer, String) {
+    let server = format!("{}:7000", sb.pods[1].ip);
+    let srv = sb
+        .spawn_peer(1, &["serve", "--listen", &server, "--conns", conns])
+        .unwrap();
+    assert_eq!(srv.line(T).unwrap(), "ready");
+    let bytes = BYTES.to_string();
+    let mut args = vec!["send", "--connect", &server, "--bytes", &bytes];
+    args.extend_from_slice(client_args);
+    let client = sb.spawn_peer(0, &args).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        client.line(Duration::ZERO).is_err(),
+        "the transfer ended before the fault"
+    );
+    (srv, client, server)
+}
+
 #[test]
 fn privileged_faults_detach_mid_transfer() {
     if !privileged::require("privileged_faults_detach_mid_transfer") {
         return;
     }
     let (sb, dp) = pair("f", true);
-    let server = format!("{}:7000", sb.pods[1].ip);
-    let srv = sb.spawn_peer(1, &["serve", "--listen", &server]).unwrap();
-    assert_eq!(srv.line(T).unwrap(), "ready");
-    let mut client = sb
-        .spawn_peer(
-            0,
-            &[
-                "send",
-                "--connect",
-                &server,
-                "--bytes",
-                &BYTES.to_string(),
-                "--hold",
-            ],
-        )
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        client.line(Duration::ZERO).is_err(),
-        "the transfer ended before the detach"
-    );
+    let (srv, mut client, _) = running_transfer(&sb, "1", &["--hold"]);
     let before = dp.counters(sb.pods[0].ip.into()).unwrap().redirected_bytes;
     assert!(
         before > 0,
@@ -95,20 +95,7 @@ fn privileged_faults_server_killed_mid_transfer() {
     }
     for chain in [false, true] {
         let (sb, dp) = pair(if chain { "kr" } else { "kp" }, chain);
-        let server = format!("{}:7000", sb.pods[1].ip);
-        let srv = sb.spawn_peer(1, &["serve", "--listen", &server]).unwrap();
-        assert_eq!(srv.line(T).unwrap(), "ready");
-        let client = sb
-            .spawn_peer(
-                0,
-                &["send", "--connect", &server, "--bytes", &BYTES.to_string()],
-            )
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(
-            client.line(Duration::ZERO).is_err(),
-            "the transfer ended before the kill"
-        );
+        let (srv, client, _) = running_transfer(&sb, "1", &[]);
         drop(srv); // SIGKILL, as when the pod is deleted
         let err = client
             .finish(T)
@@ -136,22 +123,7 @@ fn privileged_faults_programs_replaced_mid_transfer() {
         return;
     }
     let (sb, dp) = pair("u", true);
-    let server = format!("{}:7000", sb.pods[1].ip);
-    let srv = sb
-        .spawn_peer(1, &["serve", "--listen", &server, "--conns", "2"])
-        .unwrap();
-    assert_eq!(srv.line(T).unwrap(), "ready");
-    let client = sb
-        .spawn_peer(
-            0,
-            &["send", "--connect", &server, "--bytes", &BYTES.to_string()],
-        )
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        client.line(Duration::ZERO).is_err(),
-        "the transfer ended before the upgrade"
-    );
+    let (srv, client, server) = running_transfer(&sb, "2", &[]);
     let old_ids = sockops_ids(&sb.cgroup.path);
     drop(dp);
     let dp =
