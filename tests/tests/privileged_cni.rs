@@ -537,3 +537,106 @@ fn privileged_cni_status_gc_and_version() {
     assert!(node.invoke("DEL", &conf, Some(&pa)).unwrap().ok);
     assert_clean(&node);
 }
+
+/// Chain membership from pod annotations, as containerd passes them
+/// (`runtimeConfig["io.kubernetes.cri.pod-annotations"]`), and the opt-out
+/// annotation end to end: the opted-out pod is recorded and mapped with the
+/// flag, gets no quickack, and its connections stay on TCP while the same
+/// chain's other pods are redirected.
+#[test]
+fn privileged_cni_annotations_and_redirect_opt_out() {
+    if !require("privileged_cni_annotations_and_redirect_opt_out") {
+        return;
+    }
+    let mut node = Node::new("o").unwrap();
+    let (a, b, c) = (
+        node.add_pod().unwrap(),
+        node.add_pod().unwrap(),
+        node.add_pod().unwrap(),
+    );
+    let add = |pod: usize, name: &str, annotations: Value| {
+        let mut conf = node.conf("1.0.0", &[V4]);
+        conf["runtimeConfig"] = json!({ "io.kubernetes.cri.pod-annotations": annotations });
+        let mut at = node.attach(pod, &format!("ctr-{name}"));
+        at.args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={name};K8S_POD_UID=u-{name}"
+        );
+        let r = node.invoke("ADD", &conf, Some(&at)).unwrap();
+        assert!(r.ok, "{name}: {r:#?}");
+        cni::result_ips(&r.stdout).unwrap()[0]
+    };
+    let ip_a = add(
+        a,
+        "gw",
+        json!({ "spright.dev/chain": "checkout", "spright.dev/function": "gateway" }),
+    );
+    let ip_b = add(b, "stage", json!({ "spright.dev/chain": "checkout" }));
+    let ip_c = add(
+        c,
+        "legacy",
+        json!({ "spright.dev/chain": "checkout", "spright.dev/redirect": "off" }),
+    );
+
+    let rec = |id: &str| {
+        spright_endpoint::find(&node.state_dir(), id, "eth0")
+            .unwrap()
+            .unwrap()
+    };
+    let (ra, rc) = (rec("ctr-gw"), rec("ctr-legacy"));
+    assert_eq!(
+        (ra.chain.as_deref(), ra.function.as_deref(), ra.redirect),
+        (Some("checkout"), Some("gateway"), true)
+    );
+    assert_eq!(
+        (rc.chain.as_deref(), rc.redirect),
+        (Some("checkout"), false)
+    );
+    let dp = spright_ebpf::Datapath::open(&node.pins.path).unwrap();
+    let flags: std::collections::BTreeMap<IpAddr, u32> = dp
+        .endpoints()
+        .unwrap()
+        .into_iter()
+        .map(|(ip, v)| (ip, v.flags))
+        .collect();
+    assert_eq!(flags[&ip_a], 0);
+    assert_eq!(flags[&ip_c], spright_ebpf::ENDPOINT_FLAG_NO_REDIRECT);
+    let routes_c = node.pods[c].ip(&["route", "show"]).unwrap();
+    assert!(
+        !routes_c.contains("quickack"),
+        "the opted-out pod got quickack: {routes_c}"
+    );
+
+    // Traffic from processes in the datapath's cgroup: a → b redirected,
+    // c → b on TCP.
+    let send = |from: usize| {
+        let peer = |pod: usize, args: &[&str]| {
+            let mut cmd = std::process::Command::new(spright_tests::sandbox::netpeer_bin());
+            cmd.arg("--cgroup")
+                .arg(&node.cgroup.path)
+                .arg("--netns")
+                .arg(node.pods[pod].path())
+                .args(args);
+            spright_tests::sandbox::Peer::spawn_command(cmd).unwrap()
+        };
+        let t = std::time::Duration::from_secs(30);
+        let addr = std::net::SocketAddr::new(ip_b, 7100 + u16::try_from(from).unwrap()).to_string();
+        let srv = peer(b, &["serve", "--listen", &addr]);
+        assert_eq!(srv.line(t).unwrap(), "ready");
+        let cli = peer(from, &["send", "--connect", &addr, "--bytes", "65536"]);
+        assert_eq!(cli.report(t).unwrap()["intact"], true);
+        cli.finish(t).unwrap();
+        srv.finish(t).unwrap();
+    };
+    send(a);
+    send(c);
+    assert!(
+        dp.counters(ip_a).unwrap().redirected_bytes >= 65536,
+        "chain member not redirected"
+    );
+    let cc = dp.counters(ip_c).unwrap();
+    assert_eq!(
+        (cc.redirected_bytes, cc.accelerated_socks),
+        (0, 0),
+        "opted-out pod redirected: {cc:?}"
+    );
+}
