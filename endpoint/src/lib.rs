@@ -20,6 +20,9 @@ use spright_common::{ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, chain_id};
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/spright";
 /// Sub-directory of the state directory holding the records.
 pub const ENDPOINTS_SUBDIR: &str = "endpoints";
+/// File in the state directory where meshd publishes its start-up
+/// self-test (JSON with at least `verdict`), for spright-cni's STATUS.
+pub const SELFTEST_FILE: &str = "selftest.json";
 /// Current record format version.
 pub const RECORD_VERSION: u32 = 1;
 

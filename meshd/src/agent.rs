@@ -103,6 +103,7 @@ impl Agent {
         };
         info!(verdict = %selftest.verdict, trials = selftest.trials, eagain_trials = selftest.eagain_trials,
               detail = ?selftest.detail, "self-test: blocking recv() EAGAIN on the redirect path");
+        publish_selftest(&config.state_dir, &selftest);
         Self {
             selftest,
             config,
@@ -186,6 +187,20 @@ impl Agent {
         s.reconciles = self.reconciles;
         s.selftest = Some(self.selftest.clone());
         s
+    }
+}
+
+/// Writes the self-test report where spright-cni's STATUS reads it
+/// (atomically: temporary file, then rename). Best effort.
+fn publish_selftest(state_dir: &Path, report: &crate::selftest::Report) {
+    let path = state_dir.join(spright_endpoint::SELFTEST_FILE);
+    let tmp = state_dir.join(format!(".{}.tmp", spright_endpoint::SELFTEST_FILE));
+    let body = serde_json::to_vec_pretty(report).expect("reports serialise");
+    let written = std::fs::create_dir_all(state_dir)
+        .and_then(|()| std::fs::write(&tmp, body))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        warn!(path = %path.display(), error = %e, "publishing the self-test report");
     }
 }
 

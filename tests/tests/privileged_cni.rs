@@ -503,6 +503,20 @@ fn privileged_cni_status_gc_and_version() {
         s.stdout["msg"].as_str().unwrap().contains("acceleration"),
         "{s:#?}"
     );
+    // meshd's published self-test verdict reaches STATUS's message.
+    let msg = |s: &cni::Outcome| s.stdout["msg"].as_str().unwrap_or_default().to_owned();
+    assert!(msg(&s).contains("kernel self-test: not run yet"), "{s:#?}");
+    std::fs::create_dir_all(node.state_dir()).unwrap();
+    std::fs::write(
+        node.state_dir().join(spright_endpoint::SELFTEST_FILE),
+        r#"{"verdict":"affected","trials":10,"eagain_trials":9}"#,
+    )
+    .unwrap();
+    let s = node.invoke("STATUS", &no_ipam, None).unwrap();
+    assert!(
+        msg(&s).contains("EAGAIN on the redirect path): affected (9 of 10 trials)"),
+        "{s:#?}"
+    );
     let mut ro = conf.clone();
     let blocker = node.dir.path().join("blocker");
     std::fs::write(&blocker, b"").unwrap();

@@ -35,6 +35,15 @@ fn privileged_meshd_follows_records() {
         .unwrap();
     assert_eq!(s["acceleration"]["enabled"], true, "{s:#}");
     assert_eq!(s["acceleration"]["datapath"], "fresh", "{s:#}");
+    // The self-test verdict is published for spright-cni's STATUS.
+    let published: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(state.path().join(spright_endpoint::SELFTEST_FILE)).expect("selftest.json"),
+    )
+    .unwrap();
+    assert_eq!(
+        published["verdict"], s["selftest"]["verdict"],
+        "{published:#} vs {s:#}"
+    );
 
     // New records are picked up (inotify), malformed ones are skipped by path.
     sb.record_pod(state.path(), 1, Some("alpha")).unwrap();
