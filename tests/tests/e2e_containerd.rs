@@ -17,8 +17,9 @@ use k8s_cri::v1::{
     runtime_service_client::RuntimeServiceClient,
 };
 use spright_tests::{
+    cni::Node,
     runtime::{self, Containerd, Podman, RuntimeCgroups, RuntimeNetns, redirected},
-    sandbox::{Cgroup, Netns, PinDir},
+    sandbox::Netns,
 };
 use tonic::transport::Channel;
 
@@ -33,11 +34,8 @@ struct Setup {
     containerd: Containerd,
     pod_netns: RuntimeNetns,
     _runtime_cgroups: RuntimeCgroups,
-    pins: PinDir,
-    _cgroup: Cgroup,
-    node: Netns,
-    dir: tempfile::TempDir,
-    name: String,
+    /// Node netns, test cgroup, pin dir and temp dir (dropped last).
+    base: Node,
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -117,14 +115,8 @@ fn import_image(dir: &Path, node: &Netns, containerd: &Containerd) {
 
 impl Setup {
     fn new() -> Self {
-        let name = spright_tests::sandbox::unique("cd");
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{name}-"))
-            .tempdir()
-            .unwrap();
-        let node = Netns::create(format!("{name}-node")).unwrap();
-        let cgroup = Cgroup::create(&name).unwrap();
-        let pins = PinDir::create(&name).unwrap();
+        let base = Node::new("d").unwrap();
+        let (dir, node, name) = (&base.dir, &base.node, &base.name);
         let runtime_cgroups = RuntimeCgroups { name: name.clone() };
         // containerd takes one CNI bin dir: spright-cni plus the reference
         // loopback (lo in every sandbox) and host-local (spright's IPAM).
@@ -142,8 +134,8 @@ impl Setup {
             NETWORK,
             "sprcd0",
             SUBNET,
-            &cgroup.path,
-            &pins.path,
+            &base.cgroup.path,
+            &base.pins.path,
             dir.path(),
         );
         std::fs::write(
@@ -159,16 +151,12 @@ impl Setup {
             &conf_dir,
         )
         .unwrap();
-        import_image(dir.path(), &node, &containerd);
+        import_image(dir.path(), node, &containerd);
         Self {
             containerd,
             pod_netns: RuntimeNetns::default(),
             _runtime_cgroups: runtime_cgroups,
-            pins,
-            _cgroup: cgroup,
-            node,
-            dir,
-            name,
+            base,
         }
     }
 }
@@ -195,7 +183,7 @@ async fn run_pod(
             name.to_owned(),
         );
     }
-    let logs = s.dir.path().join("logs").join(name);
+    let logs = s.base.dir.path().join("logs").join(name);
     std::fs::create_dir_all(&logs).unwrap();
     let config = cri::PodSandboxConfig {
         metadata: Some(cri::PodSandboxMetadata {
@@ -208,7 +196,7 @@ async fn run_pod(
         log_directory: logs.display().to_string(),
         annotations,
         linux: Some(cri::LinuxPodSandboxConfig {
-            cgroup_parent: format!("/{}/{name}", s.name),
+            cgroup_parent: format!("/{}/{name}", s.base.name),
             ..Default::default()
         }),
         ..Default::default()
@@ -356,7 +344,7 @@ fn e2e_containerd_cri_chain_from_annotations() {
         }
         // The annotation reached the plugin (containerd passes it because
         // the conflist declares the capability).
-        let records = spright_endpoint::list(&s.dir.path().join("state")).unwrap();
+        let records = spright_endpoint::list(&s.base.dir.path().join("state")).unwrap();
         let chains: HashMap<String, Option<String>> = records
             .iter()
             .filter_map(|(_, r)| r.as_ref().ok())
@@ -373,7 +361,7 @@ fn e2e_containerd_cri_chain_from_annotations() {
         assert_eq!(fetch(&mut rs, &pods[1], &pods[2]).await, "spright-e2e");
         let before: Vec<(u64, u64)> = pods
             .iter()
-            .map(|p| redirected(&s.pins.path, p.ip).unwrap())
+            .map(|p| redirected(&s.base.pins.path, p.ip).unwrap())
             .collect();
         for (p, (msgs, bytes)) in pods.iter().zip(&before).take(3) {
             assert!(
@@ -386,9 +374,9 @@ fn e2e_containerd_cri_chain_from_annotations() {
         // The outsider talks to a chain pod both ways: normal path.
         assert_eq!(fetch(&mut rs, &pods[3], &pods[0]).await, "spright-e2e");
         assert_eq!(fetch(&mut rs, &pods[0], &pods[3]).await, "spright-e2e");
-        assert_eq!(redirected(&s.pins.path, pods[3].ip).unwrap(), (0, 0));
+        assert_eq!(redirected(&s.base.pins.path, pods[3].ip).unwrap(), (0, 0));
         assert_eq!(
-            redirected(&s.pins.path, pods[0].ip).unwrap(),
+            redirected(&s.base.pins.path, pods[0].ip).unwrap(),
             before[0],
             "a connection with the outsider was redirected"
         );
@@ -434,13 +422,13 @@ fn e2e_containerd_cri_chain_from_annotations() {
 
     // The node is clean: no record, no allocation, no veth, no map entry.
     assert!(
-        spright_endpoint::list(&s.dir.path().join("state"))
+        spright_endpoint::list(&s.base.dir.path().join("state"))
             .unwrap()
             .is_empty()
     );
-    let links = s.node.ip(&["-o", "link", "show"]).unwrap();
+    let links = s.base.node.ip(&["-o", "link", "show"]).unwrap();
     assert_eq!(links.lines().count(), 2, "only lo and the bridge: {links}");
-    let allocations: Vec<String> = std::fs::read_dir(s.dir.path().join("ipam").join(NETWORK))
+    let allocations: Vec<String> = std::fs::read_dir(s.base.dir.path().join("ipam").join(NETWORK))
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -452,7 +440,7 @@ fn e2e_containerd_cri_chain_from_annotations() {
         allocations.is_empty(),
         "IP allocations left: {allocations:?}"
     );
-    let dp = spright_ebpf::Datapath::open(&s.pins.path).unwrap();
+    let dp = spright_ebpf::Datapath::open(&s.base.pins.path).unwrap();
     assert!(
         dp.endpoints().unwrap().is_empty(),
         "endpoint map entries left"

@@ -12,8 +12,9 @@
 use std::{net::IpAddr, path::Path, time::Duration};
 
 use spright_tests::{
+    cni::Node,
     runtime::{self, Podman, RuntimeCgroups, redirected, retry},
-    sandbox::{Cgroup, Netns, PinDir, workspace_bin},
+    sandbox::workspace_bin,
 };
 
 const SUBNET: &str = "10.213.21.0/24";
@@ -24,39 +25,26 @@ const SUBNET: &str = "10.213.21.0/24";
 struct Setup {
     podman: Podman,
     _runtime_cgroups: RuntimeCgroups,
-    pins: PinDir,
-    cgroup: Cgroup,
-    node: Netns,
-    dir: tempfile::TempDir,
-    name: String,
+    /// Node netns, test cgroup, pin dir and temp dir (dropped last).
+    base: Node,
 }
 
 impl Setup {
     fn new(tag: &str) -> Self {
-        let name = spright_tests::sandbox::unique(tag);
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{name}-"))
-            .tempdir()
-            .unwrap();
-        let node = Netns::create(format!("{name}-node")).unwrap();
-        let cgroup = Cgroup::create(&name).unwrap();
-        let pins = PinDir::create(&name).unwrap();
+        let base = Node::new(tag).unwrap();
+        let (dir, node, name) = (&base.dir, &base.node, &base.name);
         let runtime_cgroups = RuntimeCgroups { name: name.clone() };
         let bin = runtime::cni_bin_dir(dir.path()).unwrap();
         let podman = Podman::new(&dir.path().join("podman"), &node.path(), &bin).unwrap();
         Self {
             podman,
             _runtime_cgroups: runtime_cgroups,
-            pins,
-            cgroup,
-            node,
-            dir,
-            name,
+            base,
         }
     }
 
     fn rootfs(&self) -> String {
-        let r = self.dir.path().join("rootfs");
+        let r = self.base.dir.path().join("rootfs");
         if !r.exists() {
             runtime::busybox_rootfs(&r).unwrap();
         }
@@ -64,7 +52,7 @@ impl Setup {
     }
 
     fn state_dir(&self) -> std::path::PathBuf {
-        self.dir.path().join("state")
+        self.base.dir.path().join("state")
     }
 }
 
@@ -72,7 +60,7 @@ impl Setup {
 fn serve(s: &Setup, name: &str, net: &str, chain: Option<&str>) -> IpAddr {
     let args = chain.map(|c| format!("{}={c}", spright_endpoint::CNI_ARG_CHAIN));
     let env: Vec<(&str, &str)> = args.iter().map(|a| ("CNI_ARGS", a.as_str())).collect();
-    let parent = format!("/{}", s.name);
+    let parent = format!("/{}", s.base.name);
     let rootfs = s.rootfs();
     s.podman
         .run(
@@ -148,9 +136,9 @@ fn e2e_podman_chain_over_cni_args() {
         "spright",
         "sprpm0",
         SUBNET,
-        &s.cgroup.path,
-        &s.pins.path,
-        s.dir.path(),
+        &s.base.cgroup.path,
+        &s.base.pins.path,
+        s.base.dir.path(),
     );
     s.podman.add_network(&conflist).unwrap();
 
@@ -182,8 +170,8 @@ fn e2e_podman_chain_over_cni_args() {
     // socket to socket.
     assert_eq!(fetch(&s, "fn-a", b).unwrap().trim(), "spright-e2e");
     assert_eq!(fetch(&s, "fn-b", a).unwrap().trim(), "spright-e2e");
-    let (msgs_a, bytes_a) = redirected(&s.pins.path, a).unwrap();
-    let (msgs_b, bytes_b) = redirected(&s.pins.path, b).unwrap();
+    let (msgs_a, bytes_a) = redirected(&s.base.pins.path, a).unwrap();
+    let (msgs_b, bytes_b) = redirected(&s.base.pins.path, b).unwrap();
     assert!(
         msgs_a > 0 && msgs_b > 0 && bytes_a > 0 && bytes_b > 0,
         "chain hops were not redirected: a {msgs_a}/{bytes_a}, b {msgs_b}/{bytes_b}"
@@ -191,9 +179,9 @@ fn e2e_podman_chain_over_cni_args() {
     // The outsider reaches them too, over the normal path: no redirect.
     assert_eq!(fetch(&s, "outsider", a).unwrap().trim(), "spright-e2e");
     assert_eq!(fetch(&s, "fn-a", outsider).unwrap().trim(), "spright-e2e");
-    assert_eq!(redirected(&s.pins.path, outsider).unwrap(), (0, 0));
+    assert_eq!(redirected(&s.base.pins.path, outsider).unwrap(), (0, 0));
     assert_eq!(
-        redirected(&s.pins.path, a).unwrap().0,
+        redirected(&s.base.pins.path, a).unwrap().0,
         msgs_a,
         "a connection with the outsider was redirected"
     );
@@ -206,13 +194,13 @@ fn e2e_podman_chain_over_cni_args() {
         )
         .unwrap();
     assert!(spright_endpoint::list(&s.state_dir()).unwrap().is_empty());
-    let links = s.node.ip(&["-o", "link", "show"]).unwrap();
+    let links = s.base.node.ip(&["-o", "link", "show"]).unwrap();
     assert_eq!(
         links.lines().count(),
         2,
         "only lo and the bridge remain in the node: {links}"
     );
-    let ipam = s.dir.path().join("ipam/spright");
+    let ipam = s.base.dir.path().join("ipam/spright");
     let left: Vec<String> = std::fs::read_dir(&ipam)
         .map(|d| {
             d.flatten()
@@ -222,7 +210,7 @@ fn e2e_podman_chain_over_cni_args() {
         })
         .unwrap_or_default();
     assert!(left.is_empty(), "IP allocations left: {left:?}");
-    let dp = spright_ebpf::Datapath::open(&s.pins.path).unwrap();
+    let dp = spright_ebpf::Datapath::open(&s.base.pins.path).unwrap();
     assert!(
         dp.endpoints().unwrap().is_empty(),
         "endpoint map entries left"
@@ -263,14 +251,14 @@ fn e2e_image_runs_meshd_and_installs_the_cni() {
     .env("PODMAN", &podman_cmd)
     .env("CONTAINERS_CONF", s.podman.dir.join("containers.conf"))
     .env("CONTAINERS_STORAGE_CONF", s.podman.dir.join("storage.conf"))
-    .env("TMPDIR", s.dir.path())
+    .env("TMPDIR", s.base.dir.path())
     .output()
     .unwrap();
     let built = runtime::check(&out, "manifests/image/build.sh").unwrap();
     assert_eq!(built.trim(), image);
 
     // install-cni.sh from the ConfigMap, run in the image against a fake host.
-    let host = s.dir.path().join("host");
+    let host = s.base.dir.path().join("host");
     for d in ["opt/cni/bin", "etc/cni/net.d", "etc/spright", "config"] {
         std::fs::create_dir_all(host.join(d)).unwrap();
     }
@@ -323,11 +311,11 @@ fn e2e_image_runs_meshd_and_installs_the_cni() {
 
     // meshd from the image, on the node's network, with the host's bpffs,
     // cgroup tree and a state dir, as the DaemonSet runs it.
-    let state = s.dir.path().join("meshd-state");
+    let state = s.base.dir.path().join("meshd-state");
     std::fs::create_dir_all(spright_endpoint::records_dir(&state)).unwrap();
     let env_args = [
-        format!("SPRIGHT_CGROUP={}", s.cgroup.path.display()),
-        format!("SPRIGHT_BPFFS={}", s.pins.path.display()),
+        format!("SPRIGHT_CGROUP={}", s.base.cgroup.path.display()),
+        format!("SPRIGHT_BPFFS={}", s.base.pins.path.display()),
         "SPRIGHT_STATE_DIR=/var/lib/spright".to_owned(),
         "SPRIGHT_METRICS_ADDR=127.0.0.1:9943".to_owned(),
         "SPRIGHT_RESCAN_SECS=1".to_owned(),
@@ -345,7 +333,7 @@ fn e2e_image_runs_meshd_and_installs_the_cni() {
     .into_iter()
     .map(str::to_owned)
     .collect();
-    args.push(format!("/{}", s.name));
+    args.push(format!("/{}", s.base.name));
     for e in &env_args {
         args.extend(["--env".to_owned(), e.clone()]);
     }
@@ -361,7 +349,7 @@ fn e2e_image_runs_meshd_and_installs_the_cni() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     s.podman.run(&[], &args).unwrap();
     let status = retry(Duration::from_secs(30), || {
-        let ready = s.node.exec(
+        let ready = s.base.node.exec(
             "timeout",
             &[
                 "3",
@@ -374,7 +362,7 @@ fn e2e_image_runs_meshd_and_installs_the_cni() {
             ],
         )?;
         anyhow::ensure!(!ready.is_empty(), "not ready");
-        s.node.exec(
+        s.base.node.exec(
             "timeout",
             &[
                 "3",
@@ -395,14 +383,14 @@ fn e2e_image_runs_meshd_and_installs_the_cni() {
     assert_eq!(status["acceleration"]["enabled"], true, "{status:#}");
     assert_eq!(
         status["acceleration"]["cgroup"],
-        s.cgroup.path.display().to_string(),
+        s.base.cgroup.path.display().to_string(),
         "{status:#}"
     );
     // The programs are pinned on the host: they outlive the container.
     s.podman
         .run(&[], &["rm", "--force", "--time", "5", "meshd"])
         .unwrap();
-    assert!(spright_ebpf::Datapath::open(&s.pins.path).is_ok());
+    assert!(spright_ebpf::Datapath::open(&s.base.pins.path).is_ok());
 }
 
 fn configmap_data() -> serde_json::Value {
