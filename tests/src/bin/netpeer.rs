@@ -44,18 +44,15 @@ fn main() -> anyhow::Result<()> {
     let report = match args.first().map(String::as_str) {
         Some("serve") => {
             args.remove(0);
-            let listen: SocketAddr =
-                parse(&take_opt(&mut args, "--listen")?.context("--listen is required")?)?;
+            let listen: SocketAddr = required(&mut args, "--listen")?;
             let conns: u64 = take_opt(&mut args, "--conns")?.map_or(Ok(1), |v| parse(&v))?;
             no_leftovers(&args)?;
             serve(listen, conns)?
         }
         Some("send") => {
             args.remove(0);
-            let connect: SocketAddr =
-                parse(&take_opt(&mut args, "--connect")?.context("--connect is required")?)?;
-            let bytes: u64 =
-                parse(&take_opt(&mut args, "--bytes")?.context("--bytes is required")?)?;
+            let connect: SocketAddr = required(&mut args, "--connect")?;
+            let bytes: u64 = required(&mut args, "--bytes")?;
             let chunk: usize =
                 take_opt(&mut args, "--chunk")?.map_or(Ok(64 * 1024), |v| parse(&v))?;
             let hold = take_flag(&mut args, "--hold");
@@ -70,30 +67,23 @@ fn main() -> anyhow::Result<()> {
         }
         Some("echo" | "sink") => {
             let mode = args.remove(0);
-            let listen: SocketAddr =
-                parse(&take_opt(&mut args, "--listen")?.context("--listen is required")?)?;
+            let listen: SocketAddr = required(&mut args, "--listen")?;
             no_leftovers(&args)?;
             perf::serve(listen, mode == "echo")?
         }
         Some("pingpong") => {
             args.remove(0);
-            let connect: SocketAddr =
-                parse(&take_opt(&mut args, "--connect")?.context("--connect is required")?)?;
-            let size: usize =
-                parse(&take_opt(&mut args, "--size")?.context("--size is required")?)?;
-            let iters: u64 =
-                parse(&take_opt(&mut args, "--iters")?.context("--iters is required")?)?;
+            let connect: SocketAddr = required(&mut args, "--connect")?;
+            let size: usize = required(&mut args, "--size")?;
+            let iters: u64 = required(&mut args, "--iters")?;
             no_leftovers(&args)?;
             perf::pingpong(connect, size, iters)?
         }
         Some("bulk") => {
             args.remove(0);
-            let connect: SocketAddr =
-                parse(&take_opt(&mut args, "--connect")?.context("--connect is required")?)?;
-            let bytes: u64 =
-                parse(&take_opt(&mut args, "--bytes")?.context("--bytes is required")?)?;
-            let chunk: usize =
-                parse(&take_opt(&mut args, "--chunk")?.context("--chunk is required")?)?;
+            let connect: SocketAddr = required(&mut args, "--connect")?;
+            let bytes: u64 = required(&mut args, "--bytes")?;
+            let chunk: usize = required(&mut args, "--chunk")?;
             no_leftovers(&args)?;
             perf::bulk(connect, bytes, chunk)?
         }
@@ -266,6 +256,14 @@ where
     T::Err: std::error::Error + Send + Sync + 'static,
 {
     v.parse().with_context(|| format!("invalid value {v:?}"))
+}
+
+/// The value of a required option, parsed.
+fn required<T: std::str::FromStr>(args: &mut Vec<String>, name: &str) -> anyhow::Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    parse(&take_opt(args, name)?.with_context(|| format!("{name} is required"))?)
 }
 
 fn no_leftovers(args: &[String]) -> anyhow::Result<()> {
