@@ -103,6 +103,7 @@ fn record_for(
         function: m.function,
         redirect: m.redirect,
         host_ifname,
+        netns_cookie: None,
     })
 }
 
@@ -115,7 +116,7 @@ pub fn add(config: &Config, env: &Env, stdin: &Value) -> Result<Value> {
     state::prepare(config)?;
 
     let mut rollback = Rollback::default();
-    let (output, record) = match config.mode {
+    let (output, mut record) = match config.mode {
         Mode::Chained => {
             let prev = config.raw.prev_result.clone().ok_or(Error::InvalidConfig {
                 field: "prevResult",
@@ -170,6 +171,14 @@ pub fn add(config: &Config, env: &Env, stdin: &Value) -> Result<Value> {
         }
     }
 
+    // Only Service translation needs the cookie; a kernel without netns
+    // cookies (before 5.14) still gets networking and pod-to-pod redirects.
+    record.netns_cookie = spright_endpoint::netns_cookie(netns_path)
+        .inspect_err(|e| {
+            tracing::warn!(error = e as &dyn std::error::Error, netns = %env.netns,
+                "cannot read the network namespace cookie; Service translation is off for this pod");
+        })
+        .ok();
     spright_endpoint::write(config.state_dir(), &record).map_err(Error::Record)?;
     let (dir, cid, ifname) = (
         config.state_dir.clone(),

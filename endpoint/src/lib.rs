@@ -99,6 +99,11 @@ pub struct Record {
     /// Host-side interface (bridge mode), for cleanup and status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_ifname: Option<String>,
+    /// Cookie of the pod's network namespace (`SO_NETNS_COOKIE`): how the
+    /// connect-time Service translation recognises the calling pod. `None`
+    /// when the kernel has no netns cookies (before 5.14).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_cookie: Option<u64>,
 }
 
 const fn yes() -> bool {
@@ -128,6 +133,44 @@ impl Record {
             reserved: 0,
         }
     }
+}
+
+/// The cookie of the network namespace at `netns` (a bind mount or
+/// `/proc/<pid>/ns/net`), as `bpf_get_netns_cookie` reports it in the kernel
+/// programs. Read from a socket created inside the namespace, on a thread of
+/// its own, so the caller's thread never changes namespace.
+pub fn netns_cookie(netns: &Path) -> io::Result<u64> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let ns = fs::File::open(netns)?;
+    std::thread::spawn(move || {
+        // SAFETY: plain syscalls on descriptors this thread owns; the thread
+        // ends right after, so its changed namespace affects nobody else.
+        unsafe {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let sock = OwnedFd::from_raw_fd(fd);
+            let mut cookie = 0u64;
+            let mut len = libc::socklen_t::try_from(size_of::<u64>()).expect("8 fits a socklen_t");
+            if libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NETNS_COOKIE,
+                (&raw mut cookie).cast(),
+                &raw mut len,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(cookie)
+        }
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Checks a chain name: a DNS-1123 label (lowercase alphanumerics and '-',
@@ -271,7 +314,14 @@ mod tests {
             function: None,
             redirect: true,
             host_ifname: Some("veth1234".into()),
+            netns_cookie: Some(4097),
         }
+    }
+
+    #[test]
+    fn netns_cookie_of_a_missing_namespace_is_not_found() {
+        let e = netns_cookie(Path::new("/var/run/netns/spright-no-such-ns")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub type Shared = Arc<Mutex<Agent>>;
 pub struct Changes {
     pub upserted: usize,
     pub removed: usize,
+    /// Service table entries set / removed.
+    pub services_set: usize,
+    pub services_removed: usize,
     pub stale_records: usize,
     pub malformed: usize,
 }
@@ -40,6 +43,7 @@ pub struct Agent {
     acceleration: Acceleration,
     records: Vec<Record>,
     malformed: Vec<MalformedRecord>,
+    services: crate::services::Table,
     reconciles: u64,
     selftest: crate::selftest::Report,
 }
@@ -111,6 +115,7 @@ impl Agent {
             acceleration,
             records: Vec::new(),
             malformed: Vec::new(),
+            services: crate::services::Table::default(),
             reconciles: 0,
         }
     }
@@ -153,21 +158,38 @@ impl Agent {
                 live.push(r);
             }
         }
+        let services = crate::services::Table::load(&self.config.services_dir());
+        for p in &services.problems {
+            if !self.services.problems.contains(p) {
+                warn!(path = %p.path, error = %p.error, "skipping unusable service file");
+            }
+        }
         if let Some(dp) = self.dp.as_mut() {
             let (upserted, removed) = sync_maps(dp, &desired(&live));
             changes.upserted = upserted;
             changes.removed = removed;
+            // Callers first, then the table: a new entry never names a
+            // caller the kernel cannot identify yet.
+            crate::services::sync_netns(dp, &live);
+            let want = crate::services::desired(&services.ports(), &live);
+            let (set, removed) = crate::services::sync(dp, &want);
+            changes.services_set = set;
+            changes.services_removed = removed;
         }
         self.records = live;
         self.malformed = malformed;
+        self.services = services;
         self.reconciles += 1;
-        if changes != Changes::default()
-            && (changes.upserted, changes.removed, changes.stale_records) != (0, 0, 0)
+        let c = &changes;
+        if (c.upserted, c.removed, c.stale_records) != (0, 0, 0)
+            || (c.services_set, c.services_removed) != (0, 0)
         {
             info!(
                 upserted = changes.upserted,
                 removed = changes.removed,
                 stale = changes.stale_records,
+                services_set = changes.services_set,
+                services_removed = changes.services_removed,
                 endpoints = self.records.len(),
                 "reconciled"
             );
@@ -186,6 +208,7 @@ impl Agent {
         );
         s.reconciles = self.reconciles;
         s.selftest = Some(self.selftest.clone());
+        s.add_services(&self.services, &self.records, self.dp.as_ref());
         s
     }
 }
@@ -276,6 +299,7 @@ mod tests {
             function: None,
             redirect: true,
             host_ifname: None,
+            netns_cookie: None,
         }
     }
 

@@ -19,6 +19,7 @@ pub mod env {
     pub const RESCAN_SECS: &str = "SPRIGHT_RESCAN_SECS";
     pub const LOG: &str = "SPRIGHT_LOG";
     pub const NO_SELFTEST: &str = "SPRIGHT_NO_SELFTEST";
+    pub const SERVICES_DIR: &str = "SPRIGHT_SERVICES_DIR";
 }
 
 /// spright's node agent.
@@ -44,6 +45,9 @@ pub struct Config {
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `meshd=debug`)
     #[arg(long, env = env::LOG, value_name = "FILTER", default_value = "info")]
     pub log: String,
+    /// Directory of Service/EndpointSlice JSON files (`kubectl get service,endpointslice -o json`) for connect-time Service translation [default: `<state-dir>/services`]
+    #[arg(long, env = env::SERVICES_DIR, value_name = "DIR")]
+    pub services_dir: Option<PathBuf>,
     /// Skip the start-up self-test of the kernel's redirect path (see selftest.rs)
     #[arg(long, env = env::NO_SELFTEST)]
     pub no_selftest: bool,
@@ -59,6 +63,11 @@ impl Config {
         self.cgroup.clone().or_else(spright_ebpf::default_cgroup)
     }
 
+    /// The service files directory: the flag, or `<state-dir>/services`.
+    pub fn services_dir(&self) -> PathBuf {
+        services_dir_or_default(self.services_dir.as_deref(), &self.state_dir)
+    }
+
     pub fn rescan_interval(&self) -> Duration {
         Duration::from_secs(self.rescan_secs)
     }
@@ -67,8 +76,20 @@ impl Config {
     pub fn effective_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("config serialises");
         v["cgroup"] = serde_json::json!(self.cgroup_dir());
+        v["services_dir"] = serde_json::json!(self.services_dir());
         v
     }
+}
+
+/// `dir`, or the default services directory under `state_dir`.
+pub fn services_dir_or_default(
+    dir: Option<&std::path::Path>,
+    state_dir: &std::path::Path,
+) -> PathBuf {
+    dir.map_or_else(
+        || state_dir.join(crate::services::DEFAULT_SUBDIR),
+        std::path::Path::to_path_buf,
+    )
 }
 
 #[cfg(test)]
@@ -113,6 +134,7 @@ mod tests {
         let j = c.effective_json();
         assert_eq!(j["cgroup"], "/sys/fs/cgroup/unified/x");
         assert_eq!(j["bpffs"], "/sys/fs/bpf/t");
+        assert_eq!(j["services_dir"], "/var/lib/spright/services");
         assert!(j.get("print_config").is_none());
     }
 }

@@ -6,5 +6,6 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod selftest;
+pub mod services;
 pub mod status;
 pub mod watch;

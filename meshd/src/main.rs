@@ -55,7 +55,10 @@ fn main() -> ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     info!(config = %config.effective_json(), "starting");
     let addr = config.metrics_addr;
-    let records_dir = spright_endpoint::records_dir(&config.state_dir);
+    let watched_dirs = vec![
+        spright_endpoint::records_dir(&config.state_dir),
+        config.services_dir(),
+    ];
     let every = config.rescan_interval();
     let agent = tokio::task::spawn_blocking(move || {
         let mut a = Agent::start(config);
@@ -69,7 +72,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("binding --metrics-addr {addr}: {e}"))?;
     info!(addr = %addr, "serving /metrics /status /healthz /readyz /config");
     let server = axum::serve(listener, http::router(agent.clone()));
-    let watcher = watch::run(agent, records_dir, every);
+    let watcher = watch::run(agent, watched_dirs, every);
     tokio::select! {
         r = server => r.map_err(|e| anyhow::anyhow!("http server: {e}"))?,
         () = watcher => {}

@@ -98,6 +98,15 @@ pub struct Status {
     /// meshd's start-up self-test of the redirect path (absent from the CLI).
     #[serde(default)]
     pub selftest: Option<crate::selftest::Report>,
+    /// Service ports from the service files, with their node-local backends.
+    #[serde(default)]
+    pub services: Vec<crate::services::ServiceStatus>,
+    /// Live connections whose destination was translated at `connect()`.
+    #[serde(default)]
+    pub translations: Vec<crate::services::TranslationStatus>,
+    /// Service files (or objects in them) that were skipped, with why.
+    #[serde(default)]
+    pub malformed_service_files: Vec<MalformedRecord>,
 }
 
 impl Status {
@@ -161,12 +170,28 @@ impl Status {
             malformed_records: malformed.to_vec(),
             reconciles: 0,
             selftest: None,
+            services: Vec::new(),
+            translations: Vec::new(),
+            malformed_service_files: Vec::new(),
         }
+    }
+
+    /// Adds the Service view (table, local backends, live translations).
+    pub fn add_services(
+        &mut self,
+        table: &crate::services::Table,
+        records: &[Record],
+        dp: Option<&Datapath>,
+    ) {
+        let (services, translations) = crate::services::status(table.ports(), records, dp);
+        self.services = services;
+        self.translations = translations;
+        self.malformed_service_files.clone_from(&table.problems);
     }
 
     /// Builds the view without meshd: records from the state directory, counters
     /// from the pinned maps (acceleration shows as off when they cannot be opened).
-    pub fn from_node(state_dir: &Path, bpffs: &Path) -> Self {
+    pub fn from_node(state_dir: &Path, bpffs: &Path, services_dir: &Path) -> Self {
         let (records, malformed) = read_records(state_dir);
         let (dp, acceleration) = match Datapath::open(bpffs) {
             Ok(dp) => (
@@ -190,13 +215,16 @@ impl Status {
             bpffs: bpffs.display().to_string(),
             ..acceleration
         };
-        Self::collect(
+        let mut s = Self::collect(
             "pinned-maps",
             acceleration,
             &records,
             &malformed,
             dp.as_ref(),
-        )
+        );
+        let table = crate::services::Table::load(services_dir);
+        s.add_services(&table, &records, dp.as_ref());
+        s
     }
 
     /// A readable table for `spright status`.
@@ -278,10 +306,64 @@ impl Status {
                 e.counters.fallback_messages
             );
         }
+        self.render_services(&mut s);
         for m in &self.malformed_records {
             let _ = writeln!(s, "\nmalformed record skipped: {}: {}", m.path, m.error);
         }
+        for m in &self.malformed_service_files {
+            let _ = writeln!(s, "\nservice file skipped: {}: {}", m.path, m.error);
+        }
         s
+    }
+
+    fn render_services(&self, s: &mut String) {
+        if self.services.is_empty() && self.translations.is_empty() {
+            return;
+        }
+        let _ = writeln!(s, "\nSERVICES");
+        let _ = writeln!(
+            s,
+            "{:<16} {:<20} {:<24} {:>8} {:<40} {:>10}",
+            "NAMESPACE", "SERVICE", "ADDRESS", "BACKENDS", "LOCAL CHAIN BACKENDS", "TRANSLATED"
+        );
+        for v in &self.services {
+            let local = match &v.port.skipped {
+                Some(why) => format!("(not translated: {why})"),
+                None if v.local_backends.is_empty() => "- (kube-proxy)".to_owned(),
+                None => v
+                    .local_backends
+                    .iter()
+                    .map(|b| format!("{} {}@{}", b.address, b.pod, b.chain))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            };
+            let _ = writeln!(
+                s,
+                "{:<16} {:<20} {:<24} {:>8} {:<40} {:>10}",
+                v.port.namespace,
+                v.port.name,
+                v.port.address.to_string(),
+                v.port.backends.len(),
+                local,
+                v.translated_connections
+            );
+        }
+        let _ = writeln!(s, "\nTRANSLATED CONNECTIONS");
+        let _ = writeln!(
+            s,
+            "{:<20} {:<32} {:<24} {:<24}",
+            "SOCKET COOKIE", "POD", "DIALLED", "BACKEND"
+        );
+        for t in &self.translations {
+            let _ = writeln!(
+                s,
+                "{:<20} {:<32} {:<24} {:<24}",
+                t.socket_cookie,
+                t.pod.as_deref().unwrap_or("?"),
+                t.service.to_string(),
+                t.backend.to_string()
+            );
+        }
     }
 }
 
@@ -344,6 +426,7 @@ mod tests {
             function: None,
             redirect: true,
             host_ifname: None,
+            netns_cookie: None,
         }
     }
 

@@ -1,4 +1,4 @@
-//! Follows the records directory: inotify for prompt updates, plus a periodic
+//! Follows the records and service-file directories: inotify for prompt updates, plus a periodic
 //! rescan as the safety net (inotify can overflow, and records may be written
 //! before the directory exists).
 
@@ -13,13 +13,13 @@ use crate::agent::Shared;
 /// How long to wait after an event for the burst it belongs to.
 const DEBOUNCE: Duration = Duration::from_millis(20);
 
-/// Reconciles on every change in `records_dir` and every `every`; never returns
-/// unless the runtime shuts down.
-pub async fn run(agent: Shared, records_dir: PathBuf, every: Duration) {
-    let mut events = match watch(&records_dir) {
+/// Reconciles on every change in `dirs` (the records and the service files)
+/// and every `every`; never returns unless the runtime shuts down.
+pub async fn run(agent: Shared, dirs: Vec<PathBuf>, every: Duration) {
+    let mut events = match watch(&dirs) {
         Ok(s) => Some(s),
         Err(e) => {
-            warn!(dir = %records_dir.display(), error = %e, "cannot watch the records directory; relying on periodic rescans");
+            warn!(dirs = ?dirs, error = %e, "cannot watch the records and service directories; relying on periodic rescans");
             None
         }
     };
@@ -53,16 +53,18 @@ pub async fn run(agent: Shared, records_dir: PathBuf, every: Duration) {
     }
 }
 
-fn watch(dir: &PathBuf) -> std::io::Result<inotify::EventStream<[u8; 4096]>> {
-    std::fs::create_dir_all(dir)?;
+fn watch(dirs: &[PathBuf]) -> std::io::Result<inotify::EventStream<[u8; 4096]>> {
     let inotify = Inotify::init()?;
-    inotify.watches().add(
-        dir,
-        WatchMask::CLOSE_WRITE
-            | WatchMask::MOVED_TO
-            | WatchMask::MOVED_FROM
-            | WatchMask::DELETE
-            | WatchMask::CREATE,
-    )?;
+    for dir in dirs {
+        std::fs::create_dir_all(dir)?;
+        inotify.watches().add(
+            dir,
+            WatchMask::CLOSE_WRITE
+                | WatchMask::MOVED_TO
+                | WatchMask::MOVED_FROM
+                | WatchMask::DELETE
+                | WatchMask::CREATE,
+        )?;
+    }
     inotify.into_event_stream([0u8; 4096])
 }

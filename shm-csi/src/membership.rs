@@ -156,6 +156,7 @@ mod tests {
             function: None,
             redirect: true,
             host_ifname: None,
+            netns_cookie: None,
         };
         spright_endpoint::write(dir.path(), &rec).unwrap();
         // Port 1 on loopback: connection refused, i.e. meshd unreachable.

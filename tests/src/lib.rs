@@ -15,6 +15,7 @@ pub mod privileged;
 pub mod runtime;
 pub mod sandbox;
 pub mod scenario;
+pub mod services;
 pub mod shm_csi;
 
 /// 64-bit FNV-1a, used to compare what was sent with what arrived.

@@ -302,6 +302,7 @@ impl Sandbox {
             function: None,
             redirect: true,
             host_ifname: Some(p.host_if.clone()),
+            netns_cookie: Some(spright_endpoint::netns_cookie(&p.ns.path())?),
         };
         spright_endpoint::write(state_dir, &record)?;
         Ok(record)

@@ -38,6 +38,7 @@ fn region(dir: &MountDir, size: &str) -> (ShmCsi, PathBuf, PathBuf) {
                 function: None,
                 redirect: true,
                 host_ifname: None,
+                netns_cookie: None,
             },
         )
         .unwrap();

@@ -377,6 +377,7 @@ fn privileged_shm_csi_aborted_and_fallback() {
         function: None,
         redirect: true,
         host_ifname: None,
+        netns_cookie: None,
     };
     spright_endpoint::write(state.path(), &rec).unwrap();
     let closed = {
@@ -444,6 +445,7 @@ fn record(state: &Path, pod: &str, chain: &str) {
             function: None,
             redirect: true,
             host_ifname: None,
+            netns_cookie: None,
         },
     )
     .unwrap();

@@ -32,8 +32,38 @@ pub mod names {
     pub const SOCKOPS_LINK_PIN: &str = "spr_sockops_link_v1";
     /// Pin of the sk_msg program (attached to the sockhash, which keeps it alive).
     pub const SK_MSG_PROG_PIN: &str = "spr_sk_msg_v1";
+    /// Chain pods by network namespace: netns cookie (`u64`) →
+    /// [`super::EndpointValue`]. Identifies the caller at `connect()`, when
+    /// its socket has no source address yet.
+    pub const NETNS: &str = "spr_netns_v1";
+    /// Service table: [`super::SvcKey`] → [`super::SvcValue`] (the node-local
+    /// backends a caller of one chain may be sent to).
+    pub const SERVICES: &str = "spr_svc_v1";
+    /// Translated connections: socket cookie (`u64`) → [`super::Translation`].
+    /// LRU; sockops deletes an entry when its socket closes.
+    pub const TRANSLATIONS: &str = "spr_xlate_v1";
+    /// Per-CPU translation counters: [`super::SvcKey`] → [`super::SvcCounters`].
+    pub const SERVICE_COUNTERS: &str = "spr_svcstats_v1";
+    /// The connect/getpeername programs (function names in the object), each
+    /// with the pin of its cgroup link.
+    pub const SOCK_ADDR_PROGS: [(&str, &str); 4] = [
+        ("spright_connect4", "spr_connect4_link_v1"),
+        ("spright_connect6", "spr_connect6_link_v1"),
+        ("spright_getpeername4", "spr_getpeer4_link_v1"),
+        ("spright_getpeername6", "spr_getpeer6_link_v1"),
+    ];
     /// Every map that is pinned by name.
-    pub const PINNED_MAPS: [&str; 5] = [SOCKHASH, ENDPOINTS, CHAIN_ALLOW, COUNTERS, TCP_ONLY];
+    pub const PINNED_MAPS: [&str; 9] = [
+        SOCKHASH,
+        ENDPOINTS,
+        CHAIN_ALLOW,
+        COUNTERS,
+        TCP_ONLY,
+        NETNS,
+        SERVICES,
+        TRANSLATIONS,
+        SERVICE_COUNTERS,
+    ];
 }
 
 /// Capacities of the maps.
@@ -44,7 +74,14 @@ pub mod limits {
     pub const MAX_ENDPOINTS: u32 = 4_096;
     /// Explicit chain-pair allows per node.
     pub const MAX_CHAIN_ALLOWS: u32 = 1_024;
+    /// (Service address, port, caller chain) entries per node.
+    pub const MAX_SERVICES: u32 = 16_384;
+    /// Node-local backends per service port and caller chain.
+    pub const MAX_BACKENDS: usize = 16;
 }
+
+/// `IPPROTO_TCP`, the only protocol the service table translates.
+pub const IPPROTO_TCP: u32 = 6;
 
 /// Endpoint flag: never redirect this endpoint's connections (opt-out).
 pub const ENDPOINT_FLAG_NO_REDIRECT: u32 = 1 << 0;
@@ -61,7 +98,7 @@ pub const AF_INET6: u32 = 10;
 /// socket and the accepted socket of a dual-stack `[::]` listener build the
 /// same keys.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Addr {
     pub words: [u32; 4],
 }
@@ -197,6 +234,68 @@ pub struct ChainPair {
     pub to: u64,
 }
 
+/// Key of the service table: one port of one Service address, as seen by
+/// callers of one chain.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SvcKey {
+    /// The Service (cluster) address; IPv4 stored IPv4-mapped.
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u32,
+    /// [`IPPROTO_TCP`].
+    pub proto: u32,
+    /// [`chain_id`] of the calling pod's chain.
+    pub chain_id: u64,
+}
+
+/// One backend of a Service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// Pod address, same family as the Service address.
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u32,
+    pub reserved: u32,
+}
+
+/// Value of the service table: the backends a connection may be sent to,
+/// all node-local endpoints the caller's chain may reach.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcValue {
+    /// Valid entries at the front of `backends` (1..=[`limits::MAX_BACKENDS`]).
+    pub count: u32,
+    pub reserved: u32,
+    pub backends: [Backend; limits::MAX_BACKENDS],
+}
+
+/// A connection whose destination was translated at `connect()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Translation {
+    /// What the application dialled (and sees from `getpeername`).
+    pub service: Addr,
+    /// Where the connection really goes.
+    pub backend: Addr,
+    /// Host byte order.
+    pub service_port: u32,
+    /// Host byte order.
+    pub backend_port: u32,
+    /// Network namespace cookie of the caller.
+    pub netns_cookie: u64,
+}
+
+/// Per-CPU counters of one service table entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcCounters {
+    /// Connections whose destination was translated.
+    pub translated: u64,
+    pub reserved: [u64; 3],
+}
+
 /// Per-endpoint counters (per-CPU; user space sums the CPUs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -251,13 +350,18 @@ pub const fn chain_id(namespace: &str, chain: &str) -> u64 {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four are #[repr(C)], Copy, made of integers only, with no
+    // SAFETY: all of these are #[repr(C)], Copy, made of integers only, with no
     // implicit padding (checked by the layout tests), so any bit pattern is valid.
     unsafe impl aya::Pod for super::Addr {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::EndpointValue {}
     unsafe impl aya::Pod for super::ChainPair {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::SvcKey {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::SvcValue {}
+    unsafe impl aya::Pod for super::Translation {}
+    unsafe impl aya::Pod for super::SvcCounters {}
 }
 
 #[cfg(test)]
@@ -278,6 +382,13 @@ mod tests {
         assert_eq!(size_of::<ChainPair>(), 16);
         assert_eq!(size_of::<Counters>(), 64);
         assert_eq!(offset_of!(Counters, accelerated_socks), 32);
+        assert_eq!(size_of::<SvcKey>(), 32);
+        assert_eq!(offset_of!(SvcKey, chain_id), 24);
+        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<SvcValue>(), 8 + 24 * limits::MAX_BACKENDS);
+        assert_eq!(size_of::<Translation>(), 48);
+        assert_eq!(offset_of!(Translation, netns_cookie), 40);
+        assert_eq!(size_of::<SvcCounters>(), 32);
     }
 
     #[test]

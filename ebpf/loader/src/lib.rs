@@ -21,13 +21,14 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, PerCpuHashMap, SockHash},
     pin::PinError,
     programs::{
-        CgroupAttachMode, ProgramError, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps,
         links::{FdLink, LinkError, PinnedLink, ProgAttachLink},
     },
 };
 use nix::fcntl::{Flock, FlockArg};
 pub use spright_common::{
-    Addr, ChainPair, Counters, ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, SockKey, chain_id, names,
+    Addr, Backend, ChainPair, Counters, ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, IPPROTO_TCP,
+    SockKey, SvcCounters, SvcKey, SvcValue, Translation, chain_id, limits, names,
 };
 
 /// The compiled kernel programs (built from `ebpf/programs` in this build).
@@ -88,6 +89,11 @@ pub enum Error {
     },
     #[error("the datapath is not installed in {path} (no {link} pin)")]
     NotInstalled { path: PathBuf, link: &'static str },
+    #[error(
+        "map {name} is not pinned: the installed datapath predates Service translation \
+         (restart meshd to upgrade it)"
+    )]
+    Outdated { name: &'static str },
 }
 
 impl Error {
@@ -144,6 +150,17 @@ pub struct Datapath {
     endpoints: HashMap<MapData, Addr, EndpointValue>,
     allows: HashMap<MapData, ChainPair, u32>,
     counters: PerCpuHashMap<MapData, Addr, Counters>,
+    /// `None` when adopting an install older than Service translation
+    /// (until meshd's [`Datapath::ensure_current`] upgrades it).
+    services: Option<ServiceMaps>,
+}
+
+/// The maps of Service translation.
+struct ServiceMaps {
+    netns: HashMap<MapData, u64, EndpointValue>,
+    table: HashMap<MapData, SvcKey, SvcValue>,
+    translations: HashMap<MapData, u64, Translation>,
+    counters: PerCpuHashMap<MapData, SvcKey, SvcCounters>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -211,6 +228,12 @@ impl Datapath {
             endpoints: take(ebpf, names::ENDPOINTS)?,
             allows: take(ebpf, names::CHAIN_ALLOW)?,
             counters: take(ebpf, names::COUNTERS)?,
+            services: Some(ServiceMaps {
+                netns: take(ebpf, names::NETNS)?,
+                table: take(ebpf, names::SERVICES)?,
+                translations: take(ebpf, names::TRANSLATIONS)?,
+                counters: take(ebpf, names::SERVICE_COUNTERS)?,
+            }),
         })
     }
 
@@ -254,11 +277,98 @@ impl Datapath {
     }
 
     fn adopt(dir: &Path) -> Result<Self, Error> {
+        let services = if dir.join(names::SERVICES).exists() {
+            Some(ServiceMaps {
+                netns: from_pin(dir, names::NETNS)?,
+                table: from_pin(dir, names::SERVICES)?,
+                translations: from_pin(dir, names::TRANSLATIONS)?,
+                counters: from_pin(dir, names::SERVICE_COUNTERS)?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             endpoints: from_pin(dir, names::ENDPOINTS)?,
             allows: from_pin(dir, names::CHAIN_ALLOW)?,
             counters: from_pin(dir, names::COUNTERS)?,
+            services,
         })
+    }
+
+    fn service_maps(&self) -> Result<&ServiceMaps, Error> {
+        self.services.as_ref().ok_or(Error::Outdated {
+            name: names::SERVICES,
+        })
+    }
+
+    fn service_maps_mut(&mut self) -> Result<&mut ServiceMaps, Error> {
+        self.services.as_mut().ok_or(Error::Outdated {
+            name: names::SERVICES,
+        })
+    }
+
+    /// Records the network namespace (by cookie) of a local endpoint, which
+    /// is how the connect hooks know the caller's chain.
+    pub fn upsert_netns(&mut self, cookie: u64, value: EndpointValue) -> Result<(), Error> {
+        self.service_maps_mut()?
+            .netns
+            .insert(cookie, value, 0)
+            .map_err(Error::map("insert into", names::NETNS))
+    }
+
+    /// Forgets a network namespace. Succeeds when already gone.
+    pub fn remove_netns(&mut self, cookie: u64) -> Result<(), Error> {
+        ignore_missing(self.service_maps_mut()?.netns.remove(&cookie))
+            .map_err(Error::map("remove from", names::NETNS))
+    }
+
+    /// All recorded network namespaces.
+    pub fn netns_entries(&self) -> Result<Vec<(u64, EndpointValue)>, Error> {
+        collect(self.service_maps()?.netns.iter(), names::NETNS)
+    }
+
+    /// Sets the backends of one service table entry.
+    pub fn set_service(&mut self, key: SvcKey, value: &SvcValue) -> Result<(), Error> {
+        self.service_maps_mut()?
+            .table
+            .insert(key, value, 0)
+            .map_err(Error::map("insert into", names::SERVICES))
+    }
+
+    /// Removes a service table entry and its counters. Succeeds when gone.
+    pub fn remove_service(&mut self, key: SvcKey) -> Result<(), Error> {
+        let maps = self.service_maps_mut()?;
+        ignore_missing(maps.table.remove(&key))
+            .map_err(Error::map("remove from", names::SERVICES))?;
+        ignore_missing(maps.counters.remove(&key))
+            .map_err(Error::map("remove from", names::SERVICE_COUNTERS))
+    }
+
+    /// The service table.
+    pub fn services(&self) -> Result<Vec<(SvcKey, SvcValue)>, Error> {
+        collect(self.service_maps()?.table.iter(), names::SERVICES)
+    }
+
+    /// Live translated connections, by socket cookie.
+    pub fn translations(&self) -> Result<Vec<(u64, Translation)>, Error> {
+        collect(
+            self.service_maps()?.translations.iter(),
+            names::TRANSLATIONS,
+        )
+    }
+
+    /// Translation counters of one service table entry, summed over CPUs.
+    pub fn service_counters(&self, key: SvcKey) -> Result<SvcCounters, Error> {
+        match self.service_maps()?.counters.get(&key, 0) {
+            Ok(per_cpu) => Ok(per_cpu
+                .iter()
+                .fold(SvcCounters::default(), |acc, c| SvcCounters {
+                    translated: acc.translated + c.translated,
+                    ..acc
+                })),
+            Err(MapError::KeyNotFound) => Ok(SvcCounters::default()),
+            Err(e) => Err(Error::map("read", names::SERVICE_COUNTERS)(e)),
+        }
     }
 
     /// Records (or updates) a local endpoint.
@@ -279,11 +389,10 @@ impl Datapath {
 
     /// All recorded endpoints.
     pub fn endpoints(&self) -> Result<Vec<(IpAddr, EndpointValue)>, Error> {
-        self.endpoints
-            .iter()
-            .map(|r| r.map(|(k, v)| (ip_of(k), v)))
-            .collect::<Result<_, _>>()
-            .map_err(Error::map("iterate", names::ENDPOINTS))
+        Ok(collect(self.endpoints.iter(), names::ENDPOINTS)?
+            .into_iter()
+            .map(|(k, v)| (ip_of(k), v))
+            .collect())
     }
 
     /// Allows connections from chain `from` to chain `to` and back.
@@ -353,40 +462,87 @@ fn sockops_of(ebpf: &mut aya::Ebpf) -> Result<&mut SockOps, Error> {
         .map_err(Error::prog("look up", names::SOCKOPS_PROG))
 }
 
-/// Loads both programs into the kernel (if not yet) and says whether they
-/// are the ones pinned in `dir` (same instruction tags).
-fn pinned_programs_match(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<bool, Error> {
-    let sk_msg = sk_msg_of(ebpf)?;
-    sk_msg
-        .load()
-        .map_err(Error::prog("load", names::SK_MSG_PROG))?;
-    let new_sk_msg = sk_msg
-        .info()
-        .map_err(Error::prog("inspect", names::SK_MSG_PROG))?
-        .tag();
-    let sockops = sockops_of(ebpf)?;
-    sockops
-        .load()
-        .map_err(Error::prog("load", names::SOCKOPS_PROG))?;
-    let new_sockops = sockops
-        .info()
-        .map_err(Error::prog("inspect", names::SOCKOPS_PROG))?
-        .tag();
+fn sock_addr_of<'a>(
+    ebpf: &'a mut aya::Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, Error> {
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram { name })?
+        .try_into()
+        .map_err(Error::prog("look up", name))
+}
 
+/// Loads every program of the object into the kernel (those not loaded yet).
+fn load_programs(ebpf: &mut aya::Ebpf) -> Result<(), Error> {
+    let sk_msg = sk_msg_of(ebpf)?;
+    if sk_msg.fd().is_err() {
+        sk_msg
+            .load()
+            .map_err(Error::prog("load", names::SK_MSG_PROG))?;
+    }
+    let sockops = sockops_of(ebpf)?;
+    if sockops.fd().is_err() {
+        sockops
+            .load()
+            .map_err(Error::prog("load", names::SOCKOPS_PROG))?;
+    }
+    for (name, _) in names::SOCK_ADDR_PROGS {
+        let prog = sock_addr_of(ebpf, name)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(Error::prog("load", name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads the programs into the kernel (if not yet) and says whether they
+/// are the ones pinned in `dir` (same instruction tags; a missing pin never
+/// matches, so an install that predates a program gets it on upgrade).
+fn pinned_programs_match(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<bool, Error> {
+    load_programs(ebpf)?;
+    let tag = |ebpf: &aya::Ebpf, name: &'static str| -> Result<u64, Error> {
+        Ok(ebpf
+            .program(name)
+            .ok_or(Error::MissingProgram { name })?
+            .info()
+            .map_err(Error::prog("inspect", name))?
+            .tag())
+    };
     let pinned_sk_msg = aya::programs::ProgramInfo::from_pin(dir.join(names::SK_MSG_PROG_PIN))
         .map_err(Error::prog("inspect the pin of", names::SK_MSG_PROG))?
         .tag();
-    let link = PinnedLink::from_pin(dir.join(names::SOCKOPS_LINK_PIN))
-        .map_err(Error::link("open the pin of", names::SOCKOPS_PROG))?;
+    if pinned_sk_msg != tag(ebpf, names::SK_MSG_PROG)? {
+        return Ok(false);
+    }
+    let links = std::iter::once((names::SOCKOPS_PROG, names::SOCKOPS_LINK_PIN))
+        .chain(names::SOCK_ADDR_PROGS);
+    for (name, pin) in links {
+        if linked_program_tag(dir, pin, name)? != Some(tag(ebpf, name)?) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The tag of the program behind the link pinned as `pin`, if pinned.
+fn linked_program_tag(
+    dir: &Path,
+    pin: &'static str,
+    name: &'static str,
+) -> Result<Option<u64>, Error> {
+    let path = dir.join(pin);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let link = PinnedLink::from_pin(&path).map_err(Error::link("open the pin of", name))?;
     let prog_id = FdLink::from(link)
         .info()
-        .map_err(Error::link("inspect", names::SOCKOPS_PROG))?
+        .map_err(Error::link("inspect", name))?
         .program_id();
-    let pinned_sockops = aya::programs::loaded_programs()
+    Ok(aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|p| p.id() == prog_id)
-        .map(|p| p.tag());
-    Ok(pinned_sk_msg == new_sk_msg && pinned_sockops == Some(new_sockops))
+        .map(|p| p.tag()))
 }
 
 /// Attaches the loaded object's programs and pins them, each pin written
@@ -397,12 +553,8 @@ fn attach_and_pin(ebpf: &mut aya::Ebpf, placement: &Placement) -> Result<(), Err
     let dir = &placement.bpffs;
     // sk_msg first: once sockops runs, sockets land in the map.
     let socks: SockHash<MapData, SockKey> = from_pin(dir, names::SOCKHASH)?;
+    load_programs(ebpf)?;
     let sk_msg = sk_msg_of(ebpf)?;
-    if sk_msg.fd().is_err() {
-        sk_msg
-            .load()
-            .map_err(Error::prog("load", names::SK_MSG_PROG))?;
-    }
     let link = sk_msg
         .attach(socks.fd())
         .map_err(Error::prog("attach", names::SK_MSG_PROG))?;
@@ -419,12 +571,25 @@ fn attach_and_pin(ebpf: &mut aya::Ebpf, placement: &Placement) -> Result<(), Err
     drop(ProgAttachLink::from(link));
 
     let cgroup = File::open(&placement.cgroup).map_err(Error::io("open", &placement.cgroup))?;
-    let sockops = sockops_of(ebpf)?;
-    if sockops.fd().is_err() {
-        sockops
-            .load()
-            .map_err(Error::prog("load", names::SOCKOPS_PROG))?;
+    load_programs(ebpf)?;
+    // The connect/getpeername hooks before sockops, whose pin means
+    // "installed". During an upgrade old and new hooks run side by side for
+    // a moment, which is harmless: the first connect hook rewrites the
+    // destination to a pod address that the second one does not translate,
+    // and both getpeername hooks restore the same address.
+    for (name, pin) in names::SOCK_ADDR_PROGS {
+        let prog = sock_addr_of(ebpf, name)?;
+        let link = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(Error::prog("attach", name))?;
+        let link: FdLink = prog
+            .take_link(link)
+            .map_err(Error::prog("take the link of", name))?
+            .try_into()
+            .map_err(Error::link("convert", name))?;
+        pin_via_rename(dir, pin, |tmp| link.pin(tmp).map(drop))?;
     }
+    let sockops = sockops_of(ebpf)?;
     // A bpf_link on a cgroup always coexists with other programs there
     // (the kernel attaches links in multi mode); link_create rejects the
     // explicit BPF_F_ALLOW_MULTI flag, so `Single` (flags 0) is correct.
@@ -459,12 +624,16 @@ fn pin_via_rename(
 
 /// Detaches the programs and removes every pin spright owns in `dir`.
 fn remove_pins(dir: &Path) -> Result<(), Error> {
-    let link_pin = dir.join(names::SOCKOPS_LINK_PIN);
-    if link_pin.exists() {
-        // Unpinning leaves this process the only holder; dropping it detaches.
-        let link = PinnedLink::from_pin(&link_pin)
-            .map_err(Error::link("open the pin of", names::SOCKOPS_PROG))?;
-        drop(link.unpin().map_err(Error::io("unpin", &link_pin))?);
+    let links = std::iter::once((names::SOCKOPS_PROG, names::SOCKOPS_LINK_PIN))
+        .chain(names::SOCK_ADDR_PROGS);
+    for (name, pin) in links {
+        let link_pin = dir.join(pin);
+        if link_pin.exists() {
+            // Unpinning leaves this process the only holder; dropping it detaches.
+            let link =
+                PinnedLink::from_pin(&link_pin).map_err(Error::link("open the pin of", name))?;
+            drop(link.unpin().map_err(Error::io("unpin", &link_pin))?);
+        }
     }
     // Removing the sockhash's last reference releases the attached sk_msg
     // program (the kernel drops a sockmap's programs with its last user ref).
@@ -476,7 +645,10 @@ fn remove_pins(dir: &Path) -> Result<(), Error> {
     }
     // Temporary pins of an install or upgrade interrupted before its rename
     // (unlinking a link pin with no other holder detaches it).
-    for name in [names::SK_MSG_PROG_PIN, names::SOCKOPS_LINK_PIN] {
+    let pins = [names::SK_MSG_PROG_PIN, names::SOCKOPS_LINK_PIN]
+        .into_iter()
+        .chain(names::SOCK_ADDR_PROGS.map(|(_, pin)| pin));
+    for name in pins {
         remove_stale(&dir.join(format!("{name}_new")))?;
     }
     Ok(())
@@ -590,6 +762,14 @@ fn from_pin<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) -
         .map_err(Error::map("open", name))
 }
 
+fn collect<K, V>(
+    iter: impl Iterator<Item = Result<(K, V), MapError>>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, Error> {
+    iter.collect::<Result<_, _>>()
+        .map_err(Error::map("iterate", name))
+}
+
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
@@ -651,10 +831,10 @@ mod tests {
     #[test]
     fn embedded_object_has_every_program_and_pinned_map() {
         let obj = aya_obj_names(OBJECT);
-        for name in names::PINNED_MAPS
-            .iter()
-            .chain(&[names::SOCKOPS_PROG, names::SK_MSG_PROG])
-        {
+        let progs = [names::SOCKOPS_PROG, names::SK_MSG_PROG]
+            .into_iter()
+            .chain(names::SOCK_ADDR_PROGS.map(|(prog, _)| prog));
+        for name in names::PINNED_MAPS.into_iter().chain(progs) {
             assert!(
                 obj.iter().any(|n| n == name),
                 "{name} not in the object: {obj:?}"

@@ -6,6 +6,8 @@
 //! - `spright_sk_msg` (sk_msg verdict on the sockhash): redirect every message
 //!   to the peer socket's ingress queue; when the peer is not (yet) in the map,
 //!   pass it to TCP.
+//! - `spright_connect4/6` and `spright_getpeername4/6` (cgroup sock_addr):
+//!   connect-time Service translation for chain pods (see `services.rs`).
 //!
 //! On the host this crate builds to an empty binary so that workspace-wide
 //! commands work; the real object is built by `ebpf/loader`'s build script.
@@ -13,6 +15,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod programs;
+#[cfg(target_arch = "bpf")]
+mod services;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

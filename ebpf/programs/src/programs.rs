@@ -45,6 +45,7 @@ pub(crate) fn spright_sockops(ctx: SockOpsContext) -> u32 {
 
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
     let op = ctx.op();
+    crate::services::on_sockops(ctx, op, op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB);
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         return Ok(());
     }

@@ -28,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Chains, endpoints and acceleration counters of this node
+    /// Chains, endpoints, acceleration counters, Services and translated connections of this node
     Status {
         /// meshd's HTTP address
         #[arg(long, env = config::env::METRICS_ADDR, default_value = config::DEFAULT_METRICS_ADDR)]
@@ -39,6 +39,9 @@ enum Command {
         /// State directory, read directly when meshd is down
         #[arg(long, env = config::env::STATE_DIR, default_value = spright_endpoint::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// Service files directory, read directly when meshd is down [default: `<state-dir>/services`]
+        #[arg(long, env = config::env::SERVICES_DIR)]
+        services_dir: Option<PathBuf>,
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
             addr,
             bpffs,
             state_dir,
+            services_dir,
             json,
         } => {
             let status = match fetch(&addr) {
@@ -83,7 +87,9 @@ fn main() -> ExitCode {
                     eprintln!(
                         "spright: meshd at {addr} not reachable ({e}); reading the pinned maps directly"
                     );
-                    Status::from_node(&state_dir, &bpffs)
+                    let services_dir =
+                        config::services_dir_or_default(services_dir.as_deref(), &state_dir);
+                    Status::from_node(&state_dir, &bpffs, &services_dir)
                 }
             };
             if json {

@@ -172,6 +172,9 @@ fn send(
 ) -> anyhow::Result<serde_json::Value> {
     let mut s = TcpStream::connect(connect).with_context(|| format!("connecting to {connect}"))?;
     let local = s.local_addr()?;
+    // What getpeername() says (a translated Service connection must still
+    // show the address that was dialled).
+    let peer_addr = s.peer_addr()?;
     let mut retries = 0;
     let mut greeting = [0u8; 1];
     read_exact_retrying(&mut s, &mut greeting, &mut retries)?;
@@ -193,7 +196,7 @@ fn send(
     let got = u64::from_be_bytes(reply[..8].try_into()?);
     let their_hash = u64::from_be_bytes(reply[8..].try_into()?);
     let report = serde_json::json!({
-        "local": local.to_string(), "peer": connect.to_string(),
+        "local": local.to_string(), "peer": connect.to_string(), "peer_addr": peer_addr.to_string(),
         "sent": sent, "sent_hash": format!("{hash:016x}"),
         "received_by_peer": got, "peer_hash": format!("{their_hash:016x}"),
         "intact": got == sent && their_hash == hash,
