@@ -135,7 +135,58 @@ fn encode_status(s: &Status, enc: &mut DescriptorEncoder<'_>) -> Result<(), std:
         "Sockets of the pod inserted into the sockhash",
         &per_pod(|c| c.accelerated_sockets),
     )?;
-    Ok(())
+    encode_services(s, enc)
+}
+
+fn encode_services(s: &Status, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    let labels = |v: &crate::services::ServiceStatus| -> Labels {
+        vec![
+            ("namespace", v.port.namespace.clone()),
+            ("service", v.port.name.clone()),
+            ("address", v.port.address.to_string()),
+        ]
+    };
+    counter(
+        enc,
+        "spright_service_translations",
+        "Connections to a Service port sent straight to a node-local backend at connect()",
+        &s.services
+            .iter()
+            .map(|v| (labels(v), v.translated_connections))
+            .collect::<Vec<_>>(),
+    )?;
+    gauge(
+        enc,
+        "spright_service_local_backends",
+        "Ready backends of a Service port that are chain pods on this node",
+        &s.services
+            .iter()
+            .map(|v| {
+                (
+                    labels(v),
+                    i64::try_from(v.local_backends.len()).unwrap_or(i64::MAX),
+                )
+            })
+            .collect::<Vec<_>>(),
+    )?;
+    gauge(
+        enc,
+        "spright_translated_connections_open",
+        "Open connections whose destination was translated at connect()",
+        &[(
+            vec![],
+            i64::try_from(s.translations.len()).unwrap_or(i64::MAX),
+        )],
+    )?;
+    gauge(
+        enc,
+        "spright_malformed_service_files",
+        "Service files (or objects in them) skipped because they could not be used",
+        &[(
+            vec![],
+            i64::try_from(s.malformed_service_files.len()).unwrap_or(i64::MAX),
+        )],
+    )
 }
 
 fn counter(

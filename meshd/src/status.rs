@@ -317,6 +317,8 @@ impl Status {
     }
 
     fn render_services(&self, s: &mut String) {
+        /// Rows of the connection table (the JSON view has them all).
+        const MAX_ROWS: usize = 20;
         if self.services.is_empty() && self.translations.is_empty() {
             return;
         }
@@ -348,13 +350,17 @@ impl Status {
                 v.translated_connections
             );
         }
-        let _ = writeln!(s, "\nTRANSLATED CONNECTIONS");
+        let _ = writeln!(
+            s,
+            "\nTRANSLATED CONNECTIONS ({} open)",
+            self.translations.len()
+        );
         let _ = writeln!(
             s,
             "{:<20} {:<32} {:<24} {:<24}",
             "SOCKET COOKIE", "POD", "DIALLED", "BACKEND"
         );
-        for t in &self.translations {
+        for t in self.translations.iter().take(MAX_ROWS) {
             let _ = writeln!(
                 s,
                 "{:<20} {:<32} {:<24} {:<24}",
@@ -362,6 +368,13 @@ impl Status {
                 t.pod.as_deref().unwrap_or("?"),
                 t.service.to_string(),
                 t.backend.to_string()
+            );
+        }
+        if self.translations.len() > MAX_ROWS {
+            let _ = writeln!(
+                s,
+                "… and {} more (`spright status --json` lists all)",
+                self.translations.len() - MAX_ROWS
             );
         }
     }

@@ -22,7 +22,7 @@
 
 use std::{
     fmt::Write as _,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
@@ -117,6 +117,10 @@ pub struct Spec {
     pub seconds: u64,
     /// Hash rounds each function does over the body.
     pub work: u32,
+    /// Call every function (the gateway too) through its own ClusterIP,
+    /// with kube-proxy's DNAT emulated in the node (iptables), instead of
+    /// by pod address.
+    pub services: bool,
 }
 
 impl Spec {
@@ -241,11 +245,31 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
         _ => None,
     };
 
+    // Where each function is called: its pod address, or its ClusterIP.
+    let addrs: Vec<SocketAddr> = if spec.services {
+        let addrs = expose_as_services(&node, &pods[..n], mode)?;
+        progress(&format!(
+            "{}: every function behind a ClusterIP with kube-proxy DNAT: {}",
+            mode.name(),
+            addrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+        addrs
+    } else {
+        pods[..n]
+            .iter()
+            .map(|p| SocketAddr::new(p.ip, PORT))
+            .collect()
+    };
+
     // Functions, last first so each can name the next.
     let mut procs: Vec<Peer> = Vec::new();
     for i in (0..n).rev() {
         let p = &pods[i];
-        let next = (i + 1 < n).then(|| sock(pods[i + 1].ip, PORT));
+        let next = (i + 1 < n).then(|| addrs[i + 1].to_string());
         if let Some(shm) = &shm {
             procs.push(sdk_function(
                 &node,
@@ -299,8 +323,18 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
         chain_desc(&pods[..n])
     ));
 
+    if let (true, Some(m)) = (spec.services && mode.in_chain(), &meshd) {
+        m.wait_status(T, "every stage's ClusterIP with its local backend", |s| {
+            addrs[1..].iter().all(|a| {
+                crate::services::service_status(s, *a)
+                    .and_then(|v| v["local_backends"].as_array())
+                    .is_some_and(|b| b.len() == 1)
+            })
+        })?;
+    }
+
     // The outsider calls the gateway once: it works, and is never redirected.
-    let gateway = format!("http://{}/", sock(pods[0].ip, PORT));
+    let gateway = format!("http://{}/", addrs[0]);
     let body_file = node.dir.path().join("body");
     std::fs::write(&body_file, vec![b'x'; spec.payload])?;
     let outsider_before = meshd
@@ -410,6 +444,33 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
     Ok(outcome)
 }
 
+/// Puts every function behind a ClusterIP (`10.96.0.10`, `.11`, …, port
+/// 80): a kube-proxy DNAT rule in the node namespace and, for spright, the
+/// Service and EndpointSlice files meshd reads.
+fn expose_as_services(node: &Node, fns: &[PodInfo], mode: Mode) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut addrs = Vec::new();
+    for (i, p) in fns.iter().enumerate() {
+        let cluster = SocketAddr::new(
+            IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 10 + u8::try_from(i)?)),
+            80,
+        );
+        crate::services::kube_proxy_dnat(&node.node, cluster, SocketAddr::new(p.ip, PORT))?;
+        if mode.spright() {
+            let name = format!("fn-{i}");
+            crate::services::write_service_file(
+                &node.state_dir().join("services"),
+                &name,
+                &[
+                    crate::services::service(&name, cluster.ip(), cluster.port(), PORT),
+                    crate::services::endpoint_slice(&name, PORT, &[(p.ip, true)]),
+                ],
+            )?;
+        }
+        addrs.push(cluster);
+    }
+    Ok(addrs)
+}
+
 fn node_placement(node: &Node) -> spright_ebpf::Placement {
     spright_ebpf::Placement {
         cgroup: node.cgroup.path.clone(),
@@ -418,7 +479,7 @@ fn node_placement(node: &Node) -> spright_ebpf::Placement {
 }
 
 fn sock(ip: IpAddr, port: u16) -> String {
-    std::net::SocketAddr::new(ip, port).to_string()
+    SocketAddr::new(ip, port).to_string()
 }
 
 fn chain_desc(pods: &[PodInfo]) -> String {
@@ -432,7 +493,7 @@ fn chain_desc(pods: &[PodInfo]) -> String {
 fn reference_conf(node: &Node) -> Value {
     json!({
         "cniVersion": "1.0.0", "name": "reference", "type": "bridge", "bridge": "cni0",
-        "isGateway": true, "ipam": node.ipam(&["10.213.0.0/24"]),
+        "isGateway": true, "isDefaultGateway": true, "ipam": node.ipam(&["10.213.0.0/24"]),
     })
 }
 
@@ -892,8 +953,16 @@ pub fn markdown(spec: &Spec, outcomes: &[Outcome]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "chain of {} functions, {} B bodies, {} connections, {} s per mode\n",
-        spec.length, spec.payload, spec.connections, spec.seconds
+        "chain of {} functions, {} B bodies, {} connections, {} s per mode{}\n",
+        spec.length,
+        spec.payload,
+        spec.connections,
+        spec.seconds,
+        if spec.services {
+            ", every hop through a ClusterIP (kube-proxy DNAT emulated)"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         s,
@@ -1043,6 +1112,7 @@ Transfer/sec:     11.26MB
             connections: 8,
             seconds: 5,
             work: 1,
+            services: false,
         };
         ok.validate().unwrap();
         for bad in [
@@ -1073,6 +1143,7 @@ Transfer/sec:     11.26MB
             connections: 8,
             seconds: 5,
             work: 1,
+            services: false,
         };
         let mut a = parse_wrk(WRK, Mode::Reference).unwrap();
         a.cpu_us_per_request = 100.0;

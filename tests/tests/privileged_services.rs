@@ -17,7 +17,7 @@ use serde_json::Value;
 use spright_tests::{
     meshd::Meshd,
     privileged,
-    sandbox::{Peer, Sandbox},
+    sandbox::{Peer, Sandbox, workspace_bin},
     scenario::data_segs_out,
     services::{endpoint_slice, kube_proxy_dnat, service, service_status, write_service_file},
 };
@@ -300,5 +300,34 @@ fn privileged_services_clusterip_hops_are_translated_and_redirected() {
     assert!(
         translations(&s).is_empty(),
         "closed connections leave the translation map: {s:#}"
+    );
+    let metrics = meshd.get("/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("spright_service_translations_total{")
+                && l.contains("address=\"10.96.0.10:80\"")
+                && l.ends_with(" 3")),
+        "{metrics}"
+    );
+
+    // `spright status` without meshd reads the pinned maps and the files.
+    drop(meshd);
+    let out = std::process::Command::new(workspace_bin("spright"))
+        .args(["status", "--addr", "127.0.0.1:1", "--bpffs"])
+        .arg(&sb.pins.path)
+        .arg("--state-dir")
+        .arg(state.path())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.contains("stage2 ") && l.contains("10.96.0.10:80"))
+        .unwrap_or_else(|| panic!("no stage2 row: {table}"));
+    assert!(
+        row.contains("default/pod4@shop") && row.trim_end().ends_with(" 3"),
+        "{row}"
     );
 }

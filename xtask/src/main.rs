@@ -24,6 +24,8 @@ usage: cargo xtask <task> [args]
                          datapath    pod-to-pod RTT and throughput, 64 B..1 MiB
                          chain       the demo's chain incl. a sidecar baseline (--length, --payload,
                                      --connections, --duration)
+                         services    the chain with every hop through a ClusterIP: reference bridge
+                                     + kube-proxy DNAT vs spright with connect-time translation
                          cni         ADD+DEL latency vs the reference bridge plugin
                          shm         one hop over TCP, sockmap and shared memory, 64 B..1 MiB
   test [TIER...]       set up, build, and run test tiers (default: all, in this order):
@@ -210,10 +212,21 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     let (bin, fixed): (&str, &[&str]) = match args.first().map(String::as_str) {
         Some("datapath") => ("target/release/bench-datapath", &[]),
         Some("chain") => ("target/release/spright-demo", &["--bench"]),
+        Some("services") => (
+            "target/release/spright-demo",
+            &[
+                "--bench",
+                "--services",
+                "--modes",
+                "reference,spright-off,spright-on",
+            ],
+        ),
         Some("cni") => ("target/release/bench-cni", &[]),
         Some("shm") => ("target/release/bench-shm", &[]),
-        Some(other) => bail!("unknown benchmark {other:?}; benchmarks: datapath, chain, cni, shm"),
-        None => bail!("name a benchmark: datapath, chain, cni, shm"),
+        Some(other) => {
+            bail!("unknown benchmark {other:?}; benchmarks: datapath, chain, services, cni, shm")
+        }
+        None => bail!("name a benchmark: datapath, chain, services, cni, shm"),
     };
     build_release()?;
     let mut all: Vec<&str> = fixed.to_vec();

@@ -6,7 +6,12 @@
 //! ```text
 //! spright-demo [--bench] [--modes reference,sidecar,spright-off,spright-on,spright-sdk]
 //!              [--length 4] [--payload 1024] [--connections 8] [--duration 6] [--work 1]
+//!              [--services]
 //! ```
+//!
+//! `--services` calls every function through its own ClusterIP, with
+//! kube-proxy's DNAT emulated by iptables rules in the node namespace (and,
+//! for spright, the Services in meshd's service files).
 //!
 //! Writes `target/demo/results.{json,md}` and `target/demo/chain.svg`.
 //! Everything it creates is removed at the end, on failure and on Ctrl-C.
@@ -34,11 +39,14 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let bench = args
-        .iter()
-        .position(|a| a == "--bench")
-        .map(|i| args.remove(i))
-        .is_some();
+    let mut flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .map(|i| args.remove(i))
+            .is_some()
+    };
+    let bench = flag("--bench");
+    let services = flag("--services");
     let num = |args: &mut Vec<String>, name: &str, default: u64| -> anyhow::Result<u64> {
         take_opt(args, name)?.map_or(Ok(default), |v| {
             v.parse()
@@ -51,6 +59,7 @@ fn run() -> anyhow::Result<()> {
         connections: usize::try_from(num(&mut args, "--connections", 8)?)?,
         seconds: num(&mut args, "--duration", if bench { 10 } else { 6 })?,
         work: u32::try_from(num(&mut args, "--work", 1)?)?,
+        services,
     };
     let modes: Vec<Mode> = match take_opt(&mut args, "--modes")? {
         Some(list) => list
