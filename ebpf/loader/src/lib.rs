@@ -30,6 +30,9 @@ pub use spright_common::{
     Addr, ChainPair, Counters, ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, SockKey, chain_id, names,
 };
 
+mod pathswitch;
+pub use pathswitch::PathSwitch;
+
 /// The compiled kernel programs (built from `ebpf/programs` in this build).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spright-ebpf"));
 
