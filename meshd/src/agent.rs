@@ -42,6 +42,7 @@ pub struct Agent {
     malformed: Vec<MalformedRecord>,
     reconciles: u64,
     selftest: crate::selftest::Report,
+    membound: Arc<crate::membound::Stats>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -112,7 +113,13 @@ impl Agent {
             records: Vec::new(),
             malformed: Vec::new(),
             reconciles: 0,
+            membound: Arc::default(),
         }
+    }
+
+    /// The memory bound's counters (membound.rs).
+    pub fn membound(&self) -> Arc<crate::membound::Stats> {
+        self.membound.clone()
     }
 
     pub fn config(&self) -> &Config {
@@ -186,6 +193,10 @@ impl Agent {
         );
         s.reconciles = self.reconciles;
         s.selftest = Some(self.selftest.clone());
+        s.memory_bound = Some(self.membound.report(
+            self.config.memory_bound_bytes,
+            self.config.memory_bound_interval_ms,
+        ));
         s
     }
 }

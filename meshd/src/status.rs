@@ -98,6 +98,9 @@ pub struct Status {
     /// meshd's start-up self-test of the redirect path (absent from the CLI).
     #[serde(default)]
     pub selftest: Option<crate::selftest::Report>,
+    /// meshd's memory bound of the redirect path (absent from the CLI).
+    #[serde(default)]
+    pub memory_bound: Option<crate::membound::Report>,
 }
 
 impl Status {
@@ -161,6 +164,7 @@ impl Status {
             malformed_records: malformed.to_vec(),
             reconciles: 0,
             selftest: None,
+            memory_bound: None,
         }
     }
 
@@ -230,6 +234,9 @@ impl Status {
                     .map(|d| format!("; {d}"))
                     .unwrap_or_default(),
             );
+        }
+        if let Some(m) = &self.memory_bound {
+            let _ = writeln!(s, "{}", m.summary());
         }
         let _ = writeln!(s, "\nCHAINS");
         let _ = writeln!(
