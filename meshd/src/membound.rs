@@ -86,6 +86,7 @@ pub struct Stats {
     switches: AtomicU64,
     polls: AtomicU64,
     largest_queue: AtomicU64,
+    last_switch_queue: AtomicU64,
     error: Mutex<Option<String>>,
 }
 
@@ -100,6 +101,9 @@ pub struct Report {
     pub polls: u64,
     /// Largest receive memory of a chain pod's socket at the last poll.
     pub largest_queue_bytes: u64,
+    /// The receiver's memory when the last switch was made: the limit plus
+    /// the overshoot that one polling delay allowed.
+    pub last_switch_queue_bytes: u64,
     /// Why the last poll failed, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -133,6 +137,7 @@ impl Stats {
             switches: self.switches.load(Ordering::Relaxed),
             polls: self.polls.load(Ordering::Relaxed),
             largest_queue_bytes: self.largest_queue.load(Ordering::Relaxed),
+            last_switch_queue_bytes: self.last_switch_queue.load(Ordering::Relaxed),
             error: self.error.lock().expect("stats lock").clone(),
         }
     }
@@ -298,6 +303,9 @@ impl Poller {
                 .force_tcp(&sender)
                 .map_err(|e| crate::status::error_chain(&e))?;
             self.stats.switches.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .last_switch_queue
+                .store(u64::from(s.rmem_alloc), Ordering::Relaxed);
             info!(netns = %netns, receiver.addr = %format!("{}:{}", s.local, s.local_port),
                   sender.addr = %format!("{}:{}", s.remote, s.remote_port),
                   receiver.queued_bytes = s.rmem_alloc, receiver.rcvbuf = s.rcvbuf,

@@ -61,6 +61,8 @@ struct Run {
     receiver_r: u64,
     drain_ms: u64,
     switches: u64,
+    /// The receiver's memory when meshd switched (from /status).
+    at_switch: u64,
     redirected_bytes: u64,
     fallback_bytes: u64,
 }
@@ -140,7 +142,9 @@ impl Node {
             .exec("ss", &["-tmniH", "state", "established"])
             .expect("ss");
         let receiver_r = skmem_r(&ss);
-        let after_switches = switches(meshd);
+        let status = meshd.status().expect("status");
+        let after_switches = u(&status["memory_bound"], "switches");
+        let at_switch = u(&status["memory_bound"], "last_switch_queue_bytes");
         server.release();
         client.release();
         let read = server.report(T).expect("server report");
@@ -160,6 +164,7 @@ impl Node {
             receiver_r,
             drain_ms: u(&read, "drain_ms"),
             switches: after_switches - before.1,
+            at_switch,
             redirected_bytes: after.redirected_bytes - before.0.redirected_bytes,
             fallback_bytes: after.fallback_bytes - before.0.fallback_bytes,
         }
@@ -185,11 +190,12 @@ fn start_meshd(node: &Node, extra: &[&str]) -> Meshd {
 fn show(what: &str, r: &Run) {
     eprintln!(
         "{what:<22} queued {:>10.1} MiB in {:.2} s   receiver skmem r {:>10.1} MiB   \
-         switches {}   redirected {:.1} MiB, then TCP {:.1} MiB   drained in {} ms",
+         switches {} (at {:.1} MiB)   redirected {:.1} MiB, then TCP {:.1} MiB   drained in {} ms",
         r.queued as f64 / MIB as f64,
         r.secs,
         r.receiver_r as f64 / MIB as f64,
         r.switches,
+        r.at_switch as f64 / MIB as f64,
         r.redirected_bytes as f64 / MIB as f64,
         r.fallback_bytes as f64 / MIB as f64,
         r.drain_ms,
@@ -259,8 +265,19 @@ fn privileged_membound_stalled_reader_on_off_tcp() {
         on.redirected_bytes >= 16 * MIB && on.fallback_bytes > 0,
         "the stream did not cross the switch: {on:?}"
     );
+    // meshd switched once past the limit; from then on TCP's window held
+    // the receiver's memory where it was (the overshoot before the switch is
+    // the sender's rate times meshd's reaction time, which depends on its CPU
+    // share: see docs/RELIABILITY.md).
+    assert!(on.at_switch > 16 * MIB, "{on:?}");
+    // (What still arrives after meshd read the receiver's memory: messages
+    // redirected while it walked the sockhash and wrote the map.)
     assert!(
-        on.receiver_r < 16 * MIB + 48 * MIB && on.receiver_r < off.receiver_r / 4,
+        on.receiver_r < on.at_switch + 32 * MIB,
+        "the receiver's memory kept growing after the switch: {on:?}"
+    );
+    assert!(
+        on.queued < off.queued / 2,
         "the bound did not hold: {on:?} (bound off: {off:?})"
     );
     assert!(
