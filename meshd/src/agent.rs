@@ -46,6 +46,7 @@ pub struct Agent {
     services: crate::services::Table,
     reconciles: u64,
     selftest: crate::selftest::Report,
+    membound: Arc<crate::membound::Stats>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -117,7 +118,13 @@ impl Agent {
             malformed: Vec::new(),
             services: crate::services::Table::default(),
             reconciles: 0,
+            membound: Arc::default(),
         }
+    }
+
+    /// The memory bound's counters (membound.rs).
+    pub fn membound(&self) -> Arc<crate::membound::Stats> {
+        self.membound.clone()
     }
 
     pub fn config(&self) -> &Config {
@@ -209,6 +216,10 @@ impl Agent {
         s.reconciles = self.reconciles;
         s.selftest = Some(self.selftest.clone());
         s.add_services(&self.services, &self.records, self.dp.as_ref());
+        s.memory_bound = Some(self.membound.report(
+            self.config.memory_bound_bytes,
+            self.config.memory_bound_interval_ms,
+        ));
         s
     }
 }

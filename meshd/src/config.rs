@@ -20,6 +20,8 @@ pub mod env {
     pub const LOG: &str = "SPRIGHT_LOG";
     pub const NO_SELFTEST: &str = "SPRIGHT_NO_SELFTEST";
     pub const SERVICES_DIR: &str = "SPRIGHT_SERVICES_DIR";
+    pub const MEMORY_BOUND_BYTES: &str = "SPRIGHT_MEMORY_BOUND_BYTES";
+    pub const MEMORY_BOUND_INTERVAL_MS: &str = "SPRIGHT_MEMORY_BOUND_INTERVAL_MS";
 }
 
 /// spright's node agent.
@@ -51,6 +53,18 @@ pub struct Config {
     /// Skip the start-up self-test of the kernel's redirect path (see selftest.rs)
     #[arg(long, env = env::NO_SELFTEST)]
     pub no_selftest: bool,
+    /// Receive memory one redirected connection may queue on a pod that does
+    /// not read before its sender is moved to TCP (bytes, K/M/G binary
+    /// suffixes; `0` or `off` disables; see membound.rs)
+    #[arg(long, env = env::MEMORY_BOUND_BYTES, value_name = "BYTES",
+          default_value = crate::membound::DEFAULT_LIMIT, value_parser = crate::membound::parse_limit)]
+    pub memory_bound_bytes: u64,
+    /// Milliseconds between two checks of the memory bound; the overshoot
+    /// past the limit is at most the sender's rate times this interval
+    #[arg(long, env = env::MEMORY_BOUND_INTERVAL_MS, value_name = "MS",
+          default_value_t = crate::membound::DEFAULT_INTERVAL_MS,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub memory_bound_interval_ms: u64,
     /// Print the effective configuration as JSON and exit
     #[arg(long)]
     #[serde(skip)]
@@ -107,6 +121,39 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/spright"));
         assert_eq!(c.metrics_addr.to_string(), DEFAULT_METRICS_ADDR);
         assert_eq!(c.rescan_secs, 30);
+        assert_eq!(c.memory_bound_bytes, 16 << 20);
+        assert_eq!(c.memory_bound_interval_ms, 20);
+    }
+
+    #[test]
+    fn memory_bound_flags_parse_and_name_themselves_on_error() {
+        let c = parse(&["--memory-bound-bytes", "off"]).unwrap();
+        assert_eq!(c.memory_bound_bytes, 0);
+        let c = parse(&[
+            "--memory-bound-bytes",
+            "4M",
+            "--memory-bound-interval-ms",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.memory_bound_bytes, c.memory_bound_interval_ms),
+            (4 << 20, 5)
+        );
+        let e = parse(&["--memory-bound-bytes", "lots"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--memory-bound-bytes") && e.contains("lots"),
+            "{e}"
+        );
+        let e = parse(&["--memory-bound-interval-ms", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--memory-bound-interval-ms") && e.contains('0'),
+            "{e}"
+        );
     }
 
     #[test]

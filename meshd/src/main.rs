@@ -67,6 +67,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     })
     .await?;
     let agent = Arc::new(Mutex::new(agent));
+    let _membound = meshd::membound::spawn(agent.clone());
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding --metrics-addr {addr}: {e}"))?;

@@ -67,6 +67,20 @@ fn encode_status(s: &Status, enc: &mut DescriptorEncoder<'_>) -> Result<(), std:
         "Reconciliations of the maps from the endpoint records",
         &[(vec![], s.reconciles)],
     )?;
+    if let Some(m) = &s.memory_bound {
+        gauge(
+            enc,
+            "spright_memory_bound_limit_bytes",
+            "Receive memory one redirected connection may queue before its sender is moved to TCP (0: bound off)",
+            &[(vec![], i64::try_from(m.limit_bytes).unwrap_or(i64::MAX))],
+        )?;
+        counter(
+            enc,
+            "spright_memory_bound_switches",
+            "Connection directions moved from the redirect path to TCP because the receiver stopped reading",
+            &[(vec![], m.switches)],
+        )?;
+    }
     let chain_labels = |ns: &str, chain: &str| -> Labels {
         vec![("namespace", ns.to_owned()), ("chain", chain.to_owned())]
     };

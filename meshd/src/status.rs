@@ -107,6 +107,9 @@ pub struct Status {
     /// Service files (or objects in them) that were skipped, with why.
     #[serde(default)]
     pub malformed_service_files: Vec<MalformedRecord>,
+    /// meshd's memory bound of the redirect path (absent from the CLI).
+    #[serde(default)]
+    pub memory_bound: Option<crate::membound::Report>,
 }
 
 impl Status {
@@ -173,6 +176,7 @@ impl Status {
             services: Vec::new(),
             translations: Vec::new(),
             malformed_service_files: Vec::new(),
+            memory_bound: None,
         }
     }
 
@@ -258,6 +262,9 @@ impl Status {
                     .map(|d| format!("; {d}"))
                     .unwrap_or_default(),
             );
+        }
+        if let Some(m) = &self.memory_bound {
+            let _ = writeln!(s, "{}", m.summary());
         }
         let _ = writeln!(s, "\nCHAINS");
         let _ = writeln!(

@@ -30,6 +30,16 @@ impl Meshd {
         state_dir: &Path,
         addr: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_with(placement, state_dir, addr, &[])
+    }
+
+    /// Starts meshd on `addr` with extra flags.
+    pub fn start_with(
+        placement: &spright_ebpf::Placement,
+        state_dir: &Path,
+        addr: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let log = state_dir.join(format!("meshd-{}.log", addr.replace([':', '.'], "_")));
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -50,6 +60,7 @@ impl Meshd {
                 "--log",
                 "meshd=debug,info",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)

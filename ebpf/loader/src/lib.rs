@@ -31,6 +31,9 @@ pub use spright_common::{
     SockKey, SvcCounters, SvcKey, SvcValue, Translation, chain_id, limits, names,
 };
 
+mod pathswitch;
+pub use pathswitch::PathSwitch;
+
 /// The compiled kernel programs (built from `ebpf/programs` in this build).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spright-ebpf"));
 

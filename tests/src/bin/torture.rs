@@ -245,6 +245,30 @@ fn server(pat: &str, l: &TcpListener, o: &Opts) -> anyhow::Result<Value> {
             }
             json!({"drained": total})
         }
+        "stalled-stream" => {
+            let mut s = accept(l)?;
+            wait_for_release();
+            // Then read (blocking, retrying EAGAIN) to EOF and hash every byte,
+            // so the test can check that what was queued before and after a
+            // path switch arrives whole and in order.
+            s.set_read_timeout(Some(DEADLINE))?;
+            let start = Instant::now();
+            let (mut total, mut h) = (0u64, fnv1a::START);
+            let mut buf = vec![0u8; CHUNK];
+            while start.elapsed() < DEADLINE * 4 {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        total += n as u64;
+                        h = fnv1a::feed(h, &buf[..n]);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            json!({"drained": total, "hash": h, "drain_ms": start.elapsed().as_millis()})
+        }
         "many" => {
             let mut ok = 0u64;
             let mut eagain = 0u64;
@@ -441,6 +465,7 @@ fn client(pat: &str, addr: SocketAddr, o: &Opts) -> anyhow::Result<Value> {
             drop(s);
             json!({"closed": true})
         }
+        "stalled-stream" => stalled_stream(&connect()?, o)?,
         "many" => {
             let (mut ok, mut eagain, mut h) = (0u64, 0u64, fnv1a::START);
             for i in 0..o.trials {
@@ -459,6 +484,69 @@ fn client(pat: &str, addr: SocketAddr, o: &Opts) -> anyhow::Result<Value> {
         }
         other => bail!("unknown pattern {other:?}"),
     })
+}
+
+/// Blocks until the test closes this process's stdin (at most [`DEADLINE`]).
+fn wait_for_release() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = io::stdin().lock().read_line(&mut line);
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(DEADLINE);
+}
+
+/// Like `stalled`, but every byte is part of an order-sensitive stream: each
+/// write is the pattern buffer with the stream offset stamped into its first
+/// 8 bytes. The writes are logged and hashed only after the timed window, so
+/// hashing does not slow the sender down. Prints `{"queued", "secs", "hash"}`,
+/// waits for release, then half-closes and waits for the server's EOF (the
+/// socket stays open until every queued byte was read).
+fn stalled_stream(s: &TcpStream, o: &Opts) -> anyhow::Result<Value> {
+    s.set_nonblocking(true)?;
+    let mut buf = vec![0u8; CHUNK];
+    pattern::fill(&mut buf, 0);
+    let mut log: Vec<usize> = Vec::new();
+    let mut queued = 0u64;
+    let start = Instant::now();
+    let mut sw = s;
+    while queued < o.bytes && start.elapsed() < Duration::from_secs(2) {
+        buf[..8].copy_from_slice(&queued.to_be_bytes());
+        match sw.write(&buf) {
+            Ok(n) => {
+                queued += n as u64;
+                log.push(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLOUT)];
+                if poll(&mut fds, PollTimeout::from(200u16))? == 0 {
+                    break;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let (mut h, mut off) = (fnv1a::START, 0u64);
+    for n in log {
+        buf[..8].copy_from_slice(&off.to_be_bytes());
+        h = fnv1a::feed(h, &buf[..n]);
+        off += n as u64;
+    }
+    println!(
+        "{}",
+        json!({"queued": queued, "secs": secs, "hash": h, "capped": queued >= o.bytes})
+    );
+    io::stdout().flush()?;
+    wait_for_release();
+    s.set_nonblocking(false)?;
+    s.shutdown(Shutdown::Write)?;
+    s.set_read_timeout(Some(DEADLINE))?;
+    let mut b = [0u8; 1];
+    let mut sr = s;
+    let _ = sr.read(&mut b);
+    Ok(json!({"closed": true}))
 }
 
 /// Hash of the first `n` bytes of the test stream.

@@ -1,0 +1,598 @@
+//! The memory bound of the redirect path (docs/RELIABILITY.md, limit 2).
+//!
+//! A message redirected into a socket is queued on the receiver's psock and
+//! charged to its `sk_rmem_alloc`, but `SO_RCVBUF` is never checked, so a pod
+//! that never reads lets its peer queue memory without limit. sk_msg cannot
+//! refuse a message (`SK_DROP` fails the sender's `sendmsg`) and never sees
+//! the receiver's reads, so the bound lives here:
+//!
+//! every `--memory-bound-interval-ms`, meshd asks each chain pod's network
+//! namespace (sock_diag, `INET_DIAG_SKMEMINFO`, what `ss -m` shows as
+//! `skmem r`) for the receive memory of its TCP sockets. When a socket holds
+//! more than `--memory-bound-bytes` and its peer is in the sockhash, the
+//! *peer's* key goes into `spr_tcponly_v1`: from its next message on, the
+//! sender takes the TCP path and TCP's receive-window backpressure applies
+//! (the receiver's queued memory is already above its `SO_RCVBUF`, so its
+//! window is closed at once). Only that direction switches, and only from
+//! redirect to TCP, which keeps order: `tcp_bpf_recvmsg` reads the psock
+//! queue before the TCP receive queue. The switch is one-way for the life of
+//! the connection. The bound is therefore `limit + send rate × interval`.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    io,
+    net::{IpAddr, Ipv4Addr},
+    os::{
+        fd::{AsRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use nix::{
+    sched::{CloneFlags, setns},
+    sys::{
+        socket::{
+            AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, setsockopt,
+            socket, sockopt,
+        },
+        time::TimeVal,
+    },
+};
+use serde::Serialize;
+use spright_ebpf::{PathSwitch, SockKey, addr_of};
+use tracing::{info, warn};
+
+use crate::agent::Shared;
+
+/// Default of `--memory-bound-bytes`: what one connection may queue on a
+/// receiver that does not read before its sender is moved to TCP.
+pub const DEFAULT_LIMIT: &str = "16MiB";
+/// Default of `--memory-bound-interval-ms`.
+pub const DEFAULT_INTERVAL_MS: u64 = 20;
+
+/// Parses a byte count: a number with an optional binary suffix (`K`/`KiB`,
+/// `M`/`MiB`, `G`/`GiB`); `0` or `off` disable the bound (returned as 0).
+pub fn parse_limit(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("off") {
+        return Ok(0);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a byte count such as 16MiB, 1048576 or off".to_owned())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        _ => return Err(format!("unknown unit {unit:?} (use K, M or G, binary)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| "byte count too large".to_owned())
+}
+
+/// Counters of the bound, shared by the poller and the status view.
+#[derive(Debug, Default)]
+pub struct Stats {
+    switches: AtomicU64,
+    polls: AtomicU64,
+    largest_queue: AtomicU64,
+    last_switch_queue: AtomicU64,
+    error: Mutex<Option<String>>,
+}
+
+/// The bound as shown in `/status` and `spright status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Report {
+    /// 0 when the bound is off.
+    pub limit_bytes: u64,
+    pub interval_ms: u64,
+    /// Connection directions moved from the redirect path to TCP.
+    pub switches: u64,
+    pub polls: u64,
+    /// Largest receive memory of a chain pod's socket at the last poll.
+    pub largest_queue_bytes: u64,
+    /// The receiver's memory when the last switch was made: the limit plus
+    /// the overshoot that one polling delay allowed.
+    pub last_switch_queue_bytes: u64,
+    /// Why the last poll failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Report {
+    /// One line for `spright status`.
+    pub fn summary(&self) -> String {
+        if self.limit_bytes == 0 {
+            return "memory bound: off".into();
+        }
+        format!(
+            "memory bound: {} KiB per connection, checked every {} ms; {} sender(s) moved to TCP; largest queue {} KiB{}",
+            self.limit_bytes >> 10,
+            self.interval_ms,
+            self.switches,
+            self.largest_queue_bytes >> 10,
+            self.error
+                .as_ref()
+                .map(|e| format!("; last poll failed: {e}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+impl Stats {
+    pub fn report(&self, limit_bytes: u64, interval_ms: u64) -> Report {
+        Report {
+            limit_bytes,
+            interval_ms,
+            switches: self.switches.load(Ordering::Relaxed),
+            polls: self.polls.load(Ordering::Relaxed),
+            largest_queue_bytes: self.largest_queue.load(Ordering::Relaxed),
+            last_switch_queue_bytes: self.last_switch_queue.load(Ordering::Relaxed),
+            error: self.error.lock().expect("stats lock").clone(),
+        }
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        let mut slot = self.error.lock().expect("stats lock");
+        if e.is_some() && *slot != e {
+            warn!(
+                error = e.as_deref().unwrap_or_default(),
+                "memory bound: poll failed"
+            );
+        }
+        *slot = e;
+    }
+}
+
+/// Starts the poller on its own thread (it enters pods' network namespaces,
+/// which is per thread). Returns `None` when the bound is off.
+pub fn spawn(agent: Shared) -> Option<std::thread::JoinHandle<()>> {
+    let (limit, interval, bpffs, stats) = {
+        let a = agent.lock().expect("agent lock");
+        let c = a.config();
+        (
+            c.memory_bound_bytes,
+            Duration::from_millis(c.memory_bound_interval_ms),
+            c.bpffs.clone(),
+            a.membound(),
+        )
+    };
+    if limit == 0 {
+        info!("memory bound off");
+        return None;
+    }
+    info!(
+        limit_bytes = limit,
+        interval_ms = interval.as_millis(),
+        "memory bound on"
+    );
+    let spawned = std::thread::Builder::new()
+        .name("membound".into())
+        .spawn(move || {
+            let mut poller = Poller {
+                limit,
+                bpffs,
+                stats,
+                switch: None,
+                sockets: HashMap::new(),
+            };
+            loop {
+                let namespaces = chain_namespaces(&agent);
+                let r = poller.poll(&namespaces);
+                poller.stats.set_error(r.err());
+                poller.stats.polls.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(interval);
+            }
+        });
+    match spawned {
+        Ok(h) => Some(h),
+        Err(e) => {
+            warn!(error = %e, "memory bound: cannot start its thread");
+            None
+        }
+    }
+}
+
+/// Network namespaces of the pods whose sockets can be redirected to.
+fn chain_namespaces(agent: &Shared) -> Vec<String> {
+    let a = agent.lock().expect("agent lock");
+    let mut v: Vec<String> = a
+        .records()
+        .iter()
+        .filter(|r| r.chain.is_some() && r.redirect && Path::new(&r.netns).is_absolute())
+        .map(|r| r.netns.clone())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Identity of a network namespace file: a path reused by a new pod must not
+/// reach the old pod's namespace through a cached socket.
+type NsId = (String, u64, u64);
+
+struct Poller {
+    limit: u64,
+    bpffs: std::path::PathBuf,
+    stats: Arc<Stats>,
+    switch: Option<PathSwitch>,
+    /// One sock_diag socket per pod network namespace.
+    sockets: HashMap<NsId, OwnedFd>,
+}
+
+impl Poller {
+    fn poll(&mut self, namespaces: &[String]) -> Result<(), String> {
+        let mut live = HashSet::new();
+        let mut candidates = Vec::new();
+        let mut largest = 0;
+        let mut first_error = None;
+        for path in namespaces {
+            let Ok(meta) = std::fs::metadata(path) else {
+                continue; // the pod is gone; reconciliation drops its record
+            };
+            let id = (path.clone(), meta.dev(), meta.ino());
+            live.insert(id.clone());
+            let sockets = match self.socket_in(&id) {
+                Ok(fd) => dump(fd),
+                Err(e) => Err(e),
+            };
+            match sockets {
+                Ok(sockets) => {
+                    for s in sockets {
+                        largest = largest.max(s.rmem_alloc);
+                        if u64::from(s.rmem_alloc) > self.limit {
+                            candidates.push((path, s));
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.sockets.remove(&id);
+                    first_error.get_or_insert(format!("sock_diag in {path}: {e}"));
+                }
+            }
+        }
+        self.sockets.retain(|id, _| live.contains(id));
+        self.stats
+            .largest_queue
+            .store(u64::from(largest), Ordering::Relaxed);
+        if !candidates.is_empty() {
+            self.switch_senders(&candidates)?;
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn socket_in(&mut self, id: &NsId) -> io::Result<&OwnedFd> {
+        if !self.sockets.contains_key(id) {
+            let fd = diag_socket_in(Path::new(&id.0))?;
+            self.sockets.insert(id.clone(), fd);
+        }
+        Ok(&self.sockets[id])
+    }
+
+    /// Moves the sender of each over-limit receiver to TCP, when that sender
+    /// is redirected (in the sockhash) and not already on TCP.
+    fn switch_senders(&mut self, candidates: &[(&String, DiagSocket)]) -> Result<(), String> {
+        if self.switch.is_none() {
+            self.switch =
+                Some(PathSwitch::open(&self.bpffs).map_err(|e| crate::status::error_chain(&e))?);
+        }
+        let switch = self.switch.as_mut().expect("opened above");
+        let accelerated = switch
+            .accelerated()
+            .map_err(|e| crate::status::error_chain(&e))?;
+        for (netns, s) in candidates {
+            let sender = s.key().reversed();
+            if !accelerated.contains(&sender)
+                || switch
+                    .is_tcp_only(&sender)
+                    .map_err(|e| crate::status::error_chain(&e))?
+            {
+                continue;
+            }
+            switch
+                .force_tcp(&sender)
+                .map_err(|e| crate::status::error_chain(&e))?;
+            self.stats.switches.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .last_switch_queue
+                .store(u64::from(s.rmem_alloc), Ordering::Relaxed);
+            info!(netns = %netns, receiver.addr = %format!("{}:{}", s.local, s.local_port),
+                  sender.addr = %format!("{}:{}", s.remote, s.remote_port),
+                  receiver.queued_bytes = s.rmem_alloc, receiver.rcvbuf = s.rcvbuf,
+                  "memory bound: receiver not reading; its sender now takes the TCP path");
+        }
+        Ok(())
+    }
+}
+
+/// Enters a network namespace on the current thread and restores the
+/// original one on drop; aborts the process if it cannot restore (the
+/// thread would otherwise keep running in a pod's namespace).
+struct NetnsGuard {
+    original: File,
+}
+
+impl NetnsGuard {
+    fn enter(target: &Path) -> io::Result<Self> {
+        let original = File::open("/proc/thread-self/ns/net")?;
+        let target = File::open(target)?;
+        setns(&target, CloneFlags::CLONE_NEWNET)?;
+        Ok(Self { original })
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        if let Err(e) = setns(&self.original, CloneFlags::CLONE_NEWNET) {
+            eprintln!("meshd: cannot return to its own network namespace: {e}");
+            std::process::abort();
+        }
+    }
+}
+
+/// A NETLINK_SOCK_DIAG socket created inside `netns` (a netlink socket stays
+/// in the namespace it was created in).
+fn diag_socket_in(netns: &Path) -> io::Result<OwnedFd> {
+    let _guard = NetnsGuard::enter(netns)?;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )?;
+    setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(1, 0))?;
+    Ok(fd)
+}
+
+/// One TCP socket of a pod as sock_diag reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DiagSocket {
+    local: IpAddr,
+    local_port: u16,
+    remote: IpAddr,
+    remote_port: u16,
+    /// `SK_MEMINFO_RMEM_ALLOC` (`ss -m` `r`): includes the redirect queue.
+    rmem_alloc: u32,
+    /// `SK_MEMINFO_RCVBUF` (`ss -m` `rb`).
+    rcvbuf: u32,
+}
+
+impl DiagSocket {
+    /// The socket's own sockhash key.
+    fn key(&self) -> SockKey {
+        SockKey {
+            local: addr_of(self.local),
+            remote: addr_of(self.remote),
+            local_port: u32::from(self.local_port),
+            remote_port: u32::from(self.remote_port),
+        }
+    }
+}
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_HDRLEN: usize = 16;
+const INET_DIAG_REQ_V2_LEN: usize = 56;
+const INET_DIAG_MSG_LEN: usize = 72;
+const INET_DIAG_SKMEMINFO: u16 = 7;
+const IPPROTO_TCP: u8 = 6;
+/// Sockets that can still receive: ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT.
+const STATES: u32 = (1 << 1) | (1 << 4) | (1 << 5) | (1 << 8);
+
+/// Dumps the TCP sockets (IPv4 and IPv6) of the socket's namespace.
+fn dump(fd: &OwnedFd) -> io::Result<Vec<DiagSocket>> {
+    let mut out = Vec::new();
+    for (seq, family) in [(1u32, libc_family::AF_INET), (2, libc_family::AF_INET6)] {
+        send(fd.as_raw_fd(), &request(seq, family), MsgFlags::empty())?;
+        let mut buf = vec![0u8; 64 * 1024];
+        // Bounded: a dump of n sockets arrives in about n / 100 datagrams.
+        for _ in 0..100_000 {
+            let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+            if parse(&buf[..n], seq, &mut out)? {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+mod libc_family {
+    pub(super) const AF_INET: u8 = 2;
+    pub(super) const AF_INET6: u8 = 10;
+}
+
+fn request(seq: u32, family: u8) -> Vec<u8> {
+    let len = NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN;
+    let mut r = Vec::with_capacity(len);
+    r.extend_from_slice(&u32::try_from(len).expect("small").to_ne_bytes());
+    r.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    r.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    r.extend_from_slice(&seq.to_ne_bytes());
+    r.extend_from_slice(&0u32.to_ne_bytes());
+    // struct inet_diag_req_v2
+    r.extend_from_slice(&[family, IPPROTO_TCP, 1 << (INET_DIAG_SKMEMINFO - 1), 0]);
+    r.extend_from_slice(&STATES.to_ne_bytes());
+    r.extend_from_slice(&[0u8; 48]); // struct inet_diag_sockid: no filter
+    r
+}
+
+fn u16_ne(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+
+fn u32_ne(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn addr(family: u8, b: &[u8]) -> IpAddr {
+    if family == libc_family::AF_INET {
+        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    } else {
+        let o: [u8; 16] = b[..16].try_into().expect("16 bytes");
+        let v6 = std::net::Ipv6Addr::from(o);
+        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    }
+}
+
+/// Parses one datagram of a dump into `out`; true when the dump is done.
+fn parse(buf: &[u8], seq: u32, out: &mut Vec<DiagSocket>) -> io::Result<bool> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag: {what}"));
+    let mut at = 0;
+    while at + NLMSG_HDRLEN <= buf.len() {
+        let len = u32_ne(buf, at) as usize;
+        if len < NLMSG_HDRLEN || at + len > buf.len() {
+            return Err(bad("truncated message"));
+        }
+        let msg = &buf[at..at + len];
+        at += len.next_multiple_of(4);
+        if u32_ne(msg, 8) != seq {
+            continue;
+        }
+        match u16_ne(msg, 4) {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let code =
+                    i32::from_ne_bytes(msg[16..20].try_into().map_err(|_| bad("short error"))?);
+                return if code == 0 {
+                    Ok(true)
+                } else {
+                    Err(io::Error::from_raw_os_error(-code))
+                };
+            }
+            SOCK_DIAG_BY_FAMILY => {}
+            _ => continue,
+        }
+        let body = &msg[NLMSG_HDRLEN..];
+        if body.len() < INET_DIAG_MSG_LEN {
+            return Err(bad("short inet_diag_msg"));
+        }
+        let family = body[0];
+        let mut s = DiagSocket {
+            local_port: u16::from_be_bytes([body[4], body[5]]),
+            remote_port: u16::from_be_bytes([body[6], body[7]]),
+            local: addr(family, &body[8..24]),
+            remote: addr(family, &body[24..40]),
+            rmem_alloc: 0,
+            rcvbuf: 0,
+        };
+        let mut a = INET_DIAG_MSG_LEN;
+        while a + 4 <= body.len() {
+            let alen = usize::from(u16_ne(body, a));
+            if alen < 4 || a + alen > body.len() {
+                break;
+            }
+            if u16_ne(body, a + 2) == INET_DIAG_SKMEMINFO && alen >= 4 + 8 {
+                s.rmem_alloc = u32_ne(body, a + 4);
+                s.rcvbuf = u32_ne(body, a + 8);
+            }
+            a += alen.next_multiple_of(4);
+        }
+        out.push(s);
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_parse_with_binary_units_and_off() {
+        assert_eq!(parse_limit("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_limit("16M"), Ok(16 << 20));
+        assert_eq!(parse_limit("512k"), Ok(512 << 10));
+        assert_eq!(parse_limit("1G"), Ok(1 << 30));
+        assert_eq!(parse_limit("1048576"), Ok(1 << 20));
+        assert_eq!(parse_limit("0"), Ok(0));
+        assert_eq!(parse_limit("off"), Ok(0));
+        assert!(parse_limit("lots").is_err());
+        assert!(parse_limit("5T").is_err());
+        assert!(parse_limit("").is_err());
+        assert!(parse_limit("99999999999G").is_err());
+    }
+
+    /// A dump datagram as the kernel builds it: one IPv4-mapped IPv6 socket
+    /// with a SKMEMINFO attribute, then DONE.
+    #[test]
+    fn parses_a_dump_with_meminfo() {
+        let mut m = Vec::new();
+        let body_len = INET_DIAG_MSG_LEN + 4 + 9 * 4;
+        let len = NLMSG_HDRLEN + body_len;
+        m.extend_from_slice(&u32::try_from(len).unwrap().to_ne_bytes());
+        m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        m.extend_from_slice(&2u16.to_ne_bytes());
+        m.extend_from_slice(&7u32.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        let mut body = vec![0u8; INET_DIAG_MSG_LEN];
+        body[0] = libc_family::AF_INET6;
+        body[1] = 1;
+        body[4..6].copy_from_slice(&7100u16.to_be_bytes());
+        body[6..8].copy_from_slice(&40000u16.to_be_bytes());
+        let local = Ipv4Addr::new(10, 213, 0, 11).to_ipv6_mapped();
+        let remote = Ipv4Addr::new(10, 213, 0, 10).to_ipv6_mapped();
+        body[8..24].copy_from_slice(&local.octets());
+        body[24..40].copy_from_slice(&remote.octets());
+        m.extend_from_slice(&body);
+        m.extend_from_slice(&u16::try_from(4 + 9 * 4).unwrap().to_ne_bytes());
+        m.extend_from_slice(&INET_DIAG_SKMEMINFO.to_ne_bytes());
+        for v in [700_000_000u32, 131_072, 0, 0, 0, 0, 0, 0, 0] {
+            m.extend_from_slice(&v.to_ne_bytes());
+        }
+        let mut done = Vec::new();
+        done.extend_from_slice(&20u32.to_ne_bytes());
+        done.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
+        done.extend_from_slice(&2u16.to_ne_bytes());
+        done.extend_from_slice(&7u32.to_ne_bytes());
+        done.extend_from_slice(&0u32.to_ne_bytes());
+        done.extend_from_slice(&0i32.to_ne_bytes());
+        m.extend_from_slice(&done);
+        let mut out = Vec::new();
+        assert!(parse(&m, 7, &mut out).unwrap());
+        assert_eq!(
+            out,
+            vec![DiagSocket {
+                local: "10.213.0.11".parse().unwrap(),
+                local_port: 7100,
+                remote: "10.213.0.10".parse().unwrap(),
+                remote_port: 40000,
+                rmem_alloc: 700_000_000,
+                rcvbuf: 131_072,
+            }]
+        );
+        // The sender's key is the receiver's, reversed; IPv4 is stored mapped,
+        // so a dual-stack receiver and an IPv4 sender build matching keys.
+        let sender = out[0].key().reversed();
+        assert_eq!(sender.local, addr_of("10.213.0.10".parse().unwrap()));
+        assert_eq!(sender.local_port, 40000);
+        assert_eq!(sender.remote_port, 7100);
+        // Another sequence number's messages are not ours.
+        let mut other = Vec::new();
+        assert!(!parse(&m[..len], 8, &mut other).unwrap());
+        assert!(other.is_empty());
+    }
+
+    #[test]
+    fn request_is_an_inet_diag_dump_asking_for_meminfo() {
+        let r = request(5, libc_family::AF_INET);
+        assert_eq!(r.len(), 72);
+        assert_eq!(u32_ne(&r, 0), 72);
+        assert_eq!(u16_ne(&r, 4), SOCK_DIAG_BY_FAMILY);
+        assert_eq!(u16_ne(&r, 6), 0x301);
+        assert_eq!(u32_ne(&r, 8), 5);
+        assert_eq!(&r[16..20], &[2, 6, 0x40, 0]);
+        assert_eq!(u32_ne(&r, 20), STATES);
+    }
+}

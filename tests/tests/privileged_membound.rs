@@ -1,0 +1,291 @@
+//! Privileged tier: meshd's memory bound of the redirect path (issue 5,
+//! docs/RELIABILITY.md "Memory bound").
+//!
+//! A receiver that never reads, a non-blocking sender writing an
+//! order-sensitive stream for ~2 s, three times between the same two pods of
+//! one simulated node: plain TCP (the pods are not chain members), the
+//! redirect path with meshd's bound at its defaults, and the redirect path
+//! with the bound off. Each run records what the sender could queue and the
+//! receiver's `skmem r`; then the receiver reads everything, and the FNV-1a
+//! hash of what it read must equal the hash of what was written — with the
+//! bound on, that stream went partly over the redirect path and partly, after
+//! meshd's switch, over TCP, so equal hashes prove nothing was lost or
+//! reordered across the switch.
+
+use std::{
+    net::IpAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use spright_ebpf::{Counters, Datapath};
+use spright_tests::{
+    meshd::Meshd,
+    privileged,
+    sandbox::{Peer, Sandbox, workspace_bin},
+};
+
+const T: Duration = Duration::from_mins(2);
+const PORT: u16 = 7300;
+const MIB: u64 = 1 << 20;
+
+fn spawn(sb: &Sandbox, pod: usize, args: &[&str]) -> Peer {
+    let mut cmd = Command::new(workspace_bin("spright-torture"));
+    cmd.arg("--cgroup")
+        .arg(&sb.cgroup.path)
+        .arg("--netns")
+        .arg(sb.pods[pod].ns.path())
+        .args(args);
+    Peer::spawn_command(cmd).expect("spawning spright-torture")
+}
+
+/// `r<N>` of the largest `skmem:(...)` in `ss -m` output.
+fn skmem_r(ss: &str) -> u64 {
+    ss.split("skmem:(")
+        .skip(1)
+        .filter_map(|rest| rest.strip_prefix('r')?.split(',').next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing or not a number in {v}"))
+}
+
+#[derive(Debug)]
+struct Run {
+    queued: u64,
+    secs: f64,
+    receiver_r: u64,
+    drain_ms: u64,
+    switches: u64,
+    /// The receiver's memory when meshd switched (from /status).
+    at_switch: u64,
+    redirected_bytes: u64,
+    fallback_bytes: u64,
+}
+
+struct Node {
+    sb: Sandbox,
+    state: tempfile::TempDir,
+}
+
+impl Node {
+    fn ip(&self, pod: usize) -> IpAddr {
+        IpAddr::V4(self.sb.pods[pod].ip)
+    }
+
+    /// Records both pods (in chain `chain`, or in none) and waits until
+    /// meshd has put them into (or left them out of) the endpoint map.
+    fn record(&self, chain: Option<&str>) {
+        for pod in [0, 1] {
+            self.sb
+                .record_pod(self.state.path(), pod, chain)
+                .expect("record pod");
+        }
+        let dp = Datapath::open(&self.sb.pins.path).expect("open datapath");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let eps = dp.endpoints().expect("endpoints");
+            let members = [0, 1].iter().all(|&p| {
+                eps.iter()
+                    .any(|(ip, v)| *ip == self.ip(p) && v.chain_id != 0)
+            });
+            if members == chain.is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "meshd never reconciled chain {chain:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn counters(&self) -> Counters {
+        Datapath::open(&self.sb.pins.path)
+            .expect("open datapath")
+            .counters(self.ip(0))
+            .expect("counters")
+    }
+
+    /// One stalled-reader run: server (never reading until released) in
+    /// pod 1, sender in pod 0. Asserts the stream arrived intact.
+    fn run(&self, meshd: &Meshd, port: u16, what: &str) -> Run {
+        let switches = |m: &Meshd| u(&m.status().expect("status")["memory_bound"], "switches");
+        let before = (self.counters(), switches(meshd));
+        let addr = format!("{}:{port}", self.sb.pods[1].ip);
+        let mut server = spawn(
+            &self.sb,
+            1,
+            &["server", "stalled-stream", "--listen", &addr],
+        );
+        assert_eq!(server.line(T).expect("server start"), "ready");
+        let mut client = spawn(
+            &self.sb,
+            0,
+            &[
+                "client",
+                "stalled-stream",
+                "--connect",
+                &addr,
+                "--bytes",
+                "1073741824",
+            ],
+        );
+        let written = client.report(T).expect("client report");
+        // Both sockets open, nothing read yet: the receiver's memory now.
+        let ss = self.sb.pods[1]
+            .ns
+            .exec("ss", &["-tmniH", "state", "established"])
+            .expect("ss");
+        let receiver_r = skmem_r(&ss);
+        let status = meshd.status().expect("status");
+        let after_switches = u(&status["memory_bound"], "switches");
+        let at_switch = u(&status["memory_bound"], "last_switch_queue_bytes");
+        server.release();
+        client.release();
+        let read = server.report(T).expect("server report");
+        let _ = client.report(T);
+        server.finish(T).expect("server exit");
+        client.finish(T).expect("client exit");
+        let after = self.counters();
+        assert_eq!(
+            (u(&read, "drained"), u(&read, "hash")),
+            (u(&written, "queued"), u(&written, "hash")),
+            "{what}: the receiver did not read exactly the bytes written, in order \
+             (written {written}, read {read})"
+        );
+        Run {
+            queued: u(&written, "queued"),
+            secs: written["secs"].as_f64().unwrap_or_default(),
+            receiver_r,
+            drain_ms: u(&read, "drain_ms"),
+            switches: after_switches - before.1,
+            at_switch,
+            redirected_bytes: after.redirected_bytes - before.0.redirected_bytes,
+            fallback_bytes: after.fallback_bytes - before.0.fallback_bytes,
+        }
+    }
+}
+
+fn start_meshd(node: &Node, extra: &[&str]) -> Meshd {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut args = vec!["--no-selftest"];
+    args.extend_from_slice(extra);
+    Meshd::start_with(
+        &node.sb.placement(),
+        node.state.path(),
+        &format!("127.0.0.1:{port}"),
+        &args,
+    )
+    .expect("meshd")
+}
+
+fn show(what: &str, r: &Run) {
+    eprintln!(
+        "{what:<22} queued {:>10.1} MiB in {:.2} s   receiver skmem r {:>10.1} MiB   \
+         switches {} (at {:.1} MiB)   redirected {:.1} MiB, then TCP {:.1} MiB   drained in {} ms",
+        r.queued as f64 / MIB as f64,
+        r.secs,
+        r.receiver_r as f64 / MIB as f64,
+        r.switches,
+        r.at_switch as f64 / MIB as f64,
+        r.redirected_bytes as f64 / MIB as f64,
+        r.fallback_bytes as f64 / MIB as f64,
+        r.drain_ms,
+    );
+}
+
+/// The bound (defaults: 16 MiB, checked every 20 ms) against plain TCP and
+/// the bound off, in one run.
+#[test]
+fn privileged_membound_stalled_reader_on_off_tcp() {
+    if !privileged::require("privileged_membound_stalled_reader_on_off_tcp") {
+        return;
+    }
+    let mut sb = Sandbox::new("mb").expect("sandbox");
+    sb.add_pod().expect("pod a");
+    sb.add_pod().expect("pod b");
+    let node = Node {
+        sb,
+        state: tempfile::tempdir().expect("state dir"),
+    };
+    // The bound at its defaults.
+    let meshd = start_meshd(&node, &[]);
+    let status = meshd.status().expect("status");
+    assert_eq!(
+        status["memory_bound"]["limit_bytes"],
+        16 * MIB,
+        "{status:#}"
+    );
+    node.record(None);
+    let tcp = node.run(&meshd, PORT, "plain TCP");
+    show("plain TCP", &tcp);
+    node.record(Some("mb"));
+    let on = node.run(&meshd, PORT + 1, "redirect, bound on");
+    show("redirect, bound on", &on);
+    let metrics = meshd.get("/metrics").expect("metrics");
+    for line in meshd
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("memory bound"))
+    {
+        eprintln!("meshd: {line}");
+    }
+    drop(meshd);
+    let meshd = start_meshd(&node, &["--memory-bound-bytes", "off"]);
+    assert_eq!(
+        meshd.status().expect("status")["memory_bound"]["limit_bytes"],
+        0
+    );
+    let off = node.run(&meshd, PORT + 2, "redirect, bound off");
+    show("redirect, bound off", &off);
+    drop(meshd);
+
+    // Plain TCP: the receive window bounds it, nothing to switch.
+    assert!(tcp.queued < 64 * MIB, "{tcp:?}");
+    assert_eq!((tcp.switches, tcp.redirected_bytes), (0, 0), "{tcp:?}");
+    // Bound off: documented limit 2, the redirect path queues far past it.
+    assert_eq!(off.switches, 0, "{off:?}");
+    assert!(
+        off.receiver_r > 64 * MIB && off.fallback_bytes == 0,
+        "{off:?}"
+    );
+    // Bound on: one switch; the stream went over the redirect path, then
+    // over TCP (both counted), and arrived whole and in order (checked in
+    // `run`); the receiver's memory stayed near the limit.
+    assert_eq!(on.switches, 1, "{on:?}");
+    assert!(
+        on.redirected_bytes >= 16 * MIB && on.fallback_bytes > 0,
+        "the stream did not cross the switch: {on:?}"
+    );
+    // meshd switched once past the limit; from then on TCP's window held
+    // the receiver's memory where it was (the overshoot before the switch is
+    // the sender's rate times meshd's reaction time, which depends on its CPU
+    // share: see docs/RELIABILITY.md).
+    assert!(on.at_switch > 16 * MIB, "{on:?}");
+    // (What still arrives after meshd read the receiver's memory: messages
+    // redirected while it walked the sockhash and wrote the map.)
+    assert!(
+        on.receiver_r < on.at_switch + 32 * MIB,
+        "the receiver's memory kept growing after the switch: {on:?}"
+    );
+    assert!(
+        on.queued < off.queued / 2,
+        "the bound did not hold: {on:?} (bound off: {off:?})"
+    );
+    assert!(
+        metrics.contains("spright_memory_bound_switches_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("spright_memory_bound_limit_bytes 16777216"),
+        "{metrics}"
+    );
+}
