@@ -281,11 +281,16 @@ fn sync_maps(dp: &mut Datapath, want: &BTreeMap<IpAddr, EndpointValue>) -> (usiz
 }
 
 /// A record whose network namespace file no longer exists belongs to a pod
-/// that is gone (its DEL was missed). Records without an absolute netns path
-/// are never judged stale.
+/// that is gone (its DEL was missed). Records without an absolute netns path,
+/// or whose namespace directory this process cannot see, are never judged
+/// stale.
 fn pod_is_gone(r: &Record) -> bool {
     let p = Path::new(&r.netns);
-    p.is_absolute() && !p.exists()
+    // Only when the namespace's directory is visible: a meshd that cannot
+    // see the runtime's netns directory (not mounted into its container, or
+    // a `/proc/<pid>/ns/net` path of another PID namespace) must not judge
+    // every pod gone.
+    p.is_absolute() && !p.exists() && p.parent().is_some_and(Path::is_dir)
 }
 
 #[cfg(test)]
@@ -325,13 +330,14 @@ mod tests {
     }
 
     #[test]
-    fn only_records_with_a_missing_absolute_netns_are_stale() {
+    fn only_records_with_a_visibly_missing_netns_are_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let netns = |name: &str| dir.path().join(name).display().to_string();
         assert!(!pod_is_gone(&rec("a", &[], "/proc/self/ns/net")));
-        assert!(pod_is_gone(&rec(
-            "a",
-            &[],
-            "/run/netns/definitely-not-here-spright"
-        )));
+        assert!(pod_is_gone(&rec("a", &[], &netns("cni-gone"))));
+        // The runtime's directory is not visible here: never judged.
+        assert!(!pod_is_gone(&rec("a", &[], &netns("unmounted/cni-1"))));
+        assert!(!pod_is_gone(&rec("a", &[], "/proc/999999999/ns/net")));
         assert!(!pod_is_gone(&rec("a", &[], "relative")));
     }
 
