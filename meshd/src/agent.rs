@@ -44,6 +44,8 @@ pub struct Agent {
     records: Vec<Record>,
     malformed: Vec<MalformedRecord>,
     services: crate::services::Table,
+    /// Services and EndpointSlices from the API (None when not watching).
+    api: Option<crate::kube_source::Objects>,
     reconciles: u64,
     selftest: crate::selftest::Report,
     membound: Arc<crate::membound::Stats>,
@@ -117,6 +119,7 @@ impl Agent {
             records: Vec::new(),
             malformed: Vec::new(),
             services: crate::services::Table::default(),
+            api: None,
             reconciles: 0,
             membound: Arc::default(),
         }
@@ -134,6 +137,11 @@ impl Agent {
     /// The live endpoint records as of the last reconciliation.
     pub fn records(&self) -> &[Record] {
         &self.records
+    }
+
+    /// The copy of the API's Services and EndpointSlices (starts watching).
+    pub fn api_objects_mut(&mut self) -> &mut crate::kube_source::Objects {
+        self.api.get_or_insert_default()
     }
 
     pub fn reconciles(&self) -> u64 {
@@ -165,7 +173,10 @@ impl Agent {
                 live.push(r);
             }
         }
-        let services = crate::services::Table::load(&self.config.services_dir());
+        let mut services = crate::services::Table::load(&self.config.services_dir());
+        if let Some(api) = &self.api {
+            services.add_api_objects(api.all());
+        }
         for p in &services.problems {
             if !self.services.problems.contains(p) {
                 warn!(path = %p.path, error = %p.error, "skipping unusable service file");
@@ -216,6 +227,7 @@ impl Agent {
         s.reconciles = self.reconciles;
         s.selftest = Some(self.selftest.clone());
         s.add_services(&self.services, &self.records, self.dp.as_ref());
+        s.kubernetes = self.api.as_ref().map(crate::kube_source::Objects::status);
         s.memory_bound = Some(self.membound.report(
             self.config.memory_bound_bytes,
             self.config.memory_bound_interval_ms,

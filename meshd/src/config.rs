@@ -20,6 +20,8 @@ pub mod env {
     pub const LOG: &str = "SPRIGHT_LOG";
     pub const NO_SELFTEST: &str = "SPRIGHT_NO_SELFTEST";
     pub const SERVICES_DIR: &str = "SPRIGHT_SERVICES_DIR";
+    pub const KUBERNETES: &str = "SPRIGHT_KUBERNETES";
+    pub const KUBECONFIG: &str = "KUBECONFIG";
     pub const MEMORY_BOUND_BYTES: &str = "SPRIGHT_MEMORY_BOUND_BYTES";
     pub const MEMORY_BOUND_INTERVAL_MS: &str = "SPRIGHT_MEMORY_BOUND_INTERVAL_MS";
 }
@@ -50,6 +52,12 @@ pub struct Config {
     /// Directory of Service/EndpointSlice JSON files (`kubectl get service,endpointslice -o json`) for connect-time Service translation [default: `<state-dir>/services`]
     #[arg(long, env = env::SERVICES_DIR, value_name = "DIR")]
     pub services_dir: Option<PathBuf>,
+    /// Watch Services and EndpointSlices on the Kubernetes API: `auto` when in a cluster (KUBERNETES_SERVICE_HOST) or KUBECONFIG is set, `on` (fail without it), `off` (files only)
+    #[arg(long, env = env::KUBERNETES, value_name = "MODE", value_enum, default_value = "auto")]
+    pub kubernetes: crate::kube_source::Mode,
+    /// kubeconfig file for the API (instead of the in-cluster service account)
+    #[arg(long, env = env::KUBECONFIG, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
     /// Skip the start-up self-test of the kernel's redirect path (see selftest.rs)
     #[arg(long, env = env::NO_SELFTEST)]
     pub no_selftest: bool,

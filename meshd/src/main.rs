@@ -60,6 +60,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.services_dir(),
     ];
     let every = config.rescan_interval();
+    let kube = meshd::kube_source::client(config.kubernetes, config.kubeconfig.as_deref()).await?;
     let agent = tokio::task::spawn_blocking(move || {
         let mut a = Agent::start(config);
         a.reconcile();
@@ -73,10 +74,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("binding --metrics-addr {addr}: {e}"))?;
     info!(addr = %addr, "serving /metrics /status /healthz /readyz /config");
     let server = axum::serve(listener, http::router(agent.clone()));
+    let api_watch = {
+        let agent = agent.clone();
+        async move {
+            match kube {
+                Some(client) => {
+                    agent.lock().expect("agent lock").api_objects_mut();
+                    meshd::kube_source::run(agent, client).await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+    };
     let watcher = watch::run(agent, watched_dirs, every);
     tokio::select! {
         r = server => r.map_err(|e| anyhow::anyhow!("http server: {e}"))?,
         () = watcher => {}
+        () = api_watch => {}
         () = shutdown_signal() => info!("shutting down; pinned programs and maps stay, flows keep their acceleration"),
     }
     Ok(())

@@ -1,11 +1,16 @@
 //! The service table: Kubernetes Services and their EndpointSlices, turned
 //! into the kernel's connect-time translation entries.
 //!
-//! Source: a directory of JSON files holding exactly what
-//! `kubectl get service,endpointslice -o json` prints (a `Service`, an
-//! `EndpointSlice`, or a `List` of them per file), for clusters without API
-//! access and for tests. Files are re-read on every change (inotify) and on
-//! the periodic rescan, so edits apply without restarting anything.
+//! Sources, merged:
+//! - the Kubernetes API (Services and EndpointSlices of all namespaces,
+//!   watched by `kube_source`), in a cluster;
+//! - a directory of JSON files holding exactly what
+//!   `kubectl get service,endpointslice -o json` prints (a `Service`, an
+//!   `EndpointSlice`, or a `List` of them per file), for clusters without API
+//!   access and for tests. Files are re-read on every change (inotify) and on
+//!   the periodic rescan.
+//!
+//! Either way changes apply without restarting anything.
 //!
 //! What goes into the kernel: for each ClusterIP port (TCP) and each chain
 //! with a node-local backend of that Service, the backends that are pods of
@@ -133,7 +138,10 @@ impl Table {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return t,
             Err(e) => {
-                t.problem(dir, format!("cannot read the directory: {e}"));
+                t.problem(
+                    &dir.display().to_string(),
+                    format!("cannot read the directory: {e}"),
+                );
                 return t;
             }
         };
@@ -148,21 +156,36 @@ impl Table {
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
             {
-                Ok(v) => t.add_object(&path, v),
-                Err(e) => t.problem(&path, e),
+                Ok(v) => t.add_object(&path.display().to_string(), v),
+                Err(e) => t.problem(&path.display().to_string(), e),
             }
         }
         t
     }
 
-    fn problem(&mut self, path: &Path, error: String) {
+    fn problem(&mut self, origin: &str, error: String) {
         self.problems.push(MalformedRecord {
-            path: path.display().to_string(),
+            path: origin.to_owned(),
             error,
         });
     }
 
-    fn add_object(&mut self, path: &Path, v: serde_json::Value) {
+    /// Adds objects from the Kubernetes API (see `kube_source`).
+    pub fn add_api_objects<'a>(&mut self, objects: impl Iterator<Item = &'a serde_json::Value>) {
+        for v in objects {
+            let origin = format!(
+                "kubernetes API: {} {}/{}",
+                v["kind"].as_str().unwrap_or("?"),
+                v["metadata"]["namespace"].as_str().unwrap_or_default(),
+                v["metadata"]["name"].as_str().unwrap_or_default()
+            );
+            self.add_object(&origin, v.clone());
+        }
+    }
+
+    /// `origin` names the file (or API object) in problem reports.
+    fn add_object(&mut self, origin: &str, v: serde_json::Value) {
+        let path = origin;
         let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
         match kind {
             "Service" => match serde_json::from_value(v) {

@@ -107,6 +107,9 @@ pub struct Status {
     /// Service files (or objects in them) that were skipped, with why.
     #[serde(default)]
     pub malformed_service_files: Vec<MalformedRecord>,
+    /// The Kubernetes API source of Services (absent when not watching).
+    #[serde(default)]
+    pub kubernetes: Option<crate::kube_source::SourceStatus>,
     /// meshd's memory bound of the redirect path (absent from the CLI).
     #[serde(default)]
     pub memory_bound: Option<crate::membound::Report>,
@@ -176,6 +179,7 @@ impl Status {
             services: Vec::new(),
             translations: Vec::new(),
             malformed_service_files: Vec::new(),
+            kubernetes: None,
             memory_bound: None,
         }
     }
@@ -326,6 +330,19 @@ impl Status {
     fn render_services(&self, s: &mut String) {
         /// Rows of the connection table (the JSON view has them all).
         const MAX_ROWS: usize = 20;
+        if let Some(k) = &self.kubernetes {
+            let _ = writeln!(
+                s,
+                "\nkubernetes API: {} ({} services, {} endpoint slices){}",
+                k.state,
+                k.services,
+                k.endpoint_slices,
+                k.error
+                    .as_ref()
+                    .map(|e| format!(" — {e}"))
+                    .unwrap_or_default()
+            );
+        }
         if self.services.is_empty() && self.translations.is_empty() {
             return;
         }

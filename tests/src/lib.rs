@@ -9,6 +9,7 @@
 
 pub mod chain;
 pub mod cni;
+pub mod kubeapi;
 pub mod meshd;
 pub mod pod;
 pub mod privileged;

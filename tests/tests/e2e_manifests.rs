@@ -423,24 +423,55 @@ fn csi_driver_name_and_sockets_agree() {
 }
 
 #[test]
-fn node_components_need_no_api_access() {
+fn node_components_only_read_services_and_endpointslices() {
     let objs = objects();
-    for o in &objs {
-        assert!(
-            !matches!(
+    let bindings: Vec<&Value> = objs
+        .iter()
+        .filter(|o| {
+            matches!(
                 o["kind"].as_str(),
                 Some("ClusterRoleBinding" | "RoleBinding")
-            ),
-            "spright's node components do not call the API: {}",
-            o["metadata"]["name"]
-        );
+            )
+        })
+        .collect();
+    assert_eq!(bindings.len(), 1, "one binding, for meshd");
+    let binding = bindings[0];
+    assert_eq!(binding["subjects"][0]["name"], "spright-node");
+    let role = find(
+        &objs,
+        "ClusterRole",
+        binding["roleRef"]["name"].as_str().unwrap(),
+    );
+    let mut granted = Vec::new();
+    for rule in role["rules"].as_array().unwrap() {
+        let verbs: Vec<&str> = rule["verbs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(verbs, ["get", "list", "watch"], "read-only: {rule}");
+        for r in rule["resources"].as_array().unwrap() {
+            granted.push(format!(
+                "{}/{}",
+                rule["apiGroups"][0].as_str().unwrap(),
+                r.as_str().unwrap()
+            ));
+        }
     }
+    granted.sort();
+    assert_eq!(granted, ["/services", "discovery.k8s.io/endpointslices"]);
     let sa = find(&objs, "ServiceAccount", "spright-node");
     assert_eq!(sa["automountServiceAccountToken"], false);
-    for name in ["spright-node", "spright-cleanup"] {
-        let spec = pod_spec(find(&objs, "DaemonSet", name)).unwrap();
-        assert_eq!(spec["serviceAccountName"], "spright-node");
-    }
+    let node = pod_spec(find(&objs, "DaemonSet", "spright-node")).unwrap();
+    assert_eq!(node["serviceAccountName"], "spright-node");
+    assert_eq!(
+        node["automountServiceAccountToken"], true,
+        "meshd needs its token"
+    );
+    let cleanup = pod_spec(find(&objs, "DaemonSet", "spright-cleanup")).unwrap();
+    assert_eq!(cleanup["serviceAccountName"], "spright-node");
+    assert_eq!(cleanup["automountServiceAccountToken"], false);
 }
 
 #[test]

@@ -331,3 +331,88 @@ fn privileged_services_clusterip_hops_are_translated_and_redirected() {
         "{row}"
     );
 }
+
+/// meshd's Kubernetes API source (kube-rs watches), against the API fake of
+/// `spright_tests::kubeapi` since no API server runs here: the table follows
+/// the API's Services and EndpointSlices, including a backend turning
+/// not-ready and a Service being deleted.
+#[test]
+fn privileged_services_follow_the_kubernetes_api() {
+    if !privileged::require("privileged_services_follow_the_kubernetes_api") {
+        return;
+    }
+    let mut sb = Sandbox::new("kapi").unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let (a, b, e) = (
+        sb.add_pod().unwrap(),
+        sb.add_pod().unwrap(),
+        sb.add_pod().unwrap(),
+    );
+    for pod in [a, b, e] {
+        sb.record_pod(state.path(), pod, Some("shop")).unwrap();
+    }
+    let ip = |p: usize| IpAddr::V4(sb.pods[p].ip);
+    let stage2: SocketAddr = "10.96.0.30:80".parse().unwrap();
+    let api = spright_tests::kubeapi::FakeApi::start().unwrap();
+    let svc = service("stage2", stage2.ip(), stage2.port(), PORT);
+    api.apply(svc.clone());
+    api.apply(endpoint_slice("stage2", PORT, &[(ip(b), true)]));
+    let kubeconfig = api.kubeconfig(state.path()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let meshd = Meshd::start_with(
+        &sb.placement(),
+        state.path(),
+        &format!("127.0.0.1:{port}"),
+        &[
+            "--kubernetes",
+            "on",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let s = meshd
+        .wait_status(T, "the API's Service with its local backend", |s| {
+            s["kubernetes"]["state"] == "synced" && local_backends(s, stage2) == 1
+        })
+        .unwrap();
+    assert_eq!(s["kubernetes"]["services"], 1, "{s:#}");
+
+    let srv = serve(&sb, b, 1);
+    let hop = call(&sb, a, stage2, 1 << 20, || {}).unwrap();
+    assert!(hop.intact() && hop.client_segs == 0, "{}", hop.report);
+    assert_eq!(hop.report["peer_addr"], stage2.to_string());
+    assert_eq!(served_peers(srv), vec![ip(a)]);
+
+    // The EndpointSlice marks b terminating and adds e: b leaves selection.
+    api.apply(endpoint_slice(
+        "stage2",
+        PORT,
+        &[(ip(b), false), (ip(e), true)],
+    ));
+    meshd
+        .wait_status(T, "e the only local backend", |s| {
+            service_status(s, stage2).is_some_and(|v| {
+                v["local_backends"].as_array().is_some_and(|b| {
+                    b.len() == 1 && b[0]["address"] == SocketAddr::new(ip(e), PORT).to_string()
+                })
+            })
+        })
+        .unwrap();
+    let srv = serve(&sb, e, 1);
+    let hop = call(&sb, a, stage2, 1 << 20, || {}).unwrap();
+    assert!(hop.intact() && hop.client_segs == 0, "{}", hop.report);
+    assert_eq!(served_peers(srv), vec![ip(a)]);
+
+    // The Service is deleted: its entries leave the kernel's table.
+    api.delete(&svc);
+    meshd
+        .wait_status(T, "stage2 gone", |s| service_status(s, stage2).is_none())
+        .unwrap();
+    let dp = spright_ebpf::Datapath::open(&sb.pins.path).unwrap();
+    assert!(dp.services().unwrap().is_empty());
+}

@@ -1,0 +1,247 @@
+//! A minimal stand-in for the Kubernetes API server, for meshd's API source.
+//!
+//! No kube-apiserver can run on the test machines (no binaries, no network),
+//! so this serves the two collections meshd watches with the API's wire
+//! behaviour for list-then-watch: `GET` of a collection lists the objects
+//! with the collection's `resourceVersion`; `?watch=true&resourceVersion=N`
+//! streams, chunked, every later change as `{"type":…,"object":…}` lines
+//! until `timeoutSeconds`. Objects carry their own `resourceVersion`. It is
+//! the protocol kube-rs' watcher speaks, not a model of the API server's
+//! storage (no field selectors, no pagination, no bookmarks, no auth).
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+/// The collections served: (path, kind, apiVersion).
+const COLLECTIONS: [(&str, &str, &str); 2] = [
+    ("/api/v1/services", "Service", "v1"),
+    (
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "EndpointSlice",
+        "discovery.k8s.io/v1",
+    ),
+];
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// (resourceVersion, kind, event type, object), oldest first.
+    log: Vec<(u64, String, &'static str, Value)>,
+    stopped: bool,
+}
+
+impl State {
+    /// Live objects of `kind`, by namespace/name.
+    fn objects(&self, kind: &str) -> Vec<Value> {
+        let mut live = std::collections::BTreeMap::new();
+        for (_, k, t, o) in &self.log {
+            if k != kind {
+                continue;
+            }
+            let key = key_of(o);
+            if *t == "DELETED" {
+                live.remove(&key);
+            } else {
+                live.insert(key, o.clone());
+            }
+        }
+        live.into_values().collect()
+    }
+}
+
+fn key_of(o: &Value) -> String {
+    format!(
+        "{}/{}",
+        o["metadata"]["namespace"].as_str().unwrap_or_default(),
+        o["metadata"]["name"].as_str().unwrap_or_default()
+    )
+}
+
+/// The server; stops (ending open watches) on drop.
+pub struct FakeApi {
+    pub addr: SocketAddr,
+    state: Arc<(Mutex<State>, Condvar)>,
+}
+
+impl FakeApi {
+    pub fn start() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let state: Arc<(Mutex<State>, Condvar)> = Arc::default();
+        let s = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                if s.0.lock().unwrap().stopped {
+                    break;
+                }
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(conn, &s);
+                });
+            }
+        });
+        Ok(Self { addr, state })
+    }
+
+    /// Creates or replaces an object (`kind` from the object itself).
+    pub fn apply(&self, mut object: Value) {
+        let (lock, cv) = &*self.state;
+        let mut st = lock.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let kind = object["kind"].as_str().unwrap_or_default().to_owned();
+        let existed = st
+            .objects(&kind)
+            .iter()
+            .any(|o| key_of(o) == key_of(&object));
+        let t = if existed { "MODIFIED" } else { "ADDED" };
+        st.log.push((rv, kind, t, object));
+        cv.notify_all();
+    }
+
+    /// Deletes an object (matched by kind, namespace and name).
+    pub fn delete(&self, object: &Value) {
+        let (lock, cv) = &*self.state;
+        let mut st = lock.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        let mut gone = object.clone();
+        gone["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let kind = object["kind"].as_str().unwrap_or_default().to_owned();
+        st.log.push((rv, kind, "DELETED", gone));
+        cv.notify_all();
+    }
+
+    /// A kubeconfig pointing at this server (plain HTTP, no credentials).
+    pub fn kubeconfig(&self, dir: &Path) -> anyhow::Result<PathBuf> {
+        let path = dir.join("kubeconfig");
+        let server = format!("http://{}", self.addr);
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(&json!({
+                "apiVersion": "v1", "kind": "Config",
+                "clusters": [{ "name": "fake", "cluster": { "server": server } }],
+                "users": [{ "name": "fake", "user": {} }],
+                "contexts": [{ "name": "fake", "context": { "cluster": "fake", "user": "fake" } }],
+                "current-context": "fake",
+            }))?,
+        )?;
+        Ok(path)
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.state;
+        lock.lock().unwrap().stopped = true;
+        cv.notify_all();
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn serve(conn: TcpStream, state: &(Mutex<State>, Condvar)) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header == "\r\n" {
+            break;
+        }
+    }
+    let target = request.split_whitespace().nth(1).unwrap_or_default();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    };
+    let mut out = conn;
+    let Some(&(_, kind, api_version)) = COLLECTIONS.iter().find(|(p, _, _)| *p == path) else {
+        let body = json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "NotFound", "code": 404, "message": format!("{path} not served") })
+        .to_string();
+        return write!(
+            out,
+            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    };
+    if matches!(param("watch"), Some("true" | "1")) {
+        let since: u64 = param("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let timeout = param("timeoutSeconds")
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_mins(1), Duration::from_secs);
+        write!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )?;
+        out.flush()?;
+        watch(&mut out, state, kind, since, Instant::now() + timeout)?;
+        write!(out, "0\r\n\r\n")?;
+        return out.flush();
+    }
+    let (items, rv) = {
+        let st = state.0.lock().unwrap();
+        (st.objects(kind), st.rv)
+    };
+    let body = json!({
+        "kind": format!("{kind}List"), "apiVersion": api_version,
+        "metadata": { "resourceVersion": rv.to_string() }, "items": items,
+    })
+    .to_string();
+    write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    out.flush()
+}
+
+/// Streams events of `kind` newer than `since` until `deadline` or stop.
+fn watch(
+    out: &mut TcpStream,
+    (lock, cv): &(Mutex<State>, Condvar),
+    kind: &str,
+    mut since: u64,
+    deadline: Instant,
+) -> std::io::Result<()> {
+    let mut st = lock.lock().unwrap();
+    loop {
+        let events: Vec<(u64, String)> = st
+            .log
+            .iter()
+            .filter(|(rv, k, _, _)| *rv > since && k == kind)
+            .map(|(rv, _, t, o)| (*rv, json!({ "type": t, "object": o }).to_string() + "\n"))
+            .collect();
+        since = st.rv;
+        drop(st);
+        for (_, line) in events {
+            write!(out, "{:x}\r\n{line}\r\n", line.len())?;
+        }
+        out.flush()?;
+        st = lock.lock().unwrap();
+        let now = Instant::now();
+        if st.stopped || now >= deadline {
+            return Ok(());
+        }
+        if st.rv == since {
+            st = cv.wait_timeout(st, deadline - now).unwrap().0;
+        }
+        if st.stopped {
+            return Ok(());
+        }
+    }
+}
