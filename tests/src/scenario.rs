@@ -179,9 +179,33 @@ pub fn parse_ss_field(out: &str, name: &str) -> Option<u64> {
         .find_map(|tok| tok.strip_prefix(name)?.strip_prefix(':')?.parse().ok())
 }
 
+/// `r<N>` of the largest `skmem:(...)` in `ss -m` output: the receive
+/// memory the kernel charges to the socket (on the redirect path this
+/// includes the queue of redirected messages).
+pub fn skmem_r(ss: &str) -> u64 {
+    ss.split("skmem:(")
+        .skip(1)
+        .filter_map(|rest| rest.strip_prefix('r')?.split(',').next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The number `v[k]` of a peer's JSON report; panics naming the key.
+pub fn json_u64(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing or not a number in {v}"))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_ss_field;
+    use super::{parse_ss_field, skmem_r};
+
+    #[test]
+    fn reads_the_largest_receive_memory() {
+        let out = "x skmem:(r0,rb131072,t0) y skmem:(r4096,rb131072,t0)";
+        assert_eq!(skmem_r(out), 4096);
+        assert_eq!(skmem_r("no memory here"), 0);
+    }
 
     #[test]
     fn reads_ss_fields() {

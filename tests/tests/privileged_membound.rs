@@ -18,12 +18,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
 use spright_ebpf::{Counters, Datapath};
 use spright_tests::{
     meshd::Meshd,
     privileged,
     sandbox::{Peer, Sandbox, workspace_bin},
+    scenario::{json_u64 as u, skmem_r},
 };
 
 const T: Duration = Duration::from_mins(2);
@@ -38,20 +38,6 @@ fn spawn(sb: &Sandbox, pod: usize, args: &[&str]) -> Peer {
         .arg(sb.pods[pod].ns.path())
         .args(args);
     Peer::spawn_command(cmd).expect("spawning spright-torture")
-}
-
-/// `r<N>` of the largest `skmem:(...)` in `ss -m` output.
-fn skmem_r(ss: &str) -> u64 {
-    ss.split("skmem:(")
-        .skip(1)
-        .filter_map(|rest| rest.strip_prefix('r')?.split(',').next()?.parse().ok())
-        .max()
-        .unwrap_or(0)
-}
-
-fn u(v: &Value, k: &str) -> u64 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("{k} missing or not a number in {v}"))
 }
 
 #[derive(Debug)]

@@ -21,6 +21,7 @@ use spright_tests::{
     meshd::Meshd,
     privileged,
     sandbox::{Peer, Sandbox, workspace_bin},
+    scenario::{json_u64 as u, skmem_r},
 };
 
 const T: Duration = Duration::from_mins(2);
@@ -228,7 +229,7 @@ impl Node {
                 .ns
                 .exec("ss", &["-tmniH", "state", "established"])
                 .expect("ss");
-            client_report["receiver_skmem_r"] = parse_skmem_r(&ss).into();
+            client_report["receiver_skmem_r"] = skmem_r(&ss).into();
             client.release();
             server.release();
         }
@@ -246,21 +247,6 @@ impl Node {
             fallback_msgs: after.fallback_msgs - before.fallback_msgs,
         }
     }
-}
-
-/// `r<N>` of the first `skmem:(...)` in `ss -m` output: the receive memory
-/// the kernel charges to the socket.
-fn parse_skmem_r(ss: &str) -> u64 {
-    ss.split("skmem:(")
-        .skip(1)
-        .filter_map(|rest| rest.strip_prefix('r')?.split(',').next()?.parse().ok())
-        .max()
-        .unwrap_or(0)
-}
-
-fn u(v: &Value, k: &str) -> u64 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("{k} missing or not a number in {v}"))
 }
 
 /// Runs every case on both paths, prints the table, then checks it.

@@ -440,18 +440,11 @@ fn client(pat: &str, addr: SocketAddr, o: &Opts) -> anyhow::Result<Value> {
             pattern::fill(&mut buf, 0);
             let mut queued = 0u64;
             let start = Instant::now();
-            let mut sw = &s;
             while queued < o.bytes && start.elapsed() < Duration::from_secs(2) {
-                match sw.write(&buf) {
-                    Ok(n) => queued += n as u64,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLOUT)];
-                        if poll(&mut fds, PollTimeout::from(200u16))? == 0 {
-                            break;
-                        }
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+                let Some(n) = write_or_wait(&s, &buf)? else {
+                    break;
+                };
+                queued += n as u64;
             }
             let secs = start.elapsed().as_secs_f64();
             println!(
@@ -497,6 +490,21 @@ fn wait_for_release() {
     let _ = rx.recv_timeout(DEADLINE);
 }
 
+/// One write on a non-blocking socket; on EAGAIN waits up to 200 ms for
+/// room. `Some(n)`: wrote `n` bytes (0: room appeared, write again);
+/// `None`: still no room after 200 ms (the peer is not reading).
+fn write_or_wait(s: &TcpStream, buf: &[u8]) -> anyhow::Result<Option<usize>> {
+    let mut sw = s;
+    match sw.write(buf) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLOUT)];
+            Ok((poll(&mut fds, PollTimeout::from(200u16))? != 0).then_some(0))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Like `stalled`, but every byte is part of an order-sensitive stream: each
 /// write is the pattern buffer with the stream offset stamped into its first
 /// 8 bytes. The writes are logged and hashed only after the timed window, so
@@ -510,21 +518,15 @@ fn stalled_stream(s: &TcpStream, o: &Opts) -> anyhow::Result<Value> {
     let mut log: Vec<usize> = Vec::new();
     let mut queued = 0u64;
     let start = Instant::now();
-    let mut sw = s;
     while queued < o.bytes && start.elapsed() < Duration::from_secs(2) {
         buf[..8].copy_from_slice(&queued.to_be_bytes());
-        match sw.write(&buf) {
-            Ok(n) => {
+        match write_or_wait(s, &buf)? {
+            Some(0) => {}
+            Some(n) => {
                 queued += n as u64;
                 log.push(n);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLOUT)];
-                if poll(&mut fds, PollTimeout::from(200u16))? == 0 {
-                    break;
-                }
-            }
-            Err(e) => return Err(e.into()),
+            None => break,
         }
     }
     let secs = start.elapsed().as_secs_f64();
