@@ -51,6 +51,9 @@ struct Run {
     at_switch: u64,
     redirected_bytes: u64,
     fallback_bytes: u64,
+    /// The receiver's reply to the sender, by path.
+    reply_redirected: u64,
+    reply_fallback: u64,
 }
 
 struct Node {
@@ -90,10 +93,10 @@ impl Node {
         }
     }
 
-    fn counters(&self) -> Counters {
+    fn counters(&self, pod: usize) -> Counters {
         Datapath::open(&self.sb.pins.path)
             .expect("open datapath")
-            .counters(self.ip(0))
+            .counters(self.ip(pod))
             .expect("counters")
     }
 
@@ -101,7 +104,7 @@ impl Node {
     /// pod 1, sender in pod 0. Asserts the stream arrived intact.
     fn run(&self, meshd: &Meshd, port: u16, what: &str) -> Run {
         let switches = |m: &Meshd| u(&m.status().expect("status")["memory_bound"], "switches");
-        let before = (self.counters(), switches(meshd));
+        let before = (self.counters(0), switches(meshd), self.counters(1));
         let addr = format!("{}:{port}", self.sb.pods[1].ip);
         let mut server = spawn(
             &self.sb,
@@ -134,10 +137,16 @@ impl Node {
         server.release();
         client.release();
         let read = server.report(T).expect("server report");
-        let _ = client.report(T);
+        let closed = client.report(T).expect("client's last report");
         server.finish(T).expect("server exit");
         client.finish(T).expect("client exit");
-        let after = self.counters();
+        let after = self.counters(0);
+        let replier = self.counters(1);
+        assert_eq!(
+            u(&closed, "reply"),
+            u(&read, "replied"),
+            "{what}: the reply"
+        );
         assert_eq!(
             (u(&read, "drained"), u(&read, "hash")),
             (u(&written, "queued"), u(&written, "hash")),
@@ -153,6 +162,8 @@ impl Node {
             at_switch,
             redirected_bytes: after.redirected_bytes - before.0.redirected_bytes,
             fallback_bytes: after.fallback_bytes - before.0.fallback_bytes,
+            reply_redirected: replier.redirected_bytes - before.2.redirected_bytes,
+            reply_fallback: replier.fallback_bytes - before.2.fallback_bytes,
         }
     }
 }
@@ -247,6 +258,12 @@ fn privileged_membound_stalled_reader_on_off_tcp() {
     // over TCP (both counted), and arrived whole and in order (checked in
     // `run`); the receiver's memory stayed near the limit.
     assert_eq!(on.switches, 1, "{on:?}");
+    // Only the over-limit direction moved: the receiver's reply to the
+    // sender still went socket to socket.
+    assert!(
+        on.reply_redirected >= 256 * 1024 && on.reply_fallback == 0,
+        "the other direction left the redirect path: {on:?}"
+    );
     assert!(
         on.redirected_bytes >= 16 * MIB && on.fallback_bytes > 0,
         "the stream did not cross the switch: {on:?}"

@@ -267,7 +267,11 @@ fn server(pat: &str, l: &TcpListener, o: &Opts) -> anyhow::Result<Value> {
                     Err(e) => return Err(e.into()),
                 }
             }
-            json!({"drained": total, "hash": h, "drain_ms": start.elapsed().as_millis()})
+            let drain_ms = start.elapsed().as_millis();
+            // A reply in the other direction, which a memory-bound switch of
+            // the sender must not have moved off the redirect path.
+            s.write_all(&vec![0x5a; STALLED_REPLY])?;
+            json!({"drained": total, "hash": h, "drain_ms": drain_ms, "replied": STALLED_REPLY})
         }
         "many" => {
             let mut ok = 0u64;
@@ -509,8 +513,8 @@ fn write_or_wait(s: &TcpStream, buf: &[u8]) -> anyhow::Result<Option<usize>> {
 /// write is the pattern buffer with the stream offset stamped into its first
 /// 8 bytes. The writes are logged and hashed only after the timed window, so
 /// hashing does not slow the sender down. Prints `{"queued", "secs", "hash"}`,
-/// waits for release, then half-closes and waits for the server's EOF (the
-/// socket stays open until every queued byte was read).
+/// waits for release, then half-closes and reads the server's reply to EOF
+/// (the socket stays open until every queued byte was read).
 fn stalled_stream(s: &TcpStream, o: &Opts) -> anyhow::Result<Value> {
     s.set_nonblocking(true)?;
     let mut buf = vec![0u8; CHUNK];
@@ -545,11 +549,14 @@ fn stalled_stream(s: &TcpStream, o: &Opts) -> anyhow::Result<Value> {
     s.set_nonblocking(false)?;
     s.shutdown(Shutdown::Write)?;
     s.set_read_timeout(Some(DEADLINE))?;
-    let mut b = [0u8; 1];
+    let mut reply = Vec::new();
     let mut sr = s;
-    let _ = sr.read(&mut b);
-    Ok(json!({"closed": true}))
+    let _ = sr.read_to_end(&mut reply);
+    Ok(json!({"closed": true, "reply": reply.len()}))
 }
+
+/// Bytes the `stalled-stream` server sends back after draining.
+const STALLED_REPLY: usize = 256 * 1024;
 
 /// Hash of the first `n` bytes of the test stream.
 fn stream_hash(n: u64) -> u64 {
