@@ -227,6 +227,15 @@ fn privileged_membound_stalled_reader_on_off_tcp() {
     node.record(Some("mb"));
     let on = node.run(&meshd, PORT + 1, "redirect, bound on");
     show("redirect, bound on", &on);
+    // The switched sender's TCP-only mark went with its socket.
+    let marks = spright_ebpf::PathSwitch::open(&node.sb.pins.path)
+        .expect("open the maps")
+        .tcp_only()
+        .expect("read the TCP-only map");
+    assert!(
+        marks.is_empty(),
+        "marks of closed sockets remain: {marks:?}"
+    );
     let metrics = meshd.get("/metrics").expect("metrics");
     for line in meshd
         .log_text()

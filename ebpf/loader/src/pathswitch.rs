@@ -54,6 +54,15 @@ impl PathSwitch {
         }
     }
 
+    /// Every socket currently marked TCP-only (sockops removes a socket's
+    /// mark when it closes).
+    pub fn tcp_only(&self) -> Result<Vec<SockKey>, Error> {
+        self.tcp_only
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(Error::map("iterate", names::TCP_ONLY))
+    }
+
     /// From now on, every message the socket `key` sends takes the TCP path.
     /// Irreversible for the life of the connection: the peer reads its
     /// redirect queue before its TCP queue, so going back could reorder.

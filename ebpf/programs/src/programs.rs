@@ -3,7 +3,7 @@ use core::ptr::{addr_of, read_volatile};
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, sk_action::SK_PASS,
     },
     macros::{map, sk_msg, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuHashMap, SockHash},
@@ -34,6 +34,11 @@ static COUNTERS: PerCpuHashMap<Addr, Counters> = PerCpuHashMap::pinned(limits::M
 #[map(name = "spr_tcponly_v1")]
 static TCP_ONLY: LruHashMap<SockKey, u32> = LruHashMap::pinned(limits::MAX_SOCKETS, 0);
 
+/// `BPF_SOCK_OPS_STATE_CB_FLAG`: call sockops on every TCP state change.
+pub(crate) const STATE_CB_FLAG: u32 = 1 << 2;
+/// `BPF_TCP_CLOSE` in the state callback's new-state argument.
+pub(crate) const TCP_CLOSE: u32 = 7;
+
 /// sock_ops entry point. The return value of the established callbacks is
 /// ignored by the kernel; on any internal error the socket simply stays on the
 /// TCP path (fail open).
@@ -45,8 +50,13 @@ pub(crate) fn spright_sockops(ctx: SockOpsContext) -> u32 {
 
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
     let op = ctx.op();
-    crate::services::on_sockops(ctx, op, op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB);
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+    let established =
+        op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
+    // Only sockets that asked for state callbacks (accelerated or translated
+    // ones, below) get here with STATE_CB.
+    let closing = op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == TCP_CLOSE;
+    crate::services::on_sockops(ctx, op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, closing);
+    if !established && !closing {
         return Ok(());
     }
     let ops = ctx.ops;
@@ -66,19 +76,28 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
     let Some((local, remote)) = endpoints_of(family, l4, r4, l6, r6) else {
         return Ok(());
     };
-    if !allowed(&local, &remote) {
-        return Ok(());
-    }
     let mut key = SockKey {
         local,
         remote,
         local_port: lport,
         remote_port: remote_port_to_host(rport),
     };
+    if closing {
+        // The kernel drops the socket from the sockhash itself; its
+        // TCP-only mark goes here, so the LRU holds live sockets only and
+        // never has to evict the mark of a socket still in use (which would
+        // let it switch back to the redirect path and reorder bytes).
+        let _ = TCP_ONLY.remove(&key);
+        return Ok(());
+    }
+    if !allowed(&local, &remote) {
+        return Ok(());
+    }
     // A new connection reusing the 4-tuple of a closed one starts clean.
     let _ = TCP_ONLY.remove(&key);
     // SAFETY: `ctx.ops` is the context pointer the kernel handed this program.
     SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY))?;
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | STATE_CB_FLAG) as i32);
     bump(&local, |c| c.accelerated_socks += 1);
     Ok(())
 }

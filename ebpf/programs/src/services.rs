@@ -26,11 +26,6 @@ use spright_common::{
     Addr, EndpointValue, IPPROTO_TCP, SvcCounters, SvcKey, SvcValue, Translation, limits,
 };
 
-/// `BPF_SOCK_OPS_STATE_CB_FLAG`: call sockops on every TCP state change.
-const STATE_CB_FLAG: i32 = 1 << 2;
-/// `BPF_TCP_CLOSE` in the state callback's new-state argument.
-const TCP_CLOSE: u32 = 7;
-
 // Map names must equal `spright_common::names::*` (checked by the loader's tests).
 #[map(name = "spr_netns_v1")]
 static NETNS: HashMap<u64, EndpointValue> = HashMap::pinned(limits::MAX_ENDPOINTS, 0);
@@ -201,9 +196,8 @@ fn restore_peer<const V6: bool>(ctx: &SockAddrContext) {
 /// they are established, and forget the translation when the socket closes
 /// (the LRU is only the safety net for connections that never establish).
 #[inline(always)]
-pub(crate) fn on_sockops(ctx: &SockOpsContext, op: u32, established: bool) {
-    const STATE_CB: u32 = aya_ebpf::bindings::BPF_SOCK_OPS_STATE_CB;
-    if !established && op != STATE_CB {
+pub(crate) fn on_sockops(ctx: &SockOpsContext, active_established: bool, closing: bool) {
+    if !active_established && !closing {
         return;
     }
     // SAFETY: the helper only reads the context's socket.
@@ -211,10 +205,11 @@ pub(crate) fn on_sockops(ctx: &SockOpsContext, op: u32, established: bool) {
     if TRANSLATIONS.get_ptr(&cookie).is_none() {
         return;
     }
-    if established {
-        let _ = ctx.set_cb_flags(STATE_CB_FLAG);
-    } else if ctx.arg(1) == TCP_CLOSE {
+    if closing {
         let _ = TRANSLATIONS.remove(&cookie);
+    } else {
+        let flags = ctx.cb_flags() | crate::programs::STATE_CB_FLAG;
+        let _ = ctx.set_cb_flags(flags as i32);
     }
 }
 

@@ -549,10 +549,11 @@ fn stalled_stream(s: &TcpStream, o: &Opts) -> anyhow::Result<Value> {
     s.set_nonblocking(false)?;
     s.shutdown(Shutdown::Write)?;
     s.set_read_timeout(Some(DEADLINE))?;
+    // Retrying EAGAIN: after our half-close a blocking read on the redirect
+    // path may return it (docs/RELIABILITY.md, limit 1).
     let mut reply = Vec::new();
-    let mut sr = s;
-    let _ = sr.read_to_end(&mut reply);
-    Ok(json!({"closed": true, "reply": reply.len()}))
+    let eagain = read_to_eof(&mut s.try_clone()?, &mut reply)?;
+    Ok(json!({"closed": true, "reply": reply.len(), "eagain": eagain}))
 }
 
 /// Bytes the `stalled-stream` server sends back after draining.
