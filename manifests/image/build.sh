@@ -1,7 +1,7 @@
 #!/bin/sh
 # Builds the spright node image from binaries the workspace already built.
 #
-#   cargo build --release --workspace --bins
+#   cargo build --release --workspace --lib --bins
 #   manifests/image/build.sh                 # -> ghcr.io/spright-dev/spright:<version>
 #
 # Environment:
@@ -46,6 +46,16 @@ for bin in meshd spright spright-cni shm-csi; do
     strip --strip-debug -o "$root/usr/local/bin/$bin" "$src"
     stage_libs "$src"
 done
+
+# The opt-in preload shim (docs/RELIABILITY.md, "Preload shim"): function
+# images copy it from here.
+shim=$target/$profile/libspright_preload.so
+if [ -e "$shim" ]; then
+    mkdir -p "$root/usr/local/lib/spright"
+    strip --strip-debug -o "$root/usr/local/lib/spright/libspright_preload.so" "$shim"
+else
+    echo "build.sh: $shim not built (cargo build --lib); the image has no preload shim" >&2
+fi
 
 cp /bin/busybox "$root/bin/busybox"
 for tool in sh cat cp mv rm mkdir ls sed printf echo sleep test true; do

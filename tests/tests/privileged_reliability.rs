@@ -33,8 +33,9 @@ fn torture() -> std::path::PathBuf {
     workspace_bin("spright-torture")
 }
 
-/// Starts `spright-torture ROLE ...` in pod `pod`, optionally pinned to `cpu`.
-fn spawn(sb: &Sandbox, pod: usize, cpu: Option<u32>, args: &[String]) -> Peer {
+/// Starts `spright-torture ROLE ...` in pod `pod`, optionally pinned to `cpu`,
+/// with `libspright_preload.so` preloaded when `preload`.
+fn spawn(sb: &Sandbox, pod: usize, cpu: Option<u32>, preload: bool, args: &[String]) -> Peer {
     let mut cmd = if let Some(c) = cpu {
         let mut c2 = Command::new("taskset");
         c2.arg("-c").arg(c.to_string()).arg(torture());
@@ -47,6 +48,9 @@ fn spawn(sb: &Sandbox, pod: usize, cpu: Option<u32>, args: &[String]) -> Peer {
         .arg("--netns")
         .arg(sb.pods[pod].ns.path())
         .args(args);
+    if preload {
+        cmd.env("LD_PRELOAD", workspace_bin("libspright_preload.so"));
+    }
     Peer::spawn_command(cmd).expect("spawning spright-torture")
 }
 
@@ -71,6 +75,8 @@ struct Case {
     opts: &'static [&'static str],
     cpus: Option<(u32, u32)>,
     listen_any6: bool,
+    /// Both roles run with the preload shim.
+    preload: bool,
 }
 
 const fn case(name: &'static str, pattern: &'static str, opts: &'static [&'static str]) -> Case {
@@ -80,6 +86,7 @@ const fn case(name: &'static str, pattern: &'static str, opts: &'static [&'stati
         opts,
         cpus: None,
         listen_any6: false,
+        preload: false,
     }
 }
 
@@ -210,6 +217,7 @@ impl Node {
             &self.sb,
             1,
             c.cpus.map(|p| p.1),
+            c.preload,
             &args("server", server_pattern(c), "--listen", &listen),
         );
         assert_eq!(server.line(T).expect("server start"), "ready", "{}", c.name);
@@ -217,6 +225,7 @@ impl Node {
             &self.sb,
             0,
             c.cpus.map(|p| p.0),
+            c.preload,
             &args("client", c.pattern, "--connect", &connect),
         );
         let mut client_report = client.report(T).expect("client report");
@@ -494,6 +503,7 @@ fn privileged_reliability_connection_before_attach_stays_on_tcp() {
         &sb,
         1,
         None,
+        false,
         &["server", "basic", "--listen", &addr, "--bytes", "1048576"].map(str::to_owned),
     );
     assert_eq!(server.line(T).expect("server start"), "ready");
@@ -501,6 +511,7 @@ fn privileged_reliability_connection_before_attach_stays_on_tcp() {
         &sb,
         0,
         None,
+        false,
         &[
             "client",
             "preattach",
@@ -591,6 +602,7 @@ fn privileged_reliability_opt_out_keeps_tcp() {
             &sb,
             1,
             None,
+            false,
             &[
                 "server",
                 "halfclose",
@@ -610,6 +622,7 @@ fn privileged_reliability_opt_out_keeps_tcp() {
             &sb,
             from,
             None,
+            false,
             &[
                 "client",
                 "halfclose",
@@ -647,4 +660,59 @@ fn privileged_reliability_opt_out_keeps_tcp() {
         }
     }
     drop(meshd);
+}
+
+/// The opt-in preload shim (`libspright_preload.so`, preload/): on the
+/// redirect path, blocking reads no longer see the spurious EAGAIN after a
+/// half-close, SO_RCVTIMEO still times out when it should (not later), and
+/// non-blocking sockets still get their EAGAIN (the epoll pattern is
+/// unchanged).
+#[test]
+fn privileged_reliability_preload_shim_retries_spurious_eagain() {
+    if !privileged::require("privileged_reliability_preload_shim_retries_spurious_eagain") {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut node = Node::new("pre");
+    node.set_path(Path::Redirect);
+    let shimmed = |c: Case| Case { preload: true, ..c };
+
+    let half = node.run(&shimmed(case(
+        "halfclose-wait",
+        "halfclose",
+        &["--trials", "20", "--delay-ms", "60"],
+    )));
+    assert!(half.redirected_msgs > 0, "{half:?}");
+    assert_eq!(
+        (
+            u(&half.client, "trials_with_eagain"),
+            u(&half.client, "intact")
+        ),
+        (0, 20),
+        "the shim must hide the half-close EAGAIN: {half:?}"
+    );
+
+    let timeo = node.run(&shimmed(case("so-rcvtimeo", "rcvtimeo", &[])));
+    assert_eq!(timeo.server["first_recv"], "EAGAIN", "{timeo:?}");
+    let waited = u(&timeo.server, "waited_ms");
+    assert!(
+        (190..600).contains(&waited),
+        "SO_RCVTIMEO of 200 ms must time out once, not early and not twice: {waited} ms"
+    );
+    assert_eq!(u(&timeo.server, "then_read"), 100, "{timeo:?}");
+
+    // Reads that must not block still return EAGAIN at once.
+    let nb = node.run(&shimmed(case("nonblocking", "nonblock", &[])));
+    assert_eq!(
+        (&nb.server["nonblocking_recv"], &nb.server["dontwait_recv"]),
+        (&Value::from("EAGAIN"), &Value::from("EAGAIN")),
+        "{nb:?}"
+    );
+    assert!(
+        u(&nb.server, "ms") < 100,
+        "a non-blocking read waited: {nb:?}"
+    );
+    assert_eq!(u(&nb.server, "then_read"), 100, "{nb:?}");
 }

@@ -105,7 +105,11 @@ fn step<T>(name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<
 
 fn build() -> anyhow::Result<()> {
     step("build (user side + kernel programs)", || {
-        cmd("cargo", &["build", "--workspace", "--bins", "--tests"])
+        // --lib: the preload shim is a cdylib the privileged tests load.
+        cmd(
+            "cargo",
+            &["build", "--workspace", "--lib", "--bins", "--tests"],
+        )
     })
 }
 

@@ -207,6 +207,22 @@ fn server(pat: &str, l: &TcpListener, o: &Opts) -> anyhow::Result<Value> {
             let (n, eagain) = read_full(&mut s, &mut b)?;
             json!({"first_recv": outcome(&first), "waited_ms": waited_ms, "then_read": n, "eagain": eagain})
         }
+        "nonblock" => {
+            // Reads that must not block on an empty socket: O_NONBLOCK, and
+            // MSG_DONTWAIT on a blocking socket. Both return EAGAIN at once.
+            let mut s = accept(l)?;
+            let mut b = [0u8; 100];
+            s.set_nonblocking(true)?;
+            let start = Instant::now();
+            let nonblocking = recv(s.as_raw_fd(), &mut b, MsgFlags::empty());
+            s.set_nonblocking(false)?;
+            let dontwait = recv(s.as_raw_fd(), &mut b, MsgFlags::MSG_DONTWAIT);
+            let ms = start.elapsed().as_millis();
+            s.write_all(b"g")?;
+            let (n, eagain) = read_full(&mut s, &mut b)?;
+            json!({"nonblocking_recv": outcome(&nonblocking), "dontwait_recv": outcome(&dontwait),
+                   "ms": ms, "then_read": n, "eagain": eagain})
+        }
         "rcvlowat" => {
             let mut s = accept(l)?;
             sys::set_int_sockopt(&s, nix::libc::SOL_SOCKET, nix::libc::SO_RCVLOWAT, 1000)?;
@@ -415,7 +431,8 @@ fn client(pat: &str, addr: SocketAddr, o: &Opts) -> anyhow::Result<Value> {
             let _ = s.read(&mut end);
             json!({"sent": 1000})
         }
-        "rcvtimeo" => {
+        // The `nonblock` server drives the same exchange.
+        "rcvtimeo" | "nonblock" => {
             let mut s = connect()?;
             let mut g = [0u8; 1];
             read_full(&mut s, &mut g)?;
