@@ -463,10 +463,15 @@ pub fn status(
     dp: Option<&Datapath>,
 ) -> (Vec<ServiceStatus>, Vec<TranslationStatus>) {
     let local = local_endpoints(records);
-    let table: Vec<SvcKey> = dp
-        .and_then(|d| d.services().ok())
-        .map(|v| v.into_iter().map(|(k, _)| k).collect())
-        .unwrap_or_default();
+    // Translations per Service address (summed over the callers' chains).
+    let mut translated: BTreeMap<SocketAddr, u64> = BTreeMap::new();
+    if let Some(dp) = dp {
+        for (k, _) in dp.services().unwrap_or_default() {
+            let addr = SocketAddr::new(ip_of(k.addr), u16::try_from(k.port).unwrap_or(0));
+            let n = dp.service_counters(k).map_or(0, |c| c.translated);
+            *translated.entry(addr).or_default() += n;
+        }
+    }
     let services = ports
         .into_iter()
         .map(|port| {
@@ -482,18 +487,10 @@ pub fn status(
                     })
                 })
                 .collect();
-            let translated_connections = table
-                .iter()
-                .filter(|k| {
-                    ip_of(k.addr) == port.address.ip() && k.port == u32::from(port.address.port())
-                })
-                .filter_map(|k| dp?.service_counters(*k).ok())
-                .map(|c| c.translated)
-                .sum();
             ServiceStatus {
+                translated_connections: translated.get(&port.address).copied().unwrap_or(0),
                 port,
                 local_backends,
-                translated_connections,
             }
         })
         .collect();
