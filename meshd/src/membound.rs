@@ -85,6 +85,7 @@ pub fn parse_limit(s: &str) -> Result<u64, String> {
 pub struct Stats {
     switches: AtomicU64,
     polls: AtomicU64,
+    skipped: AtomicU64,
     largest_queue: AtomicU64,
     last_switch_queue: AtomicU64,
     error: Mutex<Option<String>>,
@@ -98,7 +99,12 @@ pub struct Report {
     pub interval_ms: u64,
     /// Connection directions moved from the redirect path to TCP.
     pub switches: u64,
+    /// Polls that dumped the chain pods' sockets.
     pub polls: u64,
+    /// Polls skipped because too few bytes were redirected since the last
+    /// dump for any receiver to have reached the limit.
+    #[serde(default)]
+    pub skipped_polls: u64,
     /// Largest receive memory of a chain pod's socket at the last poll.
     pub largest_queue_bytes: u64,
     /// The receiver's memory when the last switch was made: the limit plus
@@ -136,6 +142,7 @@ impl Stats {
             interval_ms,
             switches: self.switches.load(Ordering::Relaxed),
             polls: self.polls.load(Ordering::Relaxed),
+            skipped_polls: self.skipped.load(Ordering::Relaxed),
             largest_queue_bytes: self.largest_queue.load(Ordering::Relaxed),
             last_switch_queue_bytes: self.last_switch_queue.load(Ordering::Relaxed),
             error: self.error.lock().expect("stats lock").clone(),
@@ -185,12 +192,22 @@ pub fn spawn(agent: Shared) -> Option<std::thread::JoinHandle<()>> {
                 stats,
                 switch: None,
                 sockets: HashMap::new(),
+                gate: Gate::default(),
             };
             loop {
-                let namespaces = chain_namespaces(&agent);
-                let r = poller.poll(&namespaces);
-                poller.stats.set_error(r.err());
-                poller.stats.polls.fetch_add(1, Ordering::Relaxed);
+                let (namespaces, ips) = chain_members(&agent);
+                let redirected = poller.gate.redirected_total(&poller.bpffs, &ips);
+                if poller.gate.may_skip(redirected, limit) {
+                    poller.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    let r = poller.poll(&namespaces);
+                    poller.gate.dumped(
+                        redirected,
+                        poller.stats.largest_queue.load(Ordering::Relaxed),
+                    );
+                    poller.stats.set_error(r.err());
+                    poller.stats.polls.fetch_add(1, Ordering::Relaxed);
+                }
                 std::thread::sleep(interval);
             }
         });
@@ -203,18 +220,68 @@ pub fn spawn(agent: Shared) -> Option<std::thread::JoinHandle<()>> {
     }
 }
 
-/// Network namespaces of the pods whose sockets can be redirected to.
-fn chain_namespaces(agent: &Shared) -> Vec<String> {
+/// Network namespaces of the pods whose sockets can be redirected to, and
+/// the addresses of those pods (the senders of every redirected byte).
+fn chain_members(agent: &Shared) -> (Vec<String>, Vec<IpAddr>) {
     let a = agent.lock().expect("agent lock");
-    let mut v: Vec<String> = a
-        .records()
-        .iter()
-        .filter(|r| r.chain.is_some() && r.redirect && Path::new(&r.netns).is_absolute())
-        .map(|r| r.netns.clone())
-        .collect();
+    let members = || {
+        a.records()
+            .iter()
+            .filter(|r| r.chain.is_some() && r.redirect && Path::new(&r.netns).is_absolute())
+    };
+    let mut v: Vec<String> = members().map(|r| r.netns.clone()).collect();
     v.sort();
     v.dedup();
-    v
+    let ips = members().flat_map(|r| r.ips.iter().copied()).collect();
+    (v, ips)
+}
+
+/// Skips polls that cannot find a receiver over the limit. A sock_diag dump
+/// walks the kernel's whole established-socket hash table (262,144 buckets
+/// here, shared by every namespace), once per pod and family: polling every
+/// 20 ms cost a 4-function chain 10 % of its requests/s and doubled its p99.
+/// Receive queues only grow by redirected bytes, so no receiver can exceed
+/// the limit before the node has redirected `limit - largest queue seen at
+/// the last dump` bytes since that dump (a redirected message is charged to
+/// the receiver byte for byte: 147.3 MiB of `skmem r` for 147.4 MiB queued,
+/// measured), and the gate dumps again only then.
+#[derive(Debug, Default)]
+struct Gate {
+    /// Bytes redirected by chain pods (summed counters) before the last dump.
+    at_dump: Option<u64>,
+    /// The largest receive queue the last dump found.
+    largest: u64,
+    dp: Option<spright_ebpf::Datapath>,
+}
+
+impl Gate {
+    /// Bytes redirected so far by `ips`; `None` when the maps cannot be
+    /// read, which never lets a poll be skipped (see `may_skip`).
+    fn redirected_total(&mut self, bpffs: &Path, ips: &[IpAddr]) -> Option<u64> {
+        if self.dp.is_none() {
+            self.dp = spright_ebpf::Datapath::open(bpffs).ok();
+        }
+        let dp = self.dp.as_ref()?;
+        ips.iter()
+            .map(|ip| dp.counters(*ip).ok().map(|c| c.redirected_bytes))
+            .sum()
+    }
+
+    fn may_skip(&self, redirected: Option<u64>, limit: u64) -> bool {
+        let (Some(now), Some(then)) = (redirected, self.at_dump) else {
+            return false;
+        };
+        // Counters of a removed endpoint vanish (the sum can drop): dump.
+        let Some(grown) = now.checked_sub(then) else {
+            return false;
+        };
+        grown < limit.saturating_sub(self.largest)
+    }
+
+    fn dumped(&mut self, redirected: Option<u64>, largest: u64) {
+        self.at_dump = redirected;
+        self.largest = largest;
+    }
 }
 
 /// Identity of a network namespace file: a path reused by a new pod must not
@@ -228,6 +295,7 @@ struct Poller {
     switch: Option<PathSwitch>,
     /// One sock_diag socket per pod network namespace.
     sockets: HashMap<NsId, OwnedFd>,
+    gate: Gate,
 }
 
 impl Poller {
@@ -508,6 +576,21 @@ fn parse(buf: &[u8], seq: u32, out: &mut Vec<DiagSocket>) -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gate_skips_only_while_no_receiver_can_have_reached_the_limit() {
+        const MIB: u64 = 1 << 20;
+        let mut g = Gate::default();
+        assert!(!g.may_skip(Some(0), 16 * MIB), "never before a first dump");
+        g.dumped(Some(100 * MIB), MIB);
+        assert!(g.may_skip(Some(100 * MIB), 16 * MIB));
+        assert!(g.may_skip(Some(114 * MIB), 16 * MIB), "14 MiB < 16 - 1");
+        assert!(!g.may_skip(Some(115 * MIB), 16 * MIB));
+        assert!(!g.may_skip(Some(90 * MIB), 16 * MIB), "counters went away");
+        assert!(!g.may_skip(None, 16 * MIB), "maps unreadable");
+        g.dumped(Some(100 * MIB), 20 * MIB);
+        assert!(!g.may_skip(Some(100 * MIB), 16 * MIB), "a receiver is over");
+    }
 
     #[test]
     fn limits_parse_with_binary_units_and_off() {
