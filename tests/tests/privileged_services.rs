@@ -416,3 +416,59 @@ fn privileged_services_follow_the_kubernetes_api() {
     let dp = spright_ebpf::Datapath::open(&sb.pins.path).unwrap();
     assert!(dp.services().unwrap().is_empty());
 }
+
+/// A node installed before Service translation existed (no connect and
+/// getpeername links, no service maps) is upgraded in place by meshd's
+/// start-up (`Datapath::ensure_current`), and translation then works.
+#[test]
+fn privileged_services_upgrade_an_install_that_predates_them() {
+    if !privileged::require("privileged_services_upgrade_an_install_that_predates_them") {
+        return;
+    }
+    let mut sb = Sandbox::new("supg").unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let (a, b) = (sb.add_pod().unwrap(), sb.add_pod().unwrap());
+    for pod in [a, b] {
+        sb.record_pod(state.path(), pod, Some("shop")).unwrap();
+    }
+    // Install, then take away everything the older datapath did not have.
+    drop(spright_ebpf::Datapath::ensure(&sb.placement()).unwrap());
+    let names = spright_ebpf::names::SOCK_ADDR_PROGS
+        .iter()
+        .map(|(_, pin)| *pin)
+        .chain([
+            spright_ebpf::names::NETNS,
+            spright_ebpf::names::SERVICES,
+            spright_ebpf::names::TRANSLATIONS,
+            spright_ebpf::names::SERVICE_COUNTERS,
+        ]);
+    for name in names {
+        std::fs::remove_file(sb.pins.path.join(name)).unwrap();
+    }
+    let old = spright_ebpf::Datapath::open(&sb.pins.path).unwrap();
+    let e = old.services().unwrap_err().to_string();
+    assert!(e.contains("restart meshd"), "{e}");
+    drop(old);
+
+    let stage2: SocketAddr = "10.96.0.40:80".parse().unwrap();
+    write_stage2(
+        &state.path().join("services"),
+        stage2,
+        &[(IpAddr::V4(sb.pods[b].ip), true)],
+    );
+    let meshd = Meshd::start(&sb.placement(), state.path()).unwrap();
+    let s = meshd
+        .wait_status(T, "stage2 in the upgraded table", |s| {
+            local_backends(s, stage2) == 1
+        })
+        .unwrap();
+    assert_eq!(s["acceleration"]["datapath"], "upgraded", "{s:#}");
+    for (_, pin) in spright_ebpf::names::SOCK_ADDR_PROGS {
+        assert!(sb.pins.path.join(pin).exists(), "{pin} not pinned");
+    }
+    let srv = serve(&sb, b, 1);
+    let hop = call(&sb, a, stage2, 1 << 20, || {}).unwrap();
+    assert!(hop.intact() && hop.client_segs == 0, "{}", hop.report);
+    assert_eq!(hop.report["peer_addr"], stage2.to_string());
+    assert_eq!(served_peers(srv), vec![IpAddr::V4(sb.pods[a].ip)]);
+}
