@@ -262,31 +262,51 @@ fn desired(records: &[Record]) -> BTreeMap<IpAddr, EndpointValue> {
 
 /// Makes the endpoint map equal to `want`; returns (upserted, removed).
 fn sync_maps(dp: &mut Datapath, want: &BTreeMap<IpAddr, EndpointValue>) -> (usize, usize) {
-    let have: BTreeMap<IpAddr, EndpointValue> = match dp.endpoints() {
+    sync_map(
+        dp,
+        "endpoint map",
+        want,
+        Datapath::endpoints,
+        |dp, ip, v| dp.upsert_endpoint(ip, *v),
+        Datapath::remove_endpoint,
+    )
+}
+
+/// All entries of a map, as `Datapath`'s readers return them.
+pub(crate) type MapEntries<K, V> = Result<Vec<(K, V)>, spright_ebpf::Error>;
+
+/// Makes one kernel map equal to `want` (insert or update what differs,
+/// remove what `want` lacks); returns (upserted, removed). Failures are
+/// logged per entry, never fatal: the next reconciliation retries.
+pub(crate) fn sync_map<K: Ord + Copy + std::fmt::Debug, V: PartialEq>(
+    dp: &mut Datapath,
+    what: &str,
+    want: &BTreeMap<K, V>,
+    read: fn(&Datapath) -> MapEntries<K, V>,
+    upsert: fn(&mut Datapath, K, &V) -> Result<(), spright_ebpf::Error>,
+    remove: fn(&mut Datapath, K) -> Result<(), spright_ebpf::Error>,
+) -> (usize, usize) {
+    let have: BTreeMap<K, V> = match read(dp) {
         Ok(v) => v.into_iter().collect(),
         Err(e) => {
-            warn!(error = %error_chain(&e), "reading the endpoint map");
+            warn!(error = %error_chain(&e), map = what, "reading");
             return (0, 0);
         }
     };
     let mut upserted = 0;
-    for (ip, v) in want {
-        if have.get(ip) != Some(v) {
-            match dp.upsert_endpoint(*ip, *v) {
+    for (k, v) in want {
+        if have.get(k) != Some(v) {
+            match upsert(dp, *k, v) {
                 Ok(()) => upserted += 1,
-                Err(e) => {
-                    warn!(endpoint.ip = %ip, error = %error_chain(&e), "updating the endpoint map");
-                }
+                Err(e) => warn!(key = ?k, error = %error_chain(&e), map = what, "updating"),
             }
         }
     }
     let mut removed = 0;
-    for ip in have.keys().filter(|ip| !want.contains_key(ip)) {
-        match dp.remove_endpoint(*ip) {
+    for k in have.keys().filter(|k| !want.contains_key(k)) {
+        match remove(dp, *k) {
             Ok(()) => removed += 1,
-            Err(e) => {
-                warn!(endpoint.ip = %ip, error = %error_chain(&e), "removing from the endpoint map");
-            }
+            Err(e) => warn!(key = ?k, error = %error_chain(&e), map = what, "removing"),
         }
     }
     (upserted, removed)

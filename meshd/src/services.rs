@@ -32,7 +32,7 @@ use spright_ebpf::{Backend, Datapath, IPPROTO_TCP, SvcKey, SvcValue, addr_of, ip
 use spright_endpoint::Record;
 use tracing::warn;
 
-use crate::status::{MalformedRecord, error_chain};
+use crate::status::MalformedRecord;
 
 /// Sub-directory of the state directory read when `--services-dir` is unset.
 pub const DEFAULT_SUBDIR: &str = "services";
@@ -373,30 +373,14 @@ pub fn desired(ports: &[ServicePort], records: &[Record]) -> BTreeMap<SvcKey, Sv
 
 /// Makes the kernel's service table equal to `want`; returns (set, removed).
 pub fn sync(dp: &mut Datapath, want: &BTreeMap<SvcKey, SvcValue>) -> (usize, usize) {
-    let have: BTreeMap<SvcKey, SvcValue> = match dp.services() {
-        Ok(v) => v.into_iter().collect(),
-        Err(e) => {
-            warn!(error = %error_chain(&e), "reading the service table");
-            return (0, 0);
-        }
-    };
-    let mut set = 0;
-    for (k, v) in want {
-        if have.get(k) != Some(v) {
-            match dp.set_service(*k, v) {
-                Ok(()) => set += 1,
-                Err(e) => warn!(error = %error_chain(&e), "updating the service table"),
-            }
-        }
-    }
-    let mut removed = 0;
-    for k in have.keys().filter(|k| !want.contains_key(k)) {
-        match dp.remove_service(*k) {
-            Ok(()) => removed += 1,
-            Err(e) => warn!(error = %error_chain(&e), "removing from the service table"),
-        }
-    }
-    (set, removed)
+    crate::agent::sync_map(
+        dp,
+        "service table",
+        want,
+        Datapath::services,
+        Datapath::set_service,
+        Datapath::remove_service,
+    )
 }
 
 /// Makes the netns map (caller identity at `connect()`) match the records
@@ -406,25 +390,14 @@ pub fn sync_netns(dp: &mut Datapath, records: &[Record]) {
         .iter()
         .filter_map(|r| Some((r.netns_cookie?, r.endpoint_value())))
         .collect();
-    let have: BTreeMap<u64, _> = match dp.netns_entries() {
-        Ok(v) => v.into_iter().collect(),
-        Err(e) => {
-            warn!(error = %error_chain(&e), "reading the netns map");
-            return;
-        }
-    };
-    for (cookie, v) in &want {
-        if have.get(cookie) != Some(v)
-            && let Err(e) = dp.upsert_netns(*cookie, *v)
-        {
-            warn!(error = %error_chain(&e), "updating the netns map");
-        }
-    }
-    for cookie in have.keys().filter(|c| !want.contains_key(c)) {
-        if let Err(e) = dp.remove_netns(*cookie) {
-            warn!(error = %error_chain(&e), "removing from the netns map");
-        }
-    }
+    crate::agent::sync_map(
+        dp,
+        "netns map",
+        &want,
+        Datapath::netns_entries,
+        |dp, cookie, v| dp.upsert_netns(cookie, *v),
+        Datapath::remove_netns,
+    );
 }
 
 /// A Service port as `/status` and `spright status` show it.

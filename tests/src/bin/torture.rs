@@ -241,13 +241,7 @@ fn server(pat: &str, l: &TcpListener, o: &Opts) -> anyhow::Result<Value> {
         "stalled" => {
             let mut s = accept(l)?;
             // Never read until the test closes our stdin (bounded).
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let mut line = String::new();
-                let _ = io::stdin().lock().read_line(&mut line);
-                let _ = tx.send(());
-            });
-            let _ = rx.recv_timeout(DEADLINE);
+            wait_for_release();
             let mut total = 0u64;
             let mut buf = vec![0u8; CHUNK];
             loop {
