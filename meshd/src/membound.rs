@@ -195,12 +195,13 @@ pub fn spawn(agent: Shared) -> Option<std::thread::JoinHandle<()>> {
                 gate: Gate::default(),
             };
             loop {
-                let (namespaces, ips) = chain_members(&agent);
+                let members = chain_members(&agent);
+                let ips: Vec<IpAddr> = members.iter().map(|(ip, _)| *ip).collect();
                 let redirected = poller.gate.redirected_total(&poller.bpffs, &ips);
                 if poller.gate.may_skip(redirected, limit) {
                     poller.stats.skipped.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    let r = poller.poll(&namespaces);
+                    let r = poller.poll(&members);
                     poller.gate.dumped(
                         redirected,
                         poller.stats.largest_queue.load(Ordering::Relaxed),
@@ -220,20 +221,16 @@ pub fn spawn(agent: Shared) -> Option<std::thread::JoinHandle<()>> {
     }
 }
 
-/// Network namespaces of the pods whose sockets can be redirected to, and
-/// the addresses of those pods (the senders of every redirected byte).
-fn chain_members(agent: &Shared) -> (Vec<String>, Vec<IpAddr>) {
+/// Addresses of the pods whose sockets can be redirected to (the senders
+/// of every redirected byte, and the receivers), with their network
+/// namespace.
+fn chain_members(agent: &Shared) -> Vec<(IpAddr, String)> {
     let a = agent.lock().expect("agent lock");
-    let members = || {
-        a.records()
-            .iter()
-            .filter(|r| r.chain.is_some() && r.redirect && Path::new(&r.netns).is_absolute())
-    };
-    let mut v: Vec<String> = members().map(|r| r.netns.clone()).collect();
-    v.sort();
-    v.dedup();
-    let ips = members().flat_map(|r| r.ips.iter().copied()).collect();
-    (v, ips)
+    a.records()
+        .iter()
+        .filter(|r| r.chain.is_some() && r.redirect && Path::new(&r.netns).is_absolute())
+        .flat_map(|r| r.ips.iter().map(|ip| (*ip, r.netns.clone())))
+        .collect()
 }
 
 /// Skips polls that cannot find a receiver over the limit. A sock_diag dump
@@ -299,44 +296,77 @@ struct Poller {
 }
 
 impl Poller {
-    fn poll(&mut self, namespaces: &[String]) -> Result<(), String> {
+    /// One check of every chain pod's receive queues. With few redirected
+    /// sockets each is looked up by its 4-tuple (constant time in the
+    /// kernel); with many, each pod's sockets are dumped (a walk of the
+    /// whole established hash per pod and family).
+    fn poll(&mut self, members: &[(IpAddr, String)]) -> Result<(), String> {
+        let keys = self
+            .switch()?
+            .accelerated()
+            .map_err(|e| crate::status::error_chain(&e))?;
+        let mut namespaces: Vec<&String> = members.iter().map(|(_, ns)| ns).collect();
+        namespaces.sort();
+        namespaces.dedup();
         let mut live = HashSet::new();
-        let mut candidates = Vec::new();
-        let mut largest = 0;
-        let mut first_error = None;
+        let mut ids: HashMap<&String, NsId> = HashMap::new();
         for path in namespaces {
-            let Ok(meta) = std::fs::metadata(path) else {
-                continue; // the pod is gone; reconciliation drops its record
-            };
-            let id = (path.clone(), meta.dev(), meta.ino());
-            live.insert(id.clone());
-            let sockets = match self.socket_in(&id) {
-                Ok(fd) => dump(fd),
-                Err(e) => Err(e),
-            };
-            match sockets {
-                Ok(sockets) => {
-                    for s in sockets {
-                        largest = largest.max(s.rmem_alloc);
-                        if u64::from(s.rmem_alloc) > self.limit {
-                            candidates.push((path, s));
-                        }
-                    }
-                }
-                Err(e) => {
-                    self.sockets.remove(&id);
-                    first_error.get_or_insert(format!("sock_diag in {path}: {e}"));
-                }
+            // A pod that is gone: reconciliation drops its record.
+            if let Ok(meta) = std::fs::metadata(path) {
+                let id = (path.clone(), meta.dev(), meta.ino());
+                live.insert(id.clone());
+                ids.insert(path, id);
             }
         }
         self.sockets.retain(|id, _| live.contains(id));
+        let mut found: Vec<(&String, DiagSocket)> = Vec::new();
+        let mut first_error = None;
+        if keys.len() <= LOOKUPS_MAX {
+            let netns_of: HashMap<IpAddr, &String> =
+                members.iter().map(|(ip, ns)| (*ip, ns)).collect();
+            for (i, key) in keys.iter().enumerate() {
+                let Some(path) = netns_of.get(&spright_ebpf::ip_of(key.local)) else {
+                    continue;
+                };
+                let Some(id) = ids.get(path) else { continue };
+                let seq = u32::try_from(i).unwrap_or(u32::MAX);
+                match self.socket_in(id).and_then(|fd| lookup(fd, seq, key)) {
+                    Ok(Some(s)) => found.push((path, s)),
+                    Ok(None) => {} // closed since the key walk
+                    Err(e) => {
+                        self.sockets.remove(id);
+                        first_error.get_or_insert(format!("sock_diag in {path}: {e}"));
+                    }
+                }
+            }
+        } else {
+            for (path, id) in &ids {
+                match self.socket_in(id).and_then(dump) {
+                    Ok(sockets) => found.extend(sockets.into_iter().map(|s| (*path, s))),
+                    Err(e) => {
+                        self.sockets.remove(id);
+                        first_error.get_or_insert(format!("sock_diag in {path}: {e}"));
+                    }
+                }
+            }
+        }
+        let largest = found.iter().map(|(_, s)| s.rmem_alloc).max().unwrap_or(0);
         self.stats
             .largest_queue
             .store(u64::from(largest), Ordering::Relaxed);
-        if !candidates.is_empty() {
-            self.switch_senders(&candidates)?;
+        found.retain(|(_, s)| u64::from(s.rmem_alloc) > self.limit);
+        if !found.is_empty() {
+            self.switch_senders(&found, &keys)?;
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    fn switch(&mut self) -> Result<&mut PathSwitch, String> {
+        if self.switch.is_none() {
+            self.switch =
+                Some(PathSwitch::open(&self.bpffs).map_err(|e| crate::status::error_chain(&e))?);
+        }
+        Ok(self.switch.as_mut().expect("opened above"))
     }
 
     fn socket_in(&mut self, id: &NsId) -> io::Result<&OwnedFd> {
@@ -349,15 +379,13 @@ impl Poller {
 
     /// Moves the sender of each over-limit receiver to TCP, when that sender
     /// is redirected (in the sockhash) and not already on TCP.
-    fn switch_senders(&mut self, candidates: &[(&String, DiagSocket)]) -> Result<(), String> {
-        if self.switch.is_none() {
-            self.switch =
-                Some(PathSwitch::open(&self.bpffs).map_err(|e| crate::status::error_chain(&e))?);
-        }
-        let switch = self.switch.as_mut().expect("opened above");
-        let accelerated = switch
-            .accelerated()
-            .map_err(|e| crate::status::error_chain(&e))?;
+    fn switch_senders(
+        &mut self,
+        candidates: &[(&String, DiagSocket)],
+        accelerated: &HashSet<SockKey>,
+    ) -> Result<(), String> {
+        let stats = self.stats.clone();
+        let switch = self.switch()?;
         for (netns, s) in candidates {
             let sender = s.key().reversed();
             if !accelerated.contains(&sender)
@@ -370,8 +398,8 @@ impl Poller {
             switch
                 .force_tcp(&sender)
                 .map_err(|e| crate::status::error_chain(&e))?;
-            self.stats.switches.fetch_add(1, Ordering::Relaxed);
-            self.stats
+            stats.switches.fetch_add(1, Ordering::Relaxed);
+            stats
                 .last_switch_queue
                 .store(u64::from(s.rmem_alloc), Ordering::Relaxed);
             info!(netns = %netns, receiver.addr = %format!("{}:{}", s.local, s.local_port),
@@ -460,6 +488,34 @@ const IPPROTO_TCP: u8 = 6;
 /// Sockets that can still receive: ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT.
 const STATES: u32 = (1 << 1) | (1 << 4) | (1 << 5) | (1 << 8);
 
+/// Above this many redirected sockets a poll dumps each pod's sockets
+/// instead of looking each one up.
+const LOOKUPS_MAX: usize = 1024;
+
+/// One socket of the diag socket's namespace, by its sockhash key (`None`
+/// when it no longer exists). Asked as AF_INET6: the kernel looks an
+/// IPv4-mapped 4-tuple up among IPv4 sockets, so this finds IPv4 sockets,
+/// IPv6 ones and dual-stack ones alike.
+fn lookup(fd: &OwnedFd, seq: u32, key: &SockKey) -> io::Result<Option<DiagSocket>> {
+    send(fd.as_raw_fd(), &request_one(seq, key), MsgFlags::empty())?;
+    let mut buf = vec![0u8; 4096];
+    let mut out = Vec::new();
+    // One reply: the socket, or an error. Stale replies (other seq) skipped.
+    for _ in 0..16 {
+        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        match parse(&buf[..n], seq, &mut out) {
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+            Ok(_) if !out.is_empty() => return Ok(out.pop()),
+            Ok(_) => {}
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        "sock_diag: no reply",
+    ))
+}
+
 /// Dumps the TCP sockets (IPv4 and IPv6) of the socket's namespace.
 fn dump(fd: &OwnedFd) -> io::Result<Vec<DiagSocket>> {
     let mut out = Vec::new();
@@ -494,6 +550,34 @@ fn request(seq: u32, family: u8) -> Vec<u8> {
     r.extend_from_slice(&[family, IPPROTO_TCP, 1 << (INET_DIAG_SKMEMINFO - 1), 0]);
     r.extend_from_slice(&STATES.to_ne_bytes());
     r.extend_from_slice(&[0u8; 48]); // struct inet_diag_sockid: no filter
+    r
+}
+
+/// A request for exactly one socket (no dump), by its own 4-tuple.
+fn request_one(seq: u32, key: &SockKey) -> Vec<u8> {
+    let len = NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN;
+    let mut r = Vec::with_capacity(len);
+    r.extend_from_slice(&u32::try_from(len).expect("small").to_ne_bytes());
+    r.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    r.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    r.extend_from_slice(&seq.to_ne_bytes());
+    r.extend_from_slice(&0u32.to_ne_bytes());
+    // struct inet_diag_req_v2
+    r.extend_from_slice(&[
+        libc_family::AF_INET6,
+        IPPROTO_TCP,
+        1 << (INET_DIAG_SKMEMINFO - 1),
+        0,
+    ]);
+    r.extend_from_slice(&u32::MAX.to_ne_bytes());
+    // struct inet_diag_sockid: ports and addresses in network order.
+    let port = |p: u32| u16::try_from(p).unwrap_or(0).to_be_bytes();
+    r.extend_from_slice(&port(key.local_port));
+    r.extend_from_slice(&port(key.remote_port));
+    r.extend_from_slice(&key.local.octets());
+    r.extend_from_slice(&key.remote.octets());
+    r.extend_from_slice(&0u32.to_ne_bytes()); // any interface
+    r.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
     r
 }
 
@@ -677,5 +761,27 @@ mod tests {
         assert_eq!(u32_ne(&r, 8), 5);
         assert_eq!(&r[16..20], &[2, 6, 0x40, 0]);
         assert_eq!(u32_ne(&r, 20), STATES);
+    }
+
+    #[test]
+    fn one_socket_request_names_the_4_tuple_without_dumping() {
+        let key = SockKey {
+            local: addr_of("10.0.0.5".parse().unwrap()),
+            remote: addr_of("10.0.0.6".parse().unwrap()),
+            local_port: 8080,
+            remote_port: 40000,
+        };
+        let r = request_one(9, &key);
+        assert_eq!(r.len(), 72);
+        assert_eq!(u32_ne(&r, 0), 72);
+        assert_eq!(u16_ne(&r, 6), NLM_F_REQUEST, "no NLM_F_DUMP");
+        assert_eq!(u32_ne(&r, 8), 9);
+        assert_eq!(&r[16..20], &[10, 6, 0x40, 0], "AF_INET6, TCP, meminfo");
+        // sockid: sport, dport (network order), then the mapped addresses.
+        assert_eq!(&r[24..28], &[0x1f, 0x90, 0x9c, 0x40]);
+        assert_eq!(&r[28..44], &key.local.octets());
+        assert_eq!(&r[44..60], &key.remote.octets());
+        assert_eq!(&r[60..64], &[0; 4]);
+        assert_eq!(&r[64..72], &[0xff; 8]);
     }
 }
