@@ -6,9 +6,11 @@
 //! refuse a message (`SK_DROP` fails the sender's `sendmsg`) and never sees
 //! the receiver's reads, so the bound lives here:
 //!
-//! every `--memory-bound-interval-ms`, meshd asks each chain pod's network
-//! namespace (sock_diag, `INET_DIAG_SKMEMINFO`, what `ss -m` shows as
-//! `skmem r`) for the receive memory of its TCP sockets. When a socket holds
+//! every `--memory-bound-interval-ms` (once enough bytes were redirected
+//! since the last check for a receiver to have reached the limit: `Gate`),
+//! meshd asks the receiving pod's network namespace (sock_diag,
+//! `INET_DIAG_SKMEMINFO`, what `ss -m` shows as `skmem r`) for the receive
+//! memory of every redirected socket. When a socket holds
 //! more than `--memory-bound-bytes` and its peer is in the sockhash, the
 //! *peer's* key goes into `spr_tcponly_v1`: from its next message on, the
 //! sender takes the TCP path and TCP's receive-window backpressure applies
