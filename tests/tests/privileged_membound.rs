@@ -279,8 +279,7 @@ fn privileged_membound_stalled_reader_on_off_tcp() {
     );
     // meshd switched once past the limit; from then on TCP's window held
     // the receiver's memory where it was (the overshoot before the switch is
-    // the sender's rate times meshd's reaction time, which depends on its CPU
-    // share: see docs/RELIABILITY.md).
+    // the sender's rate times the polling interval: see docs/RELIABILITY.md).
     assert!(on.at_switch > 16 * MIB, "{on:?}");
     // (What still arrives after meshd read the receiver's memory: messages
     // redirected while it walked the sockhash and wrote the map.)
