@@ -428,14 +428,7 @@ fn e2e_containerd_cri_chain_from_annotations() {
     );
     let links = s.base.node.ip(&["-o", "link", "show"]).unwrap();
     assert_eq!(links.lines().count(), 2, "only lo and the bridge: {links}");
-    let allocations: Vec<String> = std::fs::read_dir(s.base.dir.path().join("ipam").join(NETWORK))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n != "lock" && !n.starts_with("last_reserved_ip"))
-                .collect()
-        })
-        .unwrap_or_default();
+    let allocations = s.base.allocations(NETWORK);
     assert!(
         allocations.is_empty(),
         "IP allocations left: {allocations:?}"

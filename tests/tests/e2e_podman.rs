@@ -200,15 +200,7 @@ fn e2e_podman_chain_over_cni_args() {
         2,
         "only lo and the bridge remain in the node: {links}"
     );
-    let ipam = s.base.dir.path().join("ipam/spright");
-    let left: Vec<String> = std::fs::read_dir(&ipam)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n != "lock" && !n.starts_with("last_reserved_ip"))
-                .collect()
-        })
-        .unwrap_or_default();
+    let left = s.base.allocations("spright");
     assert!(left.is_empty(), "IP allocations left: {left:?}");
     let dp = spright_ebpf::Datapath::open(&s.base.pins.path).unwrap();
     assert!(
@@ -348,32 +340,16 @@ fn e2e_image_runs_meshd_and_installs_the_cni() {
     ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     s.podman.run(&[], &args).unwrap();
+    // meshd's HTTP API, from the node namespace it shares.
+    let get = |path: &str| {
+        let url = format!("http://127.0.0.1:9943{path}");
+        s.base
+            .node
+            .exec("timeout", &["3", "busybox", "wget", "-q", "-O", "-", &url])
+    };
     let status = retry(Duration::from_secs(30), || {
-        let ready = s.base.node.exec(
-            "timeout",
-            &[
-                "3",
-                "busybox",
-                "wget",
-                "-q",
-                "-O",
-                "-",
-                "http://127.0.0.1:9943/readyz",
-            ],
-        )?;
-        anyhow::ensure!(!ready.is_empty(), "not ready");
-        s.base.node.exec(
-            "timeout",
-            &[
-                "3",
-                "busybox",
-                "wget",
-                "-q",
-                "-O",
-                "-",
-                "http://127.0.0.1:9943/status",
-            ],
-        )
+        anyhow::ensure!(!get("/readyz")?.is_empty(), "not ready");
+        get("/status")
     })
     .unwrap_or_else(|e| {
         let logs = s.podman.run(&[], &["logs", "meshd"]).unwrap_or_default();

@@ -400,18 +400,23 @@ fn privileged_cni_chained_mode_records_prev_result() {
         args: "K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=p;SPRIGHT_CHAIN=flow".into(),
         ..node.attach(a, "chain-1")
     };
-    let prev = cni::invoke_plugin(
-        Path::new("/usr/lib/cni/bridge"),
-        &node.node.path(),
-        "ADD",
-        &bridge_conf,
-        Some(&Attach {
+    // The reference bridge plugin, first in the chain, for the same attachment.
+    let reference = |command: &str, conf: &Value| {
+        let at = Attach {
             args: format!("IgnoreUnknown=1;{}", at.args),
             ..at.clone()
-        }),
-        &cni::plugin_path(),
-    )
-    .unwrap();
+        };
+        cni::invoke_plugin(
+            Path::new("/usr/lib/cni/bridge"),
+            &node.node.path(),
+            command,
+            conf,
+            Some(&at),
+            &cni::plugin_path(),
+        )
+        .unwrap()
+    };
+    let prev = reference("ADD", &bridge_conf);
     assert!(prev.ok, "{prev:#?}");
     let links_before = cni::link_names(&node.pods[a]).unwrap();
 
@@ -461,18 +466,7 @@ fn privileged_cni_chained_mode_records_prev_result() {
     assert!(node.records().is_empty());
     assert!(node.map_entries().unwrap().is_empty());
     bridge_conf["prevResult"] = prev.stdout.clone();
-    let d = cni::invoke_plugin(
-        Path::new("/usr/lib/cni/bridge"),
-        &node.node.path(),
-        "DEL",
-        &bridge_conf,
-        Some(&Attach {
-            args: format!("IgnoreUnknown=1;{}", at.args),
-            ..at.clone()
-        }),
-        &cni::plugin_path(),
-    )
-    .unwrap();
+    let d = reference("DEL", &bridge_conf);
     assert!(d.ok, "{d:#?}");
     let _ = node.node.ip(&["link", "del", "refbr0"]);
     assert_clean(&node);

@@ -29,6 +29,13 @@ const T: Duration = Duration::from_mins(2);
 static SERIAL: Mutex<()> = Mutex::new(());
 static PORT: AtomicU16 = AtomicU16::new(7100);
 
+/// Holds this file's tests to one at a time (a failed one does not poison it).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn torture() -> std::path::PathBuf {
     workspace_bin("spright-torture")
 }
@@ -264,9 +271,7 @@ fn privileged_reliability_patterns_plain_vs_redirect() {
     if !privileged::require("privileged_reliability_patterns_plain_vs_redirect") {
         return;
     }
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = serial();
     let mut node = Node::new("rel");
     // TORTURE_CASES=a,b runs a subset (for development).
     let only = std::env::var("TORTURE_CASES").ok();
@@ -491,9 +496,7 @@ fn privileged_reliability_connection_before_attach_stays_on_tcp() {
     if !privileged::require("privileged_reliability_connection_before_attach_stays_on_tcp") {
         return;
     }
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = serial();
     let mut sb = Sandbox::new("pre").expect("sandbox");
     sb.add_pod().expect("pod a");
     sb.add_pod().expect("pod b");
@@ -557,9 +560,7 @@ fn privileged_reliability_opt_out_keeps_tcp() {
     if !privileged::require("privileged_reliability_opt_out_keeps_tcp") {
         return;
     }
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = serial();
     let mut sb = Sandbox::new("opt").expect("sandbox");
     let state = tempfile::tempdir().expect("state dir");
     for _ in 0..3 {
@@ -672,9 +673,7 @@ fn privileged_reliability_preload_shim_retries_spurious_eagain() {
     if !privileged::require("privileged_reliability_preload_shim_retries_spurious_eagain") {
         return;
     }
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = serial();
     let mut node = Node::new("pre");
     node.set_path(Path::Redirect);
     let shimmed = |c: Case| Case { preload: true, ..c };

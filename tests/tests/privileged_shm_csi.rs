@@ -224,25 +224,28 @@ fn privileged_shm_csi_regions() {
         );
     }
 
-    // Idempotency and conflicts.
-    let (r, _) = publish(
-        &mut c,
-        &dir,
-        "v0",
-        "default",
-        "pod0",
-        &[("chain", "alpha"), ("size", "16Mi")],
-    );
-    assert_eq!(r, Code::Ok, "repeat with the same arguments");
-    let (r, _) = publish(
-        &mut c,
-        &dir,
-        "v0",
-        "default",
-        "pod0",
-        &[("chain", "alpha"), ("size", "32Mi")],
-    );
-    assert_eq!(r, Code::AlreadyExists, "same volume, other size");
+    // Idempotency and conflicts (again after a restart, below).
+    let repeat_and_conflict = |c: &mut _, when: &str| {
+        let (r, _) = publish(
+            c,
+            &dir,
+            "v0",
+            "default",
+            "pod0",
+            &[("chain", "alpha"), ("size", "16Mi")],
+        );
+        assert_eq!(r, Code::Ok, "repeat with the same arguments {when}");
+        let (r, _) = publish(
+            c,
+            &dir,
+            "v0",
+            "default",
+            "pod0",
+            &[("chain", "alpha"), ("size", "32Mi")],
+        );
+        assert_eq!(r, Code::AlreadyExists, "same volume, other size {when}");
+    };
+    repeat_and_conflict(&mut c, "before a restart");
     let mut req = ephemeral_publish("v9", &t0, "default", "pod1", "", &[("chain", "alpha")]);
     req.readonly = false;
     assert_eq!(
@@ -261,24 +264,7 @@ fn privileged_shm_csi_regions() {
         "{}",
         csi.log_text()
     );
-    let (r, _) = publish(
-        &mut c,
-        &dir,
-        "v0",
-        "default",
-        "pod0",
-        &[("chain", "alpha"), ("size", "16Mi")],
-    );
-    assert_eq!(r, Code::Ok, "repeat after restart");
-    let (r, _) = publish(
-        &mut c,
-        &dir,
-        "v0",
-        "default",
-        "pod0",
-        &[("chain", "alpha"), ("size", "32Mi")],
-    );
-    assert_eq!(r, Code::AlreadyExists, "conflict after restart");
+    repeat_and_conflict(&mut c, "after a restart");
 
     // Unpublish: the region lives while a user is left, and is freed after the last.
     let region = csi.region_root.join("regions/default/alpha");
