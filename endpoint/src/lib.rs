@@ -135,20 +135,35 @@ impl Record {
     }
 }
 
-/// The cookie of the network namespace at `netns` (a bind mount or
-/// `/proc/<pid>/ns/net`), as `bpf_get_netns_cookie` reports it in the kernel
-/// programs. Read from a socket created inside the namespace, on a thread of
-/// its own, so the caller's thread never changes namespace.
+/// Runs `f` inside the network namespace at `netns` (a bind mount or
+/// `/proc/<pid>/ns/net`), on a thread of its own that ends with it, so the
+/// caller's thread never changes namespace. Sockets created by `f` stay in
+/// that namespace.
+pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    use std::os::fd::AsRawFd as _;
+    let ns = fs::File::open(netns)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on a descriptor this thread holds; only this
+                // thread changes namespace, and it ends right after `f`.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// The cookie of the network namespace at `netns`, as `bpf_get_netns_cookie`
+/// reports it in the kernel programs (read from a socket created inside it).
 pub fn netns_cookie(netns: &Path) -> io::Result<u64> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    let ns = fs::File::open(netns)?;
-    std::thread::spawn(move || {
-        // SAFETY: plain syscalls on descriptors this thread owns; the thread
-        // ends right after, so its changed namespace affects nobody else.
+    in_netns(netns, || {
+        // SAFETY: plain syscalls on a descriptor this closure owns.
         unsafe {
-            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(io::Error::last_os_error());
-            }
             let fd = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
             if fd < 0 {
                 return Err(io::Error::last_os_error());
@@ -169,8 +184,6 @@ pub fn netns_cookie(netns: &Path) -> io::Result<u64> {
             Ok(cookie)
         }
     })
-    .join()
-    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Checks a chain name: a DNS-1123 label (lowercase alphanumerics and '-',

@@ -22,7 +22,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs::File,
     io,
     net::{IpAddr, Ipv4Addr},
     os::{
@@ -37,15 +36,12 @@ use std::{
     time::Duration,
 };
 
-use nix::{
-    sched::{CloneFlags, setns},
-    sys::{
-        socket::{
-            AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, setsockopt,
-            socket, sockopt,
-        },
-        time::TimeVal,
+use nix::sys::{
+    socket::{
+        AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, setsockopt, socket,
+        sockopt,
     },
+    time::TimeVal,
 };
 use serde::Serialize;
 use spright_ebpf::{PathSwitch, SockKey, addr_of};
@@ -413,43 +409,19 @@ impl Poller {
     }
 }
 
-/// Enters a network namespace on the current thread and restores the
-/// original one on drop; aborts the process if it cannot restore (the
-/// thread would otherwise keep running in a pod's namespace).
-struct NetnsGuard {
-    original: File,
-}
-
-impl NetnsGuard {
-    fn enter(target: &Path) -> io::Result<Self> {
-        let original = File::open("/proc/thread-self/ns/net")?;
-        let target = File::open(target)?;
-        setns(&target, CloneFlags::CLONE_NEWNET)?;
-        Ok(Self { original })
-    }
-}
-
-impl Drop for NetnsGuard {
-    fn drop(&mut self) {
-        if let Err(e) = setns(&self.original, CloneFlags::CLONE_NEWNET) {
-            eprintln!("meshd: cannot return to its own network namespace: {e}");
-            std::process::abort();
-        }
-    }
-}
-
 /// A NETLINK_SOCK_DIAG socket created inside `netns` (a netlink socket stays
 /// in the namespace it was created in).
 fn diag_socket_in(netns: &Path) -> io::Result<OwnedFd> {
-    let _guard = NetnsGuard::enter(netns)?;
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkSockDiag,
-    )?;
-    setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(1, 0))?;
-    Ok(fd)
+    spright_endpoint::in_netns(netns, || {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkSockDiag,
+        )?;
+        setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(1, 0))?;
+        Ok(fd)
+    })
 }
 
 /// One TCP socket of a pod as sock_diag reports it.
