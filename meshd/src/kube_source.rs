@@ -19,13 +19,13 @@ use kube::{
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::agent::Shared;
+use crate::{agent::Shared, services::ApiObject};
 
 /// What meshd knows from the API.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub services: BTreeMap<String, serde_json::Value>,
-    pub slices: BTreeMap<String, serde_json::Value>,
+    services: BTreeMap<String, ApiObject>,
+    slices: BTreeMap<String, ApiObject>,
     /// Both kinds have been listed at least once.
     pub synced: bool,
     /// The last watch error, cleared by the next successful event.
@@ -33,24 +33,11 @@ pub struct Objects {
 }
 
 impl Objects {
-    /// All objects, Services first (as JSON, the shape the files have).
-    pub fn all(&self) -> impl Iterator<Item = &serde_json::Value> {
+    /// All objects, Services first.
+    pub(crate) fn all(&self) -> impl Iterator<Item = &ApiObject> {
         self.services.values().chain(self.slices.values())
     }
-}
 
-/// The API source as `/status` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourceStatus {
-    /// "watching" (listing), "synced", or "error".
-    pub state: String,
-    pub services: usize,
-    pub endpoint_slices: usize,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl Objects {
     pub fn status(&self) -> SourceStatus {
         let state = match (&self.error, self.synced) {
             (Some(_), _) => "error",
@@ -66,6 +53,17 @@ impl Objects {
     }
 }
 
+/// The API source as `/status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    /// "watching" (listing), "synced", or "error".
+    pub state: String,
+    pub services: usize,
+    pub endpoint_slices: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 enum Kind {
     Service,
     Slice,
@@ -74,7 +72,7 @@ enum Kind {
 /// One watcher event of either kind, as JSON keyed by `namespace/name`.
 type Change = (
     Kind,
-    Result<watcher::Event<(String, serde_json::Value)>, watcher::Error>,
+    Result<watcher::Event<(String, Option<ApiObject>)>, watcher::Error>,
 );
 
 /// Watches Services and EndpointSlices until the runtime shuts down.
@@ -92,7 +90,7 @@ pub async fn run(agent: Shared, client: Client) {
     .default_backoff()
     .map(|e| (Kind::Slice, e.map(keyed)));
     let mut events = std::pin::pin!(stream::select(services, slices));
-    let mut listing: [Option<BTreeMap<String, serde_json::Value>>; 2] = [None, None];
+    let mut listing: [Option<BTreeMap<String, ApiObject>>; 2] = [None, None];
     let mut listed = [false, false];
     info!("watching Services and EndpointSlices of all namespaces");
     while let Some(first) = events.next().await {
@@ -116,7 +114,7 @@ pub async fn run(agent: Shared, client: Client) {
 fn apply(
     agent: &Shared,
     (kind, event): Change,
-    listing: &mut [Option<BTreeMap<String, serde_json::Value>>; 2],
+    listing: &mut [Option<BTreeMap<String, ApiObject>>; 2],
     listed: &mut [bool; 2],
 ) -> bool {
     let i = match kind {
@@ -144,8 +142,10 @@ fn apply(
             listing[i] = Some(BTreeMap::new());
             false
         }
-        watcher::Event::InitApply((key, v)) => {
-            listing[i].get_or_insert_default().insert(key, v);
+        watcher::Event::InitApply((key, o)) => {
+            if let Some(o) = o {
+                listing[i].get_or_insert_default().insert(key, o);
+            }
             false
         }
         watcher::Event::InitDone => {
@@ -159,8 +159,11 @@ fn apply(
             );
             true
         }
-        watcher::Event::Apply((key, v)) => {
-            live.insert(key, v);
+        watcher::Event::Apply((key, o)) => {
+            match o {
+                Some(o) => live.insert(key, o),
+                None => live.remove(&key),
+            };
             true
         }
         watcher::Event::Delete((key, _)) => {
@@ -170,13 +173,20 @@ fn apply(
     }
 }
 
-/// An event with its object as `namespace/name` and JSON.
+/// An event with its object as `namespace/name` and parsed into the fields
+/// the table uses (once, here; `None` when it cannot be used).
 fn keyed<K: kube::Resource + Serialize>(
     e: watcher::Event<K>,
-) -> watcher::Event<(String, serde_json::Value)> {
+) -> watcher::Event<(String, Option<ApiObject>)> {
     let kv = |o: K| {
         let key = format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any());
-        (key, serde_json::to_value(&o).unwrap_or_default())
+        let parsed = serde_json::to_value(&o)
+            .map_err(|e| e.to_string())
+            .and_then(ApiObject::parse)
+            .inspect_err(|e| warn!(object = %key, error = %e, "skipping an unusable API object"))
+            .ok()
+            .flatten();
+        (key, parsed)
     };
     match e {
         watcher::Event::Apply(o) => watcher::Event::Apply(kv(o)),

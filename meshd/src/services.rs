@@ -40,83 +40,105 @@ pub const DEFAULT_SUBDIR: &str = "services";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The Kubernetes objects the table is built from (only the fields used).
-mod k8s {
+pub(crate) mod k8s {
     use std::collections::BTreeMap;
 
     use serde::Deserialize;
 
     #[derive(Clone, Debug, Default, Deserialize)]
-    pub(super) struct Meta {
-        pub(super) name: String,
+    pub(crate) struct Meta {
+        pub(crate) name: String,
         #[serde(default)]
-        pub(super) namespace: Option<String>,
+        pub(crate) namespace: Option<String>,
         #[serde(default)]
-        pub(super) labels: BTreeMap<String, String>,
+        pub(crate) labels: BTreeMap<String, String>,
     }
 
     #[derive(Clone, Debug, Deserialize)]
-    pub(super) struct Service {
-        pub(super) metadata: Meta,
-        pub(super) spec: ServiceSpec,
+    pub(crate) struct Service {
+        pub(crate) metadata: Meta,
+        pub(crate) spec: ServiceSpec,
     }
 
     #[derive(Clone, Debug, Default, Deserialize)]
     #[serde(rename_all = "camelCase")]
-    pub(super) struct ServiceSpec {
+    pub(crate) struct ServiceSpec {
         #[serde(rename = "clusterIP", default)]
-        pub(super) cluster_ip: Option<String>,
+        pub(crate) cluster_ip: Option<String>,
         #[serde(rename = "clusterIPs", default)]
-        pub(super) cluster_ips: Vec<String>,
+        pub(crate) cluster_ips: Vec<String>,
         #[serde(default)]
-        pub(super) ports: Vec<ServicePort>,
+        pub(crate) ports: Vec<ServicePort>,
         #[serde(default)]
-        pub(super) session_affinity: Option<String>,
+        pub(crate) session_affinity: Option<String>,
     }
 
     #[derive(Clone, Debug, Deserialize)]
-    pub(super) struct ServicePort {
+    pub(crate) struct ServicePort {
         #[serde(default)]
-        pub(super) name: Option<String>,
+        pub(crate) name: Option<String>,
         #[serde(default)]
-        pub(super) protocol: Option<String>,
-        pub(super) port: u16,
+        pub(crate) protocol: Option<String>,
+        pub(crate) port: u16,
     }
 
     #[derive(Clone, Debug, Deserialize)]
     #[serde(rename_all = "camelCase")]
-    pub(super) struct EndpointSlice {
-        pub(super) metadata: Meta,
-        pub(super) address_type: String,
+    pub(crate) struct EndpointSlice {
+        pub(crate) metadata: Meta,
+        pub(crate) address_type: String,
         #[serde(default)]
-        pub(super) endpoints: Option<Vec<Endpoint>>,
+        pub(crate) endpoints: Option<Vec<Endpoint>>,
         #[serde(default)]
-        pub(super) ports: Option<Vec<EndpointPort>>,
+        pub(crate) ports: Option<Vec<EndpointPort>>,
     }
 
     #[derive(Clone, Debug, Deserialize)]
-    pub(super) struct Endpoint {
-        pub(super) addresses: Vec<String>,
+    pub(crate) struct Endpoint {
+        pub(crate) addresses: Vec<String>,
         #[serde(default)]
-        pub(super) conditions: Conditions,
+        pub(crate) conditions: Conditions,
     }
 
     /// Per the API, an unset `ready` means ready.
     #[derive(Clone, Debug, Default, Deserialize)]
-    pub(super) struct Conditions {
+    pub(crate) struct Conditions {
         #[serde(default)]
-        pub(super) ready: Option<bool>,
+        pub(crate) ready: Option<bool>,
         #[serde(default)]
-        pub(super) terminating: Option<bool>,
+        pub(crate) terminating: Option<bool>,
     }
 
     #[derive(Clone, Debug, Deserialize)]
-    pub(super) struct EndpointPort {
+    pub(crate) struct EndpointPort {
         #[serde(default)]
-        pub(super) name: Option<String>,
+        pub(crate) name: Option<String>,
         #[serde(default)]
-        pub(super) protocol: Option<String>,
+        pub(crate) protocol: Option<String>,
         #[serde(default)]
-        pub(super) port: Option<u16>,
+        pub(crate) port: Option<u16>,
+    }
+}
+
+/// A Service or an EndpointSlice, parsed once (from a file or the API).
+#[derive(Clone, Debug)]
+pub(crate) enum ApiObject {
+    Service(k8s::Service),
+    Slice(k8s::EndpointSlice),
+}
+
+impl ApiObject {
+    /// Parses a `Service` or an `EndpointSlice`; `Ok(None)` for other kinds.
+    pub(crate) fn parse(v: serde_json::Value) -> Result<Option<Self>, String> {
+        match v["kind"].as_str().unwrap_or_default() {
+            "Service" => serde_json::from_value(v)
+                .map(|s| Some(Self::Service(s)))
+                .map_err(|e| format!("Service: {e}")),
+            "EndpointSlice" => serde_json::from_value(v)
+                .map(|s| Some(Self::Slice(s)))
+                .map_err(|e| format!("EndpointSlice: {e}")),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -171,46 +193,44 @@ impl Table {
     }
 
     /// Adds objects from the Kubernetes API (see `kube_source`).
-    pub fn add_api_objects<'a>(&mut self, objects: impl Iterator<Item = &'a serde_json::Value>) {
-        for v in objects {
-            let origin = format!(
-                "kubernetes API: {} {}/{}",
-                v["kind"].as_str().unwrap_or("?"),
-                v["metadata"]["namespace"].as_str().unwrap_or_default(),
-                v["metadata"]["name"].as_str().unwrap_or_default()
-            );
-            self.add_object(&origin, v.clone());
+    pub(crate) fn add_api_objects<'a>(&mut self, objects: impl Iterator<Item = &'a ApiObject>) {
+        for o in objects {
+            self.push(o.clone());
         }
     }
 
-    /// `origin` names the file (or API object) in problem reports.
+    fn push(&mut self, o: ApiObject) {
+        match o {
+            ApiObject::Service(s) => self.services.push(s),
+            ApiObject::Slice(s) => self.slices.push(s),
+        }
+    }
+
+    /// `origin` names the file in problem reports.
     fn add_object(&mut self, origin: &str, v: serde_json::Value) {
-        let path = origin;
-        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
-        match kind {
-            "Service" => match serde_json::from_value(v) {
-                Ok(s) => self.services.push(s),
-                Err(e) => self.problem(path, format!("Service: {e}")),
-            },
-            "EndpointSlice" => match serde_json::from_value(v) {
-                Ok(s) => self.slices.push(s),
-                Err(e) => self.problem(path, format!("EndpointSlice: {e}")),
-            },
-            k if k.ends_with("List") => {
-                if let Some(serde_json::Value::Array(items)) = v.get("items").cloned() {
-                    for item in items {
-                        self.add_object(path, item);
+        let kind = v["kind"].as_str().unwrap_or_default().to_owned();
+        match kind.as_str() {
+            k if k.ends_with("List") => match v {
+                serde_json::Value::Object(mut o) => match o.remove("items") {
+                    Some(serde_json::Value::Array(items)) => {
+                        for item in items {
+                            self.add_object(origin, item);
+                        }
                     }
-                } else {
-                    self.problem(path, format!("{k} without items"));
-                }
-            }
-            // Other objects in a `kubectl get ... -o json` dump are ignored.
+                    _ => self.problem(origin, format!("{k} without items")),
+                },
+                _ => self.problem(origin, format!("{k} is not an object")),
+            },
             "" => self.problem(
-                path,
+                origin,
                 "no \"kind\" (expected Service, EndpointSlice or List)".into(),
             ),
-            _ => {}
+            // Other objects in a `kubectl get ... -o json` dump are ignored.
+            _ => match ApiObject::parse(v) {
+                Ok(Some(o)) => self.push(o),
+                Ok(None) => {}
+                Err(e) => self.problem(origin, e),
+            },
         }
     }
 
