@@ -10,10 +10,7 @@ use std::{
 
 use serde::Deserialize;
 use serde_json::Value;
-use spright_endpoint::{
-    ANNOTATION_CHAIN, ANNOTATION_FUNCTION, ANNOTATION_REDIRECT, CNI_ARG_CHAIN,
-    DEFAULT_POD_NAMESPACE, DEFAULT_STATE_DIR, PodRef,
-};
+use spright_endpoint::{CNI_ARG_CHAIN, DEFAULT_POD_NAMESPACE, DEFAULT_STATE_DIR, PodRef};
 
 use crate::{
     error::{Error, Result},
@@ -354,21 +351,19 @@ pub fn membership(config: &Config, env: &Env) -> Result<Membership> {
         name: arg(ARG_POD_NAME).unwrap_or_else(|| env.container_id.clone()),
         uid: arg(ARG_POD_UID).unwrap_or_default(),
     };
-    let chain = config
-        .annotation(ANNOTATION_CHAIN)
-        .filter(|c| !c.is_empty())
-        .map(str::to_owned)
-        .or_else(|| arg(CNI_ARG_CHAIN));
-    if let Some(c) = &chain {
-        spright_endpoint::validate_chain(c).map_err(Error::InvalidChain)?;
-    }
-    let function = config
-        .annotation(ANNOTATION_FUNCTION)
-        .filter(|f| !f.is_empty())
-        .map(str::to_owned);
-    let redirect = !config
-        .annotation(ANNOTATION_REDIRECT)
-        .is_some_and(|v| v.eq_ignore_ascii_case("off"));
+    let annotated = spright_endpoint::Annotated::from_annotations(|k| config.annotation(k))
+        .map_err(Error::InvalidChain)?;
+    let chain = match annotated.chain {
+        Some(c) => Some(c),
+        None => {
+            let c = arg(CNI_ARG_CHAIN);
+            if let Some(c) = &c {
+                spright_endpoint::validate_chain(c).map_err(Error::InvalidChain)?;
+            }
+            c
+        }
+    };
+    let (function, redirect) = (annotated.function, annotated.redirect);
     Ok(Membership {
         pod,
         chain,

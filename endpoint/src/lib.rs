@@ -13,8 +13,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub use pod::{Annotated, PodInfo};
 use serde::{Deserialize, Serialize};
 use spright_common::{ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, chain_id};
+
+pub mod membership;
+pub mod pod;
 
 /// Default state directory on a node.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/spright";
@@ -57,6 +61,12 @@ pub enum Error {
         "endpoint record {path} has unsupported version {version} (this build reads {RECORD_VERSION})"
     )]
     Version { path: PathBuf, version: u32 },
+    #[error("unusable Pod object {pod}")]
+    Pod {
+        pod: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("invalid {what} {value:?}: {why}")]
     Invalid {
         what: &'static str,

@@ -1,25 +1,30 @@
-//! The agent's state and its reconciliation loop.
+//! The agent's state and its reconciliation.
 //!
-//! The endpoint records on disk are the source of truth. Each reconciliation
-//! reads them all, removes records of pods whose network namespace is gone,
-//! and makes the kernel's endpoint map equal to what the records say (insert,
-//! update, delete). It runs at start-up, on every inotify event in the records
-//! directory, and on a periodic rescan that catches anything inotify missed.
+//! Each reconciliation runs one way: read the sources (endpoint records,
+//! removing those of pods whose network namespace is gone; Service and Pod
+//! files; the API's copy), compute `desired::desired` from them (pure), then
+//! `sync::sync` the kernel to it. It runs at start-up, on every inotify event
+//! in the watched directories, on every API change, and on a periodic rescan
+//! that catches anything inotify missed.
 
 use std::{
-    collections::BTreeMap,
-    net::IpAddr,
     path::Path,
     sync::{Arc, Mutex},
 };
 
-use spright_ebpf::{Datapath, EndpointValue, Installed, Placement};
-use spright_endpoint::Record;
+use spright_ebpf::{Datapath, Installed, Placement};
+use spright_endpoint::{
+    Record,
+    membership::{self, Query, Verdict},
+};
 use tracing::{info, warn};
 
 use crate::{
     config::Config,
-    status::{Acceleration, MalformedRecord, Status, error_chain, read_records},
+    desired::Mismatch,
+    error::chain as error_chain,
+    sources::{MalformedRecord, PodView, read_pod_files, read_records},
+    status::{Acceleration, Status},
 };
 
 /// Shared handle on the agent.
@@ -35,6 +40,8 @@ pub struct Changes {
     pub services_removed: usize,
     pub stale_records: usize,
     pub malformed: usize,
+    /// Connection directions of pods leaving their chain moved to TCP.
+    pub switched: usize,
 }
 
 pub struct Agent {
@@ -44,7 +51,13 @@ pub struct Agent {
     records: Vec<Record>,
     malformed: Vec<MalformedRecord>,
     services: crate::services::Table,
-    /// Services and EndpointSlices from the API (None when not watching).
+    /// This node's Pods (files and API merged).
+    pods: PodView,
+    malformed_pods: Vec<MalformedRecord>,
+    mismatches: Vec<Mismatch>,
+    /// Pods whose connections were moved to TCP because they left their chain.
+    leaving: Vec<String>,
+    /// Services, EndpointSlices and Pods from the API (None when not watching).
     api: Option<crate::kube_source::Objects>,
     reconciles: u64,
     selftest: crate::selftest::Report,
@@ -119,6 +132,10 @@ impl Agent {
             records: Vec::new(),
             malformed: Vec::new(),
             services: crate::services::Table::default(),
+            pods: PodView::default(),
+            malformed_pods: Vec::new(),
+            mismatches: Vec::new(),
+            leaving: Vec::new(),
             api: None,
             reconciles: 0,
             membound: Arc::default(),
@@ -139,9 +156,24 @@ impl Agent {
         &self.records
     }
 
-    /// The copy of the API's Services and EndpointSlices (starts watching).
+    /// The copy of the API's objects (starts watching; Pods only when this
+    /// node's name is known).
     pub fn api_objects_mut(&mut self) -> &mut crate::kube_source::Objects {
-        self.api.get_or_insert_default()
+        let watch_pods = self.config.node_name.is_some();
+        self.api
+            .get_or_insert_with(|| crate::kube_source::Objects::new(watch_pods))
+    }
+
+    /// Answers shm-csi's question from the freshest Pods (the API's copy
+    /// first, then the merged view) and the records.
+    pub fn membership(&self, q: &Query) -> Verdict {
+        let api = self.api.iter().flat_map(crate::kube_source::Objects::pods);
+        membership::decide(
+            q,
+            self.config.node_name.as_deref(),
+            api.chain(self.pods.iter()),
+            &self.records,
+        )
     }
 
     pub fn reconciles(&self) -> u64 {
@@ -182,24 +214,50 @@ impl Agent {
                 warn!(path = %p.path, error = %p.error, "skipping unusable service file");
             }
         }
-        if let Some(dp) = self.dp.as_mut() {
-            let (upserted, removed) = sync_maps(dp, &desired(&live));
-            changes.upserted = upserted;
-            changes.removed = removed;
-            // Callers first, then the table: a new entry never names a
-            // caller the kernel cannot identify yet.
-            crate::services::sync_netns(dp, &live);
-            let want = crate::services::desired(&services.ports(), &live);
-            let (set, removed) = crate::services::sync(dp, &want);
-            changes.services_set = set;
-            changes.services_removed = removed;
+        let (file_pods, malformed_pods) = read_pod_files(&self.config.pods_dir());
+        for p in &malformed_pods {
+            if !self.malformed_pods.contains(p) {
+                warn!(path = %p.path, error = %p.error, "skipping unusable Pod file");
+            }
         }
+        let api_pods = self.api.iter().flat_map(crate::kube_source::Objects::pods);
+        self.pods.update(&file_pods, api_pods, &live);
+        let want = crate::desired::desired(&live, &self.pods, &services.ports());
+        let leaving = crate::desired::leaving_reasons(&live, &self.pods);
+        let leaving_now: Vec<String> = leaving
+            .iter()
+            .map(|(r, _)| format!("{}/{}", r.pod.namespace, r.pod.name))
+            .collect();
+        for (r, why) in &leaving {
+            let key = format!("{}/{}", r.pod.namespace, r.pod.name);
+            if !self.leaving.contains(&key) {
+                info!(pod.namespace = %r.pod.namespace, pod.name = %r.pod.name, chain = ?r.chain, reason = why,
+                      "pod leaves its chain: new connections stay on TCP, open ones move to TCP");
+            }
+        }
+        for m in &want.mismatches {
+            if !self.mismatches.contains(m) {
+                warn!(pod.namespace = %m.namespace, pod.name = %m.pod, record.chain = ?m.record_chain, pod.chain = ?m.pod_chain,
+                      "the Pod names another chain than it was attached with: the datapath keeps the attached chain until the pod is recreated");
+            }
+        }
+        if let Some(dp) = self.dp.as_mut() {
+            let s = crate::sync::sync(dp, &self.config.bpffs, &want);
+            changes.upserted = s.upserted;
+            changes.removed = s.removed;
+            changes.services_set = s.services_set;
+            changes.services_removed = s.services_removed;
+            changes.switched = s.switched;
+        }
+        self.malformed_pods = malformed_pods;
+        self.mismatches = want.mismatches;
+        self.leaving = leaving_now;
         self.records = live;
         self.malformed = malformed;
         self.services = services;
         self.reconciles += 1;
         let c = &changes;
-        if (c.upserted, c.removed, c.stale_records) != (0, 0, 0)
+        if (c.upserted, c.removed, c.stale_records, c.switched) != (0, 0, 0, 0)
             || (c.services_set, c.services_removed) != (0, 0)
         {
             info!(
@@ -208,6 +266,7 @@ impl Agent {
                 stale = changes.stale_records,
                 services_set = changes.services_set,
                 services_removed = changes.services_removed,
+                switched = changes.switched,
                 endpoints = self.records.len(),
                 "reconciled"
             );
@@ -228,6 +287,14 @@ impl Agent {
         s.selftest = Some(self.selftest.clone());
         s.add_services(&self.services, &self.records, self.dp.as_ref());
         s.kubernetes = self.api.as_ref().map(crate::kube_source::Objects::status);
+        s.pods = Some(crate::status::PodsStatus {
+            known: self.pods.len(),
+            node_name: self.config.node_name.clone(),
+            dir: self.config.pods_dir().display().to_string(),
+            malformed_files: self.malformed_pods.clone(),
+            mismatches: self.mismatches.clone(),
+            leaving: self.leaving.clone(),
+        });
         s.memory_bound = Some(self.membound.report(
             self.config.memory_bound_bytes,
             self.config.memory_bound_interval_ms,
@@ -248,68 +315,6 @@ fn publish_selftest(state_dir: &Path, report: &crate::selftest::Report) {
     if let Err(e) = written {
         warn!(path = %path.display(), error = %e, "publishing the self-test report");
     }
-}
-
-/// What the endpoint map should hold: every IP of every record. When two
-/// records claim one IP (a missed DEL followed by reuse), the later file name
-/// wins, deterministically.
-fn desired(records: &[Record]) -> BTreeMap<IpAddr, EndpointValue> {
-    records
-        .iter()
-        .flat_map(|r| r.ips.iter().map(move |ip| (*ip, r.endpoint_value())))
-        .collect()
-}
-
-/// Makes the endpoint map equal to `want`; returns (upserted, removed).
-fn sync_maps(dp: &mut Datapath, want: &BTreeMap<IpAddr, EndpointValue>) -> (usize, usize) {
-    sync_map(
-        dp,
-        "endpoint map",
-        want,
-        Datapath::endpoints,
-        |dp, ip, v| dp.upsert_endpoint(ip, *v),
-        Datapath::remove_endpoint,
-    )
-}
-
-/// All entries of a map, as `Datapath`'s readers return them.
-pub(crate) type MapEntries<K, V> = Result<Vec<(K, V)>, spright_ebpf::Error>;
-
-/// Makes one kernel map equal to `want` (insert or update what differs,
-/// remove what `want` lacks); returns (upserted, removed). Failures are
-/// logged per entry, never fatal: the next reconciliation retries.
-pub(crate) fn sync_map<K: Ord + Copy + std::fmt::Debug, V: PartialEq>(
-    dp: &mut Datapath,
-    what: &str,
-    want: &BTreeMap<K, V>,
-    read: fn(&Datapath) -> MapEntries<K, V>,
-    upsert: fn(&mut Datapath, K, &V) -> Result<(), spright_ebpf::Error>,
-    remove: fn(&mut Datapath, K) -> Result<(), spright_ebpf::Error>,
-) -> (usize, usize) {
-    let have: BTreeMap<K, V> = match read(dp) {
-        Ok(v) => v.into_iter().collect(),
-        Err(e) => {
-            warn!(error = %error_chain(&e), map = what, "reading");
-            return (0, 0);
-        }
-    };
-    let mut upserted = 0;
-    for (k, v) in want {
-        if have.get(k) != Some(v) {
-            match upsert(dp, *k, v) {
-                Ok(()) => upserted += 1,
-                Err(e) => warn!(key = ?k, error = %error_chain(&e), map = what, "updating"),
-            }
-        }
-    }
-    let mut removed = 0;
-    for k in have.keys().filter(|k| !want.contains_key(k)) {
-        match remove(dp, *k) {
-            Ok(()) => removed += 1,
-            Err(e) => warn!(key = ?k, error = %error_chain(&e), map = what, "removing"),
-        }
-    }
-    (upserted, removed)
 }
 
 /// A record whose network namespace file no longer exists belongs to a pod
@@ -352,16 +357,6 @@ mod tests {
     }
 
     #[test]
-    fn desired_covers_every_ip_of_every_record() {
-        let d = desired(&[
-            rec("a", &["10.0.0.1", "fd00::1"], "/proc/self/ns/net"),
-            rec("b", &["10.0.0.2"], "x"),
-        ]);
-        assert_eq!(d.len(), 3);
-        assert!(d.values().all(|v| v.chain_id != 0));
-    }
-
-    #[test]
     fn only_records_with_a_visibly_missing_netns_are_stale() {
         let dir = tempfile::tempdir().unwrap();
         let netns = |name: &str| dir.path().join(name).display().to_string();
@@ -378,11 +373,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         spright_endpoint::write(dir.path(), &rec("live", &["10.0.0.1"], "/proc/self/ns/net"))
             .unwrap();
-        spright_endpoint::write(
-            dir.path(),
-            &rec("gone", &["10.0.0.2"], "/run/netns/spright-gone-x"),
-        )
-        .unwrap();
+        // A runtime's netns directory that exists, without the pod's file
+        // (/run/netns itself may not exist on a fresh machine).
+        let netns_dir = dir.path().join("netns");
+        std::fs::create_dir(&netns_dir).unwrap();
+        let gone = netns_dir.join("cni-gone").display().to_string();
+        spright_endpoint::write(dir.path(), &rec("gone", &["10.0.0.2"], &gone)).unwrap();
         std::fs::write(
             spright_endpoint::records_dir(dir.path()).join("bad_eth0.json"),
             "{",

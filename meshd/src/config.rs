@@ -20,6 +20,8 @@ pub mod env {
     pub const LOG: &str = "SPRIGHT_LOG";
     pub const NO_SELFTEST: &str = "SPRIGHT_NO_SELFTEST";
     pub const SERVICES_DIR: &str = "SPRIGHT_SERVICES_DIR";
+    pub const PODS_DIR: &str = "SPRIGHT_PODS_DIR";
+    pub const NODE_NAME: &str = "NODE_NAME";
     pub const KUBERNETES: &str = "SPRIGHT_KUBERNETES";
     pub const KUBECONFIG: &str = "KUBECONFIG";
     pub const MEMORY_BOUND_BYTES: &str = "SPRIGHT_MEMORY_BOUND_BYTES";
@@ -52,7 +54,13 @@ pub struct Config {
     /// Directory of Service/EndpointSlice JSON files (`kubectl get service,endpointslice -o json`) for connect-time Service translation [default: `<state-dir>/services`]
     #[arg(long, env = env::SERVICES_DIR, value_name = "DIR")]
     pub services_dir: Option<PathBuf>,
-    /// Watch Services and EndpointSlices on the Kubernetes API: `auto` when in a cluster (KUBERNETES_SERVICE_HOST) or KUBECONFIG is set, `on` (fail without it), `off` (files only)
+    /// Directory of Pod JSON files (`kubectl get pod -o json`) that say which pods of this node are in which chain, for nodes without API access and for tests [default: `<state-dir>/pods`]
+    #[arg(long, env = env::PODS_DIR, value_name = "DIR")]
+    pub pods_dir: Option<PathBuf>,
+    /// This node's name (the DaemonSet sets it from `spec.nodeName`): Pods bound to it are watched on the API, and a pod of another node is refused shared memory
+    #[arg(long, env = env::NODE_NAME, value_name = "NAME", value_parser = parse_node_name)]
+    pub node_name: Option<String>,
+    /// Watch Services, EndpointSlices and this node's Pods on the Kubernetes API: `auto` when in a cluster (KUBERNETES_SERVICE_HOST) or KUBECONFIG is set, `on` (fail without it), `off` (files only)
     #[arg(long, env = env::KUBERNETES, value_name = "MODE", value_enum, default_value = "auto")]
     pub kubernetes: crate::kube_source::Mode,
     /// kubeconfig file for the API (instead of the in-cluster service account)
@@ -90,6 +98,13 @@ impl Config {
         services_dir_or_default(self.services_dir.as_deref(), &self.state_dir)
     }
 
+    /// The Pod files directory: the flag, or `<state-dir>/pods`.
+    pub fn pods_dir(&self) -> PathBuf {
+        self.pods_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(crate::sources::PODS_SUBDIR))
+    }
+
     pub fn rescan_interval(&self) -> Duration {
         Duration::from_secs(self.rescan_secs)
     }
@@ -99,7 +114,27 @@ impl Config {
         let mut v = serde_json::to_value(self).expect("config serialises");
         v["cgroup"] = serde_json::json!(self.cgroup_dir());
         v["services_dir"] = serde_json::json!(self.services_dir());
+        v["pods_dir"] = serde_json::json!(self.pods_dir());
         v
+    }
+}
+
+/// A node name is a DNS-1123 subdomain (lowercase alphanumerics, '-' and
+/// '.', at most 253 characters).
+fn parse_node_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(
+            "expected a node name (DNS-1123 subdomain: lowercase letters, digits, '-' and '.')"
+                .into(),
+        )
     }
 }
 
@@ -173,6 +208,15 @@ mod tests {
             e.contains("--metrics-addr") && e.contains("nonsense"),
             "{e}"
         );
+        let e = parse(&["--node-name", "Node_1"]).unwrap_err().to_string();
+        assert!(e.contains("--node-name") && e.contains("Node_1"), "{e}");
+        assert_eq!(
+            parse(&["--node-name", "node-1.example"])
+                .unwrap()
+                .node_name
+                .as_deref(),
+            Some("node-1.example")
+        );
         let e = parse(&["--rescan-secs", "0"]).unwrap_err().to_string();
         assert!(e.contains("--rescan-secs") && e.contains('0'), "{e}");
     }
@@ -190,6 +234,8 @@ mod tests {
         assert_eq!(j["cgroup"], "/sys/fs/cgroup/unified/x");
         assert_eq!(j["bpffs"], "/sys/fs/bpf/t");
         assert_eq!(j["services_dir"], "/var/lib/spright/services");
+        assert_eq!(j["pods_dir"], "/var/lib/spright/pods");
+        assert!(j["node_name"].is_null());
         assert!(j.get("print_config").is_none());
     }
 }

@@ -1,7 +1,9 @@
 //! The HTTP server: `/metrics` (Prometheus text), `/status` (JSON),
 //! `/healthz` (the process serves), `/readyz` (the first reconciliation is
-//! done), `/config` (effective configuration), `/v1/members?namespace=NS&chain=C`
-//! (the pods of a chain on this node, for shm-csi's membership check).
+//! done), `/config` (effective configuration), `/v1/membership?namespace=&pod=&uid=&chain=`
+//! (shm-csi's question: is this pod in this chain? see
+//! `spright_endpoint::membership`), `/v1/members?namespace=NS&chain=C` (the
+//! recorded pods of a chain on this node).
 
 use std::sync::Arc;
 
@@ -31,6 +33,7 @@ pub fn router(agent: Shared) -> Router {
         .route("/readyz", get(ready))
         .route("/config", get(config))
         .route("/v1/members", get(members))
+        .route(spright_endpoint::membership::PATH, get(membership))
         .with_state(App { agent, registry })
 }
 
@@ -114,4 +117,12 @@ async fn members(State(app): State<App>, Query(q): Query<MembersQuery>) -> impl 
         chain: q.chain,
         members,
     })
+}
+
+async fn membership(
+    State(app): State<App>,
+    Query(q): Query<spright_endpoint::membership::Query>,
+) -> impl IntoResponse {
+    let verdict = app.agent.lock().expect("agent lock").membership(&q);
+    Json(spright_endpoint::membership::Answer::new(&q, verdict))
 }

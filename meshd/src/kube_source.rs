@@ -1,45 +1,136 @@
-//! Services and EndpointSlices from the Kubernetes API server.
+//! Services, EndpointSlices and this node's Pods from the Kubernetes API
+//! server.
 //!
-//! Two list-and-watch streams (kube-rs' watcher, all namespaces, with its
-//! default backoff) keep a copy of every Service and EndpointSlice. The copy
-//! replaces itself atomically on each re-list (`Init` … `InitDone`) and
-//! follows single changes in between; every change triggers a
-//! reconciliation, which merges these objects with the service files. So a
-//! backend whose EndpointSlice marks it not ready or terminating leaves the
-//! kernel's table as soon as the API says so, before its pod is gone.
+//! List-and-watch streams (kube-rs' watcher, with its default backoff) keep
+//! a copy of every Service and EndpointSlice of the cluster and of the Pods
+//! bound to this node (field selector `spec.nodeName=<--node-name>`, as
+//! kubelet itself watches them). Each copy replaces itself atomically on a
+//! re-list (`Init` … `InitDone`) and follows single changes in between;
+//! every change triggers a reconciliation. So a backend whose EndpointSlice
+//! marks it not ready leaves the kernel's table as soon as the API says so,
+//! and a Pod is known (and its volumes can be published) before kubelet
+//! creates its sandbox.
 
 use std::{collections::BTreeMap, path::Path};
 
-use futures_util::{FutureExt as _, StreamExt as _, stream};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use futures_util::{FutureExt as _, Stream, StreamExt as _, stream};
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client, ResourceExt as _,
     runtime::{WatchStreamExt as _, watcher},
 };
 use serde::{Deserialize, Serialize};
+use spright_endpoint::PodInfo;
 use tracing::{debug, info, warn};
 
 use crate::{agent::Shared, services::ApiObject};
 
+/// The live copy of one watched kind, by `namespace/name`.
+#[derive(Clone, Debug)]
+pub struct Collection<T> {
+    live: BTreeMap<String, T>,
+    /// The list in progress (between `Init` and `InitDone`).
+    listing: Option<BTreeMap<String, T>>,
+    /// Listed at least once.
+    listed: bool,
+}
+
+impl<T> Default for Collection<T> {
+    fn default() -> Self {
+        Self {
+            live: BTreeMap::new(),
+            listing: None,
+            listed: false,
+        }
+    }
+}
+
+impl<T> Collection<T> {
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.live.values()
+    }
+
+    /// Applies one watcher event; says whether the live copy changed.
+    fn apply(&mut self, event: watcher::Event<(String, Option<T>)>) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.listing = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply((key, o)) => {
+                if let Some(o) = o {
+                    self.listing.get_or_insert_default().insert(key, o);
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                self.live = self.listing.take().unwrap_or_default();
+                self.listed = true;
+                true
+            }
+            watcher::Event::Apply((key, o)) => {
+                match o {
+                    Some(o) => self.live.insert(key, o),
+                    None => self.live.remove(&key),
+                };
+                true
+            }
+            watcher::Event::Delete((key, _)) => {
+                self.live.remove(&key);
+                true
+            }
+        }
+    }
+}
+
 /// What meshd knows from the API.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    services: BTreeMap<String, ApiObject>,
-    slices: BTreeMap<String, ApiObject>,
-    /// Both kinds have been listed at least once.
-    pub synced: bool,
+    services: Collection<ApiObject>,
+    slices: Collection<ApiObject>,
+    /// Pods of this node; `None` when not watched (no `--node-name`).
+    pods: Option<Collection<PodInfo>>,
     /// The last watch error, cleared by the next successful event.
     pub error: Option<String>,
 }
 
 impl Objects {
-    /// All objects, Services first.
+    /// Starts a copy; Pods are watched only when this node's name is known.
+    pub fn new(watch_pods: bool) -> Self {
+        Self {
+            pods: watch_pods.then(Collection::default),
+            ..Self::default()
+        }
+    }
+
+    /// All Services and EndpointSlices, Services first.
     pub(crate) fn all(&self) -> impl Iterator<Item = &ApiObject> {
         self.services.values().chain(self.slices.values())
     }
 
+    /// This node's Pods (empty when not watched).
+    pub fn pods(&self) -> impl Iterator<Item = &PodInfo> {
+        self.pods.iter().flat_map(Collection::values)
+    }
+
+    /// Every watched kind has been listed at least once.
+    pub fn synced(&self) -> bool {
+        self.services.listed && self.slices.listed && self.pods.as_ref().is_none_or(|p| p.listed)
+    }
+
     pub fn status(&self) -> SourceStatus {
-        let state = match (&self.error, self.synced) {
+        let state = match (&self.error, self.synced()) {
             (Some(_), _) => "error",
             (None, true) => "synced",
             (None, false) => "watching",
@@ -48,6 +139,7 @@ impl Objects {
             state: state.into(),
             services: self.services.len(),
             endpoint_slices: self.slices.len(),
+            pods: self.pods.as_ref().map(Collection::len),
             error: self.error.clone(),
         }
     }
@@ -60,44 +152,82 @@ pub struct SourceStatus {
     pub state: String,
     pub services: usize,
     pub endpoint_slices: usize,
+    /// Pods of this node (absent when Pods are not watched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
-enum Kind {
-    Service,
-    Slice,
+/// One watcher event of one kind, its object keyed by `namespace/name` and
+/// parsed (`None` when unusable).
+enum Change {
+    Service(WatchEvent<ApiObject>),
+    Slice(WatchEvent<ApiObject>),
+    Pod(WatchEvent<PodInfo>),
 }
 
-/// One watcher event of either kind, as JSON keyed by `namespace/name`.
-type Change = (
-    Kind,
-    Result<watcher::Event<(String, Option<ApiObject>)>, watcher::Error>,
-);
+type WatchEvent<T> = Result<watcher::Event<(String, Option<T>)>, watcher::Error>;
 
-/// Watches Services and EndpointSlices until the runtime shuts down.
-pub async fn run(agent: Shared, client: Client) {
-    let services = watcher(
+/// A watch of every object of kind `K` matching `config`, parsed by `parse`.
+fn watch<K, T>(
+    api: Api<K>,
+    config: watcher::Config,
+    parse: fn(serde_json::Value) -> Result<Option<T>, String>,
+) -> impl Stream<Item = WatchEvent<T>>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + Serialize
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static,
+{
+    watcher(api, config)
+        .default_backoff()
+        .map(move |e| e.map(|e| keyed(e, parse)))
+}
+
+/// Watches until the runtime shuts down: Services and EndpointSlices of all
+/// namespaces, and the Pods bound to `node` when it is known.
+pub async fn run(agent: Shared, client: Client, node: Option<String>) {
+    let services = watch(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
+        ApiObject::parse,
     )
-    .default_backoff()
-    .map(|e| (Kind::Service, e.map(keyed)));
-    let slices = watcher(
-        Api::<EndpointSlice>::all(client),
+    .map(Change::Service);
+    let slices = watch(
+        Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default(),
+        ApiObject::parse,
     )
-    .default_backoff()
-    .map(|e| (Kind::Slice, e.map(keyed)));
-    let mut events = std::pin::pin!(stream::select(services, slices));
-    let mut listing: [Option<BTreeMap<String, ApiObject>>; 2] = [None, None];
-    let mut listed = [false, false];
-    info!("watching Services and EndpointSlices of all namespaces");
+    .map(Change::Slice);
+    let pods = match &node {
+        Some(node) => watch(
+            Api::<Pod>::all(client),
+            watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+            parse_pod,
+        )
+        .map(Change::Pod)
+        .left_stream(),
+        None => stream::empty().right_stream(),
+    };
+    let mut events = std::pin::pin!(stream::select(stream::select(services, slices), pods));
+    match &node {
+        Some(node) => {
+            info!(node = %node, "watching Services and EndpointSlices of all namespaces, and the Pods of this node");
+        }
+        None => warn!(
+            "watching Services and EndpointSlices; not Pods, because --node-name (NODE_NAME) is unset: membership then comes from the pods directory and the endpoint records"
+        ),
+    }
     while let Some(first) = events.next().await {
         // Apply the whole burst that is ready, then reconcile once.
-        let mut changed = apply(&agent, first, &mut listing, &mut listed);
+        let mut changed = apply(&agent, first);
         while let Some(Some(more)) = events.next().now_or_never() {
-            changed |= apply(&agent, more, &mut listing, &mut listed);
+            changed |= apply(&agent, more);
         }
         if changed {
             let a = agent.clone();
@@ -110,79 +240,52 @@ pub async fn run(agent: Shared, client: Client) {
     }
 }
 
-/// Applies one event to the agent's copy; says whether the table may change.
-fn apply(
-    agent: &Shared,
-    (kind, event): Change,
-    listing: &mut [Option<BTreeMap<String, ApiObject>>; 2],
-    listed: &mut [bool; 2],
-) -> bool {
-    let i = match kind {
-        Kind::Service => 0,
-        Kind::Slice => 1,
-    };
+/// Applies one event to the agent's copy; says whether anything changed.
+fn apply(agent: &Shared, change: Change) -> bool {
     let mut a = agent.lock().expect("agent lock");
     let objects = a.api_objects_mut();
-    let live = match kind {
-        Kind::Service => &mut objects.services,
-        Kind::Slice => &mut objects.slices,
+    let applied = match change {
+        Change::Service(e) => e.map(|e| objects.services.apply(e)),
+        Change::Slice(e) => e.map(|e| objects.slices.apply(e)),
+        Change::Pod(e) => e.map(|e| objects.pods.get_or_insert_default().apply(e)),
     };
-    let event = match event {
-        Ok(e) => e,
+    match applied {
+        Ok(changed) => {
+            objects.error = None;
+            if changed {
+                debug!(
+                    services = objects.services.len(),
+                    slices = objects.slices.len(),
+                    pods = objects.pods.as_ref().map(Collection::len),
+                    "API objects changed"
+                );
+            }
+            changed
+        }
         Err(e) => {
-            let e = crate::status::error_chain(&e);
+            let e = crate::error::chain(&e);
             warn!(error = %e, "watching the Kubernetes API (retrying with backoff)");
             objects.error = Some(e);
-            return false;
-        }
-    };
-    objects.error = None;
-    match event {
-        watcher::Event::Init => {
-            listing[i] = Some(BTreeMap::new());
             false
-        }
-        watcher::Event::InitApply((key, o)) => {
-            if let Some(o) = o {
-                listing[i].get_or_insert_default().insert(key, o);
-            }
-            false
-        }
-        watcher::Event::InitDone => {
-            *live = listing[i].take().unwrap_or_default();
-            listed[i] = true;
-            objects.synced = listed[0] && listed[1];
-            debug!(
-                services = objects.services.len(),
-                slices = objects.slices.len(),
-                "listed"
-            );
-            true
-        }
-        watcher::Event::Apply((key, o)) => {
-            match o {
-                Some(o) => live.insert(key, o),
-                None => live.remove(&key),
-            };
-            true
-        }
-        watcher::Event::Delete((key, _)) => {
-            live.remove(&key);
-            true
         }
     }
 }
 
+fn parse_pod(v: serde_json::Value) -> Result<Option<PodInfo>, String> {
+    PodInfo::parse(&v).map_err(|e| crate::error::chain(&e))
+}
+
 /// An event with its object as `namespace/name` and parsed into the fields
-/// the table uses (once, here; `None` when it cannot be used).
-fn keyed<K: kube::Resource + Serialize>(
+/// spright uses (once, here; `None` when it cannot be used).
+fn keyed<K: kube::Resource + Serialize, T>(
     e: watcher::Event<K>,
-) -> watcher::Event<(String, Option<ApiObject>)> {
+    parse: fn(serde_json::Value) -> Result<Option<T>, String>,
+) -> watcher::Event<(String, Option<T>)> {
     let kv = |o: K| {
         let key = format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any());
         let parsed = serde_json::to_value(&o)
             .map_err(|e| e.to_string())
-            .and_then(ApiObject::parse)
+            .and_then(parse)
             .inspect_err(|e| warn!(object = %key, error = %e, "skipping an unusable API object"))
             .ok()
             .flatten();
@@ -212,7 +315,10 @@ pub enum Mode {
 /// The API client `mode` asks for: `Ok(None)` when off (or `auto` outside a
 /// cluster), an error (naming the flag) when `on` and no client can be built.
 /// `kubeconfig` (`--kubeconfig`) wins over the in-cluster configuration.
-pub async fn client(mode: Mode, kubeconfig: Option<&Path>) -> anyhow::Result<Option<Client>> {
+pub async fn client(
+    mode: Mode,
+    kubeconfig: Option<&Path>,
+) -> Result<Option<Client>, crate::error::Error> {
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() || kubeconfig.is_some();
     let build = async || -> Result<Client, kube::Error> {
         match kubeconfig {
@@ -239,15 +345,13 @@ pub async fn client(mode: Mode, kubeconfig: Option<&Path>) -> anyhow::Result<Opt
         Mode::Auto => match build().await {
             Ok(c) => Ok(Some(c)),
             Err(e) => {
-                warn!(error = %crate::status::error_chain(&e), "no Kubernetes API client; Services from files only");
+                warn!(error = %crate::error::chain(&e), "no Kubernetes API client; Services from files only");
                 Ok(None)
             }
         },
-        Mode::On => build().await.map(Some).map_err(|e| {
-            anyhow::anyhow!(
-                "--kubernetes on: cannot build a Kubernetes API client: {}",
-                crate::status::error_chain(&e)
-            )
-        }),
+        Mode::On => build()
+            .await
+            .map(Some)
+            .map_err(crate::error::Error::KubeClient),
     }
 }

@@ -3,11 +3,15 @@
 
 pub mod agent;
 pub mod config;
+pub mod desired;
+pub mod error;
 pub mod http;
 pub mod kube_source;
 pub mod membound;
 pub mod metrics;
 pub mod selftest;
 pub mod services;
+pub mod sources;
 pub mod status;
+pub mod sync;
 pub mod watch;

@@ -58,7 +58,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let watched_dirs = vec![
         spright_endpoint::records_dir(&config.state_dir),
         config.services_dir(),
+        config.pods_dir(),
     ];
+    let node = config.node_name.clone();
     let every = config.rescan_interval();
     let kube = meshd::kube_source::client(config.kubernetes, config.kubeconfig.as_deref()).await?;
     let agent = tokio::task::spawn_blocking(move || {
@@ -71,7 +73,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let _membound = meshd::membound::spawn(agent.clone());
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("binding --metrics-addr {addr}: {e}"))?;
+        .map_err(|source| meshd::error::Error::Bind { addr, source })?;
     info!(addr = %addr, "serving /metrics /status /healthz /readyz /config");
     let server = axum::serve(listener, http::router(agent.clone()));
     let api_watch = {
@@ -80,7 +82,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             match kube {
                 Some(client) => {
                     agent.lock().expect("agent lock").api_objects_mut();
-                    meshd::kube_source::run(agent, client).await;
+                    meshd::kube_source::run(agent, client, node).await;
                 }
                 None => std::future::pending().await,
             }
@@ -88,7 +90,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     let watcher = watch::run(agent, watched_dirs, every);
     tokio::select! {
-        r = server => r.map_err(|e| anyhow::anyhow!("http server: {e}"))?,
+        r = server => r.map_err(meshd::error::Error::Serve)?,
         () = watcher => {}
         () = api_watch => {}
         () = shutdown_signal() => info!("shutting down; pinned programs and maps stay, flows keep their acceleration"),

@@ -302,7 +302,7 @@ impl Poller {
         let keys = self
             .switch()?
             .accelerated()
-            .map_err(|e| crate::status::error_chain(&e))?;
+            .map_err(|e| crate::error::chain(&e))?;
         let mut namespaces: Vec<&String> = members.iter().map(|(_, ns)| ns).collect();
         namespaces.sort();
         namespaces.dedup();
@@ -361,8 +361,7 @@ impl Poller {
 
     fn switch(&mut self) -> Result<&mut PathSwitch, String> {
         if self.switch.is_none() {
-            self.switch =
-                Some(PathSwitch::open(&self.bpffs).map_err(|e| crate::status::error_chain(&e))?);
+            self.switch = Some(PathSwitch::open(&self.bpffs).map_err(|e| crate::error::chain(&e))?);
         }
         Ok(self.switch.as_mut().expect("opened above"))
     }
@@ -389,13 +388,13 @@ impl Poller {
             if !accelerated.contains(&sender)
                 || switch
                     .is_tcp_only(&sender)
-                    .map_err(|e| crate::status::error_chain(&e))?
+                    .map_err(|e| crate::error::chain(&e))?
             {
                 continue;
             }
             switch
                 .force_tcp(&sender)
-                .map_err(|e| crate::status::error_chain(&e))?;
+                .map_err(|e| crate::error::chain(&e))?;
             stats.switches.fetch_add(1, Ordering::Relaxed);
             stats
                 .last_switch_queue

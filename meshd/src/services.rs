@@ -24,7 +24,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use serde::{Deserialize, Serialize};
@@ -32,7 +32,7 @@ use spright_ebpf::{Backend, Datapath, IPPROTO_TCP, SvcKey, SvcValue, addr_of, ip
 use spright_endpoint::Record;
 use tracing::warn;
 
-use crate::status::MalformedRecord;
+use crate::sources::MalformedRecord;
 
 /// Sub-directory of the state directory read when `--services-dir` is unset.
 pub const DEFAULT_SUBDIR: &str = "services";
@@ -155,32 +155,13 @@ impl Table {
     /// Reads every `*.json` file of `dir` (a missing directory is an empty
     /// table). A bad file is reported in `problems` and skipped, never fatal.
     pub fn load(dir: &Path) -> Self {
-        let mut t = Self::default();
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return t,
-            Err(e) => {
-                t.problem(
-                    &dir.display().to_string(),
-                    format!("cannot read the directory: {e}"),
-                );
-                return t;
-            }
+        let (objects, problems) = crate::sources::read_json_dir(dir);
+        let mut t = Self {
+            problems,
+            ..Self::default()
         };
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        paths.sort();
-        for path in paths {
-            match std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-            {
-                Ok(v) => t.add_object(&path.display().to_string(), v),
-                Err(e) => t.problem(&path.display().to_string(), e),
-            }
+        for (path, v) in objects {
+            t.add_object(&path, v);
         }
         t
     }
@@ -389,35 +370,6 @@ pub fn desired(ports: &[ServicePort], records: &[Record]) -> BTreeMap<SvcKey, Sv
             (key, value)
         })
         .collect()
-}
-
-/// Makes the kernel's service table equal to `want`; returns (set, removed).
-pub fn sync(dp: &mut Datapath, want: &BTreeMap<SvcKey, SvcValue>) -> (usize, usize) {
-    crate::agent::sync_map(
-        dp,
-        "service table",
-        want,
-        Datapath::services,
-        Datapath::set_service,
-        Datapath::remove_service,
-    )
-}
-
-/// Makes the netns map (caller identity at `connect()`) match the records
-/// of chain pods.
-pub fn sync_netns(dp: &mut Datapath, records: &[Record]) {
-    let want: BTreeMap<u64, _> = records
-        .iter()
-        .filter_map(|r| Some((r.netns_cookie?, r.endpoint_value())))
-        .collect();
-    crate::agent::sync_map(
-        dp,
-        "netns map",
-        &want,
-        Datapath::netns_entries,
-        |dp, cookie, v| dp.upsert_netns(cookie, *v),
-        Datapath::remove_netns,
-    );
 }
 
 /// A Service port as `/status` and `spright status` show it.

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use spright_ebpf::{Counters, Datapath};
 use spright_endpoint::Record;
 
+use crate::sources::MalformedRecord;
+
 /// Whether acceleration is on, and why not when it is off.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Acceleration {
@@ -78,12 +80,6 @@ pub struct ChainStatus {
     pub counters: CounterSet,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MalformedRecord {
-    pub path: String,
-    pub error: String,
-}
-
 /// The whole node view.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
@@ -113,6 +109,30 @@ pub struct Status {
     /// meshd's memory bound of the redirect path (absent from the CLI).
     #[serde(default)]
     pub memory_bound: Option<crate::membound::Report>,
+    /// This node's Pods as meshd knows them (absent from the CLI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<PodsStatus>,
+}
+
+/// The Pod source: how many Pods meshd knows, and where Pod and record disagree.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodsStatus {
+    /// Pods of this node known from the API and the pods directory.
+    pub known: usize,
+    /// `--node-name`; without it Pods are not watched on the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// The pods directory read.
+    pub dir: String,
+    #[serde(default)]
+    pub malformed_files: Vec<MalformedRecord>,
+    /// Pods whose object names another chain than their record.
+    #[serde(default)]
+    pub mismatches: Vec<crate::desired::Mismatch>,
+    /// Pods (`namespace/name`) that left their chain while running: their
+    /// connections take TCP.
+    #[serde(default)]
+    pub leaving: Vec<String>,
 }
 
 impl Status {
@@ -181,6 +201,7 @@ impl Status {
             malformed_service_files: Vec::new(),
             kubernetes: None,
             memory_bound: None,
+            pods: None,
         }
     }
 
@@ -200,7 +221,7 @@ impl Status {
     /// Builds the view without meshd: records from the state directory, counters
     /// from the pinned maps (acceleration shows as off when they cannot be opened).
     pub fn from_node(state_dir: &Path, bpffs: &Path, services_dir: &Path) -> Self {
-        let (records, malformed) = read_records(state_dir);
+        let (records, malformed) = crate::sources::read_records(state_dir);
         let (dp, acceleration) = match Datapath::open(bpffs) {
             Ok(dp) => (
                 Some(dp),
@@ -214,7 +235,7 @@ impl Status {
                 None,
                 Acceleration {
                     enabled: false,
-                    reason: Some(error_chain(&e)),
+                    reason: Some(crate::error::chain(&e)),
                     ..Acceleration::default()
                 },
             ),
@@ -402,43 +423,6 @@ impl Status {
             );
         }
     }
-}
-
-/// Reads every record; malformed ones are returned separately (with their path).
-pub fn read_records(state_dir: &Path) -> (Vec<Record>, Vec<MalformedRecord>) {
-    let mut records = Vec::new();
-    let mut malformed = Vec::new();
-    match spright_endpoint::list(state_dir) {
-        Ok(list) => {
-            for (path, r) in list {
-                match r {
-                    Ok(r) => records.push(r),
-                    Err(e) => malformed.push(MalformedRecord {
-                        path: path.display().to_string(),
-                        error: error_chain(&e),
-                    }),
-                }
-            }
-        }
-        Err(e) => malformed.push(MalformedRecord {
-            path: spright_endpoint::records_dir(state_dir)
-                .display()
-                .to_string(),
-            error: error_chain(&e),
-        }),
-    }
-    (records, malformed)
-}
-
-/// An error with its sources, `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let _ = write!(s, ": {c}");
-        src = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -1,0 +1,48 @@
+//! meshd's errors, and how any error prints with its sources.
+
+use std::{fmt::Write as _, net::SocketAddr};
+
+/// What stops meshd from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--kubernetes on: cannot build a Kubernetes API client")]
+    KubeClient(#[source] kube::Error),
+    #[error("binding --metrics-addr {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving HTTP")]
+    Serve(#[source] std::io::Error),
+    #[error("the start-up task failed")]
+    Start(#[source] tokio::task::JoinError),
+}
+
+/// An error with its sources, `a: b: c`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let _ = write!(s, ": {c}");
+        src = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_print_with_their_sources() {
+        let e = Error::Bind {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        };
+        assert_eq!(
+            chain(&e),
+            "binding --metrics-addr 127.0.0.1:1: address in use"
+        );
+    }
+}
