@@ -22,6 +22,10 @@ pub mod pod;
 
 /// Default state directory on a node.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/spright";
+/// Sub-directory of the state directory holding Pod files (`kubectl get pod
+/// -o json`) for nodes without an API server: meshd's `--pods-dir` default,
+/// read by shm-csi too while meshd is unreachable.
+pub const PODS_SUBDIR: &str = "pods";
 /// Sub-directory of the state directory holding the records.
 pub const ENDPOINTS_SUBDIR: &str = "endpoints";
 /// File in the state directory where meshd publishes its start-up

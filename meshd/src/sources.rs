@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use spright_endpoint::{PodInfo, Record};
 
 /// Sub-directory of the state directory read when `--pods-dir` is unset.
-pub const PODS_SUBDIR: &str = "pods";
+pub use spright_endpoint::PODS_SUBDIR;
 
 /// A file (or an object in one) that could not be used, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,7 @@ pub mod env {
     pub const MAX_SIZE: &str = "SHM_CSI_MAX_SIZE";
     pub const MESHD_ADDR: &str = "SHM_CSI_MESHD_ADDR";
     pub const STATE_DIR: &str = "SHM_CSI_STATE_DIR";
+    pub const MEMBERSHIP_WAIT_SECS: &str = "SHM_CSI_MEMBERSHIP_WAIT_SECS";
     pub const LOG: &str = "SHM_CSI_LOG";
 }
 
@@ -50,12 +51,21 @@ pub struct Config {
     /// endpoint records while meshd is unreachable.
     #[arg(long, env = env::STATE_DIR, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Seconds a publish waits for meshd to learn of a pod it does not know
+    /// yet (its watch may lag the API) before refusing it.
+    #[arg(long, env = env::MEMBERSHIP_WAIT_SECS, value_name = "SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(0..=60))]
+    pub membership_wait_secs: u64,
     /// tracing filter.
     #[arg(long, env = env::LOG, value_name = "FILTER", default_value = "info")]
     pub log: String,
 }
 
 impl Config {
+    pub fn membership_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.membership_wait_secs)
+    }
+
     pub fn limits(&self) -> Result<Limits, String> {
         if self.default_size > self.max_size {
             return Err(format!(
@@ -105,6 +115,7 @@ mod tests {
         assert_eq!(c.max_size, 1 << 30);
         assert_eq!(c.meshd_addr, DEFAULT_MESHD_ADDR);
         assert!(c.state_dir.is_none());
+        assert_eq!(c.membership_wait_secs, 5);
         assert!(c.limits().is_ok());
     }
 
@@ -114,6 +125,19 @@ mod tests {
         assert!(e.contains("--endpoint") && e.contains("tcp://"), "{e}");
         let e = parse(&["--endpoint", "/s", "--node-id", "n", "--max-size", "1GB"]).unwrap_err();
         assert!(e.contains("--max-size") && e.contains("1GB"), "{e}");
+        let e = parse(&[
+            "--endpoint",
+            "/s",
+            "--node-id",
+            "n",
+            "--membership-wait-secs",
+            "99",
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("--membership-wait-secs") && e.contains("99"),
+            "{e}"
+        );
         let c = parse(&["--endpoint", "/s", "--node-id", "n", "--max-size", "1Mi"]).unwrap();
         assert!(c.limits().unwrap_err().contains("exceeds --max-size 1Mi"));
     }

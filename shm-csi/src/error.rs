@@ -32,11 +32,12 @@ pub enum Error {
         existing: String,
         requested: String,
     },
-    #[error("pod {namespace}/{pod} is not a member of chain {chain} on this node")]
+    #[error("pod {namespace}/{pod} may not use chain {chain}'s shared memory: {reason}")]
     NotMember {
         namespace: String,
         chain: String,
         pod: String,
+        reason: String,
     },
     #[error("cannot check membership of chain {namespace}/{chain}: {why}")]
     MembershipUnavailable {
@@ -136,6 +137,7 @@ mod tests {
                     namespace: "a".into(),
                     chain: "b".into(),
                     pod: "c".into(),
+                    reason: "r".into(),
                 },
                 Code::PermissionDenied,
             ),

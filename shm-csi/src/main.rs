@@ -29,7 +29,9 @@ fn main() -> anyhow::Result<()> {
         Membership {
             meshd_addr: config.meshd_addr.clone(),
             state_dir: config.state_dir.clone(),
+            node: Some(config.node_id.clone()),
             timeout: Duration::from_secs(5),
+            wait: config.membership_wait(),
         },
         regions,
     ));

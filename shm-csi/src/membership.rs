@@ -1,86 +1,92 @@
-//! "Is pod P a member of chain C?" — asked of meshd (`/v1/members`), which
-//! knows the CNI endpoint records; optionally answered from the records
-//! themselves when meshd cannot be reached.
+//! "Is pod P (uid U) a member of chain C?" — asked of meshd
+//! (`spright_endpoint::membership`), which knows this node's Pod objects and
+//! the CNI endpoint records; answered from the same files by the same rule
+//! when meshd cannot be reached and `--state-dir` is set.
+//!
+//! Kubelet publishes a pod's volumes before its sandbox exists, so a pod is
+//! often asked about moments after it was scheduled: while the answer is
+//! "unknown" (meshd's watch has not seen the Pod yet) or names an older pod
+//! of the same name, the question is asked again for up to `wait`, then
+//! refused with the reason.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use spright_endpoint::membership::{self, Answer, Query, Verdict};
 
 use crate::error::Error;
+
+/// How often an unsettled answer is asked again within `wait`.
+const RETRY_EVERY: Duration = Duration::from_millis(200);
 
 /// Where membership answers come from.
 #[derive(Clone, Debug)]
 pub struct Membership {
     /// meshd's HTTP address (`host:port`).
     pub meshd_addr: String,
-    /// The CNI state directory: read its endpoint records when meshd is unreachable.
+    /// The CNI state directory: while meshd is unreachable, decide from its
+    /// endpoint records and its `pods/` files.
     pub state_dir: Option<PathBuf>,
+    /// This node's name (a pod bound to another node is refused).
+    pub node: Option<String>,
+    /// Timeout of one question to meshd.
     pub timeout: Duration,
-}
-
-/// meshd's `/v1/members` answer (the fields this plugin reads).
-#[derive(serde::Deserialize)]
-struct Members {
-    members: Vec<Member>,
-}
-
-#[derive(serde::Deserialize)]
-struct Member {
-    pod: String,
-    #[serde(default)]
-    uid: String,
-}
-
-/// A pod name matches; a uid is compared when both sides know it (a recreated
-/// pod with the same name is a different pod).
-fn matches(name: &str, uid: &str, pod: &str, pod_uid: &str) -> bool {
-    name == pod && (uid.is_empty() || pod_uid.is_empty() || uid == pod_uid)
+    /// How long an unknown pod may take to become known.
+    pub wait: Duration,
 }
 
 impl Membership {
     /// Blocking: call from a blocking context.
-    pub fn check(
-        &self,
-        namespace: &str,
-        chain: &str,
-        pod: &str,
-        pod_uid: &str,
-    ) -> Result<(), Error> {
-        let member = match self.ask_meshd(namespace, chain) {
-            Ok(members) => members
-                .iter()
-                .any(|m| matches(&m.pod, &m.uid, pod, pod_uid)),
-            Err(MeshdError::Unreachable(why)) if self.state_dir.is_some() => {
-                tracing::warn!(meshd.addr = %self.meshd_addr, error = %why, "meshd unreachable, reading endpoint records");
-                self.ask_records(namespace, chain, pod, pod_uid)?
+    pub fn check(&self, q: &Query) -> Result<(), Error> {
+        let deadline = Instant::now() + self.wait;
+        loop {
+            let answer = self.ask(q)?;
+            if answer.verdict.is_member() {
+                tracing::debug!(reason = %answer.reason, "member");
+                return Ok(());
             }
-            Err(MeshdError::Unreachable(why) | MeshdError::Bad(why)) => {
-                return Err(Error::MembershipUnavailable {
-                    namespace: namespace.to_owned(),
-                    chain: chain.to_owned(),
-                    why,
+            if !answer.verdict.may_change() || Instant::now() >= deadline {
+                return Err(Error::NotMember {
+                    namespace: q.namespace.clone(),
+                    chain: q.chain.clone(),
+                    pod: q.pod.clone(),
+                    reason: answer.reason,
                 });
             }
-        };
-        if member {
-            Ok(())
-        } else {
-            Err(Error::NotMember {
-                namespace: namespace.to_owned(),
-                chain: chain.to_owned(),
-                pod: pod.to_owned(),
-            })
+            std::thread::sleep(RETRY_EVERY.min(deadline.saturating_duration_since(Instant::now())));
         }
     }
 
-    fn ask_meshd(&self, namespace: &str, chain: &str) -> Result<Vec<Member>, MeshdError> {
+    fn ask(&self, q: &Query) -> Result<Answer, Error> {
+        match self.ask_meshd(q) {
+            Ok(a) => Ok(a),
+            Err(MeshdError::Unreachable(why)) if self.state_dir.is_some() => {
+                tracing::warn!(meshd.addr = %self.meshd_addr, error = %why, "meshd unreachable, deciding from the records and Pod files");
+                Ok(Answer::new(q, self.ask_files(q)?))
+            }
+            Err(MeshdError::Unreachable(why) | MeshdError::Bad(why)) => {
+                Err(Error::MembershipUnavailable {
+                    namespace: q.namespace.clone(),
+                    chain: q.chain.clone(),
+                    why,
+                })
+            }
+        }
+    }
+
+    fn ask_meshd(&self, q: &Query) -> Result<Answer, MeshdError> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(self.timeout))
             .http_status_as_error(false)
             .build()
             .into();
-        // Both names are validated DNS-1123 labels: nothing to escape.
         let url = format!(
-            "http://{}/v1/members?namespace={namespace}&chain={chain}",
-            self.meshd_addr
+            "http://{}{}?{}",
+            self.meshd_addr,
+            membership::PATH,
+            q.query_string()
         );
         let mut resp = agent
             .get(&url)
@@ -90,33 +96,45 @@ impl Membership {
             return Err(MeshdError::Bad(format!("meshd answered {}", resp.status())));
         }
         resp.body_mut()
-            .read_json::<Members>()
-            .map(|m| m.members)
+            .read_json::<Answer>()
             .map_err(|e| MeshdError::Bad(format!("malformed answer from meshd: {e}")))
     }
 
-    fn ask_records(
-        &self,
-        namespace: &str,
-        chain: &str,
-        pod: &str,
-        pod_uid: &str,
-    ) -> Result<bool, Error> {
+    /// The same decision as meshd's, from the state directory's files.
+    fn ask_files(&self, q: &Query) -> Result<Verdict, Error> {
         let dir = self.state_dir.as_deref().expect("checked by caller");
-        let records = spright_endpoint::list(dir).map_err(|e| Error::MembershipUnavailable {
-            namespace: namespace.to_owned(),
-            chain: chain.to_owned(),
-            why: format!("meshd unreachable and the records are unreadable: {e}"),
-        })?;
-        Ok(records
-            .iter()
-            .filter_map(|(_, r)| r.as_ref().ok())
-            .any(|r| {
-                r.pod.namespace == namespace
-                    && r.chain.as_deref() == Some(chain)
-                    && matches(&r.pod.name, &r.pod.uid, pod, pod_uid)
-            }))
+        let unavailable = |why: String| Error::MembershipUnavailable {
+            namespace: q.namespace.clone(),
+            chain: q.chain.clone(),
+            why,
+        };
+        let records: Vec<_> = spright_endpoint::list(dir)
+            .map_err(|e| {
+                unavailable(format!(
+                    "meshd unreachable and the records are unreadable: {e}"
+                ))
+            })?
+            .into_iter()
+            .filter_map(|(_, r)| r.ok())
+            .collect();
+        let pods = read_pods(&dir.join(spright_endpoint::PODS_SUBDIR));
+        Ok(membership::decide(q, self.node.as_deref(), &pods, &records))
     }
+}
+
+/// The usable Pods of the JSON files in `dir` (none when it is missing).
+fn read_pods(dir: &std::path::Path) -> Vec<spright_endpoint::PodInfo> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+        .flat_map(|v: serde_json::Value| spright_endpoint::PodInfo::parse_all(&v))
+        .filter_map(Result::ok)
+        .collect()
 }
 
 enum MeshdError {
@@ -128,17 +146,17 @@ enum MeshdError {
 mod tests {
     use super::*;
 
-    #[test]
-    fn uid_compared_only_when_known() {
-        assert!(matches("a", "", "a", "u1"));
-        assert!(matches("a", "u1", "a", ""));
-        assert!(matches("a", "u1", "a", "u1"));
-        assert!(!matches("a", "u1", "a", "u2"));
-        assert!(!matches("b", "u1", "a", "u1"));
+    fn q(ns: &str, pod: &str, uid: &str) -> Query {
+        Query {
+            namespace: ns.into(),
+            pod: pod.into(),
+            uid: uid.into(),
+            chain: "checkout".into(),
+        }
     }
 
     #[test]
-    fn falls_back_to_records_only_when_configured() {
+    fn falls_back_to_the_files_only_when_configured() {
         let dir = tempfile::tempdir().unwrap();
         let rec = spright_endpoint::Record {
             version: spright_endpoint::RECORD_VERSION,
@@ -159,19 +177,62 @@ mod tests {
             netns_cookie: None,
         };
         spright_endpoint::write(dir.path(), &rec).unwrap();
+        let pods = dir.path().join("pods");
+        std::fs::create_dir(&pods).unwrap();
+        std::fs::write(
+            pods.join("fn-b.json"),
+            r#"{"kind":"Pod","metadata":{"name":"fn-b","namespace":"shop","uid":"u-b",
+               "annotations":{"spright.dev/chain":"checkout"}},"spec":{"nodeName":"n1"}}"#,
+        )
+        .unwrap();
         // Port 1 on loopback: connection refused, i.e. meshd unreachable.
         let mut m = Membership {
             meshd_addr: "127.0.0.1:1".into(),
             state_dir: None,
+            node: Some("n1".into()),
             timeout: Duration::from_secs(2),
+            wait: Duration::ZERO,
         };
-        let e = m.check("shop", "checkout", "fn-a", "").unwrap_err();
+        let e = m.check(&q("shop", "fn-a", "")).unwrap_err();
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unavailable);
         m.state_dir = Some(dir.path().to_path_buf());
-        m.check("shop", "checkout", "fn-a", "u").unwrap();
-        let e = m.check("shop", "checkout", "fn-b", "").unwrap_err();
+        m.check(&q("shop", "fn-a", "u")).unwrap();
+        // A Pod file admits a pod before any record exists.
+        m.check(&q("shop", "fn-b", "u-b")).unwrap();
+        let e = tonic::Status::from(m.check(&q("shop", "fn-b", "u-other")).unwrap_err());
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("uid u-b"), "{}", e.message());
+        let e = m.check(&q("shop", "fn-c", "")).unwrap_err();
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::PermissionDenied);
-        let e = m.check("other", "checkout", "fn-a", "").unwrap_err();
+        let e = m.check(&q("other", "fn-a", "")).unwrap_err();
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn an_unknown_pod_is_asked_about_again_until_the_wait_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Membership {
+            meshd_addr: "127.0.0.1:1".into(),
+            state_dir: Some(dir.path().to_path_buf()),
+            node: None,
+            timeout: Duration::from_secs(1),
+            wait: Duration::from_millis(600),
+        };
+        let pods = dir.path().join("pods");
+        std::fs::create_dir(&pods).unwrap();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(250));
+            std::fs::write(
+                pods.join("late.json"),
+                r#"{"kind":"Pod","metadata":{"name":"late","namespace":"shop",
+                   "annotations":{"spright.dev/chain":"checkout"}}}"#,
+            )
+            .unwrap();
+        });
+        m.check(&q("shop", "late", "")).unwrap();
+        late.join().unwrap();
+        let e = tonic::Status::from(m.check(&q("shop", "never", "")).unwrap_err());
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("not known"), "{}", e.message());
     }
 }

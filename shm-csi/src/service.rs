@@ -189,7 +189,12 @@ impl csi::node_server::Node for Node {
             }
             plugin
                 .membership
-                .check(&p.namespace, &p.chain, &p.pod_name, &p.pod_uid)?;
+                .check(&spright_endpoint::membership::Query {
+                    namespace: p.namespace.clone(),
+                    pod: p.pod_name.clone(),
+                    uid: p.pod_uid.clone(),
+                    chain: p.chain.clone(),
+                })?;
             plugin.regions.publish(&p)
         })
         .await;

@@ -7,7 +7,9 @@
 //! streams, chunked, every later change as `{"type":…,"object":…}` lines
 //! until `timeoutSeconds`. Objects carry their own `resourceVersion`. It is
 //! the protocol kube-rs' watcher speaks, not a model of the API server's
-//! storage (no field selectors, no pagination, no bookmarks, no auth).
+//! storage (no pagination, no bookmarks, no auth). Of field selectors it
+//! knows the one kubelet and meshd use on Pods, `spec.nodeName=<node>`,
+//! applied to lists and watches alike.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -20,8 +22,9 @@ use std::{
 use serde_json::{Value, json};
 
 /// The collections served: (path, kind, apiVersion).
-const COLLECTIONS: [(&str, &str, &str); 2] = [
+const COLLECTIONS: [(&str, &str, &str); 3] = [
     ("/api/v1/services", "Service", "v1"),
+    ("/api/v1/pods", "Pod", "v1"),
     (
         "/apis/discovery.k8s.io/v1/endpointslices",
         "EndpointSlice",
@@ -40,6 +43,11 @@ struct State {
 impl State {
     /// Live objects of `kind`, by namespace/name.
     fn objects(&self, kind: &str) -> Vec<Value> {
+        self.objects_matching(kind, &Selector::default())
+    }
+
+    /// Live objects of `kind` that `selector` selects.
+    fn objects_matching(&self, kind: &str, selector: &Selector) -> Vec<Value> {
         let mut live = std::collections::BTreeMap::new();
         for (_, k, t, o) in &self.log {
             if k != kind {
@@ -52,7 +60,37 @@ impl State {
                 live.insert(key, o.clone());
             }
         }
-        live.into_values().collect()
+        live.into_values().filter(|o| selector.selects(o)).collect()
+    }
+}
+
+/// A field selector: `spec.nodeName=<node>` (the only one served).
+#[derive(Debug, Default)]
+struct Selector {
+    node_name: Option<String>,
+}
+
+impl Selector {
+    /// Parses the `fieldSelector` query value (percent-encoded).
+    fn parse(value: Option<&str>) -> Result<Self, String> {
+        let Some(v) = value else {
+            return Ok(Self::default());
+        };
+        let v = v.replace("%3D", "=").replace("%3d", "=");
+        match v.split_once('=') {
+            Some(("spec.nodeName", node)) => Ok(Self {
+                node_name: Some(node.to_owned()),
+            }),
+            _ => Err(format!(
+                "field selector {v:?} is not supported by the stand-in"
+            )),
+        }
+    }
+
+    fn selects(&self, o: &Value) -> bool {
+        self.node_name
+            .as_deref()
+            .is_none_or(|n| o["spec"]["nodeName"].as_str() == Some(n))
     }
 }
 
@@ -177,6 +215,19 @@ fn serve(conn: TcpStream, state: &(Mutex<State>, Condvar)) -> std::io::Result<()
             body.len()
         );
     };
+    let selector = match Selector::parse(param("fieldSelector")) {
+        Ok(s) => s,
+        Err(message) => {
+            let body = json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                               "reason": "BadRequest", "code": 400, "message": message })
+            .to_string();
+            return write!(
+                out,
+                "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    };
     if matches!(param("watch"), Some("true" | "1")) {
         let since: u64 = param("resourceVersion")
             .and_then(|v| v.parse().ok())
@@ -189,13 +240,19 @@ fn serve(conn: TcpStream, state: &(Mutex<State>, Condvar)) -> std::io::Result<()
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
         )?;
         out.flush()?;
-        watch(&mut out, state, kind, since, Instant::now() + timeout)?;
+        watch(
+            &mut out,
+            state,
+            (kind, &selector),
+            since,
+            Instant::now() + timeout,
+        )?;
         write!(out, "0\r\n\r\n")?;
         return out.flush();
     }
     let (items, rv) = {
         let st = state.0.lock().unwrap();
-        (st.objects(kind), st.rv)
+        (st.objects_matching(kind, &selector), st.rv)
     };
     let body = json!({
         "kind": format!("{kind}List"), "apiVersion": api_version,
@@ -210,11 +267,12 @@ fn serve(conn: TcpStream, state: &(Mutex<State>, Condvar)) -> std::io::Result<()
     out.flush()
 }
 
-/// Streams events of `kind` newer than `since` until `deadline` or stop.
+/// Streams events of `kind` (that `selector` selects) newer than `since`
+/// until `deadline` or stop.
 fn watch(
     out: &mut TcpStream,
     (lock, cv): &(Mutex<State>, Condvar),
-    kind: &str,
+    (kind, selector): (&str, &Selector),
     mut since: u64,
     deadline: Instant,
 ) -> std::io::Result<()> {
@@ -223,7 +281,7 @@ fn watch(
         let events: Vec<(u64, String)> = st
             .log
             .iter()
-            .filter(|(rv, k, _, _)| *rv > since && k == kind)
+            .filter(|(rv, k, _, o)| *rv > since && k == kind && selector.selects(o))
             .map(|(rv, _, t, o)| (*rv, json!({ "type": t, "object": o }).to_string() + "\n"))
             .collect();
         since = st.rv;

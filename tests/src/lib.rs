@@ -10,6 +10,7 @@
 pub mod chain;
 pub mod cni;
 pub mod kubeapi;
+pub mod kubelet;
 pub mod meshd;
 pub mod pod;
 pub mod privileged;

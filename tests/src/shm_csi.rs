@@ -103,6 +103,8 @@ impl ShmCsi {
             .arg("--region-root")
             .arg(&region_root)
             .args(["--log", "shm_csi=debug,info"])
+            // An unknown pod is refused after this wait (default 5 s).
+            .args(["--membership-wait-secs", "1"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

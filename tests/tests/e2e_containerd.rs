@@ -11,154 +11,26 @@
 
 use std::{collections::HashMap, net::IpAddr, path::Path, time::Duration};
 
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1::{
     self as cri, image_service_client::ImageServiceClient,
     runtime_service_client::RuntimeServiceClient,
 };
 use spright_tests::{
-    cni::Node,
-    runtime::{self, Containerd, Podman, RuntimeCgroups, RuntimeNetns, redirected},
-    sandbox::Netns,
+    kubelet::{CriNode, IMAGE, connect},
+    runtime::{self, redirected},
 };
 use tonic::transport::Channel;
 
-const IMAGE: &str = "localhost/spright-busybox:e2e";
 const SUBNET: &str = "10.213.41.0/24";
 const NETWORK: &str = "spright";
 
-/// Everything the test owns; drops in order: containerd (and its shims,
-/// mounts), pod network namespaces it left, the runtime's cgroups, the datapath, the test cgroup, the node
-/// namespace, the files.
-struct Setup {
-    containerd: Containerd,
-    pod_netns: RuntimeNetns,
-    _runtime_cgroups: RuntimeCgroups,
-    /// Node netns, test cgroup, pin dir and temp dir (dropped last).
-    base: Node,
-}
+type Setup = CriNode;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
-}
-
-async fn connect(sock: &Path) -> Channel {
-    let sock = sock.to_owned();
-    tonic::transport::Endpoint::try_from("http://[::1]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let sock = sock.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(sock).await?))
-            }
-        }))
-        .await
-        .unwrap()
-}
-
-/// Builds the busybox image with a temporary podman and imports it.
-fn import_image(dir: &Path, node: &Netns, containerd: &Containerd) {
-    let rootfs = dir.join("rootfs");
-    runtime::busybox_rootfs(&rootfs).unwrap();
-    let tar = dir.join("rootfs.tar");
-    let out = std::process::Command::new("tar")
-        .arg("-C")
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .output()
-        .unwrap();
-    runtime::check(&out, "tar").unwrap();
-    let bin = dir.join("podman-cni-bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let podman = Podman::new(&dir.join("podman"), &node.path(), &bin).unwrap();
-    podman
-        .run(
-            &[],
-            &[
-                "import",
-                "--change",
-                r#"CMD ["/bin/sleep", "2147483647"]"#,
-                &tar.display().to_string(),
-                IMAGE,
-            ],
-        )
-        .unwrap();
-    let archive = dir.join("image.tar");
-    podman
-        .run(
-            &[],
-            &[
-                "save",
-                "--format",
-                "docker-archive",
-                "-o",
-                &archive.display().to_string(),
-                IMAGE,
-            ],
-        )
-        .unwrap();
-    containerd
-        .ctr(&[
-            "images",
-            "import",
-            "--snapshotter",
-            "native",
-            &archive.display().to_string(),
-        ])
-        .unwrap();
-}
-
-impl Setup {
-    fn new() -> Self {
-        let base = Node::new("d").unwrap();
-        let (dir, node, name) = (&base.dir, &base.node, &base.name);
-        let runtime_cgroups = RuntimeCgroups { name: name.clone() };
-        // containerd takes one CNI bin dir: spright-cni plus the reference
-        // loopback (lo in every sandbox) and host-local (spright's IPAM).
-        let bin = runtime::cni_bin_dir(dir.path()).unwrap();
-        for p in ["loopback", "host-local"] {
-            std::os::unix::fs::symlink(
-                Path::new(spright_tests::cni::REFERENCE_PLUGINS).join(p),
-                bin.join(p),
-            )
-            .unwrap();
-        }
-        let conf_dir = dir.path().join("net.d");
-        std::fs::create_dir_all(&conf_dir).unwrap();
-        let conflist = runtime::spright_conflist(
-            NETWORK,
-            "sprcd0",
-            SUBNET,
-            &base.cgroup.path,
-            &base.pins.path,
-            dir.path(),
-        );
-        std::fs::write(
-            conf_dir.join("10-spright.conflist"),
-            serde_json::to_vec_pretty(&conflist).unwrap(),
-        )
-        .unwrap();
-        let containerd = Containerd::start(
-            &dir.path().join("containerd"),
-            &node.path(),
-            IMAGE,
-            &bin,
-            &conf_dir,
-        )
-        .unwrap();
-        import_image(dir.path(), node, &containerd);
-        Self {
-            containerd,
-            pod_netns: RuntimeNetns::default(),
-            _runtime_cgroups: runtime_cgroups,
-            base,
-        }
-    }
 }
 
 struct Pod {
@@ -315,9 +187,9 @@ fn e2e_containerd_cri_chain_from_annotations() {
     ) {
         return;
     }
-    let s = Setup::new();
+    let s = Setup::new("d", NETWORK, SUBNET).unwrap();
     rt().block_on(async {
-        let channel = connect(&s.containerd.address).await;
+        let channel = connect(&s.containerd.address).await.unwrap();
         let mut rs = RuntimeServiceClient::new(channel.clone());
         let mut is = ImageServiceClient::new(channel);
         let images = is

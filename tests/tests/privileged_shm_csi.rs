@@ -289,7 +289,8 @@ fn privileged_shm_csi_regions() {
     drop(meshd);
 }
 
-/// A meshd stand-in that answers `/v1/members` only when the test says so.
+/// A meshd stand-in that answers `/v1/membership` (always "member") only
+/// when the test says so.
 fn slow_meshd(pod: &'static str) -> (String, mpsc::Receiver<()>, mpsc::Sender<()>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
@@ -305,7 +306,7 @@ fn slow_meshd(pod: &'static str) -> (String, mpsc::Receiver<()>, mpsc::Sender<()
                 return;
             }
             let body = format!(
-                r#"{{"namespace":"default","chain":"alpha","members":[{{"pod":"{pod}","uid":"","ips":[]}}]}}"#
+                r#"{{"verdict":"member","source":"record","reason":"{pod} is recorded in alpha"}}"#
             );
             let _ = write!(
                 s,

@@ -1,0 +1,267 @@
+//! The shipped example chain, unchanged, on one node run in kubelet's order
+//! (src/kubelet.rs): the Pod object first, its CSI volumes published by
+//! shm-csi before any sandbox exists, then containerd's RunPodSandbox (which
+//! runs spright-cni), then the containers with their mounts. meshd learns
+//! the Pods from its pods directory (the file twin of its API watch).
+
+use std::path::Path;
+
+use serde_json::json;
+use spright_tests::{
+    kubelet::{CriNode, Kubelet, PodError, RunningPod, pods_from_manifest},
+    meshd::Meshd,
+    runtime::{self, redirected},
+    shm_csi::{Code, MountDir, ShmCsi, mounts_under},
+};
+
+const NODE: &str = "test-node";
+const NETWORK: &str = "spright";
+const SUBNET: &str = "10.213.43.0/24";
+const EXAMPLE: &str = include_str!("../../manifests/example-chain.yaml");
+
+/// A pod outside the chain, and one that asks for the chain's volume
+/// without being annotated into the chain.
+fn outsiders() -> (serde_json::Value, serde_json::Value) {
+    let pod = |name: &str, volumes: serde_json::Value, mounts: serde_json::Value| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": name, "namespace": "spright-demo", "uid": spright_tests::kubelet::new_uid(),
+                          "labels": { "app": name } },
+            "spec": { "nodeName": NODE, "volumes": volumes, "containers": [{
+                "name": "main", "image": "registry.k8s.io/e2e-test-images/agnhost:2.53",
+                "ports": [{ "containerPort": 8080 }], "volumeMounts": mounts }] },
+        })
+    };
+    (
+        pod("outsider", json!([]), json!([])),
+        pod(
+            "intruder",
+            json!([{ "name": "chain-shm", "csi": { "driver": "shm.spright.dev",
+                     "volumeAttributes": { "chain": "demo", "size": "64Mi" } } }]),
+            json!([{ "name": "chain-shm", "mountPath": "/dev/spright" }]),
+        ),
+    )
+}
+
+fn function_of(p: &RunningPod) -> &str {
+    p.object["metadata"]["annotations"]["spright.dev/function"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+#[test]
+fn e2e_kubelet_runs_the_example_chain_in_kubelets_order() {
+    if !runtime::require_tools(
+        "e2e_kubelet_runs_the_example_chain_in_kubelets_order",
+        &[
+            "containerd",
+            "ctr",
+            "containerd-shim-runc-v2",
+            "runc",
+            "podman",
+        ],
+    ) {
+        return;
+    }
+    let node = CriNode::new("k", NETWORK, SUBNET).unwrap();
+    let mounts = MountDir::new().unwrap();
+    let state = node.state_dir();
+    let pods_dir = state.join("pods");
+    std::fs::create_dir_all(&pods_dir).unwrap();
+    let placement = spright_ebpf::Placement {
+        cgroup: node.base.cgroup.path.clone(),
+        bpffs: node.base.pins.path.clone(),
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let meshd_flags = ["--node-name", NODE];
+    let mut meshd = Meshd::start_with(&placement, &state, &addr, &meshd_flags).unwrap();
+    let csi = ShmCsi::start(&mounts.path().join("csi"), &addr, &[]).unwrap();
+    let mut kubelet = Kubelet::new(
+        &node,
+        &mounts.path().join("kubelet"),
+        &csi.socket,
+        &pods_dir,
+    )
+    .unwrap();
+
+    let chain = pods_from_manifest(EXAMPLE, NODE).unwrap();
+    assert_eq!(chain.len(), 6, "three Deployments of two replicas");
+    let mut running = Vec::new();
+    // The first pod: its volume is published, then meshd restarts before
+    // the sandbox is created; the pod still starts.
+    let volumes = kubelet
+        .publish_volumes(&{
+            kubelet.create_object(&chain[0]).unwrap();
+            chain[0].clone()
+        })
+        .unwrap_or_else(|e| panic!("publish before ADD: {e}\n{}", csi.log_text()));
+    assert!(
+        spright_endpoint::list(&state)
+            .unwrap_or_default()
+            .is_empty(),
+        "the volume was published before any CNI ADD"
+    );
+    meshd.kill();
+    meshd = Meshd::start_with(&placement, &state, &addr, &meshd_flags).unwrap();
+    running.push(
+        kubelet
+            .start_sandbox(&chain[0], volumes)
+            .unwrap_or_else(|e| panic!("{e}\n{}", node.containerd.log_text())),
+    );
+    for pod in &chain[1..] {
+        running.push(kubelet.run_pod(pod).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}\nshm-csi:\n{}\nmeshd:\n{}",
+                pod["metadata"]["name"],
+                csi.log_text(),
+                meshd.log_text()
+            )
+        }));
+    }
+    let (outsider, intruder) = outsiders();
+    let outsider = kubelet.run_pod(&outsider).unwrap();
+    // Leftover pod namespaces are removed on drop if the test fails.
+    for p in running.iter().chain([&outsider]) {
+        if let Some(ns) = &p.netns {
+            node.pod_netns.0.borrow_mut().push(ns.into());
+        }
+    }
+    // The intruder asks for the chain's volume without being in the chain:
+    // FailedMount, no sandbox, nothing mounted.
+    let sandboxes = kubelet.sandboxes().unwrap();
+    match kubelet.run_pod(&intruder) {
+        Err(PodError::FailedMount { status, .. }) => {
+            assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+            assert!(
+                status.message().contains("no spright.dev/chain annotation"),
+                "{}",
+                status.message()
+            );
+        }
+        other => panic!("the intruder got {other:?}"),
+    }
+    assert_eq!(kubelet.sandboxes().unwrap(), sandboxes);
+    let intruder_uid = intruder["metadata"]["uid"].as_str().unwrap();
+    assert!(mounts_under(&kubelet.root.join("pods").join(intruder_uid)).is_empty());
+
+    // Every chain pod was attached in the chain (containerd passed the
+    // annotation), the outsider in none.
+    let records = spright_endpoint::list(&state).unwrap();
+    assert_eq!(records.len(), 7, "{records:?}");
+    for (_, r) in &records {
+        let r = r.as_ref().unwrap();
+        let want = (r.pod.name != "outsider").then_some("demo");
+        assert_eq!(r.chain.as_deref(), want, "{r:?}");
+    }
+
+    // Chain hops over HTTP: gateway → transform → store, redirected.
+    let by_fn = |f: &str| {
+        running
+            .iter()
+            .find(|p| function_of(p) == f)
+            .unwrap()
+            .clone()
+    };
+    let (gateway, transform, store) = (by_fn("gateway"), by_fn("transform"), by_fn("store"));
+    assert_eq!(
+        kubelet.fetch(&gateway, &transform, 8080).unwrap(),
+        "spright-e2e"
+    );
+    assert_eq!(
+        kubelet.fetch(&transform, &store, 8080).unwrap(),
+        "spright-e2e"
+    );
+    let pins = &node.base.pins.path;
+    for p in [&gateway, &transform, &store] {
+        let (msgs, bytes) = redirected(pins, p.ip).unwrap();
+        assert!(
+            msgs > 0 && bytes > 0,
+            "{}: chain hop not redirected",
+            p.name
+        );
+    }
+    let before = redirected(pins, gateway.ip).unwrap();
+    assert_eq!(
+        kubelet.fetch(&outsider, &gateway, 8080).unwrap(),
+        "spright-e2e"
+    );
+    assert_eq!(redirected(pins, outsider.ip).unwrap(), (0, 0));
+    assert_eq!(
+        redirected(pins, gateway.ip).unwrap(),
+        before,
+        "outsider hop redirected"
+    );
+
+    // One shared-memory region for the whole chain: a byte written by one
+    // function is read by another; the outsider has no volume.
+    let (code, _) = kubelet
+        .exec(
+            &gateway,
+            &["sh", "-c", "echo hello-chain > /dev/spright/probe"],
+        )
+        .unwrap();
+    assert_eq!(code, 0, "writing the chain's region as uid 65534");
+    let last = running.last().unwrap().clone();
+    assert_eq!(
+        kubelet.exec(&last, &["cat", "/dev/spright/probe"]).unwrap(),
+        (0, "hello-chain\n".to_owned())
+    );
+    assert_ne!(
+        kubelet.exec(&outsider, &["ls", "/dev/spright"]).unwrap().0,
+        0
+    );
+    let status = meshd.status().unwrap();
+    assert_eq!(status["pods"]["mismatches"], json!([]), "{status:#}");
+    assert_eq!(status["pods"]["leaving"], json!([]), "{status:#}");
+
+    // Delete everything as kubelet does; the node is clean.
+    for p in running.iter().chain([&outsider]) {
+        kubelet.delete_pod(p).unwrap();
+    }
+    kubelet.delete_object("spright-demo", "intruder").unwrap();
+    assert_eq!(kubelet.sandboxes().unwrap(), 0);
+    assert!(
+        spright_endpoint::list(&state).unwrap().is_empty(),
+        "records left"
+    );
+    assert_eq!(
+        mounts_under(mounts.path().join("kubelet").as_path()),
+        Vec::<std::path::PathBuf>::new(),
+        "volume mounts left"
+    );
+    assert!(
+        mounts_under(&csi.region_root).is_empty(),
+        "chain regions left mounted"
+    );
+    let allocations = node.base.allocations(NETWORK);
+    assert!(
+        allocations.is_empty(),
+        "IP allocations left: {allocations:?}"
+    );
+    let links = node.base.node.ip(&["-o", "link", "show"]).unwrap();
+    assert_eq!(links.lines().count(), 2, "only lo and the bridge: {links}");
+    meshd
+        .wait_status(std::time::Duration::from_secs(10), "no endpoints", |s| {
+            s["endpoints"].as_array().is_some_and(Vec::is_empty)
+        })
+        .unwrap();
+    let dp = spright_ebpf::Datapath::open(pins).unwrap();
+    assert!(
+        dp.endpoints().unwrap().is_empty(),
+        "endpoint map entries left"
+    );
+    assert!(
+        std::fs::read_dir(&pods_dir).unwrap().next().is_none(),
+        "Pod objects left"
+    );
+    for p in running.iter().chain([&outsider]) {
+        if let Some(ns) = &p.netns {
+            assert!(!Path::new(ns).exists(), "netns {ns} of {} left", p.name);
+        }
+    }
+}
