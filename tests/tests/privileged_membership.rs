@@ -1,0 +1,304 @@
+//! Privileged tier: the Pod object decides chain membership.
+//!
+//! - shm-csi's NodePublishVolume before any CNI ADD, with the Pods served by
+//!   the API stand-in (meshd's real kube-rs watch, field selector
+//!   `spec.nodeName`) and by meshd's pods directory: a member is mounted; a
+//!   pod outside the chain, a uid that does not match the Pod, a pod of
+//!   another node and a pod nobody knows (after the bounded wait) are
+//!   refused with PERMISSION_DENIED and nothing is mounted; a pod the watch
+//!   learns of during the wait is admitted.
+//! - A pod whose annotation is removed while it talks: its open connection
+//!   moves to TCP with every byte intact and in order, new connections are
+//!   not redirected, and a pod recreated without the annotation is no member.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use spright_ebpf::Datapath;
+use spright_tests::{
+    kubeapi::FakeApi,
+    meshd::Meshd,
+    privileged,
+    sandbox::{Peer, Sandbox, workspace_bin},
+    scenario::json_u64 as u,
+    shm_csi::{Client, Code, MountDir, ShmCsi, ephemeral_publish},
+};
+
+const T: Duration = Duration::from_mins(1);
+
+fn pod(name: &str, uid: &str, node: &str, chain: Option<&str>) -> Value {
+    let mut annotations = serde_json::Map::new();
+    if let Some(c) = chain {
+        annotations.insert("spright.dev/chain".into(), json!(c));
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": "shop", "uid": uid, "annotations": annotations },
+        "spec": { "nodeName": node, "containers": [{ "name": "f", "image": "x" }] },
+    })
+}
+
+fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+#[test]
+fn privileged_membership_publish_before_add_follows_the_pod() {
+    if !privileged::require("privileged_membership_publish_before_add_follows_the_pod") {
+        return;
+    }
+    let sb = Sandbox::new("mp").expect("sandbox");
+    let state = tempfile::tempdir().expect("state dir");
+    let api = FakeApi::start().expect("API stand-in");
+    api.apply(pod("member", "u-member", "node-a", Some("checkout")));
+    api.apply(pod("plain", "u-plain", "node-a", None));
+    api.apply(pod("away", "u-away", "node-b", Some("checkout")));
+    // A Pod file (for nodes without an API) bound to another node.
+    let pods_dir = state.path().join("pods");
+    std::fs::create_dir_all(&pods_dir).unwrap();
+    std::fs::write(
+        pods_dir.join("elsewhere.json"),
+        pod("elsewhere", "u-else", "node-b", Some("checkout")).to_string(),
+    )
+    .unwrap();
+    let kubeconfig = api.kubeconfig(state.path()).expect("kubeconfig");
+    let kubeconfig = kubeconfig.to_str().unwrap();
+    let addr = free_addr();
+    let meshd = Meshd::start_with(
+        &sb.placement(),
+        state.path(),
+        &addr,
+        &[
+            "--no-selftest",
+            "--kubernetes",
+            "on",
+            "--kubeconfig",
+            kubeconfig,
+            "--node-name",
+            "node-a",
+        ],
+    )
+    .expect("meshd");
+    meshd
+        .wait_status(T, "the Pods of node-a listed", |s| {
+            s["kubernetes"]["state"] == "synced" && s["kubernetes"]["pods"] == 2
+        })
+        .unwrap();
+    let dir = MountDir::new().unwrap();
+    let csi = ShmCsi::start(&dir.path().join("csi"), &addr, &[]).unwrap();
+    let mut c = csi.client().unwrap();
+    let target = |name: &str| dir.path().join("pods").join(name).join("mount");
+    let publish = |c: &mut Client, name: &str, uid: &str| {
+        let t = target(name);
+        std::fs::create_dir_all(t.parent().unwrap()).unwrap();
+        let req = ephemeral_publish(
+            &format!("csi-{name}"),
+            &t,
+            "shop",
+            name,
+            uid,
+            &[("chain", "checkout")],
+        );
+        c.publish(req)
+    };
+    assert!(
+        spright_endpoint::list(state.path()).unwrap().is_empty(),
+        "no CNI ADD has run"
+    );
+    publish(&mut c, "member", "u-member")
+        .unwrap_or_else(|e| panic!("member refused: {e}\n{}", csi.log_text()));
+    assert_eq!(dir.mounts().len(), 2, "the region and the member's target");
+    for (name, uid, why) in [
+        ("plain", "u-plain", "no spright.dev/chain annotation"),
+        ("member", "u-other", "has uid u-member"),
+        ("elsewhere", "u-else", "bound to node node-b"),
+        // The field selector keeps node-b's Pods away from node-a's meshd.
+        ("away", "u-away", "not known on this node"),
+        ("nobody", "u-nobody", "not known on this node"),
+    ] {
+        let started = Instant::now();
+        let e = publish(&mut c, name, uid).expect_err(name);
+        assert_eq!(e.code(), Code::PermissionDenied, "{name}: {e:?}");
+        assert!(
+            e.message().contains(why) && e.message().contains(&format!("shop/{name}")),
+            "{name}: {}",
+            e.message()
+        );
+        assert!(!target(name).exists() || dir.mounts().len() == 2, "{name}");
+        eprintln!(
+            "{name}: refused after {:?}: {}",
+            started.elapsed(),
+            e.message()
+        );
+    }
+    assert_eq!(dir.mounts().len(), 2, "nothing mounted for a refused pod");
+    // A pod the API learns of while its publish waits is admitted.
+    let late = pod("late", "u-late", "node-a", Some("checkout"));
+    let socket = csi.socket.clone();
+    let t = target("late");
+    std::fs::create_dir_all(t.parent().unwrap()).unwrap();
+    let waiting = std::thread::spawn(move || {
+        Client::connect(&socket).unwrap().publish(ephemeral_publish(
+            "csi-late",
+            &t,
+            "shop",
+            "late",
+            "u-late",
+            &[("chain", "checkout")],
+        ))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    api.apply(late);
+    waiting
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("a pod known during the wait was refused: {e}"));
+    for name in ["member", "late"] {
+        c.unpublish(&format!("csi-{name}"), &target(name)).unwrap();
+    }
+    assert!(dir.mounts().is_empty(), "{:?}", dir.mounts());
+    drop(meshd);
+}
+
+fn torture(sb: &Sandbox, pod: usize, args: &[&str]) -> Peer {
+    let mut cmd = Command::new(workspace_bin("spright-torture"));
+    cmd.arg("--cgroup")
+        .arg(&sb.cgroup.path)
+        .arg("--netns")
+        .arg(sb.pods[pod].ns.path())
+        .args(args);
+    Peer::spawn_command(cmd).expect("spawning spright-torture")
+}
+
+/// A ping-pong of `iters` 64-byte messages from pod 0 to pod 1; `during`
+/// runs while it is under way. Returns the client's report (checked intact).
+fn pingpong(sb: &Sandbox, port: u16, iters: u64, during: impl FnOnce()) -> Value {
+    let addr = format!("{}:{port}", sb.pods[1].ip);
+    let server = torture(sb, 1, &["server", "pingpong", "--listen", &addr]);
+    assert_eq!(server.line(T).expect("server start"), "ready");
+    let client = torture(
+        sb,
+        0,
+        &[
+            "client",
+            "pingpong",
+            "--connect",
+            &addr,
+            "--iters",
+            &iters.to_string(),
+        ],
+    );
+    during();
+    let report = client.report(T).expect("client report");
+    client.finish(T).expect("client exit");
+    server.report(T).expect("server report");
+    server.finish(T).expect("server exit");
+    assert_eq!(
+        report["hash"], report["expected"],
+        "the echoes did not come back intact and in order: {report}"
+    );
+    report
+}
+
+#[test]
+fn privileged_membership_a_pod_that_leaves_its_chain_moves_to_tcp() {
+    if !privileged::require("privileged_membership_a_pod_that_leaves_its_chain_moves_to_tcp") {
+        return;
+    }
+    let mut sb = Sandbox::new("lv").expect("sandbox");
+    sb.add_pod().expect("pod 0");
+    sb.add_pod().expect("pod 1");
+    let state = tempfile::tempdir().expect("state dir");
+    let pods_dir = state.path().join("pods");
+    std::fs::create_dir_all(&pods_dir).unwrap();
+    let write_pod = |i: usize, uid: &str, chain: Option<&str>| {
+        let mut p = pod(&format!("pod{i}"), uid, "n", chain);
+        p["metadata"]["namespace"] = json!("default");
+        std::fs::write(pods_dir.join(format!("pod{i}.json")), p.to_string()).unwrap();
+    };
+    write_pod(0, "", Some("lv"));
+    write_pod(1, "", Some("lv"));
+    let meshd = Meshd::start_with(
+        &sb.placement(),
+        state.path(),
+        &free_addr(),
+        &[
+            "--no-selftest",
+            "--memory-bound-bytes",
+            "off",
+            "--node-name",
+            "n",
+        ],
+    )
+    .expect("meshd");
+    for i in [0, 1] {
+        sb.record_pod(state.path(), i, Some("lv")).expect("record");
+    }
+    meshd
+        .wait_status(T, "both pods in the datapath", |s| {
+            s["endpoints"]
+                .as_array()
+                .is_some_and(|e| e.len() == 2 && e.iter().all(|e| e["in_datapath"] == true))
+        })
+        .unwrap();
+    let counters = |i: usize| {
+        Datapath::open(&sb.pins.path)
+            .unwrap()
+            .counters(sb.pods[i].ip.into())
+            .unwrap()
+    };
+    // The annotation is removed while the connection runs.
+    let report = pingpong(&sb, 7400, 300_000, || {
+        std::thread::sleep(Duration::from_millis(300));
+        write_pod(0, "", None);
+        meshd
+            .wait_status(T, "pod0 leaving", |s| {
+                s["pods"]["leaving"] == json!(["default/pod0"])
+            })
+            .unwrap();
+    });
+    let (c0, c1) = (counters(0), counters(1));
+    eprintln!("client {report}\npod0 {c0:?}\npod1 {c1:?}");
+    assert!(
+        c0.redirected_msgs > 0 && c0.fallback_msgs > 0,
+        "pod0's messages did not cross from the redirect path to TCP: {c0:?}"
+    );
+    assert!(
+        c1.redirected_msgs > 0 && c1.fallback_msgs > 0,
+        "pod1's echoes did not cross from the redirect path to TCP: {c1:?}"
+    );
+    assert!(
+        meshd.log_text().contains("now takes the TCP path"),
+        "{}",
+        meshd.log_text()
+    );
+    // A new connection of the leaving pod is not redirected.
+    let before = counters(0).redirected_msgs;
+    pingpong(&sb, 7401, 1_000, || {});
+    assert_eq!(
+        counters(0).redirected_msgs,
+        before,
+        "a new connection was redirected"
+    );
+    // Recreated without the annotation: no member of the chain.
+    write_pod(0, "u-new", None);
+    let ask = || -> Value {
+        let q = "/v1/membership?namespace=default&pod=pod0&uid=u-new&chain=lv";
+        serde_json::from_str(&meshd.get(q).unwrap()).unwrap()
+    };
+    let deadline = Instant::now() + T;
+    let mut answer = ask();
+    while answer["verdict"] != "notInChain" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        answer = ask();
+    }
+    assert_eq!(answer["verdict"], "notInChain", "{answer}");
+    assert_eq!(u(&report, "iters"), 300_000);
+}
