@@ -353,16 +353,11 @@ pub fn membership(config: &Config, env: &Env) -> Result<Membership> {
     };
     let annotated = spright_endpoint::Annotated::from_annotations(|k| config.annotation(k))
         .map_err(Error::InvalidChain)?;
-    let chain = match annotated.chain {
-        Some(c) => Some(c),
-        None => {
-            let c = arg(CNI_ARG_CHAIN);
-            if let Some(c) = &c {
-                spright_endpoint::validate_chain(c).map_err(Error::InvalidChain)?;
-            }
-            c
-        }
-    };
+    // The annotation wins; CNI_ARGS is the fallback for runtimes without one.
+    let chain = annotated.chain.or_else(|| arg(CNI_ARG_CHAIN));
+    if let Some(c) = &chain {
+        spright_endpoint::validate_chain(c).map_err(Error::InvalidChain)?;
+    }
     let (function, redirect) = (annotated.function, annotated.redirect);
     Ok(Membership {
         pod,

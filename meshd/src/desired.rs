@@ -62,11 +62,11 @@ fn leaves(r: &Record, pods: &PodView) -> Option<&'static str> {
         Some(p) if !p.same_pod(&r.pod.uid) => Some("replaced by a new pod of the same name"),
         Some(p) if p.annotated.chain.is_none() => Some("its Pod no longer names a chain"),
         Some(p) if !p.annotated.redirect => Some("its Pod opted out of the redirect"),
-        Some(_) => None,
         None if pods.is_gone(&r.pod.namespace, &r.pod.name, &r.pod.uid) => {
             Some("its Pod was deleted")
         }
-        None => None,
+        // A member, or no Pod source knows it (the record decides).
+        Some(_) | None => None,
     }
 }
 

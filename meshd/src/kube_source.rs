@@ -215,13 +215,12 @@ pub async fn run(agent: Shared, client: Client, node: Option<String>) {
         None => stream::empty().right_stream(),
     };
     let mut events = std::pin::pin!(stream::select(stream::select(services, slices), pods));
-    match &node {
-        Some(node) => {
-            info!(node = %node, "watching Services and EndpointSlices of all namespaces, and the Pods of this node");
-        }
-        None => warn!(
+    if let Some(node) = &node {
+        info!(node = %node, "watching Services and EndpointSlices of all namespaces, and the Pods of this node");
+    } else {
+        warn!(
             "watching Services and EndpointSlices; not Pods, because --node-name (NODE_NAME) is unset: membership then comes from the pods directory and the endpoint records"
-        ),
+        );
     }
     while let Some(first) = events.next().await {
         // Apply the whole burst that is ready, then reconcile once.
@@ -271,6 +270,10 @@ fn apply(agent: &Shared, change: Change) -> bool {
     }
 }
 
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the parser shape `watch` takes, shared with ApiObject::parse"
+)]
 fn parse_pod(v: serde_json::Value) -> Result<Option<PodInfo>, String> {
     PodInfo::parse(&v).map_err(|e| crate::error::chain(&e))
 }

@@ -114,6 +114,40 @@ pub struct Status {
     pub pods: Option<PodsStatus>,
 }
 
+impl PodsStatus {
+    /// The Pod lines of `spright status`: the count, then every pod whose
+    /// Pod and record disagree, and every pod that left its chain.
+    fn render(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "pods: {} known on node {} (API watch and {}){}",
+            self.known,
+            self.node_name
+                .as_deref()
+                .unwrap_or("? (--node-name unset: no API watch)"),
+            self.dir,
+            if self.malformed_files.is_empty() {
+                String::new()
+            } else {
+                format!("; {} unusable Pod file(s)", self.malformed_files.len())
+            }
+        );
+        for m in &self.mismatches {
+            let _ = writeln!(
+                s,
+                "  mismatch: {}/{} was attached in chain {} but its Pod now says {} (the datapath keeps the attached chain until the pod is recreated)",
+                m.namespace,
+                m.pod,
+                m.record_chain.as_deref().unwrap_or("<none>"),
+                m.pod_chain.as_deref().unwrap_or("<none>"),
+            );
+        }
+        for p in &self.leaving {
+            let _ = writeln!(s, "  left its chain: {p} (its connections take TCP)");
+        }
+    }
+}
+
 /// The Pod source: how many Pods meshd knows, and where Pod and record disagree.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodsStatus {
@@ -290,6 +324,9 @@ impl Status {
         }
         if let Some(m) = &self.memory_bound {
             let _ = writeln!(s, "{}", m.summary());
+        }
+        if let Some(p) = &self.pods {
+            p.render(&mut s);
         }
         let _ = writeln!(s, "\nCHAINS");
         let _ = writeln!(
@@ -469,6 +506,35 @@ mod tests {
             table.contains("c1") && table.contains("10.0.0.3"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn mismatches_and_departures_are_shown() {
+        let st = Status {
+            pods: Some(PodsStatus {
+                known: 2,
+                node_name: Some("n1".into()),
+                dir: "/var/lib/spright/pods".into(),
+                malformed_files: vec![],
+                mismatches: vec![crate::desired::Mismatch {
+                    namespace: "shop".into(),
+                    pod: "fn-a".into(),
+                    record_chain: Some("checkout".into()),
+                    pod_chain: Some("billing".into()),
+                }],
+                leaving: vec!["shop/fn-b".into()],
+            }),
+            ..Status::default()
+        };
+        let text = st.render();
+        assert!(text.contains("pods: 2 known on node n1"), "{text}");
+        assert!(
+            text.contains(
+                "mismatch: shop/fn-a was attached in chain checkout but its Pod now says billing"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("left its chain: shop/fn-b"), "{text}");
     }
 
     #[test]

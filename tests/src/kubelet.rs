@@ -221,12 +221,15 @@ pub fn pods_from_manifest(yaml: &str, node: &str) -> anyhow::Result<Vec<Value>> 
 
 fn short_hash(s: &str) -> String {
     use sha2::Digest as _;
-    let d = sha2::Sha256::digest(s.as_bytes());
-    d.iter()
-        .take(5)
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>()[..10]
-        .to_owned()
+    hex(&sha2::Sha256::digest(s.as_bytes())[..5])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// The Pod as the API server and scheduler leave it: namespace, a fresh
@@ -664,10 +667,7 @@ impl Kubelet {
 pub fn ephemeral_volume_id(pod_uid: &str, volume: &str) -> String {
     use sha2::Digest as _;
     let d = sha2::Sha256::digest(format!("{pod_uid}{volume}").as_bytes());
-    format!(
-        "csi-{}",
-        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    format!("csi-{}", hex(&d))
 }
 
 /// (namespace, name, uid) of a Pod object.
