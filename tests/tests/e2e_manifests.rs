@@ -203,6 +203,12 @@ fn meshd_env_and_mounts_match_what_meshd_reads() {
     let mut env = BTreeMap::new();
     for e in meshd["env"].as_array().unwrap() {
         let name = e["name"].as_str().unwrap();
+        if name == "NODE_NAME" {
+            // The downward API: the node the pod runs on.
+            assert_eq!(e["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+            env.insert(name.to_owned(), "node-1".to_owned());
+            continue;
+        }
         assert!(name.starts_with("SPRIGHT_"), "{name} is not one of meshd's");
         let r = &e["valueFrom"]["configMapKeyRef"];
         assert_eq!(r["name"], "spright-config");
@@ -240,6 +246,10 @@ fn meshd_env_and_mounts_match_what_meshd_reads() {
     assert_eq!(effective["bpffs"], cm["bpffs"]);
     assert_eq!(effective["state_dir"], cm["state-dir"]);
     assert_eq!(effective["metrics_addr"], cm["metrics-addr"]);
+    assert_eq!(
+        effective["node_name"], "node-1",
+        "meshd watches its node's Pods"
+    );
 
     // Mounts: the pin directory, the state directory and the cgroup tree at
     // the host's paths; bpffs propagates (meshd may mount it on the host).
@@ -423,7 +433,7 @@ fn csi_driver_name_and_sockets_agree() {
 }
 
 #[test]
-fn node_components_only_read_services_and_endpointslices() {
+fn node_components_only_read_pods_services_and_endpointslices() {
     let objs = objects();
     let bindings: Vec<&Value> = objs
         .iter()
@@ -460,7 +470,10 @@ fn node_components_only_read_services_and_endpointslices() {
         }
     }
     granted.sort();
-    assert_eq!(granted, ["/services", "discovery.k8s.io/endpointslices"]);
+    assert_eq!(
+        granted,
+        ["/pods", "/services", "discovery.k8s.io/endpointslices"]
+    );
     let sa = find(&objs, "ServiceAccount", "spright-node");
     assert_eq!(sa["automountServiceAccountToken"], false);
     let node = pod_spec(find(&objs, "DaemonSet", "spright-node")).unwrap();
