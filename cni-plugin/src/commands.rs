@@ -9,6 +9,8 @@ use ipnet::IpNet;
 use serde_json::Value;
 use spright_endpoint::{RECORD_VERSION, Record};
 
+use spright_endpoint::netns;
+
 use crate::{
     config::{self, Config, Env, Mode},
     datapath::{self, Acceleration},
@@ -16,7 +18,7 @@ use crate::{
     ipam::{self, Ipam},
     iptables,
     link::Netlink,
-    netns, state,
+    state,
     version::{CniResult, Interface, IpConfig, Route, Version},
 };
 
@@ -56,6 +58,12 @@ impl Drop for Rollback {
 }
 
 /// Host-side veth name: stable per attachment, at most 15 bytes.
+/// Runs `f` in a pod's network namespace through the one netns seam
+/// (`spright_endpoint::netns`), with the plugin's errors.
+fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    netns::run_in(path, f)
+}
+
 pub fn host_ifname(container_id: &str, ifname: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in container_id.bytes().chain([b'/']).chain(ifname.bytes()) {
@@ -136,7 +144,7 @@ pub fn add(config: &Config, env: &Env, stdin: &Value) -> Result<Value> {
         }
         Mode::Bridge => {
             let ipam = Ipam::locate(config, stdin, &env.path)?;
-            let taken = netns::run_in(netns_path, || {
+            let taken = in_netns(netns_path, || {
                 Ok(Netlink::new()?.link(&env.ifname)?.is_some())
             })?;
             if taken {
@@ -287,7 +295,7 @@ fn plumb(
     }
     let ips = result.ips.clone();
     let ifname = env.ifname.clone();
-    let pod = netns::run_in(Path::new(&env.netns), || {
+    let pod = in_netns(Path::new(&env.netns), || {
         let nl = Netlink::new()?;
         let pod = nl.link(&ifname)?.ok_or_else(|| Error::Netlink {
             op: "find link",
@@ -378,7 +386,7 @@ pub fn del(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
 /// Removes the veth (both ends) and masquerade rules of one attachment.
 fn teardown(config: &Config, container_id: &str, ifname: &str, netns: &str) -> Result<()> {
     if !netns.is_empty() {
-        match netns::run_in(Path::new(netns), || Netlink::new()?.delete_link(ifname)) {
+        match in_netns(Path::new(netns), || Netlink::new()?.delete_link(ifname)) {
             Ok(_) | Err(Error::NetnsMissing { .. }) => {}
             Err(e) => return Err(e),
         }
@@ -426,7 +434,7 @@ pub fn check(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
         return Ok(());
     }
     let ifname = env.ifname.clone();
-    let (pod_addrs, routes_ok) = netns::run_in(netns_path, || {
+    let (pod_addrs, routes_ok) = in_netns(netns_path, || {
         let nl = Netlink::new()?;
         let pod = nl
             .link(&ifname)?

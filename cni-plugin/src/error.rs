@@ -118,6 +118,25 @@ pub enum Error {
     LimitedConnectivity { why: String },
 }
 
+impl From<spright_endpoint::netns::Error> for Error {
+    fn from(e: spright_endpoint::netns::Error) -> Self {
+        use spright_endpoint::netns::Error as Netns;
+        match e {
+            Netns::Missing(path) => Self::NetnsMissing { path },
+            Netns::Open { path, source } => Self::Io {
+                op: "open network namespace",
+                path,
+                source,
+            },
+            Netns::Enter { path, source } => Self::Netns {
+                op: "enter",
+                netns: path.display().to_string(),
+                source,
+            },
+        }
+    }
+}
+
 impl Error {
     /// The CNI error code of this error. Exhaustive on purpose.
     pub fn code(&self) -> u32 {

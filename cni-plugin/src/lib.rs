@@ -10,6 +10,5 @@ pub mod error;
 pub mod ipam;
 pub mod iptables;
 pub mod link;
-pub mod netns;
 pub mod state;
 pub mod version;

@@ -2,7 +2,7 @@
 //!
 //! [`Netlink`] owns a single-threaded tokio runtime and one rtnetlink
 //! connection; the socket is bound to the namespace of the thread that
-//! created it, so create it inside [`crate::netns::run_in`] for the pod side.
+//! created it, so create it inside [`spright_endpoint::netns::run_in`] for the pod side.
 
 use std::{
     net::IpAddr,

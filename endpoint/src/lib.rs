@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use spright_common::{ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, chain_id};
 
 pub mod membership;
+pub mod netns;
 pub mod pod;
 
 /// Default state directory on a node.
@@ -149,33 +150,11 @@ impl Record {
     }
 }
 
-/// Runs `f` inside the network namespace at `netns` (a bind mount or
-/// `/proc/<pid>/ns/net`), on a thread of its own that ends with it, so the
-/// caller's thread never changes namespace. Sockets created by `f` stay in
-/// that namespace.
-pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
-    use std::os::fd::AsRawFd as _;
-    let ns = fs::File::open(netns)?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: setns on a descriptor this thread holds; only this
-                // thread changes namespace, and it ends right after `f`.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                f()
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
-}
-
 /// The cookie of the network namespace at `netns`, as `bpf_get_netns_cookie`
 /// reports it in the kernel programs (read from a socket created inside it).
 pub fn netns_cookie(netns: &Path) -> io::Result<u64> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    in_netns(netns, || {
+    netns::run_in(netns, || {
         // SAFETY: plain syscalls on a descriptor this closure owns.
         unsafe {
             let fd = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);

@@ -411,7 +411,7 @@ impl Poller {
 /// A NETLINK_SOCK_DIAG socket created inside `netns` (a netlink socket stays
 /// in the namespace it was created in).
 fn diag_socket_in(netns: &Path) -> io::Result<OwnedFd> {
-    spright_endpoint::in_netns(netns, || {
+    spright_endpoint::netns::run_in(netns, || {
         let fd = socket(
             AddressFamily::Netlink,
             SockType::Raw,

@@ -15,9 +15,7 @@ pub fn enter_from_args(args: &mut Vec<String>) -> anyhow::Result<()> {
         .with_context(|| format!("joining cgroup {dir}"))?;
     }
     if let Some(path) = take_opt(args, "--netns")? {
-        let f = std::fs::File::open(&path).with_context(|| format!("opening netns {path}"))?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("entering netns {path}"))?;
+        spright_endpoint::netns::join(std::path::Path::new(&path))?;
     }
     Ok(())
 }

@@ -52,9 +52,7 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("joining cgroup {cg}"))?;
     }
     if let Some(ns) = take(&mut args, "--netns") {
-        let f = std::fs::File::open(&ns).with_context(|| format!("opening {ns}"))?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("entering {ns}"))?;
+        spright_endpoint::netns::join(std::path::Path::new(&ns))?;
     }
     let mode = args.first().cloned().context("mode is required")?;
     args.remove(0);
