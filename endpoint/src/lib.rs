@@ -27,6 +27,10 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/spright";
 /// -o json`) for nodes without an API server: meshd's `--pods-dir` default,
 /// read by shm-csi too while meshd is unreachable.
 pub const PODS_SUBDIR: &str = "pods";
+/// Sub-directory of the state directory holding Service and EndpointSlice
+/// files (`kubectl get service,endpointslice -o json`): meshd's
+/// `--services-dir` default.
+pub const SERVICES_SUBDIR: &str = "services";
 /// Sub-directory of the state directory holding the records.
 pub const ENDPOINTS_SUBDIR: &str = "endpoints";
 /// File in the state directory where meshd publishes its start-up

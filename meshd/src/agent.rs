@@ -1,4 +1,8 @@
-//! The agent's state and its reconciliation.
+//! The reconciler: the one owner of meshd's state and of the datapath's
+//! write side. It runs on a thread of its own, reconciles whenever a
+//! trigger arrives (a directory changed, the API's objects changed, the
+//! periodic rescan), and publishes a `Snapshot` after each pass for the
+//! readers (`view.rs`).
 //!
 //! Each reconciliation runs one way: read the sources (endpoint records,
 //! removing those of pods whose network namespace is gone; Service and Pod
@@ -7,28 +11,23 @@
 //! in the watched directories, on every API change, and on a periodic rescan
 //! that catches anything inotify missed.
 
-use std::{
-    path::Path,
-    sync::{Arc, Mutex},
-};
+use std::{path::Path, sync::Arc};
 
 use spright_ebpf::{Datapath, Installed, Placement};
-use spright_endpoint::{
-    Record,
-    membership::{self, Query, Verdict},
-};
+use spright_endpoint::Record;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::{
     config::Config,
     desired::Mismatch,
     error::chain as error_chain,
+    kube_source::Objects,
+    snapshot::Snapshot,
     sources::{MalformedRecord, PodView, read_pod_files, read_records},
-    status::{Acceleration, Status},
+    status::Acceleration,
+    view::ApiObjects,
 };
-
-/// Shared handle on the agent.
-pub type Shared = Arc<Mutex<Agent>>;
 
 /// What one reconciliation changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,7 +44,7 @@ pub struct Changes {
 }
 
 pub struct Agent {
-    config: Config,
+    config: Arc<Config>,
     dp: Option<Datapath>,
     acceleration: Acceleration,
     records: Vec<Record>,
@@ -57,11 +56,8 @@ pub struct Agent {
     mismatches: Vec<Mismatch>,
     /// Pods whose connections were moved to TCP because they left their chain.
     leaving: Vec<String>,
-    /// Services, EndpointSlices and Pods from the API (None when not watching).
-    api: Option<crate::kube_source::Objects>,
     reconciles: u64,
     selftest: crate::selftest::Report,
-    membound: Arc<crate::membound::Stats>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -78,7 +74,7 @@ impl Agent {
     /// Installs or adopts the datapath. When that is impossible (no privilege,
     /// no bpffs, old kernel) the agent still runs, with acceleration off and
     /// the reason in its status and metrics.
-    pub fn start(config: Config) -> Self {
+    pub fn start(config: Arc<Config>) -> Self {
         let cgroup = config.cgroup_dir();
         let mut acceleration = Acceleration {
             enabled: false,
@@ -136,52 +132,45 @@ impl Agent {
             malformed_pods: Vec::new(),
             mismatches: Vec::new(),
             leaving: Vec::new(),
-            api: None,
             reconciles: 0,
-            membound: Arc::default(),
         }
     }
 
-    /// The memory bound's counters (membound.rs).
-    pub fn membound(&self) -> Arc<crate::membound::Stats> {
-        self.membound.clone()
+    /// Reconciles on every trigger until every sender is gone, publishing
+    /// a snapshot after each pass. Blocking: run it on its own thread. A
+    /// burst of triggers costs one pass (the channel holds one).
+    pub fn run(
+        mut self,
+        mut triggers: mpsc::Receiver<()>,
+        api: &watch::Receiver<ApiObjects>,
+        publish: &watch::Sender<Arc<Snapshot>>,
+    ) {
+        while triggers.blocking_recv().is_some() {
+            let objects = api.borrow().clone();
+            self.reconcile(objects.as_deref());
+            publish.send_replace(Arc::new(self.snapshot()));
+        }
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// What readers see of the last reconciliation.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            acceleration: self.acceleration.clone(),
+            selftest: Some(self.selftest.clone()),
+            records: self.records.clone(),
+            malformed: self.malformed.clone(),
+            services: self.services.clone(),
+            pods: self.pods.clone(),
+            malformed_pods: self.malformed_pods.clone(),
+            mismatches: self.mismatches.clone(),
+            leaving: self.leaving.clone(),
+            reconciles: self.reconciles,
+        }
     }
 
-    /// The live endpoint records as of the last reconciliation.
-    pub fn records(&self) -> &[Record] {
-        &self.records
-    }
-
-    /// The copy of the API's objects (starts watching; Pods only when this
-    /// node's name is known).
-    pub fn api_objects_mut(&mut self) -> &mut crate::kube_source::Objects {
-        let watch_pods = self.config.node_name.is_some();
-        self.api
-            .get_or_insert_with(|| crate::kube_source::Objects::new(watch_pods))
-    }
-
-    /// Answers shm-csi's question from the freshest Pods (the API's copy
-    /// first, then the merged view) and the records.
-    pub fn membership(&self, q: &Query) -> Verdict {
-        let api = self.api.iter().flat_map(crate::kube_source::Objects::pods);
-        membership::decide(
-            q,
-            self.config.node_name.as_deref(),
-            api.chain(self.pods.iter()),
-            &self.records,
-        )
-    }
-
-    pub fn reconciles(&self) -> u64 {
-        self.reconciles
-    }
-
-    /// One full reconciliation of records and maps.
-    pub fn reconcile(&mut self) -> Changes {
+    /// One full reconciliation of the sources (with `api`, the API's
+    /// latest objects, when watching) into the maps.
+    pub fn reconcile(&mut self, api: Option<&Objects>) -> Changes {
         let mut changes = Changes::default();
         let (records, malformed) = read_records(&self.config.state_dir);
         for m in &malformed {
@@ -206,7 +195,7 @@ impl Agent {
             }
         }
         let mut services = crate::services::Table::load(&self.config.services_dir());
-        if let Some(api) = &self.api {
+        if let Some(api) = api {
             services.add_api_objects(api.all());
         }
         for p in &services.problems {
@@ -220,7 +209,7 @@ impl Agent {
                 warn!(path = %p.path, error = %p.error, "skipping unusable Pod file");
             }
         }
-        let api_pods = self.api.iter().flat_map(crate::kube_source::Objects::pods);
+        let api_pods = api.into_iter().flat_map(Objects::pods);
         self.pods.update(&file_pods, api_pods, &live);
         let want = crate::desired::desired(&live, &self.pods, &services.ports());
         let leaving = crate::desired::leaving_reasons(&live, &self.pods);
@@ -272,34 +261,6 @@ impl Agent {
             );
         }
         changes
-    }
-
-    /// The node view as served on /status.
-    pub fn status(&self) -> Status {
-        let mut s = Status::collect(
-            "meshd",
-            self.acceleration.clone(),
-            &self.records,
-            &self.malformed,
-            self.dp.as_ref(),
-        );
-        s.reconciles = self.reconciles;
-        s.selftest = Some(self.selftest.clone());
-        s.add_services(&self.services, &self.records, self.dp.as_ref());
-        s.kubernetes = self.api.as_ref().map(crate::kube_source::Objects::status);
-        s.pods = Some(crate::status::PodsStatus {
-            known: self.pods.len(),
-            node_name: self.config.node_name.clone(),
-            dir: self.config.pods_dir().display().to_string(),
-            malformed_files: self.malformed_pods.clone(),
-            mismatches: self.mismatches.clone(),
-            leaving: self.leaving.clone(),
-        });
-        s.memory_bound = Some(self.membound.report(
-            self.config.memory_bound_bytes,
-            self.config.memory_bound_interval_ms,
-        ));
-        s
     }
 }
 
@@ -394,11 +355,12 @@ mod tests {
             dir.path().to_str().unwrap(),
         ])
         .unwrap();
-        let mut agent = Agent::start(config);
-        let changes = agent.reconcile();
+        let config = Arc::new(config);
+        let mut agent = Agent::start(config.clone());
+        let changes = agent.reconcile(None);
         assert_eq!(changes.stale_records, 1);
         assert_eq!(changes.malformed, 1);
-        let status = agent.status();
+        let status = crate::view::status_of(&agent.snapshot(), None, None, &config);
         assert!(!status.acceleration.enabled);
         assert!(
             status

@@ -10,6 +10,47 @@ use serde::Serialize;
 /// Default address of the metrics/status HTTP server.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9943";
 
+/// Default of `--memory-bound-bytes`: what one connection may queue on a
+/// receiver that does not read before its sender is moved to TCP.
+pub const DEFAULT_MEMORY_BOUND: &str = "16MiB";
+/// Default of `--memory-bound-interval-ms`.
+pub const DEFAULT_MEMORY_BOUND_INTERVAL_MS: u64 = 20;
+
+/// Parses a byte count: a number with an optional binary suffix (`K`/`KiB`,
+/// `M`/`MiB`, `G`/`GiB`); `0` or `off` disable the bound (returned as 0).
+pub fn parse_limit(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("off") {
+        return Ok(0);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a byte count such as 16MiB, 1048576 or off".to_owned())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        _ => return Err(format!("unknown unit {unit:?} (use K, M or G, binary)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| "byte count too large".to_owned())
+}
+
+/// Whether to use the API, from `--kubernetes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Watch the API when running in a cluster (or KUBECONFIG is set).
+    Auto,
+    /// Always watch the API; fail to start without it.
+    On,
+    /// Service files only.
+    Off,
+}
+
 /// Environment twins of the flags.
 pub mod env {
     pub const CGROUP: &str = "SPRIGHT_CGROUP";
@@ -62,7 +103,7 @@ pub struct Config {
     pub node_name: Option<String>,
     /// Watch Services, EndpointSlices and this node's Pods on the Kubernetes API: `auto` when in a cluster (KUBERNETES_SERVICE_HOST) or KUBECONFIG is set, `on` (fail without it), `off` (files only)
     #[arg(long, env = env::KUBERNETES, value_name = "MODE", value_enum, default_value = "auto")]
-    pub kubernetes: crate::kube_source::Mode,
+    pub kubernetes: Mode,
     /// kubeconfig file for the API (instead of the in-cluster service account)
     #[arg(long, env = env::KUBECONFIG, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
@@ -73,12 +114,12 @@ pub struct Config {
     /// not read before its sender is moved to TCP (bytes, K/M/G binary
     /// suffixes; `0` or `off` disables; see membound.rs)
     #[arg(long, env = env::MEMORY_BOUND_BYTES, value_name = "BYTES",
-          default_value = crate::membound::DEFAULT_LIMIT, value_parser = crate::membound::parse_limit)]
+          default_value = DEFAULT_MEMORY_BOUND, value_parser = parse_limit)]
     pub memory_bound_bytes: u64,
     /// Milliseconds between two checks of the memory bound; the overshoot
     /// past the limit is at most the sender's rate times this interval
     #[arg(long, env = env::MEMORY_BOUND_INTERVAL_MS, value_name = "MS",
-          default_value_t = crate::membound::DEFAULT_INTERVAL_MS,
+          default_value_t = DEFAULT_MEMORY_BOUND_INTERVAL_MS,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub memory_bound_interval_ms: u64,
     /// Print the effective configuration as JSON and exit
@@ -144,7 +185,7 @@ pub fn services_dir_or_default(
     state_dir: &std::path::Path,
 ) -> PathBuf {
     dir.map_or_else(
-        || state_dir.join(crate::services::DEFAULT_SUBDIR),
+        || state_dir.join(spright_endpoint::SERVICES_SUBDIR),
         std::path::Path::to_path_buf,
     )
 }
@@ -155,6 +196,21 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
         Config::try_parse_from(std::iter::once("meshd").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn limits_parse_with_binary_units_and_off() {
+        assert_eq!(parse_limit("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_limit("16M"), Ok(16 << 20));
+        assert_eq!(parse_limit("512k"), Ok(512 << 10));
+        assert_eq!(parse_limit("1G"), Ok(1 << 30));
+        assert_eq!(parse_limit("1048576"), Ok(1 << 20));
+        assert_eq!(parse_limit("0"), Ok(0));
+        assert_eq!(parse_limit("off"), Ok(0));
+        assert!(parse_limit("lots").is_err());
+        assert!(parse_limit("5T").is_err());
+        assert!(parse_limit("").is_err());
+        assert!(parse_limit("99999999999G").is_err());
     }
 
     #[test]

@@ -16,16 +16,16 @@ use axum::{
 };
 use prometheus_client::registry::Registry;
 
-use crate::{agent::Shared, metrics};
+use crate::{metrics, view::Reader};
 
 #[derive(Clone)]
 struct App {
-    agent: Shared,
+    reader: Reader,
     registry: Arc<Registry>,
 }
 
-pub fn router(agent: Shared) -> Router {
-    let registry = Arc::new(metrics::registry(agent.clone()));
+pub fn router(reader: Reader) -> Router {
+    let registry = Arc::new(metrics::registry(reader.clone()));
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/status", get(status))
@@ -34,7 +34,7 @@ pub fn router(agent: Shared) -> Router {
         .route("/config", get(config))
         .route("/v1/members", get(members))
         .route(spright_endpoint::membership::PATH, get(membership))
-        .with_state(App { agent, registry })
+        .with_state(App { reader, registry })
 }
 
 async fn metrics_handler(State(app): State<App>) -> impl IntoResponse {
@@ -51,8 +51,7 @@ async fn metrics_handler(State(app): State<App>) -> impl IntoResponse {
 }
 
 async fn status(State(app): State<App>) -> impl IntoResponse {
-    let s =
-        tokio::task::spawn_blocking(move || app.agent.lock().expect("agent lock").status()).await;
+    let s = tokio::task::spawn_blocking(move || app.reader.status()).await;
     match s {
         Ok(s) => Json(s).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
@@ -60,7 +59,7 @@ async fn status(State(app): State<App>) -> impl IntoResponse {
 }
 
 async fn ready(State(app): State<App>) -> impl IntoResponse {
-    if app.agent.lock().expect("agent lock").reconciles() > 0 {
+    if app.reader.ready() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not yet reconciled\n")
@@ -68,13 +67,7 @@ async fn ready(State(app): State<App>) -> impl IntoResponse {
 }
 
 async fn config(State(app): State<App>) -> impl IntoResponse {
-    Json(
-        app.agent
-            .lock()
-            .expect("agent lock")
-            .config()
-            .effective_json(),
-    )
+    Json(app.reader.config.effective_json())
 }
 
 #[derive(serde::Deserialize)]
@@ -101,9 +94,9 @@ pub struct Members {
 }
 
 async fn members(State(app): State<App>, Query(q): Query<MembersQuery>) -> impl IntoResponse {
-    let agent = app.agent.lock().expect("agent lock");
-    let members = agent
-        .records()
+    let snap = app.reader.latest();
+    let members = snap
+        .records
         .iter()
         .filter(|r| r.pod.namespace == q.namespace && r.chain.as_deref() == Some(q.chain.as_str()))
         .map(|r| Member {
@@ -123,6 +116,6 @@ async fn membership(
     State(app): State<App>,
     Query(q): Query<spright_endpoint::membership::Query>,
 ) -> impl IntoResponse {
-    let verdict = app.agent.lock().expect("agent lock").membership(&q);
+    let verdict = app.reader.membership(&q);
     Json(spright_endpoint::membership::Answer::new(&q, verdict))
 }

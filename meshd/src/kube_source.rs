@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use spright_endpoint::PodInfo;
 use tracing::{debug, info, warn};
 
-use crate::{agent::Shared, services::ApiObject};
+use crate::{config::Mode, services::ApiObject, view::ApiObjects};
 
 /// The live copy of one watched kind, by `namespace/name`.
 #[derive(Clone, Debug)]
@@ -190,8 +190,17 @@ where
 }
 
 /// Watches until the runtime shuts down: Services and EndpointSlices of all
-/// namespaces, and the Pods bound to `node` when it is known.
-pub async fn run(agent: Shared, client: Client, node: Option<String>) {
+/// namespaces, and the Pods bound to `node` when it is known. Every burst of
+/// changes publishes the whole copy (`publish`) and asks for a
+/// reconciliation (`trigger`).
+pub async fn run(
+    client: Client,
+    node: Option<String>,
+    publish: tokio::sync::watch::Sender<ApiObjects>,
+    trigger: tokio::sync::mpsc::Sender<()>,
+) {
+    let mut objects = Objects::new(node.is_some());
+    publish.send_replace(Some(std::sync::Arc::new(objects.clone())));
     let services = watch(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
@@ -224,25 +233,25 @@ pub async fn run(agent: Shared, client: Client, node: Option<String>) {
     }
     while let Some(first) = events.next().await {
         // Apply the whole burst that is ready, then reconcile once.
-        let mut changed = apply(&agent, first);
+        let error_before = objects.error.clone();
+        let mut changed = apply(&mut objects, first);
         while let Some(Some(more)) = events.next().now_or_never() {
-            changed |= apply(&agent, more);
+            changed |= apply(&mut objects, more);
+        }
+        if changed || objects.error != error_before {
+            publish.send_replace(Some(std::sync::Arc::new(objects.clone())));
         }
         if changed {
-            let a = agent.clone();
-            if let Err(e) =
-                tokio::task::spawn_blocking(move || a.lock().expect("agent lock").reconcile()).await
-            {
-                warn!(error = %e, "reconciliation panicked");
+            // A full channel means a reconciliation is already due.
+            if let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) = trigger.try_send(()) {
+                return;
             }
         }
     }
 }
 
-/// Applies one event to the agent's copy; says whether anything changed.
-fn apply(agent: &Shared, change: Change) -> bool {
-    let mut a = agent.lock().expect("agent lock");
-    let objects = a.api_objects_mut();
+/// Applies one event to the copy; says whether any object changed.
+fn apply(objects: &mut Objects, change: Change) -> bool {
     let applied = match change {
         Change::Service(e) => e.map(|e| objects.services.apply(e)),
         Change::Slice(e) => e.map(|e| objects.slices.apply(e)),
@@ -301,18 +310,6 @@ fn keyed<K: kube::Resource + Serialize, T>(
         watcher::Event::InitApply(o) => watcher::Event::InitApply(kv(o)),
         watcher::Event::InitDone => watcher::Event::InitDone,
     }
-}
-
-/// Whether to use the API, from `--kubernetes`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Watch the API when running in a cluster (or KUBECONFIG is set).
-    Auto,
-    /// Always watch the API; fail to start without it.
-    On,
-    /// Service files only.
-    Off,
 }
 
 /// The API client `mode` asks for: `Ok(None)` when off (or `auto` outside a

@@ -1,12 +1,10 @@
 //! meshd: spright's node agent.
 
-use std::{
-    process::ExitCode,
-    sync::{Arc, Mutex},
-};
+use std::{process::ExitCode, sync::Arc};
 
 use clap::Parser as _;
-use meshd::{agent::Agent, config::Config, http, watch};
+use meshd::{agent::Agent, config::Config, http, view::Reader, watch as watch_dirs};
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 
 fn main() -> ExitCode {
@@ -54,47 +52,67 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     info!(config = %config.effective_json(), "starting");
+    let config = Arc::new(config);
     let addr = config.metrics_addr;
     let watched_dirs = vec![
         spright_endpoint::records_dir(&config.state_dir),
         config.services_dir(),
         config.pods_dir(),
     ];
-    let node = config.node_name.clone();
     let every = config.rescan_interval();
     let kube = meshd::kube_source::client(config.kubernetes, config.kubeconfig.as_deref()).await?;
-    let agent = tokio::task::spawn_blocking(move || {
-        let mut a = Agent::start(config);
-        a.reconcile();
-        a
-    })
-    .await?;
-    let agent = Arc::new(Mutex::new(agent));
-    let _membound = meshd::membound::spawn(agent.clone());
+    // Sources → reconciler (one trigger slot: a burst costs one pass) →
+    // snapshot → readers.
+    let (trigger, triggers) = mpsc::channel(1);
+    let (api_tx, api_rx) = watch::channel(None);
+    let agent = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut a = Agent::start(config);
+            a.reconcile(None);
+            a
+        })
+        .await
+        .map_err(meshd::error::Error::Start)?
+    };
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(agent.snapshot()));
+    let reconciler = {
+        let api = api_rx.clone();
+        std::thread::Builder::new()
+            .name("reconciler".into())
+            .spawn(move || agent.run(triggers, &api, &snapshot_tx))?
+    };
+    let membound = Arc::new(meshd::membound::Stats::default());
+    let _membound = meshd::membound::spawn(&config, snapshot_rx.clone(), membound.clone());
+    let reader = Reader {
+        snapshot: snapshot_rx,
+        api: api_rx,
+        config: config.clone(),
+        membound,
+    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| meshd::error::Error::Bind { addr, source })?;
-    info!(addr = %addr, "serving /metrics /status /healthz /readyz /config");
-    let server = axum::serve(listener, http::router(agent.clone()));
+    info!(addr = %addr, "serving /metrics /status /healthz /readyz /config /v1/membership");
+    let server = axum::serve(listener, http::router(reader));
     let api_watch = {
-        let agent = agent.clone();
+        let trigger = trigger.clone();
+        let node = config.node_name.clone();
         async move {
             match kube {
-                Some(client) => {
-                    agent.lock().expect("agent lock").api_objects_mut();
-                    meshd::kube_source::run(agent, client, node).await;
-                }
+                Some(client) => meshd::kube_source::run(client, node, api_tx, trigger).await,
                 None => std::future::pending().await,
             }
         }
     };
-    let watcher = watch::run(agent, watched_dirs, every);
+    let watcher = watch_dirs::run(trigger, watched_dirs, every);
     tokio::select! {
         r = server => r.map_err(meshd::error::Error::Serve)?,
         () = watcher => {}
         () = api_watch => {}
         () = shutdown_signal() => info!("shutting down; pinned programs and maps stay, flows keep their acceleration"),
     }
+    drop(reconciler);
     Ok(())
 }
 

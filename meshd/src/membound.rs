@@ -47,36 +47,7 @@ use serde::Serialize;
 use spright_ebpf::{PathSwitch, SockKey, addr_of};
 use tracing::{info, warn};
 
-use crate::agent::Shared;
-
-/// Default of `--memory-bound-bytes`: what one connection may queue on a
-/// receiver that does not read before its sender is moved to TCP.
-pub const DEFAULT_LIMIT: &str = "16MiB";
-/// Default of `--memory-bound-interval-ms`.
-pub const DEFAULT_INTERVAL_MS: u64 = 20;
-
-/// Parses a byte count: a number with an optional binary suffix (`K`/`KiB`,
-/// `M`/`MiB`, `G`/`GiB`); `0` or `off` disable the bound (returned as 0).
-pub fn parse_limit(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    if t.eq_ignore_ascii_case("off") {
-        return Ok(0);
-    }
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| "expected a byte count such as 16MiB, 1048576 or off".to_owned())?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" => 10,
-        "m" | "mib" => 20,
-        "g" | "gib" => 30,
-        _ => return Err(format!("unknown unit {unit:?} (use K, M or G, binary)")),
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| "byte count too large".to_owned())
-}
+use crate::{config::Config, snapshot::Snapshot};
 
 /// Counters of the bound, shared by the poller and the status view.
 #[derive(Debug, Default)]
@@ -160,18 +131,18 @@ impl Stats {
 }
 
 /// Starts the poller on its own thread (it enters pods' network namespaces,
-/// which is per thread). Returns `None` when the bound is off.
-pub fn spawn(agent: Shared) -> Option<std::thread::JoinHandle<()>> {
-    let (limit, interval, bpffs, stats) = {
-        let a = agent.lock().expect("agent lock");
-        let c = a.config();
-        (
-            c.memory_bound_bytes,
-            Duration::from_millis(c.memory_bound_interval_ms),
-            c.bpffs.clone(),
-            a.membound(),
-        )
-    };
+/// which is per thread); it reads the chain pods from the latest snapshot
+/// and counts into `stats`. Returns `None` when the bound is off.
+pub fn spawn(
+    config: &Config,
+    snapshot: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    stats: Arc<Stats>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let (limit, interval, bpffs) = (
+        config.memory_bound_bytes,
+        Duration::from_millis(config.memory_bound_interval_ms),
+        config.bpffs.clone(),
+    );
     if limit == 0 {
         info!("memory bound off");
         return None;
@@ -193,7 +164,7 @@ pub fn spawn(agent: Shared) -> Option<std::thread::JoinHandle<()>> {
                 gate: Gate::default(),
             };
             loop {
-                let members = chain_members(&agent);
+                let members = snapshot.borrow().redirecting_members();
                 let ips: Vec<IpAddr> = members.iter().map(|(ip, _)| *ip).collect();
                 let redirected = poller.gate.redirected_total(&poller.bpffs, &ips);
                 if poller.gate.may_skip(redirected, limit) {
@@ -217,18 +188,6 @@ pub fn spawn(agent: Shared) -> Option<std::thread::JoinHandle<()>> {
             None
         }
     }
-}
-
-/// Addresses of the pods whose sockets can be redirected to (the senders
-/// of every redirected byte, and the receivers), with their network
-/// namespace.
-fn chain_members(agent: &Shared) -> Vec<(IpAddr, String)> {
-    let a = agent.lock().expect("agent lock");
-    a.records()
-        .iter()
-        .filter(|r| r.chain.is_some() && r.redirect && Path::new(&r.netns).is_absolute())
-        .flat_map(|r| r.ips.iter().map(|ip| (*ip, r.netns.clone())))
-        .collect()
 }
 
 /// Skips polls that cannot find a receiver over the limit. A sock_diag dump
@@ -647,21 +606,6 @@ mod tests {
         assert!(!g.may_skip(None, 16 * MIB), "maps unreadable");
         g.dumped(Some(100 * MIB), 20 * MIB);
         assert!(!g.may_skip(Some(100 * MIB), 16 * MIB), "a receiver is over");
-    }
-
-    #[test]
-    fn limits_parse_with_binary_units_and_off() {
-        assert_eq!(parse_limit("16MiB"), Ok(16 << 20));
-        assert_eq!(parse_limit("16M"), Ok(16 << 20));
-        assert_eq!(parse_limit("512k"), Ok(512 << 10));
-        assert_eq!(parse_limit("1G"), Ok(1 << 30));
-        assert_eq!(parse_limit("1048576"), Ok(1 << 20));
-        assert_eq!(parse_limit("0"), Ok(0));
-        assert_eq!(parse_limit("off"), Ok(0));
-        assert!(parse_limit("lots").is_err());
-        assert!(parse_limit("5T").is_err());
-        assert!(parse_limit("").is_err());
-        assert!(parse_limit("99999999999G").is_err());
     }
 
     /// A dump datagram as the kernel builds it: one IPv4-mapped IPv6 socket

@@ -8,12 +8,12 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{agent::Shared, status::Status};
+use crate::{status::Status, view::Reader};
 
-/// Registers the agent's collector.
-pub fn registry(agent: Shared) -> Registry {
+/// Registers the node's collector.
+pub fn registry(reader: Reader) -> Registry {
     let mut r = Registry::default();
-    r.register_collector(Box::new(AgentCollector(agent)));
+    r.register_collector(Box::new(NodeCollector(reader)));
     r
 }
 
@@ -26,13 +26,13 @@ pub fn render(registry: &Registry) -> String {
 }
 
 #[derive(Debug)]
-struct AgentCollector(Shared);
+struct NodeCollector(Reader);
 
 type Labels = Vec<(&'static str, String)>;
 
-impl Collector for AgentCollector {
+impl Collector for NodeCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let status = self.0.lock().expect("agent lock").status();
+        let status = self.0.status();
         encode_status(&status, &mut enc)
     }
 }

@@ -34,8 +34,6 @@ use tracing::warn;
 
 use crate::sources::MalformedRecord;
 
-/// Sub-directory of the state directory read when `--services-dir` is unset.
-pub const DEFAULT_SUBDIR: &str = "services";
 /// Label of an EndpointSlice naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 

@@ -8,14 +8,13 @@ use futures_util::{FutureExt as _, StreamExt as _};
 use inotify::{Inotify, WatchMask};
 use tracing::{debug, warn};
 
-use crate::agent::Shared;
-
 /// How long to wait after an event for the burst it belongs to.
 const DEBOUNCE: Duration = Duration::from_millis(20);
 
-/// Reconciles on every change in `dirs` (the records and the service files)
-/// and every `every`; never returns unless the runtime shuts down.
-pub async fn run(agent: Shared, dirs: Vec<PathBuf>, every: Duration) {
+/// Asks for a reconciliation (`trigger`) on every change in `dirs` (the
+/// records, the Service files and the Pod files) and every `every`; never
+/// returns unless the runtime shuts down or the reconciler is gone.
+pub async fn run(trigger: tokio::sync::mpsc::Sender<()>, dirs: Vec<PathBuf>, every: Duration) {
     let mut events = match watch(&dirs) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -44,11 +43,9 @@ pub async fn run(agent: Shared, dirs: Vec<PathBuf>, every: Duration) {
                 }
             }
         }
-        let a = agent.clone();
-        if let Err(e) =
-            tokio::task::spawn_blocking(move || a.lock().expect("agent lock").reconcile()).await
-        {
-            warn!(error = %e, "reconciliation panicked");
+        // A full channel means a reconciliation is already due.
+        if let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) = trigger.try_send(()) {
+            return;
         }
     }
 }

@@ -1,0 +1,52 @@
+//! What the reconciler publishes after every reconciliation. Readers (HTTP,
+//! metrics, status, the memory bound) read the latest one and never share
+//! the reconciler's state or wait for it.
+
+use spright_endpoint::Record;
+
+use crate::{
+    desired::Mismatch,
+    selftest,
+    services::Table,
+    sources::{MalformedRecord, PodView},
+    status::Acceleration,
+};
+
+/// The node as of one reconciliation.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub acceleration: Acceleration,
+    pub selftest: Option<selftest::Report>,
+    /// Live endpoint records.
+    pub records: Vec<Record>,
+    pub malformed: Vec<MalformedRecord>,
+    /// Service files merged with the API's Services and EndpointSlices.
+    pub services: Table,
+    /// This node's Pods (files and API merged).
+    pub pods: PodView,
+    pub malformed_pods: Vec<MalformedRecord>,
+    pub mismatches: Vec<Mismatch>,
+    /// Pods (`namespace/name`) that left their chain while running.
+    pub leaving: Vec<String>,
+    /// Reconciliations done; 0 until the first one (not ready).
+    pub reconciles: u64,
+}
+
+impl Snapshot {
+    /// Addresses and network namespaces of the pods whose sockets can be
+    /// redirected (chain members that did not opt out or leave).
+    pub fn redirecting_members(&self) -> Vec<(std::net::IpAddr, String)> {
+        self.records
+            .iter()
+            .filter(|r| {
+                r.chain.is_some()
+                    && r.redirect
+                    && std::path::Path::new(&r.netns).is_absolute()
+                    && !self
+                        .leaving
+                        .contains(&format!("{}/{}", r.pod.namespace, r.pod.name))
+            })
+            .flat_map(|r| r.ips.iter().map(|ip| (*ip, r.netns.clone())))
+            .collect()
+    }
+}
