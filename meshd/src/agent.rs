@@ -22,11 +22,9 @@ use crate::{
     config::Config,
     desired::Mismatch,
     error::chain as error_chain,
-    kube_source::Objects,
-    snapshot::Snapshot,
+    kube_source::{Objects, Published},
+    snapshot::{Acceleration, Snapshot},
     sources::{MalformedRecord, PodView, read_pod_files, read_records},
-    status::Acceleration,
-    view::ApiObjects,
 };
 
 /// What one reconciliation changed.
@@ -142,7 +140,7 @@ impl Agent {
     pub fn run(
         mut self,
         mut triggers: mpsc::Receiver<()>,
-        api: &watch::Receiver<ApiObjects>,
+        api: &watch::Receiver<Published>,
         publish: &watch::Sender<Arc<Snapshot>>,
     ) {
         while triggers.blocking_recv().is_some() {

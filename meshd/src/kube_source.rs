@@ -26,7 +26,11 @@ use serde::{Deserialize, Serialize};
 use spright_endpoint::PodInfo;
 use tracing::{debug, info, warn};
 
-use crate::{config::Mode, services::ApiObject, view::ApiObjects};
+use crate::{config::Mode, services::ApiObject};
+
+/// The API's latest objects as the source publishes them (`None` when the
+/// API is not watched).
+pub type Published = Option<std::sync::Arc<Objects>>;
 
 /// The live copy of one watched kind, by `namespace/name`.
 #[derive(Clone, Debug)]
@@ -196,7 +200,7 @@ where
 pub async fn run(
     client: Client,
     node: Option<String>,
-    publish: tokio::sync::watch::Sender<ApiObjects>,
+    publish: tokio::sync::watch::Sender<Published>,
     trigger: tokio::sync::mpsc::Sender<()>,
 ) {
     let mut objects = Objects::new(node.is_some());

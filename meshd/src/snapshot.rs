@@ -2,6 +2,7 @@
 //! metrics, status, the memory bound) read the latest one and never share
 //! the reconciler's state or wait for it.
 
+use serde::{Deserialize, Serialize};
 use spright_endpoint::Record;
 
 use crate::{
@@ -9,8 +10,22 @@ use crate::{
     selftest,
     services::Table,
     sources::{MalformedRecord, PodView},
-    status::Acceleration,
 };
+
+/// Whether acceleration is on, and why not when it is off.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acceleration {
+    pub enabled: bool,
+    /// Why acceleration is off (None when on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// "fresh" (this meshd installed the programs), "adopted" (pinned state
+    /// reused) or "upgraded" (maps reused, this build's programs swapped in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<String>,
+    pub cgroup: Option<String>,
+    pub bpffs: String,
+}
 
 /// The node as of one reconciliation.
 #[derive(Clone, Debug, Default)]

@@ -10,20 +10,7 @@ use spright_endpoint::Record;
 
 use crate::sources::MalformedRecord;
 
-/// Whether acceleration is on, and why not when it is off.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Acceleration {
-    pub enabled: bool,
-    /// Why acceleration is off (None when on).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// "fresh" (this meshd installed the programs), "adopted" (pinned state
-    /// reused) or "upgraded" (maps reused, this build's programs swapped in).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub datapath: Option<String>,
-    pub cgroup: Option<String>,
-    pub bpffs: String,
-}
+pub use crate::snapshot::Acceleration;
 
 /// Counters of one endpoint or chain, summed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,20 +10,17 @@ use tokio::sync::watch;
 
 use crate::{
     config::Config,
-    kube_source::Objects,
+    kube_source::{Objects, Published},
     membound,
     snapshot::Snapshot,
     status::{PodsStatus, Status},
 };
 
-/// The latest API objects (`None` when the API is not watched).
-pub type ApiObjects = Option<Arc<Objects>>;
-
 /// A cheap, clonable handle for readers.
 #[derive(Clone, Debug)]
 pub struct Reader {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
-    pub api: watch::Receiver<ApiObjects>,
+    pub api: watch::Receiver<Published>,
     pub config: Arc<Config>,
     pub membound: Arc<membound::Stats>,
 }
