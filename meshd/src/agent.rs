@@ -71,16 +71,17 @@ impl Agent {
             enabled: false,
             reason: None,
             datapath: None,
-            cgroup: cgroup.as_ref().map(|c| c.display().to_string()),
+            cgroup: cgroup.as_ref().ok().map(|c| c.display().to_string()),
             bpffs: config.bpffs.display().to_string(),
         };
         let dp = match cgroup {
-            None => {
-                acceleration.reason =
-                    Some("no cgroup v2 hierarchy is mounted and --cgroup is not set".into());
+            Err(e) => {
+                let reason = format!("--cgroup is not set and {e}");
+                warn!(reason = %reason, "acceleration off: pods keep plain networking");
+                acceleration.reason = Some(reason);
                 None
             }
-            Some(cgroup) => match Datapath::ensure_current(&Placement {
+            Ok(cgroup) => match Datapath::ensure_current(&Placement {
                 cgroup,
                 bpffs: config.bpffs.clone(),
             }) {
