@@ -241,11 +241,9 @@ impl Agent {
 /// (atomically: temporary file, then rename). Best effort.
 fn publish_selftest(state_dir: &Path, report: &crate::selftest::Report) {
     let path = state_dir.join(spright_endpoint::SELFTEST_FILE);
-    let tmp = state_dir.join(format!(".{}.tmp", spright_endpoint::SELFTEST_FILE));
     let body = serde_json::to_vec_pretty(report).expect("reports serialise");
     let written = std::fs::create_dir_all(state_dir)
-        .and_then(|()| std::fs::write(&tmp, body))
-        .and_then(|()| std::fs::rename(&tmp, &path));
+        .and_then(|()| spright_endpoint::write_atomic(&path, &body, 0o644));
     if let Err(e) = written {
         warn!(path = %path.display(), error = %e, "publishing the self-test report");
     }
