@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod config;
 pub mod http;
+pub mod install_cni;
 pub mod kube_source;
 pub mod membound;
 pub mod metrics;
