@@ -88,12 +88,16 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::InstallCni(args) => {
+            let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("spright: invalid --log {:?}: {e}", args.log);
+                    return ExitCode::from(2);
+                }
+            };
             tracing_subscriber::fmt()
                 .with_writer(io::stderr)
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env(config::env::LOG)
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
+                .with_env_filter(filter)
                 .init();
             match install_cni::run(&args) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -115,6 +115,9 @@ pub struct Args {
     /// spright-cni's `cgroup` [default: none in the entry; the plugin detects kubelet's pod cgroup]
     #[arg(long, env = config::env::CGROUP, value_name = "DIR")]
     pub cgroup: Option<PathBuf>,
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `debug`)
+    #[arg(long, env = config::env::LOG, value_name = "FILTER", default_value = "info")]
+    pub log: String,
 }
 
 fn parse_conflist_name(s: &str) -> Result<String, String> {
