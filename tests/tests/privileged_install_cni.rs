@@ -172,7 +172,7 @@ impl Host {
         // Only inotify can make it react within the test's wait: the rescan
         // is an hour away.
         let program = cmd.get_program().to_owned();
-        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let args: Vec<_> = cmd.get_args().map(ToOwned::to_owned).collect();
         let mut sh = Command::new("sh");
         sh.arg("-c")
             .arg("exec \"$@\" 2>&1")
