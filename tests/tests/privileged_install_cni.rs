@@ -29,77 +29,16 @@ use spright_tests::{
     sandbox::{Peer, static_plugin, workspace_bin},
 };
 
+// The primary CNIs' conflists, shared with install-cni's unit tests.
+
 /// The Debian reference plugins as a kubeadm guide sets them up.
-const BRIDGE: &str = r#"{
-  "cniVersion": "1.0.0",
-  "name": "bridge-net",
-  "plugins": [
-    {
-      "type": "bridge",
-      "bridge": "cni0",
-      "isGateway": true,
-      "ipMasq": true,
-      "ipam": {
-        "type": "host-local",
-        "ranges": [[{ "subnet": "10.88.0.0/16" }]],
-        "routes": [{ "dst": "0.0.0.0/0" }]
-      }
-    },
-    {
-      "type": "portmap",
-      "capabilities": { "portMappings": true }
-    }
-  ]
-}
-"#;
+const BRIDGE: &str = include_str!("../../meshd/src/install_cni/testdata/10-bridge.conflist");
 
 /// calico-node's conflist with its placeholders filled for one node.
-const CALICO: &str = r#"{
-  "name": "k8s-pod-network",
-  "cniVersion": "0.3.1",
-  "plugins": [
-    {
-      "type": "calico",
-      "log_level": "info",
-      "log_file_path": "/var/log/calico/cni/cni.log",
-      "datastore_type": "kubernetes",
-      "nodename": "node-1",
-      "mtu": 0,
-      "ipam": {
-          "type": "calico-ipam"
-      },
-      "policy": {
-          "type": "k8s"
-      },
-      "kubernetes": {
-          "kubeconfig": "/etc/cni/net.d/calico-kubeconfig"
-      }
-    },
-    {
-      "type": "portmap",
-      "snat": true,
-      "capabilities": {"portMappings": true}
-    },
-    {
-      "type": "bandwidth",
-      "capabilities": {"bandwidth": true}
-    }
-  ]
-}"#;
+const CALICO: &str = include_str!("../../meshd/src/install_cni/testdata/10-calico.conflist");
 
 /// cilium-agent's 05-cilium.conflist.
-const CILIUM: &str = r#"{
-  "cniVersion": "0.3.1",
-  "name": "cilium",
-  "plugins": [
-    {
-       "type": "cilium-cni",
-       "enable-debug": false,
-       "log-file": "/var/run/cilium/cilium-cni.log"
-    }
-  ]
-}
-"#;
+const CILIUM: &str = include_str!("../../meshd/src/install_cni/testdata/05-cilium.conflist");
 
 /// A file that sorts after the primary's: never touched.
 const LATER: &str = r#"{"cniVersion":"1.0.0","name":"lo","type":"loopback"}"#;

@@ -377,34 +377,9 @@ mod tests {
         }
     }
 
-    /// Calico's conflist as calico-node writes it (placeholders filled).
-    const CALICO: &str = r#"{
-  "name": "k8s-pod-network",
-  "cniVersion": "0.3.1",
-  "plugins": [
-    {
-      "type": "calico",
-      "log_level": "info",
-      "log_file_path": "/var/log/calico/cni/cni.log",
-      "datastore_type": "kubernetes",
-      "nodename": "node-1",
-      "mtu": 0,
-      "ipam": { "type": "calico-ipam" },
-      "policy": { "type": "k8s" },
-      "kubernetes": { "kubeconfig": "/etc/cni/net.d/calico-kubeconfig" }
-    },
-    {
-      "type": "portmap",
-      "snat": true,
-      "capabilities": {"portMappings": true}
-    },
-    {
-      "type": "bandwidth",
-      "capabilities": {"bandwidth": true}
-    }
-  ]
-}
-"#;
+    /// Calico's conflist as calico-node writes it (placeholders filled);
+    /// the privileged tests use the same files.
+    const CALICO: &str = include_str!("testdata/10-calico.conflist");
 
     fn write_text(plan: Plan) -> (PathBuf, String, Option<PathBuf>) {
         match plan {
