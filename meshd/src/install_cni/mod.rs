@@ -23,6 +23,7 @@
 pub mod conflist;
 
 use std::{
+    cell::Cell,
     io,
     path::{Path, PathBuf},
     sync::mpsc,
@@ -182,6 +183,31 @@ pub struct Installer {
     pub pod_cidr: Option<IpNet>,
     pub pod_cidr_file: PathBuf,
     pub entry: Entry,
+    /// The installed binary as last checked equal to the plugin, so that a
+    /// rescan compares metadata, not megabytes.
+    checked: Cell<Option<Fingerprint>>,
+}
+
+/// What identifies one version of a file without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl Fingerprint {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        })
+    }
 }
 
 impl Installer {
@@ -205,6 +231,7 @@ impl Installer {
                 bpffs: args.bpffs.clone(),
                 cgroup: args.cgroup.clone(),
             },
+            checked: Cell::new(None),
         }
     }
 
@@ -220,18 +247,20 @@ impl Installer {
     /// Copies the plugin into the bin dir when the copy there differs.
     pub fn install_binary(&self) -> Result<(), Error> {
         let dst = self.bin_dir.join(spright_endpoint::CNI_TYPE);
+        let seen = Fingerprint::of(&dst);
+        if seen.is_some() && seen == self.checked.get() {
+            return Ok(());
+        }
         let want = std::fs::read(&self.plugin)
             .map_err(io_err("read the plugin binary (--plugin)", &self.plugin))?;
-        match std::fs::read(&dst) {
-            Ok(have) if have == want => {
-                debug!(path = %dst.display(), "plugin binary up to date");
-                return Ok(());
-            }
-            Ok(_) | Err(_) => {}
+        if std::fs::read(&dst).is_ok_and(|have| have == want) {
+            debug!(path = %dst.display(), "plugin binary up to date");
+        } else {
+            std::fs::create_dir_all(&self.bin_dir).map_err(io_err("create", &self.bin_dir))?;
+            spright_endpoint::write_atomic(&dst, &want, 0o755).map_err(io_err("write", &dst))?;
+            info!("copied {} to {}", self.plugin.display(), dst.display());
         }
-        std::fs::create_dir_all(&self.bin_dir).map_err(io_err("create", &self.bin_dir))?;
-        spright_endpoint::write_atomic(&dst, &want, 0o755).map_err(io_err("write", &dst))?;
-        info!("copied {} to {}", self.plugin.display(), dst.display());
+        self.checked.set(Fingerprint::of(&dst));
         Ok(())
     }
 
@@ -577,6 +606,10 @@ mod tests {
         let before = std::fs::metadata(&bin).unwrap().modified().unwrap();
         i.install_binary().unwrap();
         assert_eq!(std::fs::metadata(&bin).unwrap().modified().unwrap(), before);
+        // Someone else's binary under our name is replaced on the next pass.
+        std::fs::write(&bin, b"something else").unwrap();
+        i.install_binary().unwrap();
+        assert_eq!(std::fs::read(&bin).unwrap(), b"\x7fELF plugin v1");
 
         let net = root.path().join("net.d");
         let bridge = r#"{"cniVersion":"1.0.0","name":"b","plugins":[{"type":"bridge","ipam":{"type":"host-local"}}]}"#;
