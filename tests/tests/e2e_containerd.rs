@@ -8,6 +8,10 @@
 //! next to the v1 controllers, so the programs attached at the test's cgroup
 //! see the pods' sockets. The image (sandbox and containers alike) is a
 //! busybox rootfs imported with podman and `ctr images import` — no registry.
+//!
+//! Two CNI setups: spright as the node's network, and the reference `bridge`
+//! + `host-local` with spright chained in by `spright install-cni` (the
+//! default install), where the chain still comes from the pod annotation.
 
 use std::{collections::HashMap, net::IpAddr, path::Path, time::Duration};
 
@@ -19,13 +23,31 @@ use k8s_cri::v1::{
 use spright_tests::{
     cni::Node,
     runtime::{self, Containerd, Podman, RuntimeCgroups, RuntimeNetns, redirected},
-    sandbox::Netns,
+    sandbox::{Netns, static_plugin, workspace_bin},
 };
 use tonic::transport::Channel;
 
 const IMAGE: &str = "localhost/spright-busybox:e2e";
 const SUBNET: &str = "10.213.41.0/24";
-const NETWORK: &str = "spright";
+const CHAINED_SUBNET: &str = "10.213.42.0/24";
+
+/// The node's CNI configuration.
+#[derive(Clone, Copy)]
+enum Cni {
+    /// spright's own network (`spright`).
+    Spright,
+    /// The reference bridge (`refnet`), spright chained in by install-cni.
+    ChainedIntoBridge,
+}
+
+impl Cni {
+    fn network(self) -> &'static str {
+        match self {
+            Self::Spright => "spright",
+            Self::ChainedIntoBridge => "refnet",
+        }
+    }
+}
 
 /// Everything the test owns; drops in order: containerd (and its shims,
 /// mounts), pod network namespaces it left, the runtime's cgroups, the datapath, the test cgroup, the node
@@ -114,14 +136,18 @@ fn import_image(dir: &Path, node: &Netns, containerd: &Containerd) {
 }
 
 impl Setup {
-    fn new() -> Self {
-        let base = Node::new("d").unwrap();
+    fn new(cni: Cni) -> Self {
+        let base = Node::new(match cni {
+            Cni::Spright => "d",
+            Cni::ChainedIntoBridge => "dc",
+        })
+        .unwrap();
         let (dir, node, name) = (&base.dir, &base.node, &base.name);
         let runtime_cgroups = RuntimeCgroups { name: name.clone() };
         // containerd takes one CNI bin dir: spright-cni plus the reference
-        // loopback (lo in every sandbox) and host-local (spright's IPAM).
+        // loopback (lo in every sandbox), host-local (IPAM) and bridge.
         let bin = runtime::cni_bin_dir(dir.path()).unwrap();
-        for p in ["loopback", "host-local"] {
+        for p in ["loopback", "host-local", "bridge"] {
             std::os::unix::fs::symlink(
                 Path::new(spright_tests::cni::REFERENCE_PLUGINS).join(p),
                 bin.join(p),
@@ -130,19 +156,63 @@ impl Setup {
         }
         let conf_dir = dir.path().join("net.d");
         std::fs::create_dir_all(&conf_dir).unwrap();
-        let conflist = runtime::spright_conflist(
-            NETWORK,
-            "sprcd0",
-            SUBNET,
-            &base.cgroup.path,
-            &base.pins.path,
-            dir.path(),
-        );
-        std::fs::write(
-            conf_dir.join("10-spright.conflist"),
-            serde_json::to_vec_pretty(&conflist).unwrap(),
-        )
-        .unwrap();
+        match cni {
+            Cni::Spright => {
+                let conflist = runtime::spright_conflist(
+                    cni.network(),
+                    "sprcd0",
+                    SUBNET,
+                    &base.cgroup.path,
+                    &base.pins.path,
+                    dir.path(),
+                );
+                std::fs::write(
+                    conf_dir.join("10-spright.conflist"),
+                    serde_json::to_vec_pretty(&conflist).unwrap(),
+                )
+                .unwrap();
+            }
+            Cni::ChainedIntoBridge => {
+                let bridge = serde_json::json!({
+                    "cniVersion": "1.0.0",
+                    "name": cni.network(),
+                    "plugins": [{
+                        "type": "bridge",
+                        "bridge": "sprcd1",
+                        "isGateway": true,
+                        "ipam": {
+                            "type": "host-local",
+                            "dataDir": base.ipam_dir(),
+                            "ranges": [[{ "subnet": CHAINED_SUBNET }]],
+                            "routes": [{ "dst": "0.0.0.0/0" }],
+                        },
+                    }],
+                });
+                std::fs::write(
+                    conf_dir.join("10-bridge.conflist"),
+                    serde_json::to_vec_pretty(&bridge).unwrap(),
+                )
+                .unwrap();
+                // What the DaemonSet's init container does, before the
+                // runtime starts (the static plugin replaces the link).
+                let out = std::process::Command::new(workspace_bin("spright"))
+                    .args(["install-cni", "--once", "--conf-dir"])
+                    .arg(&conf_dir)
+                    .arg("--bin-dir")
+                    .arg(&bin)
+                    .arg("--plugin")
+                    .arg(static_plugin())
+                    .arg("--cgroup")
+                    .arg(&base.cgroup.path)
+                    .arg("--bpffs")
+                    .arg(&base.pins.path)
+                    .arg("--state-dir")
+                    .arg(dir.path().join("state"))
+                    .output()
+                    .unwrap();
+                runtime::check(&out, "spright install-cni").unwrap();
+            }
+        }
         let containerd = Containerd::start(
             &dir.path().join("containerd"),
             &node.path(),
@@ -301,21 +371,38 @@ async fn fetch(rs: &mut RuntimeServiceClient<Channel>, from: &Pod, to: &Pod) -> 
     panic!("{} could not fetch from {}", from.name, to.name);
 }
 
+const TOOLS: &[&str] = &[
+    "containerd",
+    "ctr",
+    "containerd-shim-runc-v2",
+    "runc",
+    "podman",
+];
+
 #[test]
 fn e2e_containerd_cri_chain_from_annotations() {
+    if !runtime::require_tools("e2e_containerd_cri_chain_from_annotations", TOOLS) {
+        return;
+    }
+    chain_over_cri(Cni::Spright);
+}
+
+#[test]
+fn e2e_containerd_cri_chained_after_the_bridge_by_install_cni() {
     if !runtime::require_tools(
-        "e2e_containerd_cri_chain_from_annotations",
-        &[
-            "containerd",
-            "ctr",
-            "containerd-shim-runc-v2",
-            "runc",
-            "podman",
-        ],
+        "e2e_containerd_cri_chained_after_the_bridge_by_install_cni",
+        TOOLS,
     ) {
         return;
     }
-    let s = Setup::new();
+    chain_over_cri(Cni::ChainedIntoBridge);
+}
+
+/// Three chain pods and an outsider through the CRI: the annotation reaches
+/// the plugin, chain hops are redirected, the outsider's are not, and
+/// removing the pods as the kubelet does leaves the node clean.
+fn chain_over_cri(cni: Cni) {
+    let s = Setup::new(cni);
     rt().block_on(async {
         let channel = connect(&s.containerd.address).await;
         let mut rs = RuntimeServiceClient::new(channel.clone());
@@ -428,7 +515,7 @@ fn e2e_containerd_cri_chain_from_annotations() {
     );
     let links = s.base.node.ip(&["-o", "link", "show"]).unwrap();
     assert_eq!(links.lines().count(), 2, "only lo and the bridge: {links}");
-    let allocations = s.base.allocations(NETWORK);
+    let allocations = s.base.allocations(cni.network());
     assert!(
         allocations.is_empty(),
         "IP allocations left: {allocations:?}"
