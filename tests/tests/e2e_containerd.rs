@@ -9,9 +9,10 @@
 //! see the pods' sockets. The image (sandbox and containers alike) is a
 //! busybox rootfs imported with podman and `ctr images import` — no registry.
 //!
-//! Two CNI setups: spright as the node's network, and the reference `bridge`
-//! + `host-local` with spright chained in by `spright install-cni` (the
-//! default install), where the chain still comes from the pod annotation.
+//! Two CNI setups: spright as the node's network, and the reference plugins
+//! (`bridge` with `host-local`) with spright chained in by `spright
+//! install-cni` (the default install), where the chain still comes from the
+//! pod annotation.
 
 use std::{collections::HashMap, net::IpAddr, path::Path, time::Duration};
 
