@@ -91,12 +91,18 @@ fn main() -> ExitCode {
             let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
                 Ok(f) => f,
                 Err(e) => {
-                    eprintln!("spright: invalid --log {:?}: {e}", args.log);
+                    eprintln!(
+                        "spright: invalid --log / {} value {:?}: {e}",
+                        config::env::LOG,
+                        args.log
+                    );
                     return ExitCode::from(2);
                 }
             };
+            // Plain text in a container's log; colours on a terminal.
             tracing_subscriber::fmt()
                 .with_writer(io::stderr)
+                .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
                 .with_env_filter(filter)
                 .init();
             match install_cni::run(&args) {
