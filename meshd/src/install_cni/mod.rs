@@ -170,6 +170,9 @@ pub enum State {
     /// No config in the conf dir yet (chained mode): the primary CNI has not
     /// written one.
     Waiting,
+    /// spright's own conflist is written (primary mode), but another file
+    /// sorts first, so the runtime uses that one.
+    Shadowed { ours: PathBuf, by: PathBuf },
 }
 
 /// The installer: settings resolved once.
@@ -275,7 +278,24 @@ impl Installer {
             return Ok(State::Waiting);
         };
         let text = std::fs::read_to_string(&first).map_err(io_err("read", &first))?;
-        match conflist::insert(&first, &text, &self.entry.chained())? {
+        let plan = conflist::insert(&first, &text, &self.entry.chained())?;
+        if let Plan::Write {
+            path,
+            replaces: Some(_),
+            ..
+        } = &plan
+            && path.exists()
+        {
+            return Err(conflist::ConfError::Shape {
+                path: first,
+                why: format!(
+                    "turning it into a conflist would overwrite {}",
+                    path.display()
+                ),
+            }
+            .into());
+        }
+        match plan {
             Plan::Keep => {
                 debug!(path = %first.display(), "spright-cni already chained");
                 Ok(State::Installed(first))
@@ -314,16 +334,13 @@ impl Installer {
             write_config(&path, &text)?;
             info!("wrote {} (pod CIDR {cidr})", path.display());
         }
-        if let Some(first) = self.config_files()?.into_iter().next()
-            && first != path
-        {
-            warn!(
-                "{} sorts before {}: the runtime uses it, not spright's network",
-                first.display(),
-                path.display()
-            );
+        match self.config_files()?.into_iter().next() {
+            Some(first) if first != path => Ok(State::Shadowed {
+                ours: path,
+                by: first,
+            }),
+            _ => Ok(State::Installed(path)),
         }
-        Ok(State::Installed(path))
     }
 
     fn pod_cidr(&self) -> Result<IpNet, Error> {
@@ -447,9 +464,14 @@ pub fn run(args: &Args) -> Result<(), Error> {
                             "waiting for the primary CNI to write its config into {} (no *.conflist, *.conf or *.json yet)",
                             installer.conf_dir.display()
                         ),
+                        State::Shadowed { ours, by } => warn!(
+                            "{} sorts before {}: the runtime uses it, not spright's network",
+                            by.display(),
+                            ours.display()
+                        ),
                     }
                 }
-                if args.once && matches!(state, State::Installed(_)) {
+                if args.once && state != State::Waiting {
                     return Ok(());
                 }
                 last = Some(state);
@@ -649,6 +671,30 @@ mod tests {
     }
 
     #[test]
+    fn a_conf_is_not_converted_over_an_existing_conflist() {
+        let root = tempfile::tempdir().unwrap();
+        let i = installer(root.path(), "chained");
+        let net = root.path().join("net.d");
+        let conf = r#"{"cniVersion":"1.0.0","name":"a","type":"ptp"}"#;
+        let list = r#"{"cniVersion":"1.0.0","name":"b","plugins":[{"type":"bridge"}]}"#;
+        std::fs::write(net.join("10-a.conf"), conf).unwrap();
+        std::fs::write(net.join("10-a.conflist"), list).unwrap();
+        let e = i.reconcile().unwrap_err();
+        assert!(
+            format!("{e}: {}", std::error::Error::source(&e).unwrap()).contains("overwrite"),
+            "{e:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(net.join("10-a.conf")).unwrap(),
+            conf
+        );
+        assert_eq!(
+            std::fs::read_to_string(net.join("10-a.conflist")).unwrap(),
+            list
+        );
+    }
+
+    #[test]
     fn primary_needs_a_pod_cidr_and_writes_its_own_conflist() {
         let root = tempfile::tempdir().unwrap();
         let i = installer(root.path(), "primary");
@@ -660,6 +706,16 @@ mod tests {
         std::fs::write(root.path().join("pod-cidr"), "10.244.3.0/24\n").unwrap();
         let path = root.path().join("net.d/10-spright.conflist");
         assert_eq!(i.reconcile().unwrap(), State::Installed(path.clone()));
+        // Another network that sorts first wins at the runtime: said, not hidden.
+        std::fs::write(root.path().join("net.d/05-other.conflist"), "{}").unwrap();
+        assert_eq!(
+            i.reconcile().unwrap(),
+            State::Shadowed {
+                ours: path.clone(),
+                by: root.path().join("net.d/05-other.conflist"),
+            }
+        );
+        std::fs::remove_file(root.path().join("net.d/05-other.conflist")).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(v["cniVersion"], "1.1.0");
         assert_eq!(
