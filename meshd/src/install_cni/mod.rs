@@ -277,8 +277,27 @@ impl Installer {
         let Some(first) = self.config_files()?.into_iter().next() else {
             return Ok(State::Waiting);
         };
-        let text = std::fs::read_to_string(&first).map_err(io_err("read", &first))?;
-        let plan = conflist::insert(&first, &text, &self.entry.chained())?;
+        // The primary CNI may rewrite its file while we read it: writing our
+        // version of the old text would undo its change. Write only when the
+        // file is still the one read (a few tries; the watcher sees the
+        // primary's write and comes back anyway).
+        let mut tries = 0;
+        let plan = loop {
+            let before = Fingerprint::of(&first);
+            let text = std::fs::read_to_string(&first).map_err(io_err("read", &first))?;
+            let plan = conflist::insert(&first, &text, &self.entry.chained())?;
+            if plan == Plan::Keep || Fingerprint::of(&first) == before {
+                break plan;
+            }
+            tries += 1;
+            if tries == 3 {
+                return Err(conflist::ConfError::Shape {
+                    path: first,
+                    why: "it kept changing while being read; trying again later".into(),
+                }
+                .into());
+            }
+        };
         if let Plan::Write {
             path,
             replaces: Some(_),
