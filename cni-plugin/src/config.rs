@@ -29,7 +29,7 @@ pub const ARG_POD_NAME: &str = "K8S_POD_NAME";
 pub const ARG_POD_UID: &str = "K8S_POD_UID";
 
 /// runtimeConfig key under which containerd passes pod annotations.
-pub const CAP_POD_ANNOTATIONS: &str = "io.kubernetes.cri.pod-annotations";
+pub const CAP_POD_ANNOTATIONS: &str = spright_endpoint::CAP_POD_ANNOTATIONS;
 /// GC input: the attachments the runtime still knows.
 pub const GC_VALID_ATTACHMENTS: &str = "cni.dev/valid-attachments";
 

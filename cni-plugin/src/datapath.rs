@@ -18,9 +18,19 @@ pub enum Acceleration {
 /// Installs (or adopts) the datapath and records `ips`. On any failure the
 /// entries written so far are removed and acceleration is off.
 pub fn accelerate(config: &Config, ips: &[IpAddr], value: EndpointValue) -> Acceleration {
-    let Some(cgroup) = config.cgroup.clone().or_else(spright_ebpf::default_cgroup) else {
-        tracing::warn!("no cgroup v2 hierarchy; pod networking works without acceleration");
-        return Acceleration::Off;
+    let cgroup = match config
+        .cgroup
+        .clone()
+        .map_or_else(spright_ebpf::default_cgroup, Ok)
+    {
+        Ok(cgroup) => cgroup,
+        Err(e) => {
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "no \"cgroup\" in the config and none detected; pod networking works without acceleration"
+            );
+            return Acceleration::Off;
+        }
     };
     let placement = Placement {
         cgroup,

@@ -14,9 +14,9 @@ use serde_json::{Value, json};
 use crate::error::{Error, Result};
 
 /// Versions this plugin speaks, oldest first.
-pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+pub const SUPPORTED: &[&str] = spright_endpoint::CNI_VERSIONS;
 /// The newest version.
-pub const CURRENT: &str = "1.1.0";
+pub const CURRENT: &str = spright_endpoint::CNI_VERSION;
 
 /// A spec version as (major, minor, patch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -45,6 +45,17 @@ pub const ANNOTATION_CHAIN: &str = "spright.dev/chain";
 pub const ANNOTATION_FUNCTION: &str = "spright.dev/function";
 /// Pod annotation to opt out of the redirect (`"off"`).
 pub const ANNOTATION_REDIRECT: &str = "spright.dev/redirect";
+/// CNI spec versions spright-cni speaks, oldest first. install-cni chains
+/// spright only into conflists of one of these versions.
+pub const CNI_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+/// The newest CNI spec version spright-cni speaks (what its own conflist
+/// declares, so that runtimes call STATUS and GC).
+pub const CNI_VERSION: &str = "1.1.0";
+/// The plugin's `type` in a conflist (and its binary's name in the CNI bin dir).
+pub const CNI_TYPE: &str = "spright-cni";
+/// The capability under which containerd and CRI-O pass pod annotations
+/// (in `runtimeConfig`) to plugins that declare it.
+pub const CAP_POD_ANNOTATIONS: &str = "io.kubernetes.cri.pod-annotations";
 /// CNI_ARGS key carrying the chain for runtimes that pass no annotations.
 pub const CNI_ARG_CHAIN: &str = "SPRIGHT_CHAIN";
 /// Namespace used when the runtime gives none (e.g. podman).
@@ -220,21 +231,35 @@ pub fn write(state_dir: &Path, record: &Record) -> Result<PathBuf, Error> {
     let dir = records_dir(state_dir);
     fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
     let path = dir.join(Record::file_name(&record.container_id, &record.ifname));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        Record::file_name(&record.container_id, &record.ifname)
-    ));
     let body = serde_json::to_vec_pretty(record).expect("records always serialise");
-    let mut f = fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
-    f.write_all(&body)
-        .and_then(|()| f.sync_all())
-        .map_err(io_err("write", &tmp))?;
-    drop(f);
-    fs::rename(&tmp, &path).map_err(io_err("rename into place", &path))?;
-    fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("sync", &dir))?;
+    write_atomic(&path, &body, 0o644).map_err(io_err("write", &path))?;
     Ok(path)
+}
+
+/// Replaces `path` with `body` so that a reader sees the old or the new
+/// file, never a part: a temporary file `.<name>.tmp` in the same directory
+/// (a name no reader of records, CNI configs or plugins looks at), synced,
+/// given `mode`, renamed over `path`; then the directory is synced.
+pub fn write_atomic(path: &Path, body: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let written = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(body)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
+    fs::File::open(dir).and_then(|d| d.sync_all())
 }
 
 /// Reads one record.

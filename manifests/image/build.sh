@@ -2,7 +2,10 @@
 # Builds the spright node image from binaries the workspace already built.
 #
 #   cargo build --release --workspace --lib --bins
+#   cargo build --release -p spright-cni --target x86_64-unknown-linux-musl
 #   manifests/image/build.sh                 # -> ghcr.io/spright-dev/spright:<version>
+#
+# (`cargo xtask build` runs both builds in the debug profile: PROFILE=debug.)
 #
 # Environment:
 #   PROFILE   cargo profile directory under target/ (default: release)
@@ -33,9 +36,17 @@ stage_libs() {
     done
 }
 
+# spright-cni is the static (musl) build: install-cni copies it onto hosts
+# whose libc may be older, different or absent.
+static_target=x86_64-unknown-linux-musl
 for bin in meshd spright spright-cni shm-csi; do
     src=$target/$profile/$bin
+    [ "$bin" = spright-cni ] && src=$target/$static_target/$profile/$bin
     if [ ! -x "$src" ]; then
+        if [ "$bin" = spright-cni ]; then
+            echo "build.sh: $src not found; run cargo build -p spright-cni --target $static_target${profile:+ (profile $profile)}" >&2
+            exit 1
+        fi
         if [ "$bin" = shm-csi ]; then
             echo "build.sh: $src not built; the image has no shm-csi" >&2
             continue
@@ -44,7 +55,14 @@ for bin in meshd spright spright-cni shm-csi; do
         exit 1
     fi
     strip --strip-debug -o "$root/usr/local/bin/$bin" "$src"
-    stage_libs "$src"
+    if [ "$bin" = spright-cni ]; then
+        if ldd "$src" 2>/dev/null | grep -q '=>'; then
+            echo "build.sh: $src links shared libraries; it must be static" >&2
+            exit 1
+        fi
+    else
+        stage_libs "$src"
+    fi
 done
 
 # The opt-in preload shim (docs/RELIABILITY.md, "Preload shim"): function

@@ -78,16 +78,17 @@ impl Agent {
             enabled: false,
             reason: None,
             datapath: None,
-            cgroup: cgroup.as_ref().map(|c| c.display().to_string()),
+            cgroup: cgroup.as_ref().ok().map(|c| c.display().to_string()),
             bpffs: config.bpffs.display().to_string(),
         };
         let dp = match cgroup {
-            None => {
-                acceleration.reason =
-                    Some("no cgroup v2 hierarchy is mounted and --cgroup is not set".into());
+            Err(e) => {
+                let reason = format!("--cgroup is not set and {e}");
+                warn!(reason = %reason, "acceleration off: pods keep plain networking");
+                acceleration.reason = Some(reason);
                 None
             }
-            Some(cgroup) => match Datapath::ensure_current(&Placement {
+            Ok(cgroup) => match Datapath::ensure_current(&Placement {
                 cgroup,
                 bpffs: config.bpffs.clone(),
             }) {
@@ -266,11 +267,9 @@ impl Agent {
 /// (atomically: temporary file, then rename). Best effort.
 fn publish_selftest(state_dir: &Path, report: &crate::selftest::Report) {
     let path = state_dir.join(spright_endpoint::SELFTEST_FILE);
-    let tmp = state_dir.join(format!(".{}.tmp", spright_endpoint::SELFTEST_FILE));
     let body = serde_json::to_vec_pretty(report).expect("reports serialise");
     let written = std::fs::create_dir_all(state_dir)
-        .and_then(|()| std::fs::write(&tmp, body))
-        .and_then(|()| std::fs::rename(&tmp, &path));
+        .and_then(|()| spright_endpoint::write_atomic(&path, &body, 0o644));
     if let Err(e) = written {
         warn!(path = %path.display(), error = %e, "publishing the self-test report");
     }

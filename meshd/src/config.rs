@@ -73,7 +73,7 @@ pub mod env {
 #[derive(Clone, Debug, Parser, Serialize)]
 #[command(name = "meshd", version, about)]
 pub struct Config {
-    /// cgroup v2 directory the programs attach to [default: `<cgroup2>/kubepods.slice` or `<cgroup2>/kubepods` when present, else the cgroup v2 mount point]
+    /// cgroup v2 directory the programs attach to [default: kubelet's pod cgroup, the first of `<cgroup2>/kubepods.slice`, `<cgroup2>/kubepods`, `<cgroup2>/kubelet.slice/kubelet-kubepods.slice`; never the cgroup v2 root]
     #[arg(long, env = env::CGROUP, value_name = "DIR")]
     pub cgroup: Option<PathBuf>,
     /// bpffs directory holding the pinned programs and maps
@@ -129,9 +129,12 @@ pub struct Config {
 }
 
 impl Config {
-    /// The cgroup to attach to: the flag, or the detected cgroup v2 mount.
-    pub fn cgroup_dir(&self) -> Option<PathBuf> {
-        self.cgroup.clone().or_else(spright_ebpf::default_cgroup)
+    /// The cgroup to attach to: the flag, or kubelet's pod cgroup (an error
+    /// naming every path looked for when there is none).
+    pub fn cgroup_dir(&self) -> Result<PathBuf, spright_ebpf::Error> {
+        self.cgroup
+            .clone()
+            .map_or_else(spright_ebpf::default_cgroup, Ok)
     }
 
     /// The service files directory: the flag, or `<state-dir>/services`.
@@ -153,7 +156,10 @@ impl Config {
     /// The effective configuration (defaults resolved) as JSON.
     pub fn effective_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("config serialises");
-        v["cgroup"] = serde_json::json!(self.cgroup_dir());
+        match self.cgroup_dir() {
+            Ok(c) => v["cgroup"] = serde_json::json!(c),
+            Err(e) => v["cgroup_error"] = serde_json::json!(e.to_string()),
+        }
         v["services_dir"] = serde_json::json!(self.services_dir());
         v["pods_dir"] = serde_json::json!(self.pods_dir());
         v

@@ -6,6 +6,7 @@ pub mod config;
 pub mod desired;
 pub mod error;
 pub mod http;
+pub mod install_cni;
 pub mod kube_source;
 pub mod membound;
 pub mod metrics;

@@ -64,17 +64,28 @@ pub struct CriNode {
     pub base: Node,
 }
 
+/// The node's CNI configuration, as containerd finds it in its conf dir.
+#[derive(Clone, Copy, Debug)]
+pub enum Cni<'a> {
+    /// spright-cni is the node's network `network` over `subnet`.
+    Spright { network: &'a str, subnet: &'a str },
+    /// The reference `bridge` (with host-local) is network `network` over
+    /// `subnet`, and `spright install-cni --once` chains spright into its
+    /// conflist, as the DaemonSet's init container does (the default install).
+    ChainedIntoBridge { network: &'a str, subnet: &'a str },
+}
+
 impl CriNode {
-    /// A node named after `tag`, with spright-cni as network `network` over
-    /// `subnet`, containerd started and the busybox image imported.
-    pub fn new(tag: &str, network: &str, subnet: &str) -> anyhow::Result<Self> {
+    /// A node named after `tag` with `cni`, containerd started and the
+    /// busybox image imported.
+    pub fn new(tag: &str, cni: Cni<'_>) -> anyhow::Result<Self> {
         let base = Node::new(tag)?;
         let (dir, node, name) = (&base.dir, &base.node, &base.name);
         let runtime_cgroups = RuntimeCgroups { name: name.clone() };
         // containerd takes one CNI bin dir: spright-cni plus the reference
-        // loopback (lo in every sandbox) and host-local (spright's IPAM).
+        // loopback (lo in every sandbox), host-local (IPAM) and bridge.
         let bin = runtime::cni_bin_dir(dir.path())?;
-        for p in ["loopback", "host-local"] {
+        for p in ["loopback", "host-local", "bridge"] {
             std::os::unix::fs::symlink(
                 Path::new(crate::cni::REFERENCE_PLUGINS).join(p),
                 bin.join(p),
@@ -83,18 +94,60 @@ impl CriNode {
         let conf_dir = dir.path().join("net.d");
         std::fs::create_dir_all(&conf_dir)?;
         let bridge = format!("spr{}0", &tag[..tag.len().min(6)]);
-        let conflist = runtime::spright_conflist(
-            network,
-            &bridge,
-            subnet,
-            &base.cgroup.path,
-            &base.pins.path,
-            dir.path(),
-        );
-        std::fs::write(
-            conf_dir.join("10-spright.conflist"),
-            serde_json::to_vec_pretty(&conflist)?,
-        )?;
+        match cni {
+            Cni::Spright { network, subnet } => {
+                let conflist = runtime::spright_conflist(
+                    network,
+                    &bridge,
+                    subnet,
+                    &base.cgroup.path,
+                    &base.pins.path,
+                    dir.path(),
+                );
+                std::fs::write(
+                    conf_dir.join("10-spright.conflist"),
+                    serde_json::to_vec_pretty(&conflist)?,
+                )?;
+            }
+            Cni::ChainedIntoBridge { network, subnet } => {
+                let conflist = json!({
+                    "cniVersion": "1.0.0",
+                    "name": network,
+                    "plugins": [{
+                        "type": "bridge",
+                        "bridge": bridge,
+                        "isGateway": true,
+                        "ipam": {
+                            "type": "host-local",
+                            "dataDir": base.ipam_dir(),
+                            "ranges": [[{ "subnet": subnet }]],
+                            "routes": [{ "dst": "0.0.0.0/0" }],
+                        },
+                    }],
+                });
+                std::fs::write(
+                    conf_dir.join("10-bridge.conflist"),
+                    serde_json::to_vec_pretty(&conflist)?,
+                )?;
+                // What the DaemonSet's init container does, before the
+                // runtime starts (the static plugin replaces the link).
+                let out = std::process::Command::new(crate::sandbox::workspace_bin("spright"))
+                    .args(["install-cni", "--once", "--conf-dir"])
+                    .arg(&conf_dir)
+                    .arg("--bin-dir")
+                    .arg(&bin)
+                    .arg("--plugin")
+                    .arg(crate::sandbox::static_plugin())
+                    .arg("--cgroup")
+                    .arg(&base.cgroup.path)
+                    .arg("--bpffs")
+                    .arg(&base.pins.path)
+                    .arg("--state-dir")
+                    .arg(dir.path().join("state"))
+                    .output()?;
+                runtime::check(&out, "spright install-cni")?;
+            }
+        }
         let containerd = Containerd::start(
             &dir.path().join("containerd"),
             &node.path(),

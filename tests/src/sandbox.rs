@@ -362,6 +362,37 @@ pub fn workspace_bin(name: &str) -> PathBuf {
                 exe.display()
             )
         });
+    fresh(bin)
+}
+
+/// The target of the static spright-cni (what the image ships and
+/// install-cni copies onto hosts).
+pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// The static (musl) spright-cni of the profile these tests were built
+/// with, failing like [`workspace_bin`] when it is missing or stale
+/// (`cargo xtask build` builds it).
+pub fn static_plugin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test exe>
+    let profile_dir = exe.parent().and_then(Path::parent).expect("profile dir");
+    let profile = profile_dir.file_name().expect("profile name");
+    let bin = profile_dir
+        .parent()
+        .expect("target dir")
+        .join(STATIC_TARGET)
+        .join(profile)
+        .join("spright-cni");
+    assert!(
+        bin.exists(),
+        "{} not found; run `cargo build -p spright-cni --target {STATIC_TARGET}` (cargo xtask build does)",
+        bin.display()
+    );
+    fresh(bin)
+}
+
+/// `bin`, when none of the sources it was built from is newer.
+fn fresh(bin: PathBuf) -> PathBuf {
     // Cargo's dep-info next to the binary lists every source file it was
     // built from; any of them being newer means the binary is stale.
     let built = mtime(&bin);

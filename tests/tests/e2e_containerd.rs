@@ -8,6 +8,11 @@
 //! next to the v1 controllers, so the programs attached at the test's cgroup
 //! see the pods' sockets. The image (sandbox and containers alike) is a
 //! busybox rootfs imported with podman and `ctr images import` — no registry.
+//!
+//! Two CNI setups: spright as the node's network, and the reference plugins
+//! (`bridge` with `host-local`) with spright chained in by `spright
+//! install-cni` (the default install), where the chain still comes from the
+//! pod annotation.
 
 use std::{collections::HashMap, net::IpAddr, path::Path, time::Duration};
 
@@ -16,13 +21,31 @@ use k8s_cri::v1::{
     runtime_service_client::RuntimeServiceClient,
 };
 use spright_tests::{
-    kubelet::{CriNode, IMAGE, connect},
+    kubelet::{self, CriNode, IMAGE, connect},
     runtime::{self, redirected},
 };
 use tonic::transport::Channel;
 
 const SUBNET: &str = "10.213.41.0/24";
-const NETWORK: &str = "spright";
+const CHAINED_SUBNET: &str = "10.213.42.0/24";
+
+/// The node's CNI configuration.
+#[derive(Clone, Copy)]
+enum Cni {
+    /// spright's own network (`spright`).
+    Spright,
+    /// The reference bridge (`refnet`), spright chained in by install-cni.
+    ChainedIntoBridge,
+}
+
+impl Cni {
+    fn network(self) -> &'static str {
+        match self {
+            Self::Spright => "spright",
+            Self::ChainedIntoBridge => "refnet",
+        }
+    }
+}
 
 type Setup = CriNode;
 
@@ -31,6 +54,26 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+fn setup(cni: Cni) -> Setup {
+    let (tag, network) = match cni {
+        Cni::Spright => (
+            "d",
+            kubelet::Cni::Spright {
+                network: cni.network(),
+                subnet: SUBNET,
+            },
+        ),
+        Cni::ChainedIntoBridge => (
+            "dc",
+            kubelet::Cni::ChainedIntoBridge {
+                network: cni.network(),
+                subnet: CHAINED_SUBNET,
+            },
+        ),
+    };
+    CriNode::new(tag, network).unwrap()
 }
 
 struct Pod {
@@ -173,21 +216,38 @@ async fn fetch(rs: &mut RuntimeServiceClient<Channel>, from: &Pod, to: &Pod) -> 
     panic!("{} could not fetch from {}", from.name, to.name);
 }
 
+const TOOLS: &[&str] = &[
+    "containerd",
+    "ctr",
+    "containerd-shim-runc-v2",
+    "runc",
+    "podman",
+];
+
 #[test]
 fn e2e_containerd_cri_chain_from_annotations() {
+    if !runtime::require_tools("e2e_containerd_cri_chain_from_annotations", TOOLS) {
+        return;
+    }
+    chain_over_cri(Cni::Spright);
+}
+
+#[test]
+fn e2e_containerd_cri_chained_after_the_bridge_by_install_cni() {
     if !runtime::require_tools(
-        "e2e_containerd_cri_chain_from_annotations",
-        &[
-            "containerd",
-            "ctr",
-            "containerd-shim-runc-v2",
-            "runc",
-            "podman",
-        ],
+        "e2e_containerd_cri_chained_after_the_bridge_by_install_cni",
+        TOOLS,
     ) {
         return;
     }
-    let s = Setup::new("d", NETWORK, SUBNET).unwrap();
+    chain_over_cri(Cni::ChainedIntoBridge);
+}
+
+/// Three chain pods and an outsider through the CRI: the annotation reaches
+/// the plugin, chain hops are redirected, the outsider's are not, and
+/// removing the pods as the kubelet does leaves the node clean.
+fn chain_over_cri(cni: Cni) {
+    let s = setup(cni);
     rt().block_on(async {
         let channel = connect(&s.containerd.address).await.unwrap();
         let mut rs = RuntimeServiceClient::new(channel.clone());
@@ -300,7 +360,7 @@ fn e2e_containerd_cri_chain_from_annotations() {
     );
     let links = s.base.node.ip(&["-o", "link", "show"]).unwrap();
     assert_eq!(links.lines().count(), 2, "only lo and the bridge: {links}");
-    let allocations = s.base.allocations(NETWORK);
+    let allocations = s.base.allocations(cni.network());
     assert!(
         allocations.is_empty(),
         "IP allocations left: {allocations:?}"

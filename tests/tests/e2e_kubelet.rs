@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::json;
 use spright_tests::{
-    kubelet::{CriNode, Kubelet, PodError, RunningPod, pods_from_manifest},
+    kubelet::{Cni, CriNode, Kubelet, PodError, RunningPod, pods_from_manifest},
     meshd::Meshd,
     runtime::{self, redirected},
     shm_csi::{Code, MountDir, ShmCsi, mounts_under},
@@ -63,7 +63,14 @@ fn e2e_kubelet_runs_the_example_chain_in_kubelets_order() {
     ) {
         return;
     }
-    let node = CriNode::new("k", NETWORK, SUBNET).unwrap();
+    let node = CriNode::new(
+        "k",
+        Cni::Spright {
+            network: NETWORK,
+            subnet: SUBNET,
+        },
+    )
+    .unwrap();
     let mounts = MountDir::new().unwrap();
     let state = node.state_dir();
     let pods_dir = state.join("pods");

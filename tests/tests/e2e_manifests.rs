@@ -199,26 +199,19 @@ fn meshd_env_and_mounts_match_what_meshd_reads() {
     let spec = pod_spec(ds).unwrap();
     let meshd = container(spec, "meshd");
     // Resolve the environment as the kubelet would, and hand it to the real
-    // meshd: it must accept every name and value.
-    let mut env = BTreeMap::new();
+    // meshd: it must accept every name and value. Every setting comes from
+    // spright-config.
     for e in meshd["env"].as_array().unwrap() {
         let name = e["name"].as_str().unwrap();
         if name == "NODE_NAME" {
             // The downward API: the node the pod runs on.
             assert_eq!(e["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
-            env.insert(name.to_owned(), "node-1".to_owned());
             continue;
         }
         assert!(name.starts_with("SPRIGHT_"), "{name} is not one of meshd's");
-        let r = &e["valueFrom"]["configMapKeyRef"];
-        assert_eq!(r["name"], "spright-config");
-        match cm.get(r["key"].as_str().unwrap()) {
-            Some(v) => {
-                env.insert(name.to_owned(), v.as_str().unwrap().to_owned());
-            }
-            None => assert_eq!(r["optional"], true, "{name} refers to a missing key"),
-        }
+        assert!(e["valueFrom"]["configMapKeyRef"].is_object(), "{name}");
     }
+    let env = resolved_env(meshd, cm);
     let help = Command::new(workspace_bin("meshd"))
         .arg("--help")
         .output()
@@ -276,32 +269,164 @@ fn meshd_env_and_mounts_match_what_meshd_reads() {
     assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 0);
 }
 
+/// A container's environment resolved as the kubelet would (values and
+/// ConfigMap keys; an optional missing key leaves the variable unset).
+fn resolved_env(c: &Value, cm: &Value) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for e in c["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap().to_owned();
+        if let Some(v) = e["value"].as_str() {
+            env.insert(name, v.to_owned());
+            continue;
+        }
+        if e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName" {
+            // The downward API: the node the pod runs on.
+            env.insert(name, "node-1".to_owned());
+            continue;
+        }
+        let r = &e["valueFrom"]["configMapKeyRef"];
+        assert_eq!(r["name"], "spright-config", "{name}");
+        match cm.get(r["key"].as_str().unwrap()) {
+            Some(v) => {
+                env.insert(name, v.as_str().unwrap().to_owned());
+            }
+            None => assert_eq!(r["optional"], true, "{name} refers to a missing key"),
+        }
+    }
+    env
+}
+
+/// Where a container path lies on the host, through the container's
+/// hostPath mounts.
+fn on_host(spec: &Value, c: &Value, at: &str) -> PathBuf {
+    let mounts = host_mounts(spec, c);
+    let (mount, (host_root, _)) = mounts
+        .iter()
+        .filter(|(m, _)| Path::new(at).starts_with(m))
+        .max_by_key(|(m, _)| m.len())
+        .unwrap_or_else(|| panic!("{at} is not on a host mount of {}", c["name"]));
+    Path::new(host_root).join(Path::new(at).strip_prefix(mount).unwrap())
+}
+
 #[test]
-fn conflist_agrees_with_meshd_and_declares_annotations() {
+fn install_cni_chains_by_default_and_agrees_with_meshd() {
     let objs = objects();
     let cm = &find(&objs, "ConfigMap", "spright-config")["data"];
-    let conf: Value = serde_json::from_str(cm["10-spright.conflist"].as_str().unwrap()).unwrap();
-    let plugin = &conf["plugins"][0];
+    assert_eq!(cm["cni-mode"], "chained", "chained mode is the default");
+    let ds = find(&objs, "DaemonSet", "spright-node");
+    let spec = pod_spec(ds).unwrap();
+
+    // The init container installs once; a long-running container watches.
+    let init = container(spec, "install-cni");
+    let watch = container(spec, "install-cni-watch");
+    assert!(
+        spec["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "install-cni")
+    );
+    for (c, args) in [
+        (init, serde_json::json!(["install-cni", "--once"])),
+        (watch, serde_json::json!(["install-cni"])),
+    ] {
+        assert_eq!(c["command"], serde_json::json!(["/usr/local/bin/spright"]));
+        assert_eq!(c["args"], args, "{}", c["name"]);
+    }
+    assert_eq!(init["env"], watch["env"]);
+    assert_eq!(init["volumeMounts"], watch["volumeMounts"]);
+    assert_ne!(init["securityContext"]["privileged"], true);
+
+    // Every variable is one of install-cni's, and the plugin settings are
+    // meshd's.
+    let env = resolved_env(init, cm);
+    let help = Command::new(workspace_bin("spright"))
+        .args(["install-cni", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for name in init["env"].as_array().unwrap().iter().map(|e| &e["name"]) {
+        let name = name.as_str().unwrap();
+        assert!(
+            help.contains(&format!("[env: {name}=")),
+            "spright install-cni has no environment variable {name}:\n{help}"
+        );
+    }
+    let meshd_env = resolved_env(container(spec, "meshd"), cm);
+    for name in ["SPRIGHT_STATE_DIR", "SPRIGHT_BPFFS", "SPRIGHT_CGROUP"] {
+        assert_eq!(env.get(name), meshd_env.get(name), "{name}");
+    }
+
+    // It writes into the directories the runtime reads (kubeadm's).
+    for (var, host) in [
+        ("SPRIGHT_CNI_CONF_DIR", "/etc/cni/net.d"),
+        ("SPRIGHT_CNI_BIN_DIR", "/opt/cni/bin"),
+        ("SPRIGHT_POD_CIDR_FILE", "/etc/spright/pod-cidr"),
+    ] {
+        assert_eq!(on_host(spec, init, &env[var]), Path::new(host), "{var}");
+    }
+
+    // The real installer with this environment, on stand-in host dirs: the
+    // runtime's conflist gets spright last with meshd's settings.
+    let host = tempfile::tempdir().unwrap();
+    let (conf_dir, bin_dir) = (host.path().join("net.d"), host.path().join("bin"));
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let primary = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","plugins":[{"type":"bridge","ipam":{"type":"host-local"}}]}"#;
+    std::fs::write(conf_dir.join("10-net.conflist"), primary).unwrap();
+    let run = |extra: &[(&str, &str)]| {
+        let out = Command::new(workspace_bin("spright"))
+            .args(["install-cni", "--once"])
+            .env_clear()
+            .envs(&env)
+            .env("SPRIGHT_CNI_CONF_DIR", &conf_dir)
+            .env("SPRIGHT_CNI_BIN_DIR", &bin_dir)
+            .env("SPRIGHT_CNI_PLUGIN", workspace_bin("spright-cni"))
+            .envs(extra.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "install-cni with the DaemonSet's environment: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[]);
+    let conf: Value =
+        serde_json::from_slice(&std::fs::read(conf_dir.join("10-net.conflist")).unwrap()).unwrap();
+    assert_eq!(
+        conf["cniVersion"], "1.0.0",
+        "chained keeps the primary's version"
+    );
+    let plugins = conf["plugins"].as_array().unwrap();
+    assert_eq!(plugins.len(), 2);
+    let plugin = &plugins[1];
     assert_eq!(plugin["type"], "spright-cni");
+    assert_eq!(plugin["mode"], "chained");
     assert_eq!(
         plugin["capabilities"]["io.kubernetes.cri.pod-annotations"],
         true
     );
     assert_eq!(plugin["stateDir"], cm["state-dir"]);
     assert_eq!(plugin["bpffs"], cm["bpffs"]);
-    // Every plugin version we emit is one the plugin supports.
-    assert!(spright_tests::cni::VERSIONS.contains(&conf["cniVersion"].as_str().unwrap()));
-    assert_eq!(plugin["ipam"]["type"], "host-local");
+    assert!(bin_dir.join("spright-cni").exists());
 
-    // install-cni writes into the directories the runtime reads.
-    let ds = find(&objs, "DaemonSet", "spright-node");
-    let spec = pod_spec(ds).unwrap();
-    let install = container(spec, "install-cni");
-    let mounts = host_mounts(spec, install);
-    assert_eq!(mounts["/host/opt/cni/bin"].0, "/opt/cni/bin");
-    assert_eq!(mounts["/host/etc/cni/net.d"].0, "/etc/cni/net.d");
-    let script = cm["install-cni.sh"].as_str().unwrap();
-    assert!(script.contains("10-spright.conflist") && script.contains("spright-cni"));
+    // Primary mode (opt-in): spright's own conflist at CNI 1.1.0, so the
+    // runtime calls STATUS and GC; a version the plugin speaks.
+    run(&[
+        ("SPRIGHT_CNI_MODE", "primary"),
+        ("SPRIGHT_POD_CIDR", "10.244.7.0/24"),
+    ]);
+    let own: Value =
+        serde_json::from_slice(&std::fs::read(conf_dir.join("10-spright.conflist")).unwrap())
+            .unwrap();
+    assert_eq!(own["cniVersion"], "1.1.0");
+    assert!(spright_tests::cni::VERSIONS.contains(&own["cniVersion"].as_str().unwrap()));
+    assert_eq!(own["plugins"][0]["ipam"]["type"], "host-local");
+    assert_eq!(
+        own["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
+        "10.244.7.0/24"
+    );
+    assert_eq!(own["plugins"][0]["stateDir"], cm["state-dir"]);
 }
 
 #[test]
@@ -478,10 +603,37 @@ fn node_components_only_read_pods_services_and_endpointslices() {
     assert_eq!(sa["automountServiceAccountToken"], false);
     let node = pod_spec(find(&objs, "DaemonSet", "spright-node")).unwrap();
     assert_eq!(node["serviceAccountName"], "spright-node");
-    assert_eq!(
-        node["automountServiceAccountToken"], true,
-        "meshd needs its token"
-    );
+    // The token reaches meshd only: no automount for the pod, a projected
+    // token volume mounted by meshd and by no other container.
+    assert_eq!(node["automountServiceAccountToken"], false);
+    let token_volumes: Vec<&str> = node["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| {
+            v["projected"]["sources"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s.get("serviceAccountToken").is_some()))
+        })
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(token_volumes.len(), 1, "{token_volumes:?}");
+    for c in containers(node) {
+        let mounts: Vec<&Value> = c["volumeMounts"]
+            .as_array()
+            .map(|m| m.iter().filter(|m| m["name"] == token_volumes[0]).collect())
+            .unwrap_or_default();
+        if c["name"] == "meshd" {
+            assert_eq!(mounts.len(), 1);
+            assert_eq!(
+                mounts[0]["mountPath"], "/var/run/secrets/kubernetes.io/serviceaccount",
+                "where kube-rs looks for the in-cluster token"
+            );
+            assert_eq!(mounts[0]["readOnly"], true);
+        } else {
+            assert!(mounts.is_empty(), "{} mounts the token", c["name"]);
+        }
+    }
     let cleanup = pod_spec(find(&objs, "DaemonSet", "spright-cleanup")).unwrap();
     assert_eq!(cleanup["serviceAccountName"], "spright-node");
     assert_eq!(cleanup["automountServiceAccountToken"], false);

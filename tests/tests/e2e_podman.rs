@@ -8,16 +8,21 @@
 //! the programs attached at the test's cgroup see the containers' sockets.
 //! podman passes no pod annotations; the chain comes from `CNI_ARGS`
 //! (`SPRIGHT_CHAIN=...`), which podman forwards to the plugins.
+//!
+//! Networks: spright as the primary plugin, and the reference `bridge` +
+//! `host-local` with spright chained in by `spright install-cni` (the static
+//! plugin it copies is the one podman runs).
 
 use std::{net::IpAddr, path::Path, time::Duration};
 
 use spright_tests::{
     cni::Node,
     runtime::{self, Podman, RuntimeCgroups, redirected, retry},
-    sandbox::workspace_bin,
+    sandbox::{static_plugin, workspace_bin},
 };
 
 const SUBNET: &str = "10.213.21.0/24";
+const CHAINED_SUBNET: &str = "10.213.23.0/24";
 
 /// What one podman test owns. Fields drop in order: containers first
 /// (CNI DEL), then leftovers of the runtime's cgroups, the datapath, the
@@ -142,9 +147,70 @@ fn e2e_podman_chain_over_cni_args() {
     );
     s.podman.add_network(&conflist).unwrap();
 
-    let a = serve(&s, "fn-a", "spright", Some("demo"));
-    let b = serve(&s, "fn-b", "spright", Some("demo"));
-    let outsider = serve(&s, "outsider", "spright", None);
+    chain_pods_are_redirected(&s, "spright");
+}
+
+#[test]
+fn e2e_podman_chain_through_the_installed_chained_conflist() {
+    if !runtime::require_tools(
+        "e2e_podman_chain_through_the_installed_chained_conflist",
+        &["podman", "runc", "conmon"],
+    ) {
+        return;
+    }
+    let s = Setup::new("pc");
+    // The node's primary CNI: the reference bridge with host-local.
+    s.podman
+        .add_network(&serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "refnet",
+            "plugins": [{
+                "type": "bridge",
+                "bridge": "sprpc0",
+                "isGateway": true,
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": s.base.ipam_dir(),
+                    "ranges": [[{ "subnet": CHAINED_SUBNET }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                },
+            }],
+        }))
+        .unwrap();
+    // install-cni chains spright into it and copies the static plugin over
+    // the CNI bin dir's spright-cni.
+    let out = std::process::Command::new(workspace_bin("spright"))
+        .args(["install-cni", "--once", "--conf-dir"])
+        .arg(s.podman.dir.join("net.d"))
+        .arg("--bin-dir")
+        .arg(s.base.dir.path().join("cni-bin"))
+        .arg("--plugin")
+        .arg(static_plugin())
+        .arg("--cgroup")
+        .arg(&s.base.cgroup.path)
+        .arg("--bpffs")
+        .arg(&s.base.pins.path)
+        .arg("--state-dir")
+        .arg(s.state_dir())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "install-cni: {log}");
+    assert!(log.contains("inserted spright-cni"), "{log}");
+    assert_eq!(
+        std::fs::read(s.base.dir.path().join("cni-bin/spright-cni")).unwrap(),
+        std::fs::read(static_plugin()).unwrap(),
+        "podman runs the static plugin"
+    );
+    chain_pods_are_redirected(&s, "refnet");
+}
+
+/// Two chain containers and an outsider on `net`: the chain hop is
+/// redirected, the others are not, and removing them leaves nothing.
+fn chain_pods_are_redirected(s: &Setup, net: &str) {
+    let a = serve(s, "fn-a", net, Some("demo"));
+    let b = serve(s, "fn-b", net, Some("demo"));
+    let outsider = serve(s, "outsider", net, None);
     let records = spright_endpoint::list(&s.state_dir()).unwrap();
     assert_eq!(records.len(), 3, "one record per container");
     let netns_paths: Vec<String> = records
@@ -168,8 +234,8 @@ fn e2e_podman_chain_over_cni_args() {
 
     // The two chain containers reach each other, and their connections go
     // socket to socket.
-    assert_eq!(fetch(&s, "fn-a", b).unwrap().trim(), "spright-e2e");
-    assert_eq!(fetch(&s, "fn-b", a).unwrap().trim(), "spright-e2e");
+    assert_eq!(fetch(s, "fn-a", b).unwrap().trim(), "spright-e2e");
+    assert_eq!(fetch(s, "fn-b", a).unwrap().trim(), "spright-e2e");
     let (msgs_a, bytes_a) = redirected(&s.base.pins.path, a).unwrap();
     let (msgs_b, bytes_b) = redirected(&s.base.pins.path, b).unwrap();
     assert!(
@@ -177,8 +243,8 @@ fn e2e_podman_chain_over_cni_args() {
         "chain hops were not redirected: a {msgs_a}/{bytes_a}, b {msgs_b}/{bytes_b}"
     );
     // The outsider reaches them too, over the normal path: no redirect.
-    assert_eq!(fetch(&s, "outsider", a).unwrap().trim(), "spright-e2e");
-    assert_eq!(fetch(&s, "fn-a", outsider).unwrap().trim(), "spright-e2e");
+    assert_eq!(fetch(s, "outsider", a).unwrap().trim(), "spright-e2e");
+    assert_eq!(fetch(s, "fn-a", outsider).unwrap().trim(), "spright-e2e");
     assert_eq!(redirected(&s.base.pins.path, outsider).unwrap(), (0, 0));
     assert_eq!(
         redirected(&s.base.pins.path, a).unwrap().0,
@@ -200,7 +266,7 @@ fn e2e_podman_chain_over_cni_args() {
         2,
         "only lo and the bridge remain in the node: {links}"
     );
-    let left = s.base.allocations("spright");
+    let left = s.base.allocations(net);
     assert!(left.is_empty(), "IP allocations left: {left:?}");
     let dp = spright_ebpf::Datapath::open(&s.base.pins.path).unwrap();
     assert!(
@@ -229,7 +295,7 @@ fn e2e_image_runs_meshd_and_installs_the_cni() {
         .unwrap()
         .to_owned();
     workspace_bin("spright");
-    workspace_bin("spright-cni");
+    static_plugin();
     let image = format!("ghcr.io/spright-dev/spright:{}", env!("CARGO_PKG_VERSION"));
     let podman_cmd = format!(
         "podman --root {d}/root --runroot {d}/runroot",
@@ -249,16 +315,15 @@ fn e2e_image_runs_meshd_and_installs_the_cni() {
     let built = runtime::check(&out, "manifests/image/build.sh").unwrap();
     assert_eq!(built.trim(), image);
 
-    // install-cni.sh from the ConfigMap, run in the image against a fake host.
+    // `spright install-cni --once` from the image, as the DaemonSet's init
+    // container runs it (read-only root, host dirs under /host), against a
+    // fake host whose primary CNI is the reference bridge.
     let host = s.base.dir.path().join("host");
-    for d in ["opt/cni/bin", "etc/cni/net.d", "etc/spright", "config"] {
+    for d in ["opt/cni/bin", "etc/cni/net.d", "etc/spright"] {
         std::fs::create_dir_all(host.join(d)).unwrap();
     }
-    let cm = configmap_data();
-    for key in ["install-cni.sh", "10-spright.conflist"] {
-        std::fs::write(host.join("config").join(key), cm[key].as_str().unwrap()).unwrap();
-    }
-    std::fs::write(host.join("etc/spright/pod-cidr"), "10.213.22.0/24\n").unwrap();
+    let primary = r#"{"cniVersion":"1.0.0","name":"bridge-net","plugins":[{"type":"bridge","bridge":"cni0","ipam":{"type":"host-local","subnet":"10.213.22.0/24"}}]}"#;
+    std::fs::write(host.join("etc/cni/net.d/10-bridge.conflist"), primary).unwrap();
     let vol = |h: &str, c: &str| format!("{}:{c}", host.join(h).display());
     s.podman
         .run(
@@ -270,28 +335,49 @@ fn e2e_image_runs_meshd_and_installs_the_cni() {
                 "none",
                 "--read-only",
                 "-v",
-                &vol("config", "/etc/spright:ro"),
-                "-v",
                 &vol("opt/cni/bin", "/host/opt/cni/bin"),
                 "-v",
                 &vol("etc/cni/net.d", "/host/etc/cni/net.d"),
                 "-v",
                 &vol("etc/spright", "/host/etc/spright:ro"),
+                "--env",
+                "SPRIGHT_CNI_CONF_DIR=/host/etc/cni/net.d",
+                "--env",
+                "SPRIGHT_CNI_BIN_DIR=/host/opt/cni/bin",
+                "--env",
+                "SPRIGHT_CNI_MODE=chained",
+                "--env",
+                "SPRIGHT_POD_CIDR_FILE=/host/etc/spright/pod-cidr",
                 &image,
-                "/bin/sh",
-                "/etc/spright/install-cni.sh",
+                "/usr/local/bin/spright",
+                "install-cni",
+                "--once",
             ],
         )
         .unwrap();
     let conf: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(host.join("etc/cni/net.d/10-spright.conflist")).unwrap(),
+        &std::fs::read(host.join("etc/cni/net.d/10-bridge.conflist")).unwrap(),
     )
     .unwrap();
-    assert_eq!(
-        conf["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
-        "10.213.22.0/24"
-    );
+    assert_eq!(conf["plugins"][0]["type"], "bridge");
+    assert_eq!(conf["plugins"][1]["type"], "spright-cni", "{conf:#}");
+    assert_eq!(conf["plugins"][1]["mode"], "chained");
+    // The image ships the static plugin, and that is what lands on the host.
     let installed = host.join("opt/cni/bin/spright-cni");
+    let static_size = std::fs::metadata(static_plugin()).unwrap().len();
+    assert!(
+        std::fs::metadata(&installed).unwrap().len() <= static_size,
+        "the installed plugin is the (stripped) static build"
+    );
+    let ldd = std::process::Command::new("ldd")
+        .arg(&installed)
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ldd.stdout).contains("=>"),
+        "the installed plugin links shared libraries: {}",
+        String::from_utf8_lossy(&ldd.stdout)
+    );
     let version = std::process::Command::new(&installed)
         .env("CNI_COMMAND", "VERSION")
         .output()
@@ -367,13 +453,4 @@ fn e2e_image_runs_meshd_and_installs_the_cni() {
         .run(&[], &["rm", "--force", "--time", "5", "meshd"])
         .unwrap();
     assert!(spright_ebpf::Datapath::open(&s.base.pins.path).is_ok());
-}
-
-fn configmap_data() -> serde_json::Value {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/configmap.yaml"),
-    )
-    .unwrap();
-    let cm: serde_json::Value = serde_yaml::from_str(&text).unwrap();
-    cm["data"].clone()
 }

@@ -34,7 +34,8 @@ usage: cargo xtask <task> [args]
                          privileged  namespaces, cgroups, bpf (tests/tests/privileged_*.rs)
                          e2e         real runtimes: containerd, podman (tests/tests/e2e_*.rs)
   setup                install what this machine lacks (idempotent, quiet when nothing is missing)
-  build                set up and build everything (user side + kernel programs)
+  build                set up and build everything (user side + kernel programs, and the static
+                       x86_64-unknown-linux-musl spright-cni)
   help                 this text
 
 Under CI=true a privileged or e2e test that cannot run fails instead of skipping.";
@@ -109,8 +110,25 @@ fn build() -> anyhow::Result<()> {
         cmd(
             "cargo",
             &["build", "--workspace", "--lib", "--bins", "--tests"],
-        )
+        )?;
+        build_static(&[])
     })
+}
+
+/// The static (musl) spright-cni: what the node image ships and
+/// install-cni copies onto hosts of any libc.
+fn build_static(profile: &[&str]) -> anyhow::Result<()> {
+    let mut args = vec![
+        "build",
+        "-p",
+        "spright-cni",
+        "--bin",
+        "spright-cni",
+        "--target",
+        setup::STATIC_TARGET,
+    ];
+    args.extend(profile);
+    cmd("cargo", &args)
 }
 
 fn test(tiers: &[String]) -> anyhow::Result<()> {
@@ -199,7 +217,8 @@ fn test_targets(prefix: &str) -> anyhow::Result<Vec<String>> {
 
 fn build_release() -> anyhow::Result<()> {
     step("build (release)", || {
-        cmd("cargo", &["build", "--release", "--workspace", "--bins"])
+        cmd("cargo", &["build", "--release", "--workspace", "--bins"])?;
+        build_static(&["--release"])
     })
 }
 

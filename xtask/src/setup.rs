@@ -33,6 +33,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "protobuf-compiler",
         "k8s-cri's build script compiles the CRI proto (e2e_containerd)",
     ),
+    (
+        "musl-tools",
+        "musl-gcc for the static spright-cni (runs on any host libc, or none)",
+    ),
     ("wrk", "HTTP load for the demo and the chain benchmark"),
     (
         "haproxy",
@@ -51,6 +55,8 @@ const PYTHON_TOOLS: &[(&str, &str, &str)] = &[(
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";
 const NIGHTLY: &str = "nightly";
+/// The target of the static spright-cni that install-cni copies onto hosts.
+pub(crate) const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 
 pub(crate) fn run() -> anyhow::Result<()> {
     let t = Instant::now();
@@ -58,6 +64,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     packages(&mut did)?;
     python_tools(&mut did)?;
     nightly(&mut did)?;
+    static_target(&mut did)?;
     bpf_linker(&mut did)?;
     bpffs(&mut did)?;
     if did.is_empty() {
@@ -204,6 +211,18 @@ fn nightly(did: &mut Vec<String>) -> anyhow::Result<()> {
              {LLVM_MAJOR}; install a nightly whose LLVM major is {LLVM_MAJOR} (e.g. nightly-2026-05-19)"
         );
     }
+    Ok(())
+}
+
+/// The musl standard library for the stable toolchain (the static plugin).
+fn static_target(did: &mut Vec<String>) -> anyhow::Result<()> {
+    let installed = output("rustup", &["target", "list", "--installed"])?;
+    if installed.lines().any(|l| l.trim() == STATIC_TARGET) {
+        return Ok(());
+    }
+    println!("setup: adding the {STATIC_TARGET} target (static spright-cni)");
+    cmd("rustup", &["--quiet", "target", "add", STATIC_TARGET])?;
+    did.push(format!("added {STATIC_TARGET}"));
     Ok(())
 }
 

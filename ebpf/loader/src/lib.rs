@@ -40,9 +40,6 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// Default pin directory on a node.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/spright";
 
-/// `statfs` magic of bpffs.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 /// Errors of the datapath loader. Messages name the operation and the object.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -50,6 +47,16 @@ pub enum Error {
     NotBpffs { path: PathBuf },
     #[error("{path} is not a cgroup v2 directory")]
     NotCgroup2 { path: PathBuf },
+    #[error(
+        "no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo); set the cgroup explicitly"
+    )]
+    NoCgroup2,
+    #[error(
+        "no kubelet pod cgroup found (looked for {}); set the cgroup explicitly \
+         (never the cgroup v2 root {root}: the node's own sockets live there)",
+        display_paths(looked)
+    )]
+    NoPodCgroup { root: PathBuf, looked: Vec<PathBuf> },
     #[error("failed to {op} {path}")]
     Io {
         op: &'static str,
@@ -657,17 +664,41 @@ fn remove_pins(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// The cgroup v2 directory to attach to when none is configured: on a
-/// Kubernetes node the pods' parent (`kubepods.slice` with the systemd cgroup
-/// driver, `kubepods` with cgroupfs), so the node's own sockets are never
-/// seen; otherwise the cgroup v2 mount point.
-pub fn default_cgroup() -> Option<PathBuf> {
-    let root = cgroup2_mount()?;
-    ["kubepods.slice", "kubepods"]
+/// Where kubelet puts its pods below the cgroup v2 root, in the order
+/// looked for: the systemd cgroup driver, cgroupfs, and kind's nested slice
+/// (kubelet inside a node container started by systemd).
+pub const POD_CGROUPS: &[&str] = &[
+    "kubepods.slice",
+    "kubepods",
+    "kubelet.slice/kubelet-kubepods.slice",
+];
+
+/// The cgroup v2 directory to attach to when none is configured: the
+/// kubelet's pod cgroup below the cgroup v2 mount, so the node's own sockets
+/// are never seen. Never the root: when no pod cgroup exists the error names
+/// every path looked for.
+pub fn default_cgroup() -> Result<PathBuf, Error> {
+    pod_cgroup(&cgroup2_mount().ok_or(Error::NoCgroup2)?)
+}
+
+/// The first of [`POD_CGROUPS`] that is a directory below `root`.
+pub fn pod_cgroup(root: &Path) -> Result<PathBuf, Error> {
+    let looked: Vec<PathBuf> = POD_CGROUPS.iter().map(|c| root.join(c)).collect();
+    match looked.iter().find(|p| p.is_dir()) {
+        Some(found) => Ok(found.clone()),
+        None => Err(Error::NoPodCgroup {
+            root: root.to_path_buf(),
+            looked,
+        }),
+    }
+}
+
+fn display_paths(paths: &[PathBuf]) -> String {
+    paths
         .iter()
-        .map(|c| root.join(c))
-        .find(|p| p.is_dir())
-        .or(Some(root))
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Mounts bpffs at `path` unless one is already there.
@@ -703,23 +734,20 @@ fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 }
 
 fn is_bpffs(path: &Path) -> Result<bool, Error> {
-    let st = nix::sys::statfs::statfs(path).map_err(|e| Error::io("statfs", path)(e.into()))?;
-    #[expect(
-        clippy::useless_conversion,
-        reason = "f_type's width differs between libcs"
-    )]
-    Ok(i64::from(st.filesystem_type().0) == BPF_FS_MAGIC)
+    Ok(fs_type(path)? == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+/// The filesystem type of `path`. Compared as nix's `FsType` constants:
+/// `f_type` is signed on glibc and unsigned on musl, so no integer of one
+/// width fits both.
+fn fs_type(path: &Path) -> Result<nix::sys::statfs::FsType, Error> {
+    nix::sys::statfs::statfs(path)
+        .map(|st| st.filesystem_type())
+        .map_err(|e| Error::io("statfs", path)(e.into()))
 }
 
 fn check_cgroup2(path: &Path) -> Result<(), Error> {
-    // cgroup2's statfs magic.
-    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-    let st = nix::sys::statfs::statfs(path).map_err(|e| Error::io("statfs", path)(e.into()))?;
-    #[expect(
-        clippy::useless_conversion,
-        reason = "f_type's width differs between libcs"
-    )]
-    if i64::from(st.filesystem_type().0) == CGROUP2_SUPER_MAGIC {
+    if fs_type(path)? == nix::sys::statfs::CGROUP2_SUPER_MAGIC {
         Ok(())
     } else {
         Err(Error::NotCgroup2 {
@@ -820,6 +848,35 @@ mod tests {
             parse_cgroup2_mount("22 1 0:5 / /proc rw - proc proc rw\n"),
             None
         );
+    }
+
+    #[test]
+    fn pod_cgroup_is_kubelets_and_never_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        // Nothing of kubelet's: an error naming every path looked for.
+        let err = pod_cgroup(r).unwrap_err();
+        let text = err.to_string();
+        for c in POD_CGROUPS {
+            assert!(text.contains(&r.join(c).display().to_string()), "{text}");
+        }
+        assert!(matches!(err, Error::NoPodCgroup { .. }));
+        // kind: kubelet's pods in a nested slice.
+        std::fs::create_dir_all(r.join("kubelet.slice/kubelet-kubepods.slice")).unwrap();
+        assert_eq!(
+            pod_cgroup(r).unwrap(),
+            r.join("kubelet.slice/kubelet-kubepods.slice")
+        );
+        // cgroupfs driver.
+        std::fs::create_dir(r.join("kubepods")).unwrap();
+        assert_eq!(pod_cgroup(r).unwrap(), r.join("kubepods"));
+        // systemd driver.
+        std::fs::create_dir(r.join("kubepods.slice")).unwrap();
+        assert_eq!(pod_cgroup(r).unwrap(), r.join("kubepods.slice"));
+        // A file of that name is no cgroup.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::write(other.path().join("kubepods"), "").unwrap();
+        assert!(pod_cgroup(other.path()).is_err());
     }
 
     #[test]

@@ -3,8 +3,12 @@
 //! `spright status` asks meshd (`/status`); when meshd is not reachable it
 //! builds the same view from the endpoint records and the pinned maps.
 //!
-//! `spright uninstall` leaves a node clean: the conflist and the plugin binary
-//! are removed from the CNI directories, the eBPF programs are detached and
+//! `spright install-cni` puts spright-cni into the runtime's CNI config
+//! (chained into the conflist the runtime uses by default) and keeps it
+//! there; see `meshd::install_cni`.
+//!
+//! `spright uninstall` leaves a node clean: spright's entries and own
+//! conflist and the plugin binary are removed from the CNI directories, the eBPF programs are detached and
 //! their pins removed, and the endpoint records, the plugin's lock and the
 //! host-local allocations of the spright network are deleted. The cleanup
 //! DaemonSet in manifests/cleanup.yaml runs it on every node.
@@ -17,7 +21,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use meshd::{config, status::Status};
+use meshd::{config, error::chain as error_chain, install_cni, status::Status};
 
 #[derive(Parser)]
 #[command(name = "spright", version, about = "spright node tools")]
@@ -46,19 +50,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Install spright-cni into the runtime's CNI config and keep it there:
+    /// chained as the last plugin of the conflist the runtime uses (default)
+    /// or as spright's own network (--mode primary). Without --once it keeps
+    /// watching the conf dir and re-inserts spright when the primary CNI
+    /// rewrites its file.
+    InstallCni(install_cni::Args),
     /// Remove spright from this node: conflist, plugin binary, eBPF programs
     /// and pins, endpoint records and IP allocations. Idempotent. Run it after
     /// the spright DaemonSet is gone (otherwise install-cni and meshd put
     /// everything back).
     Uninstall {
         /// The runtime's CNI binary directory
-        #[arg(long, default_value = "/opt/cni/bin")]
+        #[arg(long, default_value = install_cni::DEFAULT_BIN_DIR)]
         cni_bin_dir: PathBuf,
         /// The runtime's CNI config directory
-        #[arg(long, default_value = "/etc/cni/net.d")]
+        #[arg(long, default_value = install_cni::DEFAULT_CONF_DIR)]
         cni_conf_dir: PathBuf,
-        /// The conflist file name install-cni wrote (removed only when it names spright-cni)
-        #[arg(long, default_value = "10-spright.conflist")]
+        /// The file name of spright's own conflist (primary mode; removed only when its first plugin is spright-cni). spright's chained entries are removed from every config file.
+        #[arg(long, default_value = install_cni::DEFAULT_CONFLIST)]
         conflist: String,
         /// Pin directory of the datapath
         #[arg(long, env = config::env::BPFFS, default_value = spright_ebpf::DEFAULT_BPFFS_DIR)]
@@ -74,6 +84,32 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::InstallCni(args) => {
+            let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!(
+                        "spright: invalid --log / {} value {:?}: {e}",
+                        config::env::LOG,
+                        args.log
+                    );
+                    return ExitCode::from(2);
+                }
+            };
+            // Plain text in a container's log; colours on a terminal.
+            tracing_subscriber::fmt()
+                .with_writer(io::stderr)
+                .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
+                .with_env_filter(filter)
+                .init();
+            match install_cni::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = &e as &dyn std::error::Error, "install-cni failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Status {
             addr,
             bpffs,
@@ -111,7 +147,8 @@ fn main() -> ExitCode {
             ipam_dir,
         } => {
             let steps = Uninstall {
-                conflist: cni_conf_dir.join(conflist),
+                conf_dir: cni_conf_dir,
+                conflist,
                 plugin: cni_bin_dir.join("spright-cni"),
                 bpffs,
                 state_dir,
@@ -135,7 +172,8 @@ fn main() -> ExitCode {
 
 /// What `spright uninstall` removes.
 struct Uninstall {
-    conflist: PathBuf,
+    conf_dir: PathBuf,
+    conflist: String,
     plugin: PathBuf,
     bpffs: PathBuf,
     state_dir: PathBuf,
@@ -147,18 +185,11 @@ impl Uninstall {
     /// rerun continues where it stopped).
     fn run(&self) -> Result<Vec<String>, String> {
         let mut done = Vec::new();
-        // First the conflist, so the runtime stops calling the plugin.
-        match std::fs::read_to_string(&self.conflist) {
-            Ok(text) if text.contains("\"spright-cni\"") => {
-                remove_file(&self.conflist, &mut done)?;
-            }
-            Ok(_) => done.push(format!(
-                "left {} alone: it does not configure spright-cni",
-                self.conflist.display()
-            )),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("reading {}: {e}", self.conflist.display())),
-        }
+        // First the config, so the runtime stops calling the plugin.
+        done.extend(
+            install_cni::remove_from_conf_dir(&self.conf_dir, &self.conflist)
+                .map_err(|e| error_chain(&e))?,
+        );
         remove_file(&self.plugin, &mut done)?;
         if self.bpffs.exists() {
             spright_ebpf::uninstall(&self.bpffs)
@@ -246,7 +277,8 @@ mod tests {
 
     fn steps(root: &Path) -> Uninstall {
         Uninstall {
-            conflist: root.join("net.d/10-spright.conflist"),
+            conf_dir: root.join("net.d"),
+            conflist: "10-spright.conflist".into(),
             plugin: root.join("bin/spright-cni"),
             bpffs: root.join("no-bpffs"),
             state_dir: root.join("state"),
@@ -261,7 +293,8 @@ mod tests {
         for d in ["net.d", "bin", "state/endpoints", "ipam/spright"] {
             std::fs::create_dir_all(root.path().join(d)).unwrap();
         }
-        std::fs::write(&s.conflist, r#"{"plugins":[{"type":"spright-cni"}]}"#).unwrap();
+        let conflist = s.conf_dir.join(&s.conflist);
+        std::fs::write(&conflist, r#"{"plugins":[{"type":"spright-cni"}]}"#).unwrap();
         std::fs::write(&s.plugin, "binary").unwrap();
         std::fs::write(root.path().join("bin/host-local"), "other plugin").unwrap();
         std::fs::write(s.state_dir.join("endpoints/c1-eth0.json"), "{}").unwrap();
@@ -269,7 +302,7 @@ mod tests {
         std::fs::write(s.ipam_dir.join("10.244.1.2"), "c1").unwrap();
         std::fs::write(s.ipam_dir.join("lock"), "").unwrap();
         let done = s.run().unwrap();
-        assert!(!s.conflist.exists() && !s.plugin.exists(), "{done:?}");
+        assert!(!conflist.exists() && !s.plugin.exists(), "{done:?}");
         assert!(!s.state_dir.exists() && !s.ipam_dir.exists(), "{done:?}");
         assert!(root.path().join("bin/host-local").exists());
         assert!(
@@ -283,9 +316,12 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let s = steps(root.path());
         std::fs::create_dir_all(root.path().join("net.d")).unwrap();
-        std::fs::write(&s.conflist, r#"{"plugins":[{"type":"bridge"}]}"#).unwrap();
-        let done = s.run().unwrap();
-        assert!(s.conflist.exists());
-        assert!(done.iter().any(|d| d.contains("left")), "{done:?}");
+        let conflist = s.conf_dir.join(&s.conflist);
+        std::fs::write(&conflist, r#"{"plugins":[{"type":"bridge"}]}"#).unwrap();
+        s.run().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&conflist).unwrap(),
+            r#"{"plugins":[{"type":"bridge"}]}"#
+        );
     }
 }
