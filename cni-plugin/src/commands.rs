@@ -485,19 +485,10 @@ pub fn check(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
 /// meshd's start-up self-test as published in the state directory: whether
 /// this kernel's redirect path has the blocking-recv EAGAIN behaviour.
 fn selftest_summary(state_dir: &Path) -> String {
-    let path = state_dir.join(spright_endpoint::SELFTEST_FILE);
-    let report: Option<Value> = std::fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    match report {
-        None => "kernel self-test: not run yet (meshd publishes it at start-up)".into(),
-        Some(r) => format!(
-            "kernel self-test (blocking recv EAGAIN on the redirect path): {} ({} of {} trials)",
-            r["verdict"].as_str().unwrap_or("unknown"),
-            r["eagain_trials"].as_u64().unwrap_or(0),
-            r["trials"].as_u64().unwrap_or(0)
-        ),
-    }
+    spright_endpoint::selftest::read(state_dir).map_or_else(
+        || "kernel self-test: not run yet (meshd publishes it at start-up)".into(),
+        |r| r.summary(),
+    )
 }
 
 /// STATUS: can this plugin serve an ADD right now?

@@ -325,7 +325,7 @@ impl Config {
 
     /// Where the lock file sits.
     pub fn lock_path(&self) -> PathBuf {
-        self.state_dir.join("spright-cni.lock")
+        self.state_dir.join(spright_endpoint::CNI_LOCK_FILE)
     }
 
     pub fn state_dir(&self) -> &Path {

@@ -20,6 +20,7 @@ use spright_common::{ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, chain_id};
 pub mod membership;
 pub mod netns;
 pub mod pod;
+pub mod selftest;
 
 /// Default state directory on a node.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/spright";
@@ -34,8 +35,11 @@ pub const SERVICES_SUBDIR: &str = "services";
 /// Sub-directory of the state directory holding the records.
 pub const ENDPOINTS_SUBDIR: &str = "endpoints";
 /// File in the state directory where meshd publishes its start-up
-/// self-test (JSON with at least `verdict`), for spright-cni's STATUS.
-pub const SELFTEST_FILE: &str = "selftest.json";
+/// self-test (`selftest::Report`), for spright-cni's STATUS.
+pub const SELFTEST_FILE: &str = selftest::FILE;
+/// spright-cni's lock file in the state directory: concurrent invocations
+/// serialise on it; `spright uninstall` removes it.
+pub const CNI_LOCK_FILE: &str = "spright-cni.lock";
 /// Current record format version.
 pub const RECORD_VERSION: u32 = 1;
 

@@ -263,15 +263,11 @@ impl Agent {
     }
 }
 
-/// Writes the self-test report where spright-cni's STATUS reads it
-/// (atomically: temporary file, then rename). Best effort.
+/// Writes the self-test report where spright-cni's STATUS reads it. Best
+/// effort.
 fn publish_selftest(state_dir: &Path, report: &crate::selftest::Report) {
-    let path = state_dir.join(spright_endpoint::SELFTEST_FILE);
-    let body = serde_json::to_vec_pretty(report).expect("reports serialise");
-    let written = std::fs::create_dir_all(state_dir)
-        .and_then(|()| spright_endpoint::write_atomic(&path, &body, 0o644));
-    if let Err(e) = written {
-        warn!(path = %path.display(), error = %e, "publishing the self-test report");
+    if let Err(e) = spright_endpoint::selftest::publish(state_dir, report) {
+        warn!(state_dir = %state_dir.display(), error = %e, "publishing the self-test report");
     }
 }
 

@@ -23,7 +23,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
 use spright_ebpf::{Datapath, EndpointValue, Placement, chain_id};
 
 /// Set (to the cgroup directory to join) in the environment of the child.
@@ -32,44 +31,7 @@ const TRIALS: u64 = 10;
 const DELAY: Duration = Duration::from_millis(60);
 const CHILD_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// What the self-test found.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Report {
-    /// `affected`, `not-affected`, `inconclusive` or `disabled`.
-    pub verdict: String,
-    pub trials: u64,
-    /// Trials in which a blocking `recv()` returned EAGAIN.
-    pub eagain_trials: u64,
-    /// Messages the private datapath redirected (proves the test was valid).
-    pub redirected_msgs: u64,
-    pub detail: Option<String>,
-}
-
-impl Report {
-    fn inconclusive(detail: String) -> Self {
-        Self {
-            verdict: "inconclusive".into(),
-            detail: Some(detail),
-            ..Self::default()
-        }
-    }
-
-    pub fn disabled() -> Self {
-        Self {
-            verdict: "disabled".into(),
-            ..Self::default()
-        }
-    }
-
-    /// The metrics gauge: 1 affected, 0 not affected, -1 unknown.
-    pub fn gauge(&self) -> i64 {
-        match self.verdict.as_str() {
-            "affected" => 1,
-            "not-affected" => 0,
-            _ => -1,
-        }
-    }
-}
+pub use spright_endpoint::selftest::Report;
 
 /// Runs the self-test (about a second). Never fails: problems give an
 /// `inconclusive` report.

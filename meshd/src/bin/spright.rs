@@ -200,7 +200,10 @@ impl Uninstall {
             ));
         }
         remove_dir_files(&spright_endpoint::records_dir(&self.state_dir), &mut done)?;
-        remove_file(&self.state_dir.join("spright-cni.lock"), &mut done)?;
+        remove_file(
+            &self.state_dir.join(spright_endpoint::CNI_LOCK_FILE),
+            &mut done,
+        )?;
         remove_empty_dir(&self.state_dir, &mut done)?;
         remove_dir_files(&self.ipam_dir, &mut done)?;
         Ok(done)
@@ -298,7 +301,7 @@ mod tests {
         std::fs::write(&s.plugin, "binary").unwrap();
         std::fs::write(root.path().join("bin/host-local"), "other plugin").unwrap();
         std::fs::write(s.state_dir.join("endpoints/c1-eth0.json"), "{}").unwrap();
-        std::fs::write(s.state_dir.join("spright-cni.lock"), "").unwrap();
+        std::fs::write(s.state_dir.join(spright_endpoint::CNI_LOCK_FILE), "").unwrap();
         std::fs::write(s.ipam_dir.join("10.244.1.2"), "c1").unwrap();
         std::fs::write(s.ipam_dir.join("lock"), "").unwrap();
         let done = s.run().unwrap();

@@ -1,0 +1,94 @@
+//! meshd's start-up self-test report, as meshd publishes it in the state
+//! directory (`selftest.json`) and spright-cni's STATUS reads it.
+
+use std::{io, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+/// File in the state directory holding the report.
+pub const FILE: &str = "selftest.json";
+
+/// What the self-test found: does this kernel's redirect path return
+/// EAGAIN from a blocking `recv()`?
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// `affected`, `not-affected`, `inconclusive` or `disabled`.
+    pub verdict: String,
+    pub trials: u64,
+    /// Trials in which a blocking `recv()` returned EAGAIN.
+    pub eagain_trials: u64,
+    /// Messages the private datapath redirected (proves the test was valid).
+    pub redirected_msgs: u64,
+    pub detail: Option<String>,
+}
+
+impl Report {
+    pub fn inconclusive(detail: String) -> Self {
+        Self {
+            verdict: "inconclusive".into(),
+            detail: Some(detail),
+            ..Self::default()
+        }
+    }
+
+    pub fn disabled() -> Self {
+        Self {
+            verdict: "disabled".into(),
+            ..Self::default()
+        }
+    }
+
+    /// The metrics gauge: 1 affected, 0 not affected, -1 unknown.
+    pub fn gauge(&self) -> i64 {
+        match self.verdict.as_str() {
+            "affected" => 1,
+            "not-affected" => 0,
+            _ => -1,
+        }
+    }
+
+    /// One line for STATUS and logs.
+    pub fn summary(&self) -> String {
+        format!(
+            "kernel self-test (blocking recv EAGAIN on the redirect path): {} ({} of {} trials)",
+            self.verdict, self.eagain_trials, self.trials
+        )
+    }
+}
+
+/// Publishes `report` in `state_dir`, atomically.
+pub fn publish(state_dir: &Path, report: &Report) -> io::Result<()> {
+    std::fs::create_dir_all(state_dir)?;
+    let body = serde_json::to_vec_pretty(report).expect("reports serialise");
+    crate::write_atomic(&state_dir.join(FILE), &body, 0o644)
+}
+
+/// The published report; `None` when meshd has not published one (or it is
+/// unreadable).
+pub fn read(state_dir: &Path) -> Option<Report> {
+    let body = std::fs::read(state_dir.join(FILE)).ok()?;
+    serde_json::from_slice(&body).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_reports_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read(dir.path()), None);
+        let r = Report {
+            verdict: "affected".into(),
+            trials: 10,
+            eagain_trials: 10,
+            redirected_msgs: 40,
+            detail: None,
+        };
+        publish(&dir.path().join("state"), &r).unwrap();
+        assert_eq!(read(&dir.path().join("state")), Some(r.clone()));
+        assert!(r.summary().contains("affected (10 of 10 trials)"));
+        assert_eq!(r.gauge(), 1);
+        assert_eq!(Report::disabled().gauge(), -1);
+    }
+}
