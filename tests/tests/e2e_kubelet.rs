@@ -17,6 +17,7 @@ use spright_tests::{
 const NODE: &str = "test-node";
 const NETWORK: &str = "spright";
 const SUBNET: &str = "10.213.43.0/24";
+const CHAINED_SUBNET: &str = "10.213.44.0/24";
 const EXAMPLE: &str = include_str!("../../manifests/example-chain.yaml");
 
 /// A pod outside the chain, and one that asks for the chain's volume
@@ -49,28 +50,53 @@ fn function_of(p: &RunningPod) -> &str {
         .unwrap_or_default()
 }
 
+const TOOLS: &[&str] = &[
+    "containerd",
+    "ctr",
+    "containerd-shim-runc-v2",
+    "runc",
+    "podman",
+];
+
+/// spright as the node's network.
 #[test]
 fn e2e_kubelet_runs_the_example_chain_in_kubelets_order() {
     if !runtime::require_tools(
         "e2e_kubelet_runs_the_example_chain_in_kubelets_order",
-        &[
-            "containerd",
-            "ctr",
-            "containerd-shim-runc-v2",
-            "runc",
-            "podman",
-        ],
+        TOOLS,
     ) {
         return;
     }
-    let node = CriNode::new(
+    example_chain(
         "k",
         Cni::Spright {
             network: NETWORK,
             subnet: SUBNET,
         },
-    )
-    .unwrap();
+    );
+}
+
+/// The default install: the reference bridge is the node's network and
+/// `spright install-cni` chained spright into its conflist.
+#[test]
+fn e2e_kubelet_runs_the_example_chain_chained_after_the_bridge() {
+    if !runtime::require_tools(
+        "e2e_kubelet_runs_the_example_chain_chained_after_the_bridge",
+        TOOLS,
+    ) {
+        return;
+    }
+    example_chain(
+        "kc",
+        Cni::ChainedIntoBridge {
+            network: NETWORK,
+            subnet: CHAINED_SUBNET,
+        },
+    );
+}
+
+fn example_chain(tag: &str, cni: Cni<'_>) {
+    let node = CriNode::new(tag, cni).unwrap();
     let mounts = MountDir::new().unwrap();
     let state = node.state_dir();
     let pods_dir = state.join("pods");
@@ -184,13 +210,17 @@ fn e2e_kubelet_runs_the_example_chain_in_kubelets_order() {
         "spright-e2e"
     );
     let pins = &node.base.pins.path;
+    let dp = spright_ebpf::Datapath::open(pins).unwrap();
     for p in [&gateway, &transform, &store] {
-        let (msgs, bytes) = redirected(pins, p.ip).unwrap();
+        let c = dp.counters(p.ip).unwrap();
         assert!(
-            msgs > 0 && bytes > 0,
-            "{}: chain hop not redirected",
+            c.redirected_msgs > 0 && c.redirected_bytes > 0,
+            "{}: chain hop not redirected: {c:?}",
             p.name
         );
+        // Every message of the chain's connections went socket to socket:
+        // no data segment of a chain hop crossed the TCP/IP stack.
+        assert_eq!(c.fallback_msgs, 0, "{}: {c:?}", p.name);
     }
     let before = redirected(pins, gateway.ip).unwrap();
     assert_eq!(
@@ -257,7 +287,6 @@ fn e2e_kubelet_runs_the_example_chain_in_kubelets_order() {
             s["endpoints"].as_array().is_some_and(Vec::is_empty)
         })
         .unwrap();
-    let dp = spright_ebpf::Datapath::open(pins).unwrap();
     assert!(
         dp.endpoints().unwrap().is_empty(),
         "endpoint map entries left"
