@@ -2,6 +2,7 @@
 //! shared-memory region into the chain's pods. The binary is a thin main over
 //! this library; tests use [`csi`]'s generated client.
 
+pub mod authority;
 pub mod client;
 pub mod config;
 pub mod error;
