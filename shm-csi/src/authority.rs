@@ -148,7 +148,9 @@ async fn client_to_server(
     }
 }
 
-async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Option<([u8; 9], Vec<u8>)>> {
+async fn read_frame(
+    r: &mut (impl AsyncRead + Unpin),
+) -> std::io::Result<Option<([u8; 9], Vec<u8>)>> {
     let mut head = [0u8; 9];
     if !read_all(r, &mut head).await? {
         return Ok(None);
@@ -434,7 +436,11 @@ mod tests {
         assert_eq!(huffman_decode(&www).unwrap(), b"www.example.com");
         let path = b"%2Fvar%2Flib%2Fkubelet%2Fplugins%2Fshm.spright.dev%2Fcsi.sock";
         assert_eq!(huffman_decode(&huffman_encode(path)).unwrap(), path);
-        assert_eq!(huffman_decode(&[0x00]), Err(HpackError::Huffman), "bad padding");
+        assert_eq!(
+            huffman_decode(&[0x00]),
+            Err(HpackError::Huffman),
+            "bad padding"
+        );
     }
 
     #[test]
@@ -497,6 +503,9 @@ mod tests {
         let mut want = block[..12].to_vec();
         want.extend_from_slice(&[3, b'l', b'o', b'c']);
         assert_eq!(rewrite_block(&block).unwrap(), Some(want));
-        assert_eq!(rewrite_block(&[0x41, 0x05, b'a']), Err(HpackError::Truncated));
+        assert_eq!(
+            rewrite_block(&[0x41, 0x05, b'a']),
+            Err(HpackError::Truncated)
+        );
     }
 }

@@ -268,7 +268,8 @@ fn privileged_sdk_example_chain() {
     let started = std::time::Instant::now();
     let mut conn = std::net::TcpStream::connect(&gw_addr).unwrap();
     conn.set_nodelay(true).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     for i in 0..200 {
         let body = format!("small request {i}");
         assert_eq!(

@@ -132,10 +132,7 @@ fn print_table(rows: &[serde_json::Value]) {
          tcp, sockmap, shm: the payload is written by the sender and every byte read by the \
          receiver, per message.\nshm-desc: descriptor only, no payload byte moved (the hop alone)."
     );
-    for (what, key, unit) in [
-        ("hop p50", "p50_us", "µs"),
-        ("CPU per hop", "cpu_us", "µs"),
-    ] {
+    for (what, key, unit) in [("hop p50", "p50_us", "µs"), ("CPU per hop", "cpu_us", "µs")] {
         println!("\n{what} ({unit}, and tcp / path)");
         print!("{:>8}", "bytes");
         for p in PATHS {

@@ -264,7 +264,9 @@ fn ping(args: &mut Vec<String>) -> anyhow::Result<()> {
         }
         Mode::ShmDesc => {
             // Set-up (allocating and filling the buffer) is not part of a hop.
-            let pool = pool.as_ref().context("--region is required in shm-desc mode")?;
+            let pool = pool
+                .as_ref()
+                .context("--region is required in shm-desc mode")?;
             let mut b = pool.alloc(size)?;
             b.copy_from_slice(&payload);
             let mut d = b.into_descriptor();
