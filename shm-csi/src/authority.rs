@@ -303,10 +303,15 @@ pub fn put_integer(out: &mut Vec<u8>, high: u8, n: u8, v: usize) {
     out.push(high | mask);
     let mut rest = v - usize::from(mask);
     while rest >= 0x80 {
-        out.push(0x80 | (rest & 0x7f) as u8);
+        out.push(0x80 | low_byte(rest as u64 & 0x7f));
         rest >>= 7;
     }
-    out.push(rest as u8);
+    out.push(low_byte(rest as u64));
+}
+
+/// The low 8 bits of `v` (callers mask or shift first).
+fn low_byte(v: u64) -> u8 {
+    v.to_le_bytes()[0]
 }
 
 /// An HPACK string literal at `block[i]` (RFC 7541 §5.2), decoded, and the
@@ -369,18 +374,22 @@ pub fn huffman_encode(src: &[u8]) -> Vec<u8> {
         bits += n;
         while bits >= 8 {
             bits -= 8;
-            out.push((acc >> bits) as u8);
+            out.push(low_byte(acc >> bits));
         }
         acc &= (1u64 << bits) - 1;
     }
     if bits > 0 {
-        out.push(((acc << (8 - bits)) | ((1u64 << (8 - bits)) - 1)) as u8);
+        out.push(low_byte((acc << (8 - bits)) | ((1u64 << (8 - bits)) - 1)));
     }
     out
 }
 
 // The canonical Huffman code of RFC 7541 Appendix B (symbols 0-255; EOS is
 // never decoded), as h2 0.4.20 generates it (src/hpack/huffman/table.rs, MIT).
+#[expect(
+    clippy::unreadable_literal,
+    reason = "copied verbatim from h2's generated table, easier to compare as it is"
+)]
 const CODES: [u32; 256] = [
     0x1ff8, 0x7fffd8, 0xfffffe2, 0xfffffe3, 0xfffffe4, 0xfffffe5, 0xfffffe6, 0xfffffe7, 0xfffffe8,
     0xffffea, 0x3ffffffc, 0xfffffe9, 0xfffffea, 0x3ffffffd, 0xfffffeb, 0xfffffec, 0xfffffed,

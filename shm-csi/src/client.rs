@@ -191,7 +191,7 @@ pub fn raw_probes(
             string(&mut b, authority, huffman);
         } else {
             // The dynamic table's newest entry (62).
-            b.push(0x80 | 62);
+            b.push(0x80 | 0x3e);
         }
         // content-type (static 31) and te, literals without indexing.
         put_integer(&mut b, 0, 4, 31);

@@ -294,10 +294,7 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
                 p.index,
                 &cgroup_path,
                 &fn_cpu,
-                i,
-                next.as_deref(),
-                &shm.targets[i],
-                spec.work,
+                &sdk_args(i, next.as_deref(), &shm.targets[i], spec.work),
             )?);
             continue;
         }
@@ -699,18 +696,9 @@ impl Shm {
     }
 }
 
-/// One function of the SDK's example chain (gateway first, then stages), in
-/// the pod's cgroup and netns, pinned to `cpu`.
-fn sdk_function(
-    node: &Node,
-    index: usize,
-    cgroup: &Path,
-    cpu: &str,
-    position: usize,
-    next: Option<&str>,
-    region: &Path,
-    work: u32,
-) -> anyhow::Result<Peer> {
+/// The arguments of the SDK example chain's function at `position`
+/// (gateway first, then stages).
+fn sdk_args(position: usize, next: Option<&str>, region: &Path, work: u32) -> Vec<String> {
     let listen = format!("0.0.0.0:{PORT}");
     // The same work as `spright-fn` does, and no other transform.
     let mut args = if position == 0 {
@@ -729,6 +717,18 @@ fn sdk_function(
         args.extend(["--next".into(), next.to_owned()]);
     }
     args.extend(["--region".into(), region.display().to_string()]);
+    args
+}
+
+/// One function of the SDK's example chain (`args` from [`sdk_args`]), in
+/// the pod's cgroup and netns, pinned to `cpu`.
+fn sdk_function(
+    node: &Node,
+    index: usize,
+    cgroup: &Path,
+    cpu: &str,
+    args: &[String],
+) -> anyhow::Result<Peer> {
     let mut cmd = Command::new("sh");
     cmd.arg("-c").arg(format!(
         "echo $$ > {}/cgroup.procs && echo ready && exec taskset -c {cpu} ip netns exec {} {} {}",
