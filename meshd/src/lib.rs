@@ -1,6 +1,8 @@
 //! meshd, spright's node agent (see ARCHITECTURE.md), and the pieces the
 //! `spright` CLI shares with it.
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod config;
 pub mod desired;
