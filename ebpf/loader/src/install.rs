@@ -15,7 +15,7 @@ use aya::{
     EbpfLoader,
     maps::{MapData, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSockAddr, Program, ProgramError, SkMsg, SockOps,
         links::{FdLink, PinnedLink, ProgAttachLink},
     },
 };
@@ -200,28 +200,11 @@ fn load(dir: &Path) -> Result<aya::Ebpf, Error> {
         .map_err(|e| Error::Load(Box::new(e)))
 }
 
-fn sk_msg_of(ebpf: &mut aya::Ebpf) -> Result<&mut SkMsg, Error> {
-    ebpf.program_mut(names::SK_MSG_PROG)
-        .ok_or(Error::MissingProgram {
-            name: names::SK_MSG_PROG,
-        })?
-        .try_into()
-        .map_err(Error::prog("look up", names::SK_MSG_PROG))
-}
-
-fn sockops_of(ebpf: &mut aya::Ebpf) -> Result<&mut SockOps, Error> {
-    ebpf.program_mut(names::SOCKOPS_PROG)
-        .ok_or(Error::MissingProgram {
-            name: names::SOCKOPS_PROG,
-        })?
-        .try_into()
-        .map_err(Error::prog("look up", names::SOCKOPS_PROG))
-}
-
-fn sock_addr_of<'a>(
-    ebpf: &'a mut aya::Ebpf,
-    name: &'static str,
-) -> Result<&'a mut CgroupSockAddr, Error> {
+/// The program `name` of the loaded object, as its type `T`.
+fn program_of<'a, T>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(Error::MissingProgram { name })?
         .try_into()
@@ -230,20 +213,20 @@ fn sock_addr_of<'a>(
 
 /// Loads every program of the object into the kernel (those not loaded yet).
 fn load_programs(ebpf: &mut aya::Ebpf) -> Result<(), Error> {
-    let sk_msg = sk_msg_of(ebpf)?;
+    let sk_msg = program_of::<SkMsg>(ebpf, names::SK_MSG_PROG)?;
     if sk_msg.fd().is_err() {
         sk_msg
             .load()
             .map_err(Error::prog("load", names::SK_MSG_PROG))?;
     }
-    let sockops = sockops_of(ebpf)?;
+    let sockops = program_of::<SockOps>(ebpf, names::SOCKOPS_PROG)?;
     if sockops.fd().is_err() {
         sockops
             .load()
             .map_err(Error::prog("load", names::SOCKOPS_PROG))?;
     }
     for (name, _) in names::SOCK_ADDR_PROGS {
-        let prog = sock_addr_of(ebpf, name)?;
+        let prog = program_of::<CgroupSockAddr>(ebpf, name)?;
         if prog.fd().is_err() {
             prog.load().map_err(Error::prog("load", name))?;
         }
@@ -310,7 +293,7 @@ fn attach_and_pin(ebpf: &mut aya::Ebpf, placement: &Placement) -> Result<(), Err
     // sk_msg first: once sockops runs, sockets land in the map.
     let socks: SockHash<MapData, SockKey> = from_pin(dir, names::SOCKHASH)?;
     load_programs(ebpf)?;
-    let sk_msg = sk_msg_of(ebpf)?;
+    let sk_msg = program_of::<SkMsg>(ebpf, names::SK_MSG_PROG)?;
     let link = sk_msg
         .attach(socks.fd())
         .map_err(Error::prog("attach", names::SK_MSG_PROG))?;
@@ -334,7 +317,7 @@ fn attach_and_pin(ebpf: &mut aya::Ebpf, placement: &Placement) -> Result<(), Err
     // destination to a pod address that the second one does not translate,
     // and both getpeername hooks restore the same address.
     for (name, pin) in names::SOCK_ADDR_PROGS {
-        let prog = sock_addr_of(ebpf, name)?;
+        let prog = program_of::<CgroupSockAddr>(ebpf, name)?;
         let link = prog
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(Error::prog("attach", name))?;
@@ -345,7 +328,7 @@ fn attach_and_pin(ebpf: &mut aya::Ebpf, placement: &Placement) -> Result<(), Err
             .map_err(Error::link("convert", name))?;
         pin_via_rename(dir, pin, |tmp| link.pin(tmp).map(drop))?;
     }
-    let sockops = sockops_of(ebpf)?;
+    let sockops = program_of::<SockOps>(ebpf, names::SOCKOPS_PROG)?;
     // A bpf_link on a cgroup always coexists with other programs there
     // (the kernel attaches links in multi mode); link_create rejects the
     // explicit BPF_F_ALLOW_MULTI flag, so `Single` (flags 0) is correct.
