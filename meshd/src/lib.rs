@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod selftest;
 pub mod services;
 pub mod snapshot;
+mod sock_diag;
 pub mod sources;
 pub mod status;
 pub mod sync;
