@@ -14,6 +14,8 @@
 //! `system` (bpffs and cgroup v2 checks), `error`, and `pathswitch` (meshd's
 //! memory bound).
 
+#![forbid(unsafe_code)]
+
 mod error;
 mod install;
 mod maps;
