@@ -15,19 +15,21 @@ use crate::{
 /// Runs one CNI invocation from the process environment and stdin.
 pub fn main() -> ExitCode {
     let mut stdin = Vec::new();
-    let read = std::io::stdin().read_to_end(&mut stdin);
-    let loose: Option<Value> = serde_json::from_slice(&stdin).ok();
-    init_logging(loose.as_ref());
-    let error_version = loose
-        .as_ref()
+    // stdin is parsed once: the same document gives the log file, the
+    // version errors are answered in, and (validated) the config.
+    let input = std::io::stdin()
+        .read_to_end(&mut stdin)
+        .map_err(Error::io("read", "stdin"))
+        .map(|_| serde_json::from_slice::<Value>(&stdin).map_err(Error::Decode));
+    let parsed = input.as_ref().ok().and_then(|r| r.as_ref().ok());
+    init_logging(parsed);
+    let error_version = parsed
         .and_then(|v| v.get("cniVersion"))
         .and_then(Value::as_str)
         .filter(|v| version::SUPPORTED.contains(v))
         .unwrap_or(version::CURRENT)
         .to_owned();
-    let outcome = read
-        .map_err(Error::io("read", "stdin"))
-        .and_then(|_| run(&stdin));
+    let outcome = input.and_then(run);
     match outcome {
         Ok(Some(out)) => {
             println!("{out}");
@@ -48,7 +50,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(stdin: &[u8]) -> Result<Option<Value>> {
+/// Runs the command of `CNI_COMMAND` with the stdin document (`input`:
+/// `Err` when stdin was not JSON, which only VERSION may ignore).
+fn run(input: Result<Value>) -> Result<Option<Value>> {
     let command = std::env::var(config::ENV_COMMAND)
         .ok()
         .filter(|c| !c.is_empty())
@@ -59,16 +63,15 @@ fn run(stdin: &[u8]) -> Result<Option<Value>> {
     if command == Command::Version {
         return Ok(Some(version::version_info()));
     }
-    let config = Config::parse(stdin)?;
+    let config = Config::from_input(input?)?;
     let env = Env::from_vars(command, &|k| std::env::var(k).ok())?;
-    let raw: Value = serde_json::from_slice(stdin).map_err(Error::Decode)?;
     tracing::debug!(command = command.name(), container.id = %env.container_id, "invoked");
     match command {
-        Command::Add => commands::add(&config, &env, &raw).map(Some),
-        Command::Del => commands::del(&config, &env, &raw).map(|()| None),
-        Command::Check => commands::check(&config, &env, &raw).map(|()| None),
+        Command::Add => commands::add(&config, &env).map(Some),
+        Command::Del => commands::del(&config, &env).map(|()| None),
+        Command::Check => commands::check(&config, &env).map(|()| None),
         Command::Status => commands::status(&config, &env).map(|()| None),
-        Command::Gc => commands::gc(&config, &env, &raw).map(|()| None),
+        Command::Gc => commands::gc(&config, &env).map(|()| None),
         Command::Version => unreachable!("answered above"),
     }
 }

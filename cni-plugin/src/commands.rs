@@ -104,7 +104,7 @@ fn record_for(
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
         netns: env.netns.clone(),
-        network: config.raw.name.clone(),
+        network: config.name.clone(),
         ips,
         pod: m.pod,
         chain: m.chain,
@@ -116,7 +116,7 @@ fn record_for(
 }
 
 /// ADD.
-pub fn add(config: &Config, env: &Env, stdin: &Value) -> Result<Value> {
+pub fn add(config: &Config, env: &Env) -> Result<Value> {
     // Validate everything that needs no side effect first.
     let probe = record_for(config, env, Vec::new(), None)?;
     let netns_path = Path::new(&env.netns);
@@ -124,9 +124,11 @@ pub fn add(config: &Config, env: &Env, stdin: &Value) -> Result<Value> {
     state::prepare(config)?;
 
     let mut rollback = Rollback::default();
+    // The pod's addresses with their prefixes, for the masquerade rules.
+    let mut masq_nets: Vec<IpNet> = Vec::new();
     let (output, mut record) = match config.mode {
         Mode::Chained => {
-            let prev = config.raw.prev_result.clone().ok_or(Error::InvalidConfig {
+            let prev = config.prev_result.clone().ok_or(Error::InvalidConfig {
                 field: "prevResult",
                 why: "chained mode runs after another plugin and needs its result".into(),
             })?;
@@ -143,7 +145,7 @@ pub fn add(config: &Config, env: &Env, stdin: &Value) -> Result<Value> {
             (out, Record { ips, ..probe })
         }
         Mode::Bridge => {
-            let ipam = Ipam::locate(config, stdin, &env.path)?;
+            let ipam = Ipam::locate(config, &env.path)?;
             let taken = in_netns(netns_path, || {
                 Ok(Netlink::new()?.link(&env.ifname)?.is_some())
             })?;
@@ -158,6 +160,7 @@ pub fn add(config: &Config, env: &Env, stdin: &Value) -> Result<Value> {
             let quickack = wants_quickack(&probe);
             let (result, host) = plumb(config, env, &netns_file, result, quickack, &mut rollback)?;
             let ips = result.ips.iter().map(|ip| ip.address.addr()).collect();
+            masq_nets = result.ips.iter().map(|ip| ip.address).collect();
             (
                 result.to_json(config.cni_version()),
                 Record {
@@ -169,13 +172,12 @@ pub fn add(config: &Config, env: &Env, stdin: &Value) -> Result<Value> {
         }
     };
 
-    if config.raw.ip_masq && config.mode == Mode::Bridge {
-        let comment = iptables::comment(&config.raw.name, &env.container_id);
+    if config.ip_masq && config.mode == Mode::Bridge {
+        let comment = iptables::comment(&config.name, &env.container_id);
         let c = comment.clone();
         rollback.push("remove masquerade rules", move || iptables::remove(&c));
-        let parsed = CniResult::parse(&output).map_err(Error::Decode)?;
-        for ip in &parsed.ips {
-            iptables::add(&ip.address, &comment)?;
+        for net in &masq_nets {
+            iptables::add(net, &comment)?;
         }
     }
 
@@ -255,12 +257,7 @@ fn plumb(
         object: host_name.clone(),
         detail: "it vanished".into(),
     })?;
-    node.attach_to_bridge(
-        host.index,
-        bridge.index,
-        config.raw.hairpin_mode,
-        &host_name,
-    )?;
+    node.attach_to_bridge(host.index, bridge.index, config.hairpin_mode, &host_name)?;
 
     // Routes: the subnet on-link, a default route per family via the
     // gateway (unless IPAM routes already cover it), IPAM's own routes.
@@ -359,7 +356,7 @@ fn plumb(
 }
 
 /// DEL: idempotent; a missing netns, link, record or allocation is success.
-pub fn del(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
+pub fn del(config: &Config, env: &Env) -> Result<()> {
     let record = match spright_endpoint::find(config.state_dir(), &env.container_id, &env.ifname) {
         Ok(r) => r,
         Err(e) => {
@@ -375,7 +372,7 @@ pub fn del(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
     }
     if config.mode == Mode::Bridge {
         teardown(config, &env.container_id, &env.ifname, &env.netns)?;
-        Ipam::locate(config, stdin, &env.path)?.del()?;
+        Ipam::locate(config, &env.path)?.del()?;
     }
     spright_endpoint::remove(config.state_dir(), &env.container_id, &env.ifname)
         .map_err(Error::Record)?;
@@ -392,14 +389,14 @@ fn teardown(config: &Config, container_id: &str, ifname: &str, netns: &str) -> R
         }
     }
     Netlink::new()?.delete_link(&host_ifname(container_id, ifname))?;
-    if config.raw.ip_masq {
-        iptables::remove(&iptables::comment(&config.raw.name, container_id))?;
+    if config.ip_masq {
+        iptables::remove(&iptables::comment(&config.name, container_id))?;
     }
     Ok(())
 }
 
 /// CHECK: the attachment still looks the way ADD left it.
-pub fn check(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
+pub fn check(config: &Config, env: &Env) -> Result<()> {
     if config.version < Version::V0_4_0 {
         return Err(Error::CommandNeedsVersion {
             command: "CHECK",
@@ -407,7 +404,7 @@ pub fn check(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
             version: config.cni_version().into(),
         });
     }
-    let prev = config.raw.prev_result.clone().ok_or(Error::InvalidConfig {
+    let prev = config.prev_result.clone().ok_or(Error::InvalidConfig {
         field: "prevResult",
         why: "CHECK needs the result of ADD".into(),
     })?;
@@ -478,7 +475,7 @@ pub fn check(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
             config.bridge
         )));
     }
-    Ipam::locate(config, stdin, &env.path)?.check(&prev)?;
+    Ipam::locate(config, &env.path)?.check(&prev)?;
     Ok(())
 }
 
@@ -535,9 +532,8 @@ pub fn status(config: &Config, env: &Env) -> Result<()> {
 }
 
 /// GC: forget every attachment of this network that the runtime no longer knows.
-pub fn gc(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
+pub fn gc(config: &Config, env: &Env) -> Result<()> {
     let valid: BTreeSet<(String, String)> = config
-        .raw
         .valid_attachments
         .as_ref()
         .ok_or(Error::InvalidConfig {
@@ -550,7 +546,7 @@ pub fn gc(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
     let _lock = state::lock(config)?;
     let records = spright_endpoint::list(config.state_dir()).map_err(Error::Record)?;
     let ipam = match config.mode {
-        Mode::Bridge => Some(Ipam::locate(config, stdin, &env.path)?),
+        Mode::Bridge => Some(Ipam::locate(config, &env.path)?),
         Mode::Chained => None,
     };
     let mut removed = 0usize;
@@ -559,9 +555,7 @@ pub fn gc(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
             tracing::warn!(path = %path.display(), "skipping unreadable endpoint record");
             continue;
         };
-        if r.network != config.raw.name
-            || valid.contains(&(r.container_id.clone(), r.ifname.clone()))
-        {
+        if r.network != config.name || valid.contains(&(r.container_id.clone(), r.ifname.clone())) {
             continue;
         }
         datapath::forget(config, &r.ips);
@@ -575,7 +569,7 @@ pub fn gc(config: &Config, env: &Env, stdin: &Value) -> Result<()> {
     }
     // Delegate GC to IPAM too (spec); plugins older than 1.1 do not know it,
     // and the per-attachment DELs above already released what we recorded.
-    if let Some(Err(e)) = ipam.as_ref().map(|i| i.gc(stdin)) {
+    if let Some(Err(e)) = ipam.as_ref().map(|i| i.gc(&config.input)) {
         tracing::debug!(
             error = &e as &dyn std::error::Error,
             "IPAM plugin does not support GC"

@@ -171,41 +171,40 @@ pub enum Mode {
 }
 
 /// The plugin's network configuration (one entry of a conflist, with the
-/// runtime's `name`, `cniVersion`, `runtimeConfig` and `prevResult` added).
+/// runtime's `name`, `cniVersion`, `runtimeConfig` and `prevResult` added),
+/// as deserialised; only [`Config`] is used outside this module.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct NetConf {
-    pub cni_version: String,
+struct NetConf {
+    cni_version: String,
     #[serde(default)]
-    pub name: String,
-    #[serde(rename = "type", default)]
-    pub plugin_type: String,
+    name: String,
     #[serde(default)]
-    pub bridge: Option<String>,
+    bridge: Option<String>,
     #[serde(default)]
-    pub mtu: Option<i64>,
+    mtu: Option<i64>,
     #[serde(default)]
-    pub hairpin_mode: bool,
+    hairpin_mode: bool,
     #[serde(default)]
-    pub ip_masq: bool,
+    ip_masq: bool,
     #[serde(default)]
-    pub ipam: Option<Value>,
+    ipam: Option<Value>,
     #[serde(default)]
-    pub mode: Option<String>,
+    mode: Option<String>,
     #[serde(default)]
-    pub state_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
     #[serde(default)]
-    pub cgroup: Option<PathBuf>,
+    cgroup: Option<PathBuf>,
     #[serde(default)]
-    pub bpffs: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
     #[serde(default)]
-    pub log_file: Option<PathBuf>,
+    log_file: Option<PathBuf>,
     #[serde(default)]
-    pub runtime_config: Option<Value>,
+    runtime_config: Option<Value>,
     #[serde(default)]
-    pub prev_result: Option<Value>,
+    prev_result: Option<Value>,
     #[serde(rename = "cni.dev/valid-attachments", default)]
-    pub valid_attachments: Option<Vec<Attachment>>,
+    valid_attachments: Option<Vec<Attachment>>,
 }
 
 /// One entry of `cni.dev/valid-attachments`.
@@ -217,10 +216,25 @@ pub struct Attachment {
     pub ifname: String,
 }
 
-/// The validated view of [`NetConf`].
+/// The network configuration, parsed once and validated: the typed fields
+/// the plugin reads, and the document itself (`input`) only to pass on to
+/// the IPAM plugin it delegates to.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub raw: NetConf,
+    /// The configuration as the runtime sent it.
+    pub input: Value,
+    pub cni_version: String,
+    /// The network's name (conflist `name`).
+    pub name: String,
+    pub hairpin_mode: bool,
+    pub ip_masq: bool,
+    /// The previous plugin's result (chained mode, CHECK, DEL).
+    pub prev_result: Option<Value>,
+    /// Pod annotations the runtime passed (`runtimeConfig`), by key.
+    pub annotations: BTreeMap<String, String>,
+    pub log_file: Option<PathBuf>,
+    /// GC: the attachments the runtime still knows.
+    pub valid_attachments: Option<Vec<Attachment>>,
     pub version: Version,
     pub mode: Mode,
     pub bridge: String,
@@ -232,10 +246,15 @@ pub struct Config {
 }
 
 impl Config {
-    /// Parses and validates the stdin config. Only the version is checked
-    /// for VERSION; everything else is validated before any side effect.
+    /// Parses and validates the stdin config (bytes). Everything is
+    /// validated before any side effect.
     pub fn parse(stdin: &[u8]) -> Result<Self> {
-        let raw: NetConf = serde_json::from_slice(stdin).map_err(Error::Decode)?;
+        Self::from_input(serde_json::from_slice(stdin).map_err(Error::Decode)?)
+    }
+
+    /// Validates the stdin config, already parsed as JSON once.
+    pub fn from_input(input: Value) -> Result<Self> {
+        let raw = NetConf::deserialize(&input).map_err(Error::Decode)?;
         let version = Version::supported(&raw.cni_version)?;
         // Without an explicit mode, a prevResult and no `ipam` means "after
         // another plugin". A prevResult alone does not: runtimes also pass
@@ -304,23 +323,34 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| spright_ebpf::DEFAULT_BPFFS_DIR.into()),
             cgroup: raw.cgroup.clone(),
-            raw,
+            annotations: raw
+                .runtime_config
+                .as_ref()
+                .and_then(|r| r.get(CAP_POD_ANNOTATIONS))
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect(),
+            cni_version: raw.cni_version,
+            name: raw.name,
+            hairpin_mode: raw.hairpin_mode,
+            ip_masq: raw.ip_masq,
+            prev_result: raw.prev_result,
+            log_file: raw.log_file,
+            valid_attachments: raw.valid_attachments,
+            input,
         })
     }
 
     pub fn cni_version(&self) -> &str {
-        &self.raw.cni_version
+        &self.cni_version
     }
 
-    /// The pod's annotations passed by the runtime (containerd with the
+    /// A pod annotation passed by the runtime (containerd with the
     /// capability declared), if any.
     fn annotation(&self, key: &str) -> Option<&str> {
-        self.raw
-            .runtime_config
-            .as_ref()?
-            .get(CAP_POD_ANNOTATIONS)?
-            .get(key)?
-            .as_str()
+        self.annotations.get(key).map(String::as_str)
     }
 
     /// Where the lock file sits.

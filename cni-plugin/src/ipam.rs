@@ -26,7 +26,7 @@ pub struct Ipam {
 
 impl Ipam {
     /// Locates the configured IPAM plugin on CNI_PATH.
-    pub fn locate(config: &Config, stdin: &Value, cni_path: &str) -> Result<Self> {
+    pub fn locate(config: &Config, cni_path: &str) -> Result<Self> {
         let plugin = config.ipam_type.clone().ok_or(Error::InvalidConfig {
             field: "ipam",
             why: "no IPAM plugin configured".into(),
@@ -35,7 +35,7 @@ impl Ipam {
             plugin: plugin.clone(),
             path: cni_path.to_owned(),
         })?;
-        let mut stdin = stdin.clone();
+        let mut stdin = config.input.clone();
         // Plugins of containernetworking/plugins up to v1.4 speak at most
         // 1.0.0; ADD/DEL/CHECK results of 1.1.0 are the 1.0.0 shape, so hand
         // them 1.0.0 and render our own result in the config's version.

@@ -2,6 +2,8 @@
 //! [`cli::main`]; the modules are public so the integration tests and the
 //! benchmark can reuse names and helpers (e.g. [`commands::host_ifname`]).
 
+#![forbid(unsafe_code)]
+
 pub mod cli;
 pub mod commands;
 pub mod config;

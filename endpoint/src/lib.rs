@@ -6,6 +6,10 @@
 //! atomically (temporary file, fsync, rename, fsync of the directory), so a
 //! reader sees either no record or a whole one.
 
+// The one unsafe block (SO_NETNS_COOKIE, which nix does not wrap) is
+// allowed where it stands; every other module is safe code.
+#![deny(unsafe_code)]
+
 use std::{
     fs, io,
     io::Write as _,
@@ -169,6 +173,10 @@ impl Record {
     }
 }
 
+#[expect(
+    unsafe_code,
+    reason = "getsockopt(SO_NETNS_COOKIE): nix has no wrapper for this option"
+)]
 /// The cookie of the network namespace at `netns`, as `bpf_get_netns_cookie`
 /// reports it in the kernel programs (read from a socket created inside it).
 pub fn netns_cookie(netns: &Path) -> io::Result<u64> {

@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 pub const FILE: &str = "selftest.json";
 
 /// What the self-test found: does this kernel's redirect path return
-/// EAGAIN from a blocking `recv()`?
+/// EAGAIN from a blocking `recv()`? Fields missing from a published report
+/// (an older meshd) read as their defaults.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Report {
     /// `affected`, `not-affected`, `inconclusive` or `disabled`.
     pub verdict: String,
@@ -90,5 +92,12 @@ mod tests {
         assert!(r.summary().contains("affected (10 of 10 trials)"));
         assert_eq!(r.gauge(), 1);
         assert_eq!(Report::disabled().gauge(), -1);
+        // A report with fewer fields still reads.
+        std::fs::write(
+            dir.path().join(FILE),
+            r#"{"verdict":"affected","trials":2}"#,
+        )
+        .unwrap();
+        assert_eq!(read(dir.path()).unwrap().trials, 2);
     }
 }

@@ -1,6 +1,8 @@
 //! meshd, spright's node agent (see ARCHITECTURE.md), and the pieces the
 //! `spright` CLI shares with it.
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod config;
 pub mod desired;
@@ -13,6 +15,7 @@ pub mod metrics;
 pub mod selftest;
 pub mod services;
 pub mod snapshot;
+mod sock_diag;
 pub mod sources;
 pub mod status;
 pub mod sync;

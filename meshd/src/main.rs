@@ -1,5 +1,7 @@
 //! meshd: spright's node agent.
 
+#![forbid(unsafe_code)]
+
 use std::{process::ExitCode, sync::Arc};
 
 use clap::Parser as _;

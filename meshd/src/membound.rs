@@ -23,11 +23,8 @@
 use std::{
     collections::{HashMap, HashSet},
     io,
-    net::{IpAddr, Ipv4Addr},
-    os::{
-        fd::{AsRawFd as _, OwnedFd},
-        unix::fs::MetadataExt as _,
-    },
+    net::IpAddr,
+    os::unix::fs::MetadataExt as _,
     path::Path,
     sync::{
         Arc, Mutex,
@@ -36,18 +33,15 @@ use std::{
     time::Duration,
 };
 
-use nix::sys::{
-    socket::{
-        AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, setsockopt, socket,
-        sockopt,
-    },
-    time::TimeVal,
-};
 use serde::Serialize;
-use spright_ebpf::{PathSwitch, SockKey, addr_of};
+use spright_ebpf::{PathSwitch, SockKey};
 use tracing::{info, warn};
 
-use crate::{config::Config, snapshot::Snapshot};
+use crate::{
+    config::Config,
+    snapshot::Snapshot,
+    sock_diag::{DiagSocket, SockDiag},
+};
 
 /// Counters of the bound, shared by the poller and the status view.
 #[derive(Debug, Default)]
@@ -248,7 +242,7 @@ struct Poller {
     stats: Arc<Stats>,
     switch: Option<PathSwitch>,
     /// One sock_diag socket per pod network namespace.
-    sockets: HashMap<NsId, OwnedFd>,
+    sockets: HashMap<NsId, SockDiag>,
     gate: Gate,
 }
 
@@ -287,7 +281,7 @@ impl Poller {
                 };
                 let Some(id) = ids.get(path) else { continue };
                 let seq = u32::try_from(i).unwrap_or(u32::MAX);
-                match self.socket_in(id).and_then(|fd| lookup(fd, seq, key)) {
+                match self.socket_in(id).and_then(|d| d.lookup(seq, key)) {
                     Ok(Some(s)) => found.push((path, s)),
                     Ok(None) => {} // closed since the key walk
                     Err(e) => {
@@ -298,7 +292,7 @@ impl Poller {
             }
         } else {
             for (path, id) in &ids {
-                match self.socket_in(id).and_then(dump) {
+                match self.socket_in(id).and_then(SockDiag::dump) {
                     Ok(sockets) => found.extend(sockets.into_iter().map(|s| (*path, s))),
                     Err(e) => {
                         self.sockets.remove(id);
@@ -325,10 +319,10 @@ impl Poller {
         Ok(self.switch.as_mut().expect("opened above"))
     }
 
-    fn socket_in(&mut self, id: &NsId) -> io::Result<&OwnedFd> {
+    fn socket_in(&mut self, id: &NsId) -> io::Result<&SockDiag> {
         if !self.sockets.contains_key(id) {
-            let fd = diag_socket_in(Path::new(&id.0))?;
-            self.sockets.insert(id.clone(), fd);
+            let diag = SockDiag::in_netns(Path::new(&id.0))?;
+            self.sockets.insert(id.clone(), diag);
         }
         Ok(&self.sockets[id])
     }
@@ -367,227 +361,9 @@ impl Poller {
     }
 }
 
-/// A NETLINK_SOCK_DIAG socket created inside `netns` (a netlink socket stays
-/// in the namespace it was created in).
-fn diag_socket_in(netns: &Path) -> io::Result<OwnedFd> {
-    spright_endpoint::netns::run_in(netns, || {
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkSockDiag,
-        )?;
-        setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(1, 0))?;
-        Ok(fd)
-    })
-}
-
-/// One TCP socket of a pod as sock_diag reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct DiagSocket {
-    local: IpAddr,
-    local_port: u16,
-    remote: IpAddr,
-    remote_port: u16,
-    /// `SK_MEMINFO_RMEM_ALLOC` (`ss -m` `r`): includes the redirect queue.
-    rmem_alloc: u32,
-    /// `SK_MEMINFO_RCVBUF` (`ss -m` `rb`).
-    rcvbuf: u32,
-}
-
-impl DiagSocket {
-    /// The socket's own sockhash key.
-    fn key(&self) -> SockKey {
-        SockKey {
-            local: addr_of(self.local),
-            remote: addr_of(self.remote),
-            local_port: u32::from(self.local_port),
-            remote_port: u32::from(self.remote_port),
-        }
-    }
-}
-
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_HDRLEN: usize = 16;
-const INET_DIAG_REQ_V2_LEN: usize = 56;
-const INET_DIAG_MSG_LEN: usize = 72;
-const INET_DIAG_SKMEMINFO: u16 = 7;
-const IPPROTO_TCP: u8 = 6;
-/// Sockets that can still receive: ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT.
-const STATES: u32 = (1 << 1) | (1 << 4) | (1 << 5) | (1 << 8);
-
 /// Above this many redirected sockets a poll dumps each pod's sockets
 /// instead of looking each one up.
 const LOOKUPS_MAX: usize = 1024;
-
-/// One socket of the diag socket's namespace, by its sockhash key (`None`
-/// when it no longer exists). Asked as AF_INET6: the kernel looks an
-/// IPv4-mapped 4-tuple up among IPv4 sockets, so this finds IPv4 sockets,
-/// IPv6 ones and dual-stack ones alike.
-fn lookup(fd: &OwnedFd, seq: u32, key: &SockKey) -> io::Result<Option<DiagSocket>> {
-    send(fd.as_raw_fd(), &request_one(seq, key), MsgFlags::empty())?;
-    let mut buf = vec![0u8; 4096];
-    let mut out = Vec::new();
-    // One reply: the socket, or an error. Stale replies (other seq) skipped.
-    for _ in 0..16 {
-        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
-        match parse(&buf[..n], seq, &mut out) {
-            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => return Ok(None),
-            Err(e) => return Err(e),
-            Ok(_) if !out.is_empty() => return Ok(out.pop()),
-            Ok(_) => {}
-        }
-    }
-    Err(io::Error::new(
-        io::ErrorKind::TimedOut,
-        "sock_diag: no reply",
-    ))
-}
-
-/// Dumps the TCP sockets (IPv4 and IPv6) of the socket's namespace.
-fn dump(fd: &OwnedFd) -> io::Result<Vec<DiagSocket>> {
-    let mut out = Vec::new();
-    for (seq, family) in [(1u32, libc_family::AF_INET), (2, libc_family::AF_INET6)] {
-        send(fd.as_raw_fd(), &request(seq, family), MsgFlags::empty())?;
-        let mut buf = vec![0u8; 64 * 1024];
-        // Bounded: a dump of n sockets arrives in about n / 100 datagrams.
-        for _ in 0..100_000 {
-            let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
-            if parse(&buf[..n], seq, &mut out)? {
-                break;
-            }
-        }
-    }
-    Ok(out)
-}
-
-mod libc_family {
-    pub(super) const AF_INET: u8 = 2;
-    pub(super) const AF_INET6: u8 = 10;
-}
-
-fn request(seq: u32, family: u8) -> Vec<u8> {
-    let len = NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN;
-    let mut r = Vec::with_capacity(len);
-    r.extend_from_slice(&u32::try_from(len).expect("small").to_ne_bytes());
-    r.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    r.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    r.extend_from_slice(&seq.to_ne_bytes());
-    r.extend_from_slice(&0u32.to_ne_bytes());
-    // struct inet_diag_req_v2
-    r.extend_from_slice(&[family, IPPROTO_TCP, 1 << (INET_DIAG_SKMEMINFO - 1), 0]);
-    r.extend_from_slice(&STATES.to_ne_bytes());
-    r.extend_from_slice(&[0u8; 48]); // struct inet_diag_sockid: no filter
-    r
-}
-
-/// A request for exactly one socket (no dump), by its own 4-tuple.
-fn request_one(seq: u32, key: &SockKey) -> Vec<u8> {
-    let len = NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN;
-    let mut r = Vec::with_capacity(len);
-    r.extend_from_slice(&u32::try_from(len).expect("small").to_ne_bytes());
-    r.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    r.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    r.extend_from_slice(&seq.to_ne_bytes());
-    r.extend_from_slice(&0u32.to_ne_bytes());
-    // struct inet_diag_req_v2
-    r.extend_from_slice(&[
-        libc_family::AF_INET6,
-        IPPROTO_TCP,
-        1 << (INET_DIAG_SKMEMINFO - 1),
-        0,
-    ]);
-    r.extend_from_slice(&u32::MAX.to_ne_bytes());
-    // struct inet_diag_sockid: ports and addresses in network order.
-    let port = |p: u32| u16::try_from(p).unwrap_or(0).to_be_bytes();
-    r.extend_from_slice(&port(key.local_port));
-    r.extend_from_slice(&port(key.remote_port));
-    r.extend_from_slice(&key.local.octets());
-    r.extend_from_slice(&key.remote.octets());
-    r.extend_from_slice(&0u32.to_ne_bytes()); // any interface
-    r.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
-    r
-}
-
-fn u16_ne(b: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([b[at], b[at + 1]])
-}
-
-fn u32_ne(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn addr(family: u8, b: &[u8]) -> IpAddr {
-    if family == libc_family::AF_INET {
-        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-    } else {
-        let o: [u8; 16] = b[..16].try_into().expect("16 bytes");
-        let v6 = std::net::Ipv6Addr::from(o);
-        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
-    }
-}
-
-/// Parses one datagram of a dump into `out`; true when the dump is done.
-fn parse(buf: &[u8], seq: u32, out: &mut Vec<DiagSocket>) -> io::Result<bool> {
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag: {what}"));
-    let mut at = 0;
-    while at + NLMSG_HDRLEN <= buf.len() {
-        let len = u32_ne(buf, at) as usize;
-        if len < NLMSG_HDRLEN || at + len > buf.len() {
-            return Err(bad("truncated message"));
-        }
-        let msg = &buf[at..at + len];
-        at += len.next_multiple_of(4);
-        if u32_ne(msg, 8) != seq {
-            continue;
-        }
-        match u16_ne(msg, 4) {
-            NLMSG_DONE => return Ok(true),
-            NLMSG_ERROR => {
-                let code =
-                    i32::from_ne_bytes(msg[16..20].try_into().map_err(|_| bad("short error"))?);
-                return if code == 0 {
-                    Ok(true)
-                } else {
-                    Err(io::Error::from_raw_os_error(-code))
-                };
-            }
-            SOCK_DIAG_BY_FAMILY => {}
-            _ => continue,
-        }
-        let body = &msg[NLMSG_HDRLEN..];
-        if body.len() < INET_DIAG_MSG_LEN {
-            return Err(bad("short inet_diag_msg"));
-        }
-        let family = body[0];
-        let mut s = DiagSocket {
-            local_port: u16::from_be_bytes([body[4], body[5]]),
-            remote_port: u16::from_be_bytes([body[6], body[7]]),
-            local: addr(family, &body[8..24]),
-            remote: addr(family, &body[24..40]),
-            rmem_alloc: 0,
-            rcvbuf: 0,
-        };
-        let mut a = INET_DIAG_MSG_LEN;
-        while a + 4 <= body.len() {
-            let alen = usize::from(u16_ne(body, a));
-            if alen < 4 || a + alen > body.len() {
-                break;
-            }
-            if u16_ne(body, a + 2) == INET_DIAG_SKMEMINFO && alen >= 4 + 8 {
-                s.rmem_alloc = u32_ne(body, a + 4);
-                s.rcvbuf = u32_ne(body, a + 8);
-            }
-            a += alen.next_multiple_of(4);
-        }
-        out.push(s);
-    }
-    Ok(false)
-}
 
 #[cfg(test)]
 mod tests {
@@ -606,99 +382,5 @@ mod tests {
         assert!(!g.may_skip(None, 16 * MIB), "maps unreadable");
         g.dumped(Some(100 * MIB), 20 * MIB);
         assert!(!g.may_skip(Some(100 * MIB), 16 * MIB), "a receiver is over");
-    }
-
-    /// A dump datagram as the kernel builds it: one IPv4-mapped IPv6 socket
-    /// with a SKMEMINFO attribute, then DONE.
-    #[test]
-    fn parses_a_dump_with_meminfo() {
-        let mut m = Vec::new();
-        let body_len = INET_DIAG_MSG_LEN + 4 + 9 * 4;
-        let len = NLMSG_HDRLEN + body_len;
-        m.extend_from_slice(&u32::try_from(len).unwrap().to_ne_bytes());
-        m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-        m.extend_from_slice(&2u16.to_ne_bytes());
-        m.extend_from_slice(&7u32.to_ne_bytes());
-        m.extend_from_slice(&0u32.to_ne_bytes());
-        let mut body = vec![0u8; INET_DIAG_MSG_LEN];
-        body[0] = libc_family::AF_INET6;
-        body[1] = 1;
-        body[4..6].copy_from_slice(&7100u16.to_be_bytes());
-        body[6..8].copy_from_slice(&40000u16.to_be_bytes());
-        let local = Ipv4Addr::new(10, 213, 0, 11).to_ipv6_mapped();
-        let remote = Ipv4Addr::new(10, 213, 0, 10).to_ipv6_mapped();
-        body[8..24].copy_from_slice(&local.octets());
-        body[24..40].copy_from_slice(&remote.octets());
-        m.extend_from_slice(&body);
-        m.extend_from_slice(&u16::try_from(4 + 9 * 4).unwrap().to_ne_bytes());
-        m.extend_from_slice(&INET_DIAG_SKMEMINFO.to_ne_bytes());
-        for v in [700_000_000u32, 131_072, 0, 0, 0, 0, 0, 0, 0] {
-            m.extend_from_slice(&v.to_ne_bytes());
-        }
-        let mut done = Vec::new();
-        done.extend_from_slice(&20u32.to_ne_bytes());
-        done.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
-        done.extend_from_slice(&2u16.to_ne_bytes());
-        done.extend_from_slice(&7u32.to_ne_bytes());
-        done.extend_from_slice(&0u32.to_ne_bytes());
-        done.extend_from_slice(&0i32.to_ne_bytes());
-        m.extend_from_slice(&done);
-        let mut out = Vec::new();
-        assert!(parse(&m, 7, &mut out).unwrap());
-        assert_eq!(
-            out,
-            vec![DiagSocket {
-                local: "10.213.0.11".parse().unwrap(),
-                local_port: 7100,
-                remote: "10.213.0.10".parse().unwrap(),
-                remote_port: 40000,
-                rmem_alloc: 700_000_000,
-                rcvbuf: 131_072,
-            }]
-        );
-        // The sender's key is the receiver's, reversed; IPv4 is stored mapped,
-        // so a dual-stack receiver and an IPv4 sender build matching keys.
-        let sender = out[0].key().reversed();
-        assert_eq!(sender.local, addr_of("10.213.0.10".parse().unwrap()));
-        assert_eq!(sender.local_port, 40000);
-        assert_eq!(sender.remote_port, 7100);
-        // Another sequence number's messages are not ours.
-        let mut other = Vec::new();
-        assert!(!parse(&m[..len], 8, &mut other).unwrap());
-        assert!(other.is_empty());
-    }
-
-    #[test]
-    fn request_is_an_inet_diag_dump_asking_for_meminfo() {
-        let r = request(5, libc_family::AF_INET);
-        assert_eq!(r.len(), 72);
-        assert_eq!(u32_ne(&r, 0), 72);
-        assert_eq!(u16_ne(&r, 4), SOCK_DIAG_BY_FAMILY);
-        assert_eq!(u16_ne(&r, 6), 0x301);
-        assert_eq!(u32_ne(&r, 8), 5);
-        assert_eq!(&r[16..20], &[2, 6, 0x40, 0]);
-        assert_eq!(u32_ne(&r, 20), STATES);
-    }
-
-    #[test]
-    fn one_socket_request_names_the_4_tuple_without_dumping() {
-        let key = SockKey {
-            local: addr_of("10.0.0.5".parse().unwrap()),
-            remote: addr_of("10.0.0.6".parse().unwrap()),
-            local_port: 8080,
-            remote_port: 40000,
-        };
-        let r = request_one(9, &key);
-        assert_eq!(r.len(), 72);
-        assert_eq!(u32_ne(&r, 0), 72);
-        assert_eq!(u16_ne(&r, 6), NLM_F_REQUEST, "no NLM_F_DUMP");
-        assert_eq!(u32_ne(&r, 8), 9);
-        assert_eq!(&r[16..20], &[10, 6, 0x40, 0], "AF_INET6, TCP, meminfo");
-        // sockid: sport, dport (network order), then the mapped addresses.
-        assert_eq!(&r[24..28], &[0x1f, 0x90, 0x9c, 0x40]);
-        assert_eq!(&r[28..44], &key.local.octets());
-        assert_eq!(&r[44..60], &key.remote.octets());
-        assert_eq!(&r[60..64], &[0; 4]);
-        assert_eq!(&r[64..72], &[0xff; 8]);
     }
 }

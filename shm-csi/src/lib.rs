@@ -2,6 +2,8 @@
 //! shared-memory region into the chain's pods. The binary is a thin main over
 //! this library; tests use [`csi`]'s generated client.
 
+#![forbid(unsafe_code)]
+
 pub mod authority;
 pub mod client;
 pub mod config;

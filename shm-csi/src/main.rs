@@ -1,3 +1,5 @@
+#![forbid(unsafe_code)]
+
 use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context as _, anyhow};

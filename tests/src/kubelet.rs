@@ -600,15 +600,7 @@ impl Kubelet {
             .and_then(|st| st.network.as_ref())
             .map(|n| n.ip.clone())
             .unwrap_or_default();
-        let netns = status.info.get("info").and_then(|i| {
-            let v: Value = serde_json::from_str(i).ok()?;
-            v["runtimeSpec"]["linux"]["namespaces"]
-                .as_array()?
-                .iter()
-                .find(|n| n["type"] == "network")?["path"]
-                .as_str()
-                .map(str::to_owned)
-        });
+        let netns = sandbox_netns(&status);
         Ok(RunningPod {
             object: pod.clone(),
             ip: ip
@@ -714,6 +706,27 @@ impl Kubelet {
             .len())
     }
 }
+
+/// The network namespace path of a sandbox, from its verbose status
+/// (containerd's `info`: the runtime spec's network namespace).
+pub fn sandbox_netns(status: &cri::PodSandboxStatusResponse) -> Option<String> {
+    let v: Value = serde_json::from_str(status.info.get("info")?).ok()?;
+    v["runtimeSpec"]["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|n| n["type"] == "network")?["path"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// The tools the CRI tests need on the machine.
+pub const CRI_TOOLS: &[&str] = &[
+    "containerd",
+    "ctr",
+    "containerd-shim-runc-v2",
+    "runc",
+    "podman",
+];
 
 /// kubelet's id of an ephemeral inline volume: `csi-` and the hex SHA-256
 /// of the pod uid followed by the volume's name.

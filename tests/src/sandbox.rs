@@ -311,7 +311,18 @@ impl Sandbox {
     /// Starts `spright-netpeer ARGS` as a process of pod `pod` (in the sandbox's
     /// cgroup and the pod's network namespace).
     pub fn spawn_peer(&self, pod: usize, args: &[&str]) -> anyhow::Result<Peer> {
-        let mut cmd = Command::new(netpeer_bin());
+        self.spawn_in(pod, &netpeer_bin(), args)
+    }
+
+    /// Starts `spright-torture ARGS` as a process of pod `pod`.
+    pub fn spawn_torture(&self, pod: usize, args: &[&str]) -> anyhow::Result<Peer> {
+        self.spawn_in(pod, &workspace_bin("spright-torture"), args)
+    }
+
+    /// Starts the pod-process tool `bin` with `ARGS` in the sandbox's cgroup
+    /// and pod `pod`'s network namespace.
+    fn spawn_in(&self, pod: usize, bin: &Path, args: &[&str]) -> anyhow::Result<Peer> {
+        let mut cmd = Command::new(bin);
         cmd.arg("--cgroup")
             .arg(&self.cgroup.path)
             .arg("--netns")

@@ -168,15 +168,7 @@ async fn run_pod(
         .and_then(|st| st.network.as_ref())
         .map(|n| n.ip.clone())
         .unwrap();
-    let netns = status.info.get("info").and_then(|i| {
-        let v: serde_json::Value = serde_json::from_str(i).ok()?;
-        v["runtimeSpec"]["linux"]["namespaces"]
-            .as_array()?
-            .iter()
-            .find(|n| n["type"] == "network")?["path"]
-            .as_str()
-            .map(str::to_owned)
-    });
+    let netns = kubelet::sandbox_netns(&status);
     if let Some(ns) = &netns {
         s.pod_netns.0.borrow_mut().push(ns.into());
     }
@@ -216,13 +208,7 @@ async fn fetch(rs: &mut RuntimeServiceClient<Channel>, from: &Pod, to: &Pod) -> 
     panic!("{} could not fetch from {}", from.name, to.name);
 }
 
-const TOOLS: &[&str] = &[
-    "containerd",
-    "ctr",
-    "containerd-shim-runc-v2",
-    "runc",
-    "podman",
-];
+const TOOLS: &[&str] = kubelet::CRI_TOOLS;
 
 #[test]
 fn e2e_containerd_cri_chain_from_annotations() {

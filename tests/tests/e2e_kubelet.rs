@@ -50,13 +50,7 @@ fn function_of(p: &RunningPod) -> &str {
         .unwrap_or_default()
 }
 
-const TOOLS: &[&str] = &[
-    "containerd",
-    "ctr",
-    "containerd-shim-runc-v2",
-    "runc",
-    "podman",
-];
+const TOOLS: &[&str] = spright_tests::kubelet::CRI_TOOLS;
 
 /// spright as the node's network.
 #[test]

@@ -11,10 +11,7 @@
 //!   moves to TCP with every byte intact and in order, new connections are
 //!   not redirected, and a pod recreated without the annotation is no member.
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use spright_ebpf::Datapath;
@@ -22,7 +19,7 @@ use spright_tests::{
     kubeapi::FakeApi,
     meshd::Meshd,
     privileged,
-    sandbox::{Peer, Sandbox, workspace_bin},
+    sandbox::{Peer, Sandbox},
     scenario::json_u64 as u,
     shm_csi::{Client, Code, MountDir, ShmCsi, ephemeral_publish},
 };
@@ -168,13 +165,8 @@ fn privileged_membership_publish_before_add_follows_the_pod() {
 }
 
 fn torture(sb: &Sandbox, pod: usize, args: &[&str]) -> Peer {
-    let mut cmd = Command::new(workspace_bin("spright-torture"));
-    cmd.arg("--cgroup")
-        .arg(&sb.cgroup.path)
-        .arg("--netns")
-        .arg(sb.pods[pod].ns.path())
-        .args(args);
-    Peer::spawn_command(cmd).expect("spawning spright-torture")
+    sb.spawn_torture(pod, args)
+        .expect("spawning spright-torture")
 }
 
 /// A ping-pong of `iters` 64-byte messages from pod 0 to pod 1; `during`

@@ -14,7 +14,6 @@
 
 use std::{
     net::IpAddr,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -22,7 +21,7 @@ use spright_ebpf::{Counters, Datapath};
 use spright_tests::{
     meshd::Meshd,
     privileged,
-    sandbox::{Peer, Sandbox, workspace_bin},
+    sandbox::{Peer, Sandbox},
     scenario::{json_u64 as u, skmem_r},
 };
 
@@ -31,13 +30,8 @@ const PORT: u16 = 7300;
 const MIB: u64 = 1 << 20;
 
 fn spawn(sb: &Sandbox, pod: usize, args: &[&str]) -> Peer {
-    let mut cmd = Command::new(workspace_bin("spright-torture"));
-    cmd.arg("--cgroup")
-        .arg(&sb.cgroup.path)
-        .arg("--netns")
-        .arg(sb.pods[pod].ns.path())
-        .args(args);
-    Peer::spawn_command(cmd).expect("spawning spright-torture")
+    sb.spawn_torture(pod, args)
+        .expect("spawning spright-torture")
 }
 
 #[derive(Debug)]

@@ -4,6 +4,8 @@
 //! fresh Debian machine lacks (packages, the nightly's rust-src, bpf-linker
 //! built against Debian's LLVM 22) and is quiet when everything is present.
 
+#![forbid(unsafe_code)]
+
 mod setup;
 
 use std::{

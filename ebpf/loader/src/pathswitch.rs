@@ -12,7 +12,7 @@ use std::{collections::HashSet, path::Path};
 use aya::maps::{HashMap, MapData, MapError, SockHash};
 use spright_common::{SockKey, names};
 
-use crate::{Error, from_pin};
+use crate::{Error, pins::from_pin};
 
 /// Handles on the sockhash (read only) and the TCP-only map.
 pub struct PathSwitch {

@@ -13,6 +13,8 @@
 //! host-local allocations of the spright network are deleted. The cleanup
 //! DaemonSet in manifests/cleanup.yaml runs it on every node.
 
+#![forbid(unsafe_code)]
+
 use std::{
     io,
     path::{Path, PathBuf},
