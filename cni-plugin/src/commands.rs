@@ -211,7 +211,7 @@ pub fn add(config: &Config, env: &Env) -> Result<Value> {
 /// Whether the pod's on-link (pod subnet) routes get `quickack 1`: only pods
 /// whose connections can be redirected (chain members that did not opt out).
 /// It trades delayed ACKs for fewer spurious EAGAINs on the redirect path
-/// (DESIGN.md, sharp edge #1), which only carries node-local hops, so routes
+/// (docs/RELIABILITY.md, documented limit 1 and the EAGAIN policy), which only carries node-local hops, so routes
 /// off the node (default, IPAM's) never get it. Immediate ACKs change plain
 /// TCP's performance both ways: `cargo xtask bench datapath` measured, on the
 /// same vCPU, 1.38x the RTT and 0.35x the throughput of 64-byte messages, but

@@ -303,8 +303,8 @@ impl Netlink {
     }
 
     /// Adds a route through `index`, with `quickack 1` when asked (see
-    /// DESIGN.md, sharp edge #1: it cuts the redirect path's EAGAIN on
-    /// half-closed sockets). Without a gateway the route is on-link (scope
+    /// docs/RELIABILITY.md, the EAGAIN policy: meant to cut the redirect
+    /// path's EAGAIN on half-closed sockets). Without a gateway the route is on-link (scope
     /// link, from `src`).
     pub fn add_route(
         &self,

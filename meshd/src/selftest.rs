@@ -1,5 +1,5 @@
 //! Start-up self-test: does this kernel's redirect path return EAGAIN from a
-//! blocking `recv()` (DESIGN.md, sharp edge 1)?
+//! blocking `recv()` (docs/RELIABILITY.md, documented limit 1)?
 //!
 //! A fixed kernel is recognised by behaviour, not by a version table. meshd
 //! installs a private copy of the datapath on a cgroup it creates for the test
@@ -11,8 +11,10 @@
 //! 127.0.0.1, which the private endpoint map makes a chain member. Everything
 //! is removed afterwards, also on failure.
 //!
-//! Verdicts: `affected` (at least one spurious EAGAIN: DESIGN.md measured
-//! 100 of 100 at this delay), `not-affected` (none, and the counters prove the
+//! Verdicts: `affected` (at least one spurious EAGAIN: the `halfclose-wait`
+//! case of the reliability test sees it in 20 of 20 trials at this delay,
+//! docs/RELIABILITY.md, `CI=true cargo test -p spright-tests --test
+//! privileged_reliability`), `not-affected` (none, and the counters prove the
 //! traffic was redirected), `inconclusive` (with the reason), `disabled`.
 
 use std::{

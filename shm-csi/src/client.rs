@@ -142,3 +142,120 @@ pub fn ephemeral_publish(
         ..NodePublishVolumeRequest::default()
     }
 }
+
+/// What one raw HTTP/2 call got back on its stream.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RawAnswer {
+    /// Bytes of DATA (the gRPC message with its 5-byte prefix).
+    pub data_bytes: usize,
+    /// The stream ended normally (END_STREAM from the server).
+    pub ended: bool,
+    /// RST_STREAM's error code, if the server reset the stream.
+    pub reset: Option<u32>,
+}
+
+/// Calls `Identity/Probe` twice on one connection, written frame by frame
+/// the way grpcio does over a unix socket: the first request adds
+/// `:authority: <authority>` to the HPACK dynamic table (Huffman-coded when
+/// `huffman`), the second refers to that table entry. tonic's own client
+/// cannot send an `:authority` that is not a URI authority, so this is how
+/// the tests call like those clients do.
+pub fn raw_probes(
+    socket: &Path,
+    authority: &[u8],
+    huffman: bool,
+) -> std::io::Result<[RawAnswer; 2]> {
+    use std::io::{Read as _, Write as _};
+
+    use crate::authority::{frame_head, huffman_encode, put_integer};
+
+    fn string(b: &mut Vec<u8>, s: &[u8], huffman: bool) {
+        if huffman {
+            let h = huffman_encode(s);
+            put_integer(b, 0x80, 7, h.len());
+            b.extend_from_slice(&h);
+        } else {
+            put_integer(b, 0, 7, s.len());
+            b.extend_from_slice(s);
+        }
+    }
+    let block = |first: bool| {
+        // :method POST, :scheme http (static 3 and 6, indexed).
+        let mut b = vec![0x83, 0x86];
+        // :path (static 4), literal without indexing.
+        put_integer(&mut b, 0, 4, 4);
+        string(&mut b, b"/csi.v1.Identity/Probe", false);
+        if first {
+            // :authority (static 1), literal with incremental indexing.
+            put_integer(&mut b, 0x40, 6, 1);
+            string(&mut b, authority, huffman);
+        } else {
+            // The dynamic table's newest entry (62).
+            b.push(0x80 | 0x3e);
+        }
+        // content-type (static 31) and te, literals without indexing.
+        put_integer(&mut b, 0, 4, 31);
+        string(&mut b, b"application/grpc", false);
+        b.push(0);
+        string(&mut b, b"te", false);
+        string(&mut b, b"trailers", false);
+        b
+    };
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame_head(0, 0x4, 0, &[0; 4]));
+    for (i, stream) in [1u32, 3].into_iter().enumerate() {
+        let id = stream.to_be_bytes();
+        let b = block(i == 0);
+        out.extend(frame_head(b.len(), 0x1, 0x4, &id));
+        out.extend(b);
+        // An empty ProbeRequest: uncompressed, length 0; END_STREAM.
+        out.extend(frame_head(5, 0x0, 0x1, &id));
+        out.extend([0u8; 5]);
+    }
+    let mut c = std::os::unix::net::UnixStream::connect(socket)?;
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    c.write_all(&out)?;
+    let mut answers: [RawAnswer; 2] = Default::default();
+    let done = |a: &[RawAnswer; 2]| a.iter().all(|a| a.ended || a.reset.is_some());
+    // Bounded: at most 64 frames, each read with a timeout.
+    for _ in 0..64 {
+        if done(&answers) {
+            break;
+        }
+        let mut head = [0u8; 9];
+        c.read_exact(&mut head)?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        c.read_exact(&mut payload)?;
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        if kind == 0x4 && flags & 0x1 == 0 {
+            c.write_all(&frame_head(0, 0x4, 0x1, &[0; 4]))?;
+        }
+        if kind == 0x7 {
+            return Err(std::io::Error::other(format!(
+                "GOAWAY from the server: {payload:02x?}"
+            )));
+        }
+        let Some(a) = (match stream {
+            1 => Some(&mut answers[0]),
+            3 => Some(&mut answers[1]),
+            _ => None,
+        }) else {
+            continue;
+        };
+        match kind {
+            0x0 => a.data_bytes += len,
+            0x3 => {
+                a.reset = payload
+                    .get(..4)
+                    .map(|p| u32::from_be_bytes([p[0], p[1], p[2], p[3]]));
+            }
+            _ => {}
+        }
+        if matches!(kind, 0x0 | 0x1) && flags & 0x1 != 0 {
+            a.ended = true;
+        }
+    }
+    Ok(answers)
+}

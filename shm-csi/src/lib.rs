@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod authority;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -16,9 +16,16 @@
 //!   (NodePublishVolume as kubelet calls it), and only 16-byte descriptors
 //!   cross the (redirected) sockets.
 //!
+//! Every function does the same work in every mode ([`spright_shm::work`]:
+//! hash the body `--work` times, upper-case it in place, forward it; nothing
+//! with `--work 0`, which leaves the pure transport).
+//!
 //! Functions and sidecars run pinned to CPU 0, the load generator to the last
-//! CPU; CPU per request comes from the kernel (the functions' cgroup
-//! `cpu.stat`).
+//! CPU. CPU per request counts the whole node: all busy time of the machine
+//! during the measured window (`/proc/stat`: user, nice, system, irq,
+//! softirq of every CPU) divided by requests, so meshd, softirq work and the
+//! load generator are in it; the load generator's own share (its rusage) and
+//! the functions' cgroup (`cpu.stat`) are shown next to it.
 
 use std::{
     fmt::Write as _,
@@ -115,7 +122,8 @@ pub struct Spec {
     pub connections: usize,
     /// Measured load duration.
     pub seconds: u64,
-    /// Hash rounds each function does over the body.
+    /// Rounds of the function's work ([`spright_shm::work::apply`]) each
+    /// function does on the body; 0 is none at all.
     pub work: u32,
     /// Call every function (the gateway too) through its own ClusterIP,
     /// with kube-proxy's DNAT emulated in the node (iptables), instead of
@@ -145,6 +153,11 @@ impl Spec {
             "--duration must be 1 to 300 seconds, got {}",
             self.seconds
         );
+        ensure!(
+            self.work <= 1000,
+            "--work must be 0 to 1000 rounds, got {}",
+            self.work
+        );
         Ok(())
     }
 }
@@ -158,8 +171,13 @@ pub struct Outcome {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub errors: u64,
-    /// CPU time of the functions (and sidecars) per request, from their cgroup.
+    /// CPU time of the whole node per request: all busy time of every CPU
+    /// during the measured window (`/proc/stat`), load generator included.
     pub cpu_us_per_request: f64,
+    /// The load generator's share of `cpu_us_per_request` (wrk's rusage).
+    pub loadgen_cpu_us_per_request: f64,
+    /// CPU time of the functions (and sidecars) per request, from their cgroup.
+    pub functions_cpu_us_per_request: f64,
     /// Bytes the chain's pods sent socket to socket (spright-on only).
     pub redirected_bytes: u64,
     /// The outsider's request went through the chain without being redirected.
@@ -276,9 +294,7 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
                 p.index,
                 &cgroup_path,
                 &fn_cpu,
-                i,
-                next.as_deref(),
-                &shm.targets[i],
+                &sdk_args(i, next.as_deref(), &shm.targets[i], spec.work),
             )?);
             continue;
         }
@@ -342,11 +358,14 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
         .map(|_| counters_of(&node, pods[n + 1].ip))
         .transpose()?;
     let reply = curl(&node, pods[n + 1].index, &gateway, &body_file)?;
+    // Every mode does the same work, so every mode gives the same answer.
+    let want = if spec.work == 0 { b'x' } else { b'X' };
     ensure!(
-        reply.len() == spec.payload,
-        "the outsider got {} bytes back, expected {}",
+        reply.len() == spec.payload && reply.iter().all(|&b| b == want),
+        "the outsider got {} bytes back, expected {} times {:?}",
         reply.len(),
-        spec.payload
+        spec.payload,
+        char::from(want)
     );
     let outsider_redirected_bytes = match outsider_before {
         Some(before) => Some(counters_of(&node, pods[n + 1].ip)? - before),
@@ -374,6 +393,8 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
     .wait()?;
     check_interrupted()?;
     let cpu_before = cpu_usage_us(&cgroup_path)?;
+    let node_before = node_busy_us()?;
+    let loadgen_before = children_cpu_us()?;
     let redirected_before = chain_redirected(meshd.as_ref())?;
     progress(&format!(
         "{}: load: {} connections for {} s, {} B bodies ({} → {} → …)",
@@ -410,10 +431,16 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
             "wrk did not finish"
         );
     };
+    // wrk has been reaped: its rusage is now in this process's children's.
+    let loadgen = children_cpu_us()? - loadgen_before;
+    let node_busy = node_busy_us()? - node_before;
     let cpu_after = cpu_usage_us(&cgroup_path)?;
     let redirected = chain_redirected(meshd.as_ref())? - redirected_before;
     let mut outcome = parse_wrk(&out, mode)?;
-    outcome.cpu_us_per_request = (cpu_after - cpu_before) as f64 / outcome.requests.max(1) as f64;
+    let per_request = |us: u64| us as f64 / outcome.requests.max(1) as f64;
+    outcome.cpu_us_per_request = per_request(node_busy);
+    outcome.loadgen_cpu_us_per_request = per_request(loadgen);
+    outcome.functions_cpu_us_per_request = per_request(cpu_after - cpu_before);
     outcome.redirected_bytes = redirected;
     outcome.outsider_redirected_bytes = outsider_redirected_bytes;
     if let Some(m) = &meshd {
@@ -669,38 +696,39 @@ impl Shm {
     }
 }
 
-/// One function of the SDK's example chain (gateway first, then stages), in
+/// The arguments of the SDK example chain's function at `position`
+/// (gateway first, then stages).
+fn sdk_args(position: usize, next: Option<&str>, region: &Path, work: u32) -> Vec<String> {
+    let listen = format!("0.0.0.0:{PORT}");
+    // The same work as `spright-fn` does, and no other transform.
+    let mut args = if position == 0 {
+        vec!["gateway".to_owned(), "--listen".into(), listen]
+    } else {
+        vec![
+            "stage".to_owned(),
+            "--listen".into(),
+            listen,
+            "--op".into(),
+            "none".into(),
+        ]
+    };
+    args.extend(["--work".into(), work.to_string()]);
+    if let Some(next) = next {
+        args.extend(["--next".into(), next.to_owned()]);
+    }
+    args.extend(["--region".into(), region.display().to_string()]);
+    args
+}
+
+/// One function of the SDK's example chain (`args` from [`sdk_args`]), in
 /// the pod's cgroup and netns, pinned to `cpu`.
 fn sdk_function(
     node: &Node,
     index: usize,
     cgroup: &Path,
     cpu: &str,
-    position: usize,
-    next: Option<&str>,
-    region: &Path,
+    args: &[String],
 ) -> anyhow::Result<Peer> {
-    let listen = format!("0.0.0.0:{PORT}");
-    let mut args = if position == 0 {
-        vec!["gateway".to_owned(), "--listen".into(), listen]
-    } else {
-        let op = if position % 2 == 1 {
-            "upper"
-        } else {
-            "reverse"
-        };
-        vec![
-            "stage".to_owned(),
-            "--listen".into(),
-            listen,
-            "--op".into(),
-            op.into(),
-        ]
-    };
-    if let Some(next) = next {
-        args.extend(["--next".into(), next.to_owned()]);
-    }
-    args.extend(["--region".into(), region.display().to_string()]);
     let mut cmd = Command::new("sh");
     cmd.arg("-c").arg(format!(
         "echo $$ > {}/cgroup.procs && echo ready && exec taskset -c {cpu} ip netns exec {} {} {}",
@@ -878,6 +906,8 @@ pub fn parse_wrk(out: &str, mode: Mode) -> anyhow::Result<Outcome> {
         p99_ms: pct("99%")?,
         errors,
         cpu_us_per_request: 0.0,
+        loadgen_cpu_us_per_request: 0.0,
+        functions_cpu_us_per_request: 0.0,
         redirected_bytes: 0,
         outsider_redirected_bytes: None,
     })
@@ -897,6 +927,51 @@ fn parse_duration_ms(s: &str) -> anyhow::Result<f64> {
         "m" => v * 60_000.0,
         _ => bail!("duration {s:?} has unknown unit"),
     })
+}
+
+/// `/proc/stat` and `/proc/PID/stat` count in USER_HZ, which is 100 on
+/// every architecture Linux exposes to user space this way.
+const USER_HZ_US: u64 = 10_000;
+
+/// Busy time of the whole machine so far: user, nice, system, irq and
+/// softirq of the `cpu` line of `/proc/stat` (guest time is inside user;
+/// idle, iowait and steal are not busy).
+fn node_busy_us() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    node_busy_ticks(&stat).map(|t| t * USER_HZ_US)
+}
+
+fn node_busy_ticks(stat: &str) -> anyhow::Result<u64> {
+    let line = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("parsing the cpu line of /proc/stat")?;
+    ensure!(f.len() >= 7, "short cpu line in /proc/stat: {line:?}");
+    // user nice system idle iowait irq softirq ...
+    Ok(f[0] + f[1] + f[2] + f[5] + f[6])
+}
+
+/// CPU time of this process's reaped children (`cutime + cstime`).
+fn children_cpu_us() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    let after = stat
+        .rsplit_once(')')
+        .context("no comm in /proc/self/stat")?
+        .1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // cutime and cstime are fields 16 and 17 (1-based, counting pid and comm).
+    let tick = |i: usize| -> anyhow::Result<u64> {
+        f.get(i)
+            .context("short /proc/self/stat")?
+            .parse::<u64>()
+            .context("parsing /proc/self/stat")
+    };
+    Ok((tick(13)? + tick(14)?) * USER_HZ_US)
 }
 
 /// `usage_usec` from a cgroup v2 directory's `cpu.stat`.
@@ -966,9 +1041,28 @@ pub fn markdown(spec: &Spec, outcomes: &[Outcome]) -> String {
     );
     let _ = writeln!(
         s,
-        "| mode | requests/s | × ref | p50 ms | p99 ms | CPU µs/req | × ref | errors |"
+        "work: {}\n",
+        if spec.work == 0 {
+            "none (`--work 0`): pure transport".to_owned()
+        } else {
+            format!(
+                "{} (`--work {}`)",
+                spright_shm::work::DESCRIPTION,
+                spec.work
+            )
+        }
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "node CPU: all busy time of the machine (every CPU, `/proc/stat`) during the measured \
+         window per request, load generator, meshd and softirq included; `of it wrk` is the \
+         load generator's share, `fn cgroup` the functions' own cgroup\n"
+    );
+    let _ = writeln!(
+        s,
+        "| mode | requests/s | × ref | p50 ms | p99 ms | node CPU µs/req | × ref | of it wrk | fn cgroup | errors |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for o in outcomes {
         let ratio = |f: fn(&Outcome) -> f64| {
             base.map_or_else(|| "–".to_owned(), |b| format!("{:.2}", f(o) / f(b)))
@@ -976,7 +1070,7 @@ pub fn markdown(spec: &Spec, outcomes: &[Outcome]) -> String {
         let (r_rps, r_cpu) = (ratio(|o| o.requests_per_s), ratio(|o| o.cpu_us_per_request));
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.0} | {} | {} |",
+            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.0} | {} | {:.0} | {:.0} | {} |",
             o.mode.describe(),
             o.requests_per_s,
             r_rps,
@@ -984,6 +1078,8 @@ pub fn markdown(spec: &Spec, outcomes: &[Outcome]) -> String {
             o.p99_ms,
             o.cpu_us_per_request,
             r_cpu,
+            o.loadgen_cpu_us_per_request,
+            o.functions_cpu_us_per_request,
             o.errors
         );
     }
@@ -1105,6 +1201,13 @@ Transfer/sec:     11.26MB
     }
 
     #[test]
+    fn node_busy_time_leaves_out_idle_iowait_and_steal() {
+        let stat = "cpu  100 2 30 9000 50 4 6 70 0 0\ncpu0 50 1 15 4500 25 2 3 35 0 0\n";
+        assert_eq!(node_busy_ticks(stat).unwrap(), 100 + 2 + 30 + 4 + 6);
+        assert!(node_busy_ticks("cpu0 1 2 3\n").is_err());
+    }
+
+    #[test]
     fn specs_are_bounded() {
         let ok = Spec {
             length: 4,
@@ -1126,6 +1229,10 @@ Transfer/sec:     11.26MB
             },
             Spec {
                 connections: 0,
+                ..ok.clone()
+            },
+            Spec {
+                work: 1001,
                 ..ok.clone()
             },
         ] {

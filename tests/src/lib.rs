@@ -20,19 +20,9 @@ pub mod scenario;
 pub mod services;
 pub mod shm_csi;
 
-/// 64-bit FNV-1a, used to compare what was sent with what arrived.
-pub mod fnv1a {
-    pub const START: u64 = 0xcbf2_9ce4_8422_2325;
-
-    #[must_use]
-    pub fn feed(mut h: u64, bytes: &[u8]) -> u64 {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h
-    }
-}
+/// 64-bit FNV-1a, used to compare what was sent with what arrived (the
+/// SDK's, which also defines the benchmark functions' work).
+pub use spright_shm::work::fnv1a;
 
 /// A deterministic byte stream (so corruption, loss and reordering all change
 /// the hash).

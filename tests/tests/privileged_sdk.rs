@@ -144,6 +144,39 @@ fn privileged_sdk_processes_share_the_pool() {
     drop(csi);
 }
 
+/// One keep-alive HTTP/1.1 `POST` written in one piece; returns the body of
+/// the answer (status 200 required).
+fn post(conn: &mut std::net::TcpStream, body: &[u8]) -> Vec<u8> {
+    use std::io::{Read as _, Write as _};
+    let mut req = format!(
+        "POST / HTTP/1.1\r\nhost: chain\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    conn.write_all(&req).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert!(head.len() < 4096, "response head too long");
+        conn.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .expect("content-length");
+    let mut out = vec![0u8; len];
+    conn.read_exact(&mut out).unwrap();
+    out
+}
+
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let after = stat.rsplit_once(')').unwrap().1;
@@ -226,6 +259,29 @@ fn privileged_sdk_example_chain() {
     assert!(got == want, "1 MiB body transformed in place");
     let r = agent.post(&url).send(&vec![0u8; 2 << 20][..]).unwrap();
     assert_eq!(r.status(), 413, "over the largest size class");
+
+    // No Nagle stall: a response written in pieces with Nagle on waits for
+    // the client's delayed ACK (40 ms) on every request. 200 sequential
+    // small requests on one keep-alive connection would then take about
+    // 8 s; through three processes on loopback they take milliseconds. The
+    // bound is an order of magnitude below the stall, not a speed target.
+    let started = std::time::Instant::now();
+    let mut conn = std::net::TcpStream::connect(&gw_addr).unwrap();
+    conn.set_nodelay(true).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    for i in 0..200 {
+        let body = format!("small request {i}");
+        assert_eq!(
+            post(&mut conn, body.as_bytes()),
+            body.to_ascii_uppercase().bytes().rev().collect::<Vec<u8>>()
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "200 small requests took {took:?}: a Nagle stall (~40 ms each) is back"
+    );
 
     // Idle functions block in recv/accept: no CPU used while nothing happens.
     let pids = [s1.0.id(), s2.0.id(), gw.0.id()];

@@ -494,3 +494,40 @@ fn privileged_shm_csi_restart_without_state_and_readonly() {
     assert!(!is_mounted(&region));
     assert_eq!(dir.mounts(), Vec::<PathBuf>::new());
 }
+
+/// Any conforming gRPC client is served, whatever `:authority` it sends over
+/// the socket: the socket path (grpc-java), the percent-encoded path
+/// Huffman-coded (grpcio), `localhost` (kubelet, grpc-go). The second call
+/// of each pair refers to the first one's HPACK table entry, as those
+/// clients' encoders do.
+#[test]
+fn privileged_shm_csi_accepts_any_authority() {
+    if !privileged::require("privileged_shm_csi_accepts_any_authority") {
+        return;
+    }
+    let dir = MountDir::new().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let flags = ["--state-dir", state.path().to_str().unwrap()];
+    let csi = ShmCsi::start(&dir.path().join("csi"), "127.0.0.1:1", &flags).unwrap();
+    let path = csi.socket.to_str().unwrap().to_owned();
+    let encoded = path.replace('/', "%2F");
+    for (authority, huffman) in [
+        (path.as_str(), false),
+        (path.as_str(), true),
+        (encoded.as_str(), true),
+        ("localhost", true),
+        ("/a", false),
+    ] {
+        let answers = shm_csi::client::raw_probes(&csi.socket, authority.as_bytes(), huffman)
+            .unwrap_or_else(|e| panic!("{authority:?}: {e}\n{}", csi.log_text()));
+        for a in &answers {
+            assert!(
+                a.ended && a.reset.is_none() && a.data_bytes > 5,
+                "{authority:?} (huffman {huffman}): {answers:?}\n{}",
+                csi.log_text()
+            );
+        }
+    }
+    // tonic's own client (kubelet's `localhost` shape) still works.
+    assert_eq!(csi.client().unwrap().probe().unwrap(), Some(true));
+}

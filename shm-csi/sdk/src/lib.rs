@@ -8,7 +8,10 @@
 //! ordinary TCP connection ([`send`], [`recv`]), which spright's datapath
 //! redirects socket to socket. The receiver turns the descriptor back into a
 //! `Buf` with [`Pool::take`] and works on the bytes in place. A `Buf` that is
-//! dropped returns its slot to the pool.
+//! dropped returns its slot to the pool. A function that answers HTTP
+//! clients writes each response with a [`ResponseWriter`] (Nagle off, one
+//! write per response); [`work`] is the benchmarks' definition of a
+//! function's work.
 //!
 //! # Layout (all offsets, never pointers: every process maps the file elsewhere)
 //!
@@ -48,9 +51,12 @@
 
 mod map;
 mod pool;
+mod respond;
 mod wire;
+pub mod work;
 
 pub use pool::{Buf, CLASS_SIZES, POOL_FILE, Pool, Stats};
+pub use respond::{COPY_LIMIT, ResponseWriter};
 pub use wire::{Descriptor, recv, send};
 
 /// Errors of the pool and of descriptor validation.

@@ -5,12 +5,18 @@
 //! - `tcp`: the payload crosses veth + bridge TCP (spright's programs attached
 //!   but the pods in no chain, so they decide "no redirect");
 //! - `sockmap`: the same pods in one chain, payload redirected socket to socket;
-//! - `shm`: the same chain, the payload sits in a shared-memory pool
-//!   (spright-shm) and only its 16-byte descriptor crosses the redirected socket.
+//! - `shm`: the same chain, the payload goes through a shared-memory pool
+//!   (spright-shm): per message the sender allocates a buffer and writes
+//!   every byte of the payload into it, and only its 16-byte descriptor
+//!   crosses the redirected socket;
+//! - `shm-desc` (descriptor only): the same descriptor goes back and forth
+//!   and no payload byte is written or read per message: the cost of the
+//!   hop alone, which is not a payload moved.
 //!
-//! A hop is one request and a 16-byte reply; the receiver reads the whole
-//! payload (`tcp`, `sockmap`) or takes the buffer and touches its first and
-//! last byte in place (`shm`). Both processes are pinned to CPU 0 with
+//! A hop is one message and a 16-byte reply. In `tcp`, `sockmap` and `shm`
+//! the receiver reads every byte of the payload (a checksum it sends back
+//! and the sender verifies); in `shm-desc` it touches the buffer's first and
+//! last byte. Both processes are pinned to CPU 0 with
 //! `taskset`; latency is the median of the per-hop p50 over three runs; CPU
 //! per request is client + server CPU time (scheduler accounting) divided by
 //! the requests. Ratios are against `tcp` from the same run. Needs root.
@@ -28,7 +34,7 @@ use spright_tests::{
 
 const T: Duration = Duration::from_mins(2);
 const SIZES: [usize; 6] = [64, 1 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20];
-const PATHS: [&str; 3] = ["tcp", "sockmap", "shm"];
+const PATHS: [&str; 4] = ["tcp", "sockmap", "shm", "shm-desc"];
 
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -51,9 +57,13 @@ fn main() -> anyhow::Result<()> {
             for _ in 0..runs {
                 port += 1;
                 let addr = std::net::SocketAddr::new(sb.pods[b].ip.into(), port).to_string();
-                let mode = if path == "shm" { "shm" } else { "tcp" };
+                let mode = if path == "sockmap" { "tcp" } else { path };
                 let region_args = ["--region", region.to_str().context("utf-8 path")?];
-                let extra: &[&str] = if path == "shm" { &region_args } else { &[] };
+                let extra: &[&str] = if path.starts_with("shm") {
+                    &region_args
+                } else {
+                    &[]
+                };
                 let mut srv_args = vec!["serve", "--listen", &addr, "--mode", mode];
                 srv_args.extend_from_slice(extra);
                 let srv = worker(&sb, b, &srv_args)?;
@@ -118,51 +128,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn print_table(rows: &[serde_json::Value]) {
     println!(
-        "\nOne hop (request + 16-byte reply), both ends on CPU 0; medians of 3; ratios vs tcp"
+        "\nOne hop (message + 16-byte reply), both ends on CPU 0; medians of 3; ratios vs tcp.\n\
+         tcp, sockmap, shm: the payload is written by the sender and every byte read by the \
+         receiver, per message.\nshm-desc: descriptor only, no payload byte moved (the hop alone)."
     );
-    println!(
-        "{:>8} | {:>9} {:>9} {:>9} {:>8} {:>8} | {:>9} {:>9} {:>9} {:>8} {:>8}",
-        "size",
-        "p50 tcp",
-        "sockmap",
-        "shm",
-        "sockmap",
-        "shm",
-        "cpu tcp",
-        "sockmap",
-        "shm",
-        "sockmap",
-        "shm"
-    );
-    println!(
-        "{:>8} | {:>9} {:>9} {:>9} {:>8} {:>8} | {:>9} {:>9} {:>9} {:>8} {:>8}",
-        "bytes",
-        "µs",
-        "µs",
-        "µs",
-        "speedup",
-        "speedup",
-        "µs/req",
-        "µs/req",
-        "µs/req",
-        "ratio",
-        "ratio"
-    );
-    for r in rows {
-        let g = |p: &str, k: &str| r[p][k].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "{:>8} | {:>9.1} {:>9.1} {:>9.1} {:>7.2}x {:>7.2}x | {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2}",
-            r["size"].as_u64().unwrap_or(0),
-            g("tcp", "p50_us"),
-            g("sockmap", "p50_us"),
-            g("shm", "p50_us"),
-            g("tcp", "p50_us") / g("sockmap", "p50_us"),
-            g("tcp", "p50_us") / g("shm", "p50_us"),
-            g("tcp", "cpu_us"),
-            g("sockmap", "cpu_us"),
-            g("shm", "cpu_us"),
-            g("sockmap", "cpu_us") / g("tcp", "cpu_us"),
-            g("shm", "cpu_us") / g("tcp", "cpu_us"),
-        );
+    for (what, key, unit) in [("hop p50", "p50_us", "µs"), ("CPU per hop", "cpu_us", "µs")] {
+        println!("\n{what} ({unit}, and tcp / path)");
+        print!("{:>8}", "bytes");
+        for p in PATHS {
+            print!(" | {p:>9} {:>7}", "ratio");
+        }
+        println!();
+        for r in rows {
+            let g = |p: &str| r[p][key].as_f64().unwrap_or(f64::NAN);
+            print!("{:>8}", r["size"].as_u64().unwrap_or(0));
+            for p in PATHS {
+                print!(" | {:>9.1} {:>6.2}x", g(p), g("tcp") / g(p));
+            }
+            println!();
+        }
     }
 }

@@ -1,9 +1,11 @@
 //! `spright-fn`: an ordinary, unmodified HTTP function of the demo chain.
 //!
-//! It knows nothing about spright: it serves HTTP/1.1 with keep-alive, does a
-//! little work on each request body, calls the next function over plain
-//! HTTP (a pooled keep-alive client) and returns the next function's answer;
-//! the last function echoes the body.
+//! It knows nothing about spright: it serves HTTP/1.1 with keep-alive, does
+//! the benchmark's work on each request body (`spright_shm::work`, the same
+//! the SDK's stages do: hash it `--work` times, upper-case it in place;
+//! nothing with `--work 0`), calls the next function over plain HTTP (a
+//! pooled keep-alive client) with the result and returns the next
+//! function's answer; the last function returns its result.
 //!
 //! ```text
 //! spright-fn [--cgroup DIR] [--netns PATH] --listen ADDR --name NAME
@@ -26,7 +28,8 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use spright_tests::{fnv1a, pod};
+use spright_shm::work;
+use spright_tests::pod;
 
 struct Fn {
     name: String,
@@ -76,11 +79,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn handle(State(f): State<Arc<Fn>>, body: Bytes) -> Response {
-    // "A little work": hash the body `work` times.
-    let mut h = fnv1a::START;
-    for _ in 0..f.work {
-        h = fnv1a::feed(h, &body);
-    }
+    // Without a copy when hyper holds the only reference to the body.
+    let mut body = Vec::from(body);
+    let h = work::apply(&mut body, f.work);
+    let body = Bytes::from(body);
     let Some(next) = &f.next else {
         let mut r = body.into_response();
         set(&mut r, "x-chain", &f.name);

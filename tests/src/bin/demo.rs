@@ -90,8 +90,13 @@ fn run() -> anyhow::Result<()> {
         println!("\n[{}/{}] {}", i + 1, modes.len(), mode.describe());
         let o = chain::run(&spec, *mode, &mut |l| println!("  {l}"))?;
         println!(
-            "  → {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms, {:.0} µs CPU per request, {} errors",
-            o.requests_per_s, o.p50_ms, o.p99_ms, o.cpu_us_per_request, o.errors
+            "  → {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms, {:.0} µs node CPU per request ({:.0} of it wrk's), {} errors",
+            o.requests_per_s,
+            o.p50_ms,
+            o.p99_ms,
+            o.cpu_us_per_request,
+            o.loadgen_cpu_us_per_request,
+            o.errors
         );
         if *mode == Mode::SprightOn {
             println!(

@@ -27,7 +27,7 @@
 //! ```
 //!
 //! Reads retry `EAGAIN` on blocking sockets (a known behaviour of the kernel's
-//! redirect path, see DESIGN.md) and report how often they had to.
+//! redirect path, docs/RELIABILITY.md, documented limit 1) and report how often they had to.
 
 use std::{
     io::{self, BufRead as _, Read, Write},

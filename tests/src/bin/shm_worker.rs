@@ -4,14 +4,25 @@
 //!
 //! ```text
 //! spright-shm-worker [--cgroup DIR] [--netns PATH] churn   --region DIR --iters N --seed S
-//! spright-shm-worker [--cgroup DIR] [--netns PATH] serve   --listen ADDR --mode shm|tcp [--region DIR]
-//! spright-shm-worker [--cgroup DIR] [--netns PATH] ping    --connect ADDR --mode shm|tcp --size N --iters N [--region DIR]
+//! spright-shm-worker [--cgroup DIR] [--netns PATH] serve   --listen ADDR --mode MODE [--region DIR]
+//! spright-shm-worker [--cgroup DIR] [--netns PATH] ping    --connect ADDR --mode MODE --size N --iters N [--region DIR]
 //! ```
 //!
-//! `serve`/`ping` measure one hop: in `tcp` mode the payload crosses the
-//! socket and the server reads all of it; in `shm` mode a 16-byte descriptor
-//! crosses and the server takes the buffer and touches its first and last
-//! byte in place. Either way the reply is 16 bytes.
+//! `serve`/`ping` measure one hop, a message and a 16-byte reply, in one of
+//! three modes (`MODE`):
+//! - `tcp`: the payload crosses the socket; the server reads all of it and
+//!   checksums every byte;
+//! - `shm`: per message, the client allocates a buffer in the pool and
+//!   writes every byte of the payload into it, a 16-byte descriptor crosses
+//!   the socket, the server takes the buffer, checksums every byte in place
+//!   and frees it;
+//! - `shm-desc`: only the descriptor moves: the buffer is filled once before
+//!   timing, the same descriptor goes back and forth and the server touches
+//!   its first and last byte. This is the cost of the hop alone, not of
+//!   moving a payload.
+//!
+//! In `tcp` and `shm` the reply carries the server's checksum and the client
+//! checks it against the payload's.
 
 use std::{
     io::{Read as _, Write as _},
@@ -20,7 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 use spright_shm::{Descriptor, Pool, recv, send};
 
 fn take(args: &mut Vec<String>, flag: &str) -> Option<String> {
@@ -110,9 +121,45 @@ fn churn(args: &mut Vec<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads every byte of `b` (a wrapping sum of its 8-byte words and the
+/// tail), fast enough not to hide the cost of the hop itself.
+fn checksum(b: &[u8]) -> u64 {
+    let mut words = b.chunks_exact(8);
+    let mut sum = words.by_ref().fold(0u64, |s, w| {
+        s.wrapping_add(u64::from_le_bytes(w.try_into().expect("8 bytes")))
+    });
+    for &t in words.remainder() {
+        sum = sum.wrapping_add(u64::from(t));
+    }
+    sum
+}
+
+/// The 16-byte reply that carries a checksum.
+fn reply_of(sum: u64) -> [u8; 16] {
+    let mut r = [0u8; 16];
+    r[..8].copy_from_slice(&sum.to_le_bytes());
+    r
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Tcp,
+    Shm,
+    ShmDesc,
+}
+
+fn mode_of(args: &mut Vec<String>) -> anyhow::Result<Mode> {
+    Ok(match need(args, "--mode")?.as_str() {
+        "tcp" => Mode::Tcp,
+        "shm" => Mode::Shm,
+        "shm-desc" => Mode::ShmDesc,
+        m => bail!("unknown --mode {m} (tcp, shm, shm-desc)"),
+    })
+}
+
 fn serve(args: &mut Vec<String>) -> anyhow::Result<()> {
     let listen = need(args, "--listen")?;
-    let shm = need(args, "--mode")? == "shm";
+    let mode = mode_of(args)?;
     let pool = take(args, "--region")
         .map(|r| Pool::open(&PathBuf::from(r)))
         .transpose()?;
@@ -124,8 +171,17 @@ fn serve(args: &mut Vec<String>) -> anyhow::Result<()> {
     let cpu0 = cpu_ns();
     let mut n = 0u64;
     let mut buf = vec![0u8; 1 << 20];
-    if shm {
+    if mode == Mode::Shm {
         let pool = pool.context("--region is required in shm mode")?;
+        while let Some(d) = recv(&mut c)? {
+            let b = pool.take(d)?;
+            let sum = checksum(&b);
+            drop(b);
+            c.write_all(&reply_of(sum))?;
+            n += 1;
+        }
+    } else if mode == Mode::ShmDesc {
+        let pool = pool.context("--region is required in shm-desc mode")?;
         while let Some(d) = recv(&mut c)? {
             let b = pool.take(d)?;
             let touched = b.first().copied().unwrap_or(0) ^ b.last().copied().unwrap_or(0);
@@ -141,8 +197,7 @@ fn serve(args: &mut Vec<String>) -> anyhow::Result<()> {
             if !read_full(&mut c, body)? {
                 bail!("peer closed mid-message");
             }
-            std::hint::black_box(body[0] ^ body[len - 1]);
-            c.write_all(&[0u8; 16])?;
+            c.write_all(&reply_of(checksum(body)))?;
             n += 1;
         }
     }
@@ -175,7 +230,7 @@ fn read_full(c: &mut TcpStream, buf: &mut [u8]) -> anyhow::Result<bool> {
 
 fn ping(args: &mut Vec<String>) -> anyhow::Result<()> {
     let addr = need(args, "--connect")?;
-    let shm = need(args, "--mode")? == "shm";
+    let mode = mode_of(args)?;
     let size: usize = need(args, "--size")?.parse()?;
     let iters: usize = need(args, "--iters")?.parse()?;
     let pool = take(args, "--region")
@@ -184,38 +239,58 @@ fn ping(args: &mut Vec<String>) -> anyhow::Result<()> {
     let mut c = TcpStream::connect(&addr).with_context(|| format!("connecting {addr}"))?;
     c.set_nodelay(true)?;
     let mut lat = Vec::with_capacity(iters);
-    // Set-up (allocating and filling the payload) is not part of a hop.
-    let mut d = None;
-    let mut msg = Vec::new();
-    if shm {
-        let pool = pool.as_ref().context("--region is required in shm mode")?;
-        let mut b = pool.alloc(size)?;
-        spright_tests::pattern::fill(&mut b, 0);
-        d = Some(b.into_descriptor());
-    } else {
-        msg = vec![0u8; 8 + size];
-        msg[..8].copy_from_slice(&(size as u64).to_le_bytes());
-        spright_tests::pattern::fill(&mut msg[8..], 0);
-    }
+    // The payload the function has produced (made before timing); moving it
+    // to the next function is the hop.
+    let mut payload = vec![0u8; size];
+    spright_tests::pattern::fill(&mut payload, 0);
+    let want = reply_of(checksum(&payload));
+    let mut reply = [0u8; 16];
     let cpu0 = cpu_ns();
     let start = Instant::now();
-    if let Some(mut d) = d {
-        for _ in 0..iters {
-            let t = Instant::now();
-            send(&mut c, d)?;
-            d = recv(&mut c)?.context("server closed")?;
-            lat.push(t.elapsed());
-        }
-        drop(pool.as_ref().expect("shm mode").take(d)?);
-    } else {
-        let mut reply = [0u8; 16];
-        for _ in 0..iters {
-            let t = Instant::now();
-            c.write_all(&msg)?;
-            if !read_full(&mut c, &mut reply)? {
-                bail!("server closed");
+    match mode {
+        Mode::Shm => {
+            let pool = pool.as_ref().context("--region is required in shm mode")?;
+            for i in 0..iters {
+                let t = Instant::now();
+                let mut b = pool.alloc(size)?;
+                b.copy_from_slice(&payload);
+                send(&mut c, b.into_descriptor())?;
+                if !read_full(&mut c, &mut reply)? {
+                    bail!("server closed");
+                }
+                lat.push(t.elapsed());
+                ensure!(reply == want, "message {i}: the server's checksum differs");
             }
-            lat.push(t.elapsed());
+        }
+        Mode::ShmDesc => {
+            // Set-up (allocating and filling the buffer) is not part of a hop.
+            let pool = pool
+                .as_ref()
+                .context("--region is required in shm-desc mode")?;
+            let mut b = pool.alloc(size)?;
+            b.copy_from_slice(&payload);
+            let mut d = b.into_descriptor();
+            for _ in 0..iters {
+                let t = Instant::now();
+                send(&mut c, d)?;
+                d = recv(&mut c)?.context("server closed")?;
+                lat.push(t.elapsed());
+            }
+            drop(pool.take(d)?);
+        }
+        Mode::Tcp => {
+            let mut msg = Vec::with_capacity(8 + size);
+            msg.extend_from_slice(&(size as u64).to_le_bytes());
+            msg.extend_from_slice(&payload);
+            for i in 0..iters {
+                let t = Instant::now();
+                c.write_all(&msg)?;
+                if !read_full(&mut c, &mut reply)? {
+                    bail!("server closed");
+                }
+                lat.push(t.elapsed());
+                ensure!(reply == want, "message {i}: the server's checksum differs");
+            }
         }
     }
     let wall = start.elapsed();

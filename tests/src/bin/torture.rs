@@ -16,7 +16,7 @@
 //! big-endian length and the payload (the deterministic stream of
 //! `spright_tests::pattern`), the server replies with the length it received
 //! and the FNV-1a hash of the bytes. Blocking reads retry `EAGAIN` and count
-//! how often they had to (sharp edge #1 of DESIGN.md), so an observation says
+//! how often they had to (docs/RELIABILITY.md, documented limit 1), so an observation says
 //! both "the data arrived intact" and "the application saw N spurious errors".
 
 use std::{
@@ -242,18 +242,23 @@ fn server(pat: &str, l: &TcpListener, o: &Opts) -> anyhow::Result<Value> {
             let mut s = accept(l)?;
             // Never read until the test closes our stdin (bounded).
             wait_for_release();
-            let mut total = 0u64;
+            // Then drain to EOF, hashing every byte, so the test checks that
+            // what was queued arrives whole and in order, not only its length.
+            let (mut total, mut h) = (0u64, fnv1a::START);
             let mut buf = vec![0u8; CHUNK];
             loop {
                 match s.read(&mut buf) {
                     Ok(0) => break,
-                    Ok(n) => total += n as u64,
+                    Ok(n) => {
+                        total += n as u64;
+                        h = fnv1a::feed(h, &buf[..n]);
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e.into()),
                 }
             }
-            json!({"drained": total})
+            json!({"drained": total, "hash": h})
         }
         "stalled-stream" => {
             let mut s = accept(l)?;
@@ -447,24 +452,32 @@ fn client(pat: &str, addr: SocketAddr, o: &Opts) -> anyhow::Result<Value> {
         }
         "stalled" => {
             // Non-blocking writes into a peer that never reads: how much does
-            // the kernel let us queue in ~2 s (bounded by --bytes)? No hashing
-            // here, so the measurement is not limited by this process's speed.
+            // the kernel let us queue in ~2 s (bounded by --bytes)? Each write
+            // carries its stream offset in its first 8 bytes; the writes are
+            // logged and hashed only after the timed window, so the
+            // measurement is not limited by this process's hashing speed.
             let s = connect()?;
             s.set_nonblocking(true)?;
             let mut buf = vec![0u8; CHUNK];
             pattern::fill(&mut buf, 0);
+            let mut log: Vec<usize> = Vec::new();
             let mut queued = 0u64;
             let start = Instant::now();
             while queued < o.bytes && start.elapsed() < Duration::from_secs(2) {
+                buf[..8].copy_from_slice(&queued.to_be_bytes());
                 let Some(n) = write_or_wait(&s, &buf)? else {
                     break;
                 };
-                queued += n as u64;
+                if n > 0 {
+                    queued += n as u64;
+                    log.push(n);
+                }
             }
             let secs = start.elapsed().as_secs_f64();
+            let h = stamped_hash(&mut buf, &log);
             println!(
                 "{}",
-                json!({"queued": queued, "secs": secs, "capped": queued >= o.bytes})
+                json!({"queued": queued, "secs": secs, "hash": h, "capped": queued >= o.bytes})
             );
             io::stdout().flush()?;
             // Hold the connection until the test has looked at the sockets.
@@ -520,6 +533,18 @@ fn write_or_wait(s: &TcpStream, buf: &[u8]) -> anyhow::Result<Option<usize>> {
     }
 }
 
+/// The hash of the stream written as `log` (the length of each write) of
+/// `buf`, each write with its stream offset stamped into its first 8 bytes.
+fn stamped_hash(buf: &mut [u8], log: &[usize]) -> u64 {
+    let (mut h, mut off) = (fnv1a::START, 0u64);
+    for &n in log {
+        buf[..8].copy_from_slice(&off.to_be_bytes());
+        h = fnv1a::feed(h, &buf[..n]);
+        off += n as u64;
+    }
+    h
+}
+
 /// Like `stalled`, but every byte is part of an order-sensitive stream: each
 /// write is the pattern buffer with the stream offset stamped into its first
 /// 8 bytes. The writes are logged and hashed only after the timed window, so
@@ -545,12 +570,7 @@ fn stalled_stream(s: &TcpStream, o: &Opts) -> anyhow::Result<Value> {
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let (mut h, mut off) = (fnv1a::START, 0u64);
-    for n in log {
-        buf[..8].copy_from_slice(&off.to_be_bytes());
-        h = fnv1a::feed(h, &buf[..n]);
-        off += n as u64;
-    }
+    let h = stamped_hash(&mut buf, &log);
     println!(
         "{}",
         json!({"queued": queued, "secs": secs, "hash": h, "capped": queued >= o.bytes})

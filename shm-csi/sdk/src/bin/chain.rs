@@ -1,16 +1,21 @@
 //! `spright-shm-chain`: an example chain on the SDK.
 //!
 //! ```text
-//! spright-shm-chain gateway --listen ADDR --next ADDR --region DIR
-//! spright-shm-chain stage   --listen ADDR [--next ADDR] --region DIR --op upper|reverse
+//! spright-shm-chain gateway --listen ADDR --next ADDR --region DIR [--work ROUNDS]
+//! spright-shm-chain stage   --listen ADDR [--next ADDR] --region DIR
+//!                           [--op upper|reverse|none] [--work ROUNDS]
 //! ```
 //!
 //! The gateway accepts HTTP/1.1 `POST`s, reads each body straight into the
-//! chain's shared memory and sends its 16-byte descriptor to the first stage.
-//! A stage transforms the bytes in place, hands the descriptor to the next
-//! stage (if any) and returns the descriptor it gets back. The gateway then
-//! writes the result from shared memory as the response. Every hop is a
-//! blocking read on an ordinary TCP connection: idle functions use no CPU.
+//! chain's shared memory, does the function's work on it
+//! ([`spright_shm::work`], none by default) and sends its 16-byte descriptor
+//! to the first stage. A stage does the work, transforms the bytes in place
+//! with `--op`, hands the descriptor to the next stage (if any) and returns
+//! the descriptor it gets back. The gateway then writes the result from
+//! shared memory as the response, in one write with Nagle off
+//! ([`spright_shm::ResponseWriter`]). Every socket has Nagle off. Every hop
+//! is a blocking read on an ordinary TCP connection: idle functions use no
+//! CPU.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -19,7 +24,7 @@ use std::{
     sync::Arc,
 };
 
-use spright_shm::{Pool, recv, send};
+use spright_shm::{Pool, ResponseWriter, recv, send};
 
 struct Args {
     role: String,
@@ -27,6 +32,7 @@ struct Args {
     next: Option<String>,
     region: PathBuf,
     op: String,
+    work: u32,
 }
 
 fn args() -> Result<Args, String> {
@@ -34,7 +40,8 @@ fn args() -> Result<Args, String> {
     let role = it
         .next()
         .ok_or("usage: spright-shm-chain gateway|stage --listen ADDR ...")?;
-    let (mut listen, mut next, mut region, mut op) = (None, None, None, "upper".to_owned());
+    let (mut listen, mut next, mut region, mut op, mut work) =
+        (None, None, None, "upper".to_owned(), 0);
     while let Some(flag) = it.next() {
         let v = it.next().ok_or(format!("{flag} needs a value"))?;
         match flag.as_str() {
@@ -42,6 +49,7 @@ fn args() -> Result<Args, String> {
             "--next" => next = Some(v),
             "--region" => region = Some(PathBuf::from(v)),
             "--op" => op = v,
+            "--work" => work = v.parse().map_err(|e| format!("--work {v}: {e}"))?,
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -51,6 +59,7 @@ fn args() -> Result<Args, String> {
         next,
         region: region.ok_or("--region is required")?,
         op,
+        work,
     })
 }
 
@@ -67,17 +76,18 @@ fn main() -> Res<()> {
     }
     for conn in listener.incoming() {
         let conn = conn?;
-        let (pool, role, next, op) = (
+        let (pool, role, next, op, work) = (
             Arc::clone(&pool),
             a.role.clone(),
             a.next.clone(),
             a.op.clone(),
+            a.work,
         );
         std::thread::spawn(move || {
             let r = if role == "gateway" {
-                gateway(&pool, conn, next.as_deref().unwrap_or_default())
+                gateway(&pool, conn, next.as_deref().unwrap_or_default(), work)
             } else {
-                stage(&pool, conn, next.as_deref(), &op)
+                stage(&pool, conn, next.as_deref(), &op, work)
             };
             if let Err(e) = r {
                 eprintln!("{role}: connection ended: {e}");
@@ -87,7 +97,7 @@ fn main() -> Res<()> {
     Ok(())
 }
 
-fn stage(pool: &Pool, mut conn: TcpStream, next: Option<&str>, op: &str) -> Res<()> {
+fn stage(pool: &Pool, mut conn: TcpStream, next: Option<&str>, op: &str, work: u32) -> Res<()> {
     conn.set_nodelay(true)?;
     let mut downstream = next.map(TcpStream::connect).transpose()?;
     if let Some(d) = &downstream {
@@ -95,6 +105,7 @@ fn stage(pool: &Pool, mut conn: TcpStream, next: Option<&str>, op: &str) -> Res<
     }
     while let Some(d) = recv(&mut conn)? {
         let mut buf = pool.take(d)?;
+        spright_shm::work::apply(&mut buf, work);
         match op {
             "upper" => buf.make_ascii_uppercase(),
             "reverse" => buf.reverse(),
@@ -110,10 +121,10 @@ fn stage(pool: &Pool, mut conn: TcpStream, next: Option<&str>, op: &str) -> Res<
     Ok(())
 }
 
-fn gateway(pool: &Pool, conn: TcpStream, next: &str) -> Res<()> {
+fn gateway(pool: &Pool, conn: TcpStream, next: &str, work: u32) -> Res<()> {
     let mut first = TcpStream::connect(next)?;
     first.set_nodelay(true)?;
-    let mut out = conn.try_clone()?;
+    let mut out = ResponseWriter::new(conn.try_clone()?)?;
     let mut r = BufReader::new(conn);
     loop {
         let mut line = String::new();
@@ -142,25 +153,16 @@ fn gateway(pool: &Pool, conn: TcpStream, next: &str) -> Res<()> {
             Err(e) => {
                 // Consume the body so the client sees the answer, not a reset.
                 std::io::copy(&mut (&mut r).take(len as u64), &mut std::io::sink())?;
-                let msg = e.to_string();
-                write!(
-                    out,
-                    "HTTP/1.1 413 Payload Too Large\r\ncontent-length: {}\r\n\r\n{msg}",
-                    msg.len()
-                )?;
+                out.respond(413, "Payload Too Large", e.to_string().as_bytes())?;
                 continue;
             }
         };
         // The body goes from the socket straight into shared memory.
         r.read_exact(&mut buf)?;
+        spright_shm::work::apply(&mut buf, work);
         send(&mut first, buf.into_descriptor())?;
         let result = pool.take(recv(&mut first)?.ok_or("chain closed")?)?;
-        write!(
-            out,
-            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
-            result.len()
-        )?;
-        out.write_all(&result)?;
+        out.respond(200, "OK", &result)?;
         drop(result);
         if close {
             return Ok(());
