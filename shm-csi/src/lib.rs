@@ -4,7 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod authority;
 pub mod client;
 pub mod config;
 pub mod error;

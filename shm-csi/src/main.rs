@@ -5,7 +5,6 @@ use std::{sync::Arc, time::Duration};
 use anyhow::{Context as _, anyhow};
 use clap::Parser as _;
 use shm_csi::{
-    authority,
     config::Config,
     csi::{identity_server::IdentityServer, node_server::NodeServer},
     membership::Membership,
@@ -13,7 +12,7 @@ use shm_csi::{
     service::{Identity, Node, Plugin},
 };
 use tokio::net::UnixListener;
-use tokio_stream::{StreamExt as _, wrappers::UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
@@ -67,9 +66,7 @@ async fn serve(config: Config, plugin: Arc<Plugin>) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down");
     };
-    // Every connection through the relay that lets clients which send the
-    // socket path as `:authority` (grpcio, grpc-java) be served too.
-    let incoming = UnixListenerStream::new(listener).map(|c| c.map(authority::front));
+    let incoming = UnixListenerStream::new(listener);
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(Identity))
         .add_service(NodeServer::new(Node(plugin)))
