@@ -20,50 +20,37 @@ use tracing::{info, warn};
 
 use crate::{
     config::Config,
-    desired::Mismatch,
     error::chain as error_chain,
     kube_source::{Objects, Published},
     snapshot::{Acceleration, Snapshot},
-    sources::{MalformedRecord, PodView, read_pod_files, read_records},
+    sources::{PodView, read_pod_files, read_records},
 };
 
 /// What one reconciliation changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    pub upserted: usize,
-    pub removed: usize,
-    /// Service table entries set / removed.
-    pub services_set: usize,
-    pub services_removed: usize,
+    /// What the sync changed in the kernel.
+    pub synced: crate::sync::Synced,
     pub stale_records: usize,
     pub malformed: usize,
-    /// Connection directions of pods leaving their chain moved to TCP.
-    pub switched: usize,
 }
 
 pub struct Agent {
     config: Arc<Config>,
     dp: Option<Datapath>,
-    acceleration: Acceleration,
-    records: Vec<Record>,
-    malformed: Vec<MalformedRecord>,
-    services: crate::services::Table,
-    /// This node's Pods (files and API merged).
+    /// This node's Pods (files and API merged), with the ones that left.
     pods: PodView,
-    malformed_pods: Vec<MalformedRecord>,
-    mismatches: Vec<Mismatch>,
-    /// Pods whose connections were moved to TCP because they left their chain.
-    leaving: Vec<String>,
-    reconciles: u64,
-    selftest: crate::selftest::Report,
+    /// The last reconciliation, as published (also what the next one
+    /// compares with, to log each problem once).
+    last: Arc<Snapshot>,
 }
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
-            .field("acceleration", &self.acceleration)
-            .field("records", &self.records.len())
-            .field("reconciles", &self.reconciles)
+            .field("acceleration", &self.last.acceleration)
+            .field("records", &self.last.records.len())
+            .field("reconciles", &self.last.reconciles)
             .finish_non_exhaustive()
     }
 }
@@ -120,18 +107,14 @@ impl Agent {
               detail = ?selftest.detail, "self-test: blocking recv() EAGAIN on the redirect path");
         publish_selftest(&config.state_dir, &selftest);
         Self {
-            selftest,
             config,
             dp,
-            acceleration,
-            records: Vec::new(),
-            malformed: Vec::new(),
-            services: crate::services::Table::default(),
             pods: PodView::default(),
-            malformed_pods: Vec::new(),
-            mismatches: Vec::new(),
-            leaving: Vec::new(),
-            reconciles: 0,
+            last: Arc::new(Snapshot {
+                acceleration,
+                selftest: Some(selftest),
+                ..Snapshot::default()
+            }),
         }
     }
 
@@ -147,24 +130,13 @@ impl Agent {
         while triggers.blocking_recv().is_some() {
             let objects = api.borrow().clone();
             self.reconcile(objects.as_deref());
-            publish.send_replace(Arc::new(self.snapshot()));
+            publish.send_replace(self.snapshot());
         }
     }
 
     /// What readers see of the last reconciliation.
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            acceleration: self.acceleration.clone(),
-            selftest: Some(self.selftest.clone()),
-            records: self.records.clone(),
-            malformed: self.malformed.clone(),
-            services: self.services.clone(),
-            pods: self.pods.clone(),
-            malformed_pods: self.malformed_pods.clone(),
-            mismatches: self.mismatches.clone(),
-            leaving: self.leaving.clone(),
-            reconciles: self.reconciles,
-        }
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.last.clone()
     }
 
     /// One full reconciliation of the sources (with `api`, the API's
@@ -172,8 +144,9 @@ impl Agent {
     pub fn reconcile(&mut self, api: Option<&Objects>) -> Changes {
         let mut changes = Changes::default();
         let (records, malformed) = read_records(&self.config.state_dir);
+        let last = self.last.clone();
         for m in &malformed {
-            if !self.malformed.contains(m) {
+            if !last.malformed.contains(m) {
                 warn!(path = %m.path, error = %m.error, "skipping malformed endpoint record");
             }
         }
@@ -198,64 +171,56 @@ impl Agent {
             services.add_api_objects(api.all());
         }
         for p in &services.problems {
-            if !self.services.problems.contains(p) {
+            if !last.services.problems.contains(p) {
                 warn!(path = %p.path, error = %p.error, "skipping unusable service file");
             }
         }
         let (file_pods, malformed_pods) = read_pod_files(&self.config.pods_dir());
         for p in &malformed_pods {
-            if !self.malformed_pods.contains(p) {
+            if !last.malformed_pods.contains(p) {
                 warn!(path = %p.path, error = %p.error, "skipping unusable Pod file");
             }
         }
         let api_pods = api.into_iter().flat_map(Objects::pods);
         self.pods.update(&file_pods, api_pods, &live);
         let want = crate::desired::desired(&live, &self.pods, &services.ports());
-        let leaving = crate::desired::leaving_reasons(&live, &self.pods);
-        let leaving_now: Vec<String> = leaving
-            .iter()
-            .map(|(r, _)| format!("{}/{}", r.pod.namespace, r.pod.name))
-            .collect();
-        for (r, why) in &leaving {
-            let key = format!("{}/{}", r.pod.namespace, r.pod.name);
-            if !self.leaving.contains(&key) {
-                info!(pod.namespace = %r.pod.namespace, pod.name = %r.pod.name, chain = ?r.chain, reason = why,
+        for (pod, why) in &want.departures {
+            if !last.leaving.contains(pod) {
+                info!(pod = %pod, reason = why,
                       "pod leaves its chain: new connections stay on TCP, open ones move to TCP");
             }
         }
         for m in &want.mismatches {
-            if !self.mismatches.contains(m) {
+            if !last.mismatches.contains(m) {
                 warn!(pod.namespace = %m.namespace, pod.name = %m.pod, record.chain = ?m.record_chain, pod.chain = ?m.pod_chain,
                       "the Pod names another chain than it was attached with: the datapath keeps the attached chain until the pod is recreated");
             }
         }
         if let Some(dp) = self.dp.as_mut() {
-            let s = crate::sync::sync(dp, &self.config.bpffs, &want);
-            changes.upserted = s.upserted;
-            changes.removed = s.removed;
-            changes.services_set = s.services_set;
-            changes.services_removed = s.services_removed;
-            changes.switched = s.switched;
+            changes.synced = crate::sync::sync(dp, &self.config.bpffs, &want);
         }
-        self.malformed_pods = malformed_pods;
-        self.mismatches = want.mismatches;
-        self.leaving = leaving_now;
-        self.records = live;
-        self.malformed = malformed;
-        self.services = services;
-        self.reconciles += 1;
-        let c = &changes;
-        if (c.upserted, c.removed, c.stale_records, c.switched) != (0, 0, 0, 0)
-            || (c.services_set, c.services_removed) != (0, 0)
-        {
+        self.last = Arc::new(Snapshot {
+            acceleration: last.acceleration.clone(),
+            selftest: last.selftest.clone(),
+            leaving: want.departures.into_iter().map(|(pod, _)| pod).collect(),
+            records: want.records,
+            malformed,
+            services,
+            pods: self.pods.clone(),
+            malformed_pods,
+            mismatches: want.mismatches,
+            reconciles: last.reconciles + 1,
+        });
+        let s = &changes.synced;
+        if changes.stale_records != 0 || *s != crate::sync::Synced::default() {
             info!(
-                upserted = changes.upserted,
-                removed = changes.removed,
+                upserted = s.upserted,
+                removed = s.removed,
                 stale = changes.stale_records,
-                services_set = changes.services_set,
-                services_removed = changes.services_removed,
-                switched = changes.switched,
-                endpoints = self.records.len(),
+                services_set = s.services_set,
+                services_removed = s.services_removed,
+                switched = s.switched,
+                endpoints = self.last.records.len(),
                 "reconciled"
             );
         }

@@ -37,6 +37,8 @@ pub struct Desired {
     pub services: BTreeMap<SvcKey, SvcValue>,
     /// IPs of pods leaving their chain: their connections move to TCP.
     pub leaving: BTreeSet<IpAddr>,
+    /// The pods leaving their chain (`namespace/name`), with why.
+    pub departures: Vec<(String, &'static str)>,
     /// Pods whose Pod object names another chain than their record.
     pub mismatches: Vec<Mismatch>,
 }
@@ -89,9 +91,11 @@ pub fn desired(records: &[Record], pods: &PodView, ports: &[ServicePort]) -> Des
                 pod_chain: p.annotated.chain.clone(),
             });
         }
-        if leaves(&r, pods).is_some() {
+        if let Some(why) = leaves(&r, pods) {
             r.redirect = false;
             d.leaving.extend(r.ips.iter().copied());
+            d.departures
+                .push((format!("{}/{}", r.pod.namespace, r.pod.name), why));
         }
         d.records.push(r);
     }
@@ -109,17 +113,6 @@ pub fn desired(records: &[Record], pods: &PodView, ports: &[ServicePort]) -> Des
         .collect();
     d.services = crate::services::desired(ports, &d.records);
     d
-}
-
-/// Why each leaving pod leaves, for the log.
-pub fn leaving_reasons<'a>(
-    records: &'a [Record],
-    pods: &PodView,
-) -> Vec<(&'a Record, &'static str)> {
-    records
-        .iter()
-        .filter_map(|r| leaves(r, pods).map(|why| (r, why)))
-        .collect()
 }
 
 #[cfg(test)]
@@ -210,9 +203,14 @@ mod tests {
         assert_eq!(flagged, [true, true, false, true]);
         // The chain identity stays the record's.
         assert!(d.endpoints.values().all(|v| v.chain_id != 0));
-        let reasons = leaving_reasons(&records, &view(&pods, &records));
-        assert_eq!(reasons.len(), 3);
-        assert_eq!(reasons[2].1, "replaced by a new pod of the same name");
+        assert_eq!(d.departures.len(), 3);
+        assert_eq!(
+            d.departures[2],
+            (
+                "ns/replaced".to_owned(),
+                "replaced by a new pod of the same name"
+            )
+        );
     }
 
     #[test]

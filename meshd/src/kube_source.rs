@@ -11,7 +11,7 @@
 //! and a Pod is known (and its volumes can be published) before kubelet
 //! creates its sandbox.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use futures_util::{FutureExt as _, Stream, StreamExt as _, stream};
 use k8s_openapi::api::{
@@ -30,14 +30,16 @@ use crate::{config::Mode, services::ApiObject};
 
 /// The API's latest objects as the source publishes them (`None` when the
 /// API is not watched).
-pub type Published = Option<std::sync::Arc<Objects>>;
+pub type Published = Option<Arc<Objects>>;
 
-/// The live copy of one watched kind, by `namespace/name`.
+/// The live copy of one watched kind, by `namespace/name`. Objects are
+/// shared (`Arc`), so publishing a copy after each burst costs a map of
+/// pointers, not a deep copy of the cluster's objects.
 #[derive(Clone, Debug)]
 pub struct Collection<T> {
-    live: BTreeMap<String, T>,
+    live: BTreeMap<String, Arc<T>>,
     /// The list in progress (between `Init` and `InitDone`).
-    listing: Option<BTreeMap<String, T>>,
+    listing: Option<BTreeMap<String, Arc<T>>>,
     /// Listed at least once.
     listed: bool,
 }
@@ -62,7 +64,7 @@ impl<T> Collection<T> {
     }
 
     pub fn values(&self) -> impl Iterator<Item = &T> {
-        self.live.values()
+        self.live.values().map(AsRef::as_ref)
     }
 
     /// Applies one watcher event; says whether the live copy changed.
@@ -74,7 +76,9 @@ impl<T> Collection<T> {
             }
             watcher::Event::InitApply((key, o)) => {
                 if let Some(o) = o {
-                    self.listing.get_or_insert_default().insert(key, o);
+                    self.listing
+                        .get_or_insert_default()
+                        .insert(key, Arc::new(o));
                 }
                 false
             }
@@ -85,7 +89,7 @@ impl<T> Collection<T> {
             }
             watcher::Event::Apply((key, o)) => {
                 match o {
-                    Some(o) => self.live.insert(key, o),
+                    Some(o) => self.live.insert(key, Arc::new(o)),
                     None => self.live.remove(&key),
                 };
                 true
@@ -204,7 +208,7 @@ pub async fn run(
     trigger: tokio::sync::mpsc::Sender<()>,
 ) {
     let mut objects = Objects::new(node.is_some());
-    publish.send_replace(Some(std::sync::Arc::new(objects.clone())));
+    publish.send_replace(Some(Arc::new(objects.clone())));
     let services = watch(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
@@ -243,7 +247,7 @@ pub async fn run(
             changed |= apply(&mut objects, more);
         }
         if changed || objects.error != error_before {
-            publish.send_replace(Some(std::sync::Arc::new(objects.clone())));
+            publish.send_replace(Some(Arc::new(objects.clone())));
         }
         if changed {
             // A full channel means a reconciliation is already due.

@@ -77,7 +77,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(meshd::error::Error::Start)?
     };
-    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(agent.snapshot()));
+    let (snapshot_tx, snapshot_rx) = watch::channel(agent.snapshot());
     let reconciler = {
         let api = api_rx.clone();
         std::thread::Builder::new()

@@ -32,7 +32,8 @@ pub struct Acceleration {
 pub struct Snapshot {
     pub acceleration: Acceleration,
     pub selftest: Option<selftest::Report>,
-    /// Live endpoint records.
+    /// Live endpoint records as the datapath treats them (a pod that left
+    /// its chain has `redirect` off).
     pub records: Vec<Record>,
     pub malformed: Vec<MalformedRecord>,
     /// Service files merged with the API's Services and EndpointSlices.
@@ -54,12 +55,7 @@ impl Snapshot {
         self.records
             .iter()
             .filter(|r| {
-                r.chain.is_some()
-                    && r.redirect
-                    && std::path::Path::new(&r.netns).is_absolute()
-                    && !self
-                        .leaving
-                        .contains(&format!("{}/{}", r.pod.namespace, r.pod.name))
+                r.chain.is_some() && r.redirect && std::path::Path::new(&r.netns).is_absolute()
             })
             .flat_map(|r| r.ips.iter().map(|ip| (*ip, r.netns.clone())))
             .collect()
