@@ -274,6 +274,55 @@ pub fn write_atomic(path: &Path, body: &[u8], mode: u32) -> io::Result<()> {
     fs::File::open(dir).and_then(|d| d.sync_all())
 }
 
+/// A file (or an object in one) that could not be used: (path, why).
+pub type Problem = (String, String);
+
+/// Every `*.json` file of `dir`, by name, parsed as JSON, as (path, value);
+/// a missing directory has none. Files that cannot be read or parsed come
+/// back as (path, why), never as an error: the directories spright reads
+/// (Pod and Service files) are written by hand or by other tools.
+pub fn read_json_dir(dir: &Path) -> (Vec<(String, serde_json::Value)>, Vec<Problem>) {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return (vec![], vec![]),
+        Err(e) => {
+            let why = format!("cannot read the directory: {e}");
+            return (vec![], vec![(dir.display().to_string(), why)]);
+        }
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    let mut objects = Vec::new();
+    let mut problems = Vec::new();
+    for path in paths {
+        let shown = path.display().to_string();
+        match fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(v) => objects.push((shown, v)),
+            Err(e) => problems.push((shown, e)),
+        }
+    }
+    (objects, problems)
+}
+
+/// An error with its sources, `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    use std::fmt::Write as _;
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let _ = write!(s, ": {c}");
+        src = c.source();
+    }
+    s
+}
+
 /// Reads one record.
 pub fn read(path: &Path) -> Result<Record, Error> {
     let body = fs::read(path).map_err(io_err("read", path))?;

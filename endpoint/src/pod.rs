@@ -117,6 +117,23 @@ impl PodInfo {
     }
 }
 
+/// The Pods of a directory of JSON files (`kubectl get pod -o json` output:
+/// a Pod or a List per file; a missing directory has none), with every
+/// file or object that could not be used as (path, why).
+pub fn read_dir(dir: &std::path::Path) -> (Vec<PodInfo>, Vec<crate::Problem>) {
+    let (objects, mut problems) = crate::read_json_dir(dir);
+    let mut pods = Vec::new();
+    for (path, v) in objects {
+        for p in PodInfo::parse_all(&v) {
+            match p {
+                Ok(p) => pods.push(p),
+                Err(e) => problems.push((path.clone(), crate::error_chain(&e))),
+            }
+        }
+    }
+    (pods, problems)
+}
+
 /// `namespace/name` of an object, for error messages.
 fn describe(v: &serde_json::Value) -> String {
     let m = &v["metadata"];

@@ -1,6 +1,6 @@
 //! meshd's errors, and how any error prints with its sources.
 
-use std::{fmt::Write as _, net::SocketAddr};
+use std::net::SocketAddr;
 
 /// What stops meshd from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -20,15 +20,7 @@ pub enum Error {
 }
 
 /// An error with its sources, `a: b: c`.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let _ = write!(s, ": {c}");
-        src = c.source();
-    }
-    s
-}
+pub use spright_endpoint::error_chain as chain;
 
 #[cfg(test)]
 mod tests {

@@ -3,10 +3,7 @@
 //! merged view of this node's Pods. Each object is parsed once, here or in
 //! `kube_source`; `desired` computes the kernel's state from these.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, path::Path};
 
 use serde::{Deserialize, Serialize};
 use spright_endpoint::{PodInfo, Record};
@@ -47,61 +44,23 @@ pub fn read_records(state_dir: &Path) -> (Vec<Record>, Vec<MalformedRecord>) {
     (records, malformed)
 }
 
+fn malformed((path, error): spright_endpoint::Problem) -> MalformedRecord {
+    MalformedRecord { path, error }
+}
+
 /// Every `*.json` file of `dir`, by name, parsed as JSON (a missing
 /// directory is empty). Unreadable or unparsable files are problems, never
 /// fatal.
 pub fn read_json_dir(dir: &Path) -> (Vec<(String, serde_json::Value)>, Vec<MalformedRecord>) {
-    let problem = |path: &Path, error: String| MalformedRecord {
-        path: path.display().to_string(),
-        error,
-    };
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (vec![], vec![]),
-        Err(e) => {
-            return (
-                vec![],
-                vec![problem(dir, format!("cannot read the directory: {e}"))],
-            );
-        }
-    };
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    paths.sort();
-    let mut objects = Vec::new();
-    let mut problems = Vec::new();
-    for path in paths {
-        match std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        {
-            Ok(v) => objects.push((path.display().to_string(), v)),
-            Err(e) => problems.push(problem(&path, e)),
-        }
-    }
-    (objects, problems)
+    let (objects, problems) = spright_endpoint::read_json_dir(dir);
+    (objects, problems.into_iter().map(malformed).collect())
 }
 
 /// The Pods of the pods directory (`kubectl get pod -o json` output: a
 /// Pod or a List per file).
 pub fn read_pod_files(dir: &Path) -> (Vec<PodInfo>, Vec<MalformedRecord>) {
-    let (objects, mut problems) = read_json_dir(dir);
-    let mut pods = Vec::new();
-    for (path, v) in objects {
-        for p in PodInfo::parse_all(&v) {
-            match p {
-                Ok(p) => pods.push(p),
-                Err(e) => problems.push(MalformedRecord {
-                    path: path.clone(),
-                    error: crate::error::chain(&e),
-                }),
-            }
-        }
-    }
-    (pods, problems)
+    let (pods, problems) = spright_endpoint::pod::read_dir(dir);
+    (pods, problems.into_iter().map(malformed).collect())
 }
 
 /// This node's Pods, merged from the files and the API (the API wins for a

@@ -117,24 +117,9 @@ impl Membership {
             .into_iter()
             .filter_map(|(_, r)| r.ok())
             .collect();
-        let pods = read_pods(&dir.join(spright_endpoint::PODS_SUBDIR));
+        let (pods, _) = spright_endpoint::pod::read_dir(&dir.join(spright_endpoint::PODS_SUBDIR));
         Ok(membership::decide(q, self.node.as_deref(), &pods, &records))
     }
-}
-
-/// The usable Pods of the JSON files in `dir` (none when it is missing).
-fn read_pods(dir: &std::path::Path) -> Vec<spright_endpoint::PodInfo> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
-        .flat_map(|v: serde_json::Value| spright_endpoint::PodInfo::parse_all(&v))
-        .filter_map(Result::ok)
-        .collect()
 }
 
 enum MeshdError {
