@@ -91,6 +91,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         api: api_rx,
         config: config.clone(),
         membound,
+        maps: Arc::default(),
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -2,7 +2,7 @@
 //! and the memory bound's counters, turned into `/status`, metrics and
 //! membership answers. Nothing here takes the reconciler's state.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use spright_ebpf::Datapath;
 use spright_endpoint::membership::{self, Query, Verdict};
@@ -23,6 +23,9 @@ pub struct Reader {
     pub api: watch::Receiver<Published>,
     pub config: Arc<Config>,
     pub membound: Arc<membound::Stats>,
+    /// The pinned maps, opened by the first read that needs them and kept
+    /// (an upgrade swaps programs but keeps the maps).
+    pub maps: Arc<Mutex<Option<Datapath>>>,
 }
 
 impl Reader {
@@ -36,16 +39,16 @@ impl Reader {
     }
 
     /// The node view of `/status` and the metrics; the counters come from
-    /// the pinned maps, opened for this read.
+    /// the pinned maps.
     pub fn status(&self) -> Status {
         let snap = self.latest();
-        let dp = if snap.acceleration.enabled {
-            Datapath::open(&self.config.bpffs).ok()
-        } else {
-            None
-        };
+        let mut maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
+        if snap.acceleration.enabled && maps.is_none() {
+            *maps = Datapath::open(&self.config.bpffs).ok();
+        }
+        let dp = maps.as_ref().filter(|_| snap.acceleration.enabled);
         let api = self.api.borrow().clone();
-        let mut s = status_of(&snap, api.as_deref(), dp.as_ref(), &self.config);
+        let mut s = status_of(&snap, api.as_deref(), dp, &self.config);
         s.memory_bound = Some(self.membound.report(
             self.config.memory_bound_bytes,
             self.config.memory_bound_interval_ms,
