@@ -594,18 +594,10 @@ impl Kubelet {
             }))
             .map_err(|e| anyhow::anyhow!("PodSandboxStatus {ns}/{name}: {e}"))?
             .into_inner();
-        let ip = status
-            .status
-            .as_ref()
-            .and_then(|st| st.network.as_ref())
-            .map(|n| n.ip.clone())
-            .unwrap_or_default();
         let netns = sandbox_netns(&status);
         Ok(RunningPod {
             object: pod.clone(),
-            ip: ip
-                .parse()
-                .map_err(|e| anyhow::anyhow!("{ns}/{name}: pod IP {ip:?}: {e}"))?,
+            ip: sandbox_ip(&status).with_context(|| format!("{ns}/{name}: pod IP"))?,
             namespace: ns,
             name,
             uid,
@@ -705,6 +697,18 @@ impl Kubelet {
             .items
             .len())
     }
+}
+
+/// A sandbox's IP, from its status.
+pub fn sandbox_ip(status: &cri::PodSandboxStatusResponse) -> anyhow::Result<IpAddr> {
+    let ip = status
+        .status
+        .as_ref()
+        .and_then(|st| st.network.as_ref())
+        .map(|n| n.ip.as_str())
+        .unwrap_or_default();
+    ip.parse()
+        .with_context(|| format!("the sandbox reports IP {ip:?}"))
 }
 
 /// The network namespace path of a sandbox, from its verbose status

@@ -162,12 +162,6 @@ async fn run_pod(
         .await
         .unwrap()
         .into_inner();
-    let ip = status
-        .status
-        .as_ref()
-        .and_then(|st| st.network.as_ref())
-        .map(|n| n.ip.clone())
-        .unwrap();
     let netns = kubelet::sandbox_netns(&status);
     if let Some(ns) = &netns {
         s.pod_netns.0.borrow_mut().push(ns.into());
@@ -176,9 +170,7 @@ async fn run_pod(
         name: name.to_owned(),
         sandbox,
         container,
-        ip: ip
-            .parse()
-            .unwrap_or_else(|e| panic!("{name} ip {ip:?}: {e}")),
+        ip: kubelet::sandbox_ip(&status).unwrap_or_else(|e| panic!("{name}: {e:#}")),
         netns,
     }
 }
