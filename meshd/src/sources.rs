@@ -91,12 +91,13 @@ impl PodView {
                 self.gone.insert(key.clone(), old.uid.clone());
             }
         }
-        self.gone.retain(|key, _| !pods.contains_key(key));
-        self.gone.retain(|key, _| {
-            records
-                .iter()
-                .any(|r| format!("{}/{}", r.pod.namespace, r.pod.name) == *key)
-        });
+        // Forget what came back, and what no record names any more.
+        let recorded: std::collections::BTreeSet<String> = records
+            .iter()
+            .map(|r| format!("{}/{}", r.pod.namespace, r.pod.name))
+            .collect();
+        self.gone
+            .retain(|key, _| !pods.contains_key(key) && recorded.contains(key));
         self.pods = pods;
     }
 
