@@ -41,8 +41,14 @@ impl Membership {
     /// Blocking: call from a blocking context.
     pub fn check(&self, q: &Query) -> Result<(), Error> {
         let deadline = Instant::now() + self.wait;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(self.timeout))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut warned = false;
         loop {
-            let answer = self.ask(q)?;
+            let answer = self.ask(&agent, q, &mut warned)?;
             if answer.verdict.is_member() {
                 tracing::debug!(reason = %answer.reason, "member");
                 return Ok(());
@@ -59,11 +65,15 @@ impl Membership {
         }
     }
 
-    fn ask(&self, q: &Query) -> Result<Answer, Error> {
-        match self.ask_meshd(q) {
+    /// One answer: meshd's, or the files' when meshd is unreachable (said
+    /// once per check, in `warned`).
+    fn ask(&self, agent: &ureq::Agent, q: &Query, warned: &mut bool) -> Result<Answer, Error> {
+        match self.ask_meshd(agent, q) {
             Ok(a) => Ok(a),
             Err(MeshdError::Unreachable(why)) if self.state_dir.is_some() => {
-                tracing::warn!(meshd.addr = %self.meshd_addr, error = %why, "meshd unreachable, deciding from the records and Pod files");
+                if !std::mem::replace(warned, true) {
+                    tracing::warn!(meshd.addr = %self.meshd_addr, error = %why, "meshd unreachable, deciding from the records and Pod files");
+                }
                 Ok(Answer::new(q, self.ask_files(q)?))
             }
             Err(MeshdError::Unreachable(why) | MeshdError::Bad(why)) => {
@@ -76,12 +86,7 @@ impl Membership {
         }
     }
 
-    fn ask_meshd(&self, q: &Query) -> Result<Answer, MeshdError> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(self.timeout))
-            .http_status_as_error(false)
-            .build()
-            .into();
+    fn ask_meshd(&self, agent: &ureq::Agent, q: &Query) -> Result<Answer, MeshdError> {
         let url = format!(
             "http://{}{}?{}",
             self.meshd_addr,
