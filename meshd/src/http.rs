@@ -1,4 +1,5 @@
-//! The HTTP server: `/metrics` (Prometheus text), `/status` (JSON),
+//! The HTTP server: `/metrics` (OpenMetrics or the classic Prometheus text,
+//! as the scraper's `Accept` asks), `/status` (JSON),
 //! `/healthz` (the process serves), `/readyz` (the first reconciliation is
 //! done), `/config` (effective configuration), `/v1/membership?namespace=&pod=&uid=&chain=`
 //! (shm-csi's question: is this pod in this chain? see
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use axum::{
     Json, Router,
     extract::{Query, State},
-    http::{StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     response::IntoResponse,
     routing::get,
 };
@@ -37,17 +38,13 @@ pub fn router(reader: Reader) -> Router {
         .with_state(App { reader, registry })
 }
 
-async fn metrics_handler(State(app): State<App>) -> impl IntoResponse {
-    let body = tokio::task::spawn_blocking(move || metrics::render(&app.registry))
+async fn metrics_handler(State(app): State<App>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = metrics::Format::negotiate(accept);
+    let body = tokio::task::spawn_blocking(move || metrics::render(&app.registry, format))
         .await
         .unwrap_or_default();
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
+    ([(header::CONTENT_TYPE, format.content_type())], body)
 }
 
 async fn status(State(app): State<App>) -> impl IntoResponse {

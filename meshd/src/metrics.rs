@@ -17,12 +17,109 @@ pub fn registry(reader: Reader) -> Registry {
     r
 }
 
-/// Text exposition of the registry.
-pub fn render(registry: &Registry) -> String {
+/// The two exposition formats a Prometheus scraper understands. The body
+/// always matches the content type it is served with: a scraper that parses
+/// OpenMetrics gets OpenMetrics, every other client the classic text format
+/// (as client_golang's `expfmt.Negotiate` does). Serving OpenMetrics under
+/// `text/plain; version=0.0.4` makes Prometheus drop every counter's type and
+/// help, because the classic parser expects them under the `_total` name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    OpenMetrics,
+    Classic,
+}
+
+impl Format {
+    /// The format for a request's `Accept` header: the media range with the
+    /// highest quality wins (the earlier one on a tie); OpenMetrics only when
+    /// the client names it, the classic format for `text/plain`, `*/*`, a
+    /// missing header or anything else.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let mut best: Option<(f32, Format)> = None;
+        for range in accept.unwrap_or_default().split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let mut q = 1.0_f32;
+            for p in parts {
+                if let Some(v) = p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")) {
+                    q = v.trim().parse().unwrap_or(0.0);
+                }
+            }
+            let format = match media.as_str() {
+                "application/openmetrics-text" => Format::OpenMetrics,
+                "text/plain" | "text/*" | "*/*" => Format::Classic,
+                _ => continue,
+            };
+            if q > 0.0 && best.is_none_or(|(b, _)| q > b) {
+                best = Some((q, format));
+            }
+        }
+        best.map_or(Format::Classic, |(_, f)| f)
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Classic => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// Exposition of the registry in `format`.
+pub fn render(registry: &Registry, format: Format) -> String {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, registry)
         .expect("writing to a String cannot fail");
+    match format {
+        Format::OpenMetrics => out,
+        Format::Classic => classic_from_openmetrics(&out),
+    }
+}
+
+/// The classic text format (0.0.4) of an OpenMetrics body with counters and
+/// gauges, which is all meshd exposes: a counter family `x` names its
+/// samples `x_total`, so its `# HELP` and `# TYPE` lines take that name;
+/// `# UNIT` and `# EOF` do not exist in the classic format, `unknown` is
+/// `untyped` there.
+fn classic_from_openmetrics(body: &str) -> String {
+    let counters: std::collections::HashSet<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(body.len());
+    for line in body.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let line = if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            match kind {
+                "counter" => format!("# TYPE {} counter", total(name)),
+                "unknown" => format!("# TYPE {name} untyped"),
+                _ => line.to_owned(),
+            }
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            if counters.contains(name) {
+                format!("# HELP {} {help}", total(name))
+            } else {
+                line.to_owned()
+            }
+        } else {
+            line.to_owned()
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
     out
+}
+
+fn total(family: &str) -> String {
+    if family.ends_with("_total") {
+        family.to_owned()
+    } else {
+        format!("{family}_total")
+    }
 }
 
 #[derive(Debug)]
@@ -227,4 +324,50 @@ fn gauge(
         ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiates_like_a_scraper_expects() {
+        // Prometheus 2.x's scrape Accept header.
+        let prom = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prom)), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(None), Format::Classic);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Classic);
+        assert_eq!(
+            Format::negotiate(Some(
+                "text/plain;version=0.0.4;q=0.9,application/openmetrics-text;q=0.5"
+            )),
+            Format::Classic
+        );
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text;q=0,text/plain")),
+            Format::Classic
+        );
+        assert_eq!(Format::negotiate(Some("application/json")), Format::Classic);
+    }
+
+    #[test]
+    fn classic_names_counters_by_their_samples() {
+        let om = "# HELP spright_reconciles Reconciliations done.\n\
+                  # TYPE spright_reconciles counter\n\
+                  spright_reconciles_total 3\n\
+                  # HELP spright_chain_endpoints Endpoints.\n\
+                  # TYPE spright_chain_endpoints gauge\n\
+                  # UNIT spright_chain_endpoints endpoints\n\
+                  spright_chain_endpoints{chain=\"a\"} 2\n\
+                  # EOF\n";
+        assert_eq!(
+            classic_from_openmetrics(om),
+            "# HELP spright_reconciles_total Reconciliations done.\n\
+             # TYPE spright_reconciles_total counter\n\
+             spright_reconciles_total 3\n\
+             # HELP spright_chain_endpoints Endpoints.\n\
+             # TYPE spright_chain_endpoints gauge\n\
+             spright_chain_endpoints{chain=\"a\"} 2\n"
+        );
+    }
 }

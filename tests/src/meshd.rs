@@ -106,6 +106,50 @@ impl Meshd {
             .read_to_string()?)
     }
 
+    /// Checks `/metrics` as a Prometheus server and promtool read it: the
+    /// classic text format (what curl and promtool get) passes
+    /// `promtool check metrics` with no finding at all, and a scraper that
+    /// asks for OpenMetrics gets it under its own content type. Returns the
+    /// classic body. Without promtool the lint is skipped outside CI and fails
+    /// under `CI=true` (`cargo xtask setup` provides it).
+    pub fn check_metrics(&self) -> anyhow::Result<String> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        let url = format!("http://{}/metrics", self.addr);
+        let mut classic = agent.get(&url).call()?;
+        let ct = content_type(&classic);
+        if ct != "text/plain; version=0.0.4; charset=utf-8" {
+            bail!("/metrics without Accept served {ct:?}, not the classic text format");
+        }
+        let body = classic.body_mut().read_to_string()?;
+        if body.contains("# EOF") {
+            bail!("the classic text body carries OpenMetrics' # EOF:\n{body}");
+        }
+        // Prometheus 2.x's scrape Accept header.
+        let prom = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let mut om = agent.get(&url).header("Accept", prom).call()?;
+        let ct = content_type(&om);
+        if !ct.starts_with("application/openmetrics-text; version=1.0.0") {
+            bail!("a Prometheus scrape got {ct:?}, not OpenMetrics");
+        }
+        let om = om.body_mut().read_to_string()?;
+        if !om.ends_with("# EOF\n") {
+            bail!("the OpenMetrics body does not end with # EOF:\n{om}");
+        }
+        if Command::new("promtool").arg("--version").output().is_err() {
+            let why = "promtool is not installed (cargo xtask setup provides it)";
+            if crate::privileged::in_ci() {
+                bail!("{why}");
+            }
+            eprintln!("SKIPPED promtool check metrics: {why}");
+            return Ok(body);
+        }
+        promtool_check(&body)?;
+        Ok(body)
+    }
+
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::from_str(&self.get("/status")?)?)
     }
@@ -148,6 +192,45 @@ impl Drop for Meshd {
 }
 
 /// The endpoint entry of `pod` (by pod name) in a status document.
+fn content_type(r: &ureq::http::Response<ureq::Body>) -> String {
+    r.headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// `promtool check metrics` over a classic text body: any finding (no help,
+/// a counter without `_total`, a bad unit suffix) or a parse error fails.
+fn promtool_check(body: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("promtool's stdin")?
+        .write_all(body.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() || !said.trim().is_empty() {
+        bail!(
+            "promtool check metrics ({}): {}\nbody:\n{body}",
+            out.status,
+            said.trim()
+        );
+    }
+    Ok(())
+}
+
 pub fn endpoint<'a>(status: &'a serde_json::Value, pod: &str) -> Option<&'a serde_json::Value> {
     status["endpoints"]
         .as_array()?

@@ -42,6 +42,7 @@ pub fn require(name: &str) -> bool {
     }
 }
 
-fn in_ci() -> bool {
+/// Whether this run is CI (`CI=true`), where nothing may be skipped.
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }

@@ -230,7 +230,7 @@ fn privileged_membound_stalled_reader_on_off_tcp() {
         marks.is_empty(),
         "marks of closed sockets remain: {marks:?}"
     );
-    let metrics = meshd.get("/metrics").expect("metrics");
+    let metrics = meshd.check_metrics().expect("metrics");
     for line in meshd
         .log_text()
         .lines()

@@ -91,13 +91,16 @@ fn privileged_meshd_follows_records() {
     assert_eq!(in_map.len(), 4, "two pods × (IPv4 + IPv6): {in_map:?}");
 
     // Metrics: chain gauges and acceleration state.
-    let m = meshd.get("/metrics").unwrap();
+    let m = meshd.check_metrics().unwrap();
     assert!(m.contains("spright_acceleration_enabled 1"), "{m}");
     assert!(
         m.contains(r#"spright_chain_endpoints{namespace="default",chain="alpha"} 2"#),
         "{m}"
     );
-    assert!(m.contains("# TYPE spright_redirected_bytes counter"), "{m}");
+    assert!(
+        m.contains("# TYPE spright_redirected_bytes_total counter"),
+        "{m}"
+    );
     assert_eq!(meshd.get("/healthz").unwrap(), "ok\n");
     let members: serde_json::Value = serde_json::from_str(
         &meshd

@@ -301,7 +301,7 @@ fn privileged_services_clusterip_hops_are_translated_and_redirected() {
         translations(&s).is_empty(),
         "closed connections leave the translation map: {s:#}"
     );
-    let metrics = meshd.get("/metrics").unwrap();
+    let metrics = meshd.check_metrics().unwrap();
     assert!(
         metrics
             .lines()

@@ -63,6 +63,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     let mut did = Vec::new();
     packages(&mut did)?;
     python_tools(&mut did)?;
+    promtool(&mut did)?;
     nightly(&mut did)?;
     static_target(&mut did)?;
     bpf_linker(&mut did)?;
@@ -138,6 +139,71 @@ fn packages(did: &mut Vec<String>) -> anyhow::Result<()> {
         bail!("apt-get install {} failed ({status})", missing.join(" "));
     }
     did.push(format!("installed {}", missing.join(" ")));
+    Ok(())
+}
+
+/// promtool checks meshd's `/metrics` in the privileged tests. Debian ships it
+/// only inside the `prometheus` package, whose maintainer scripts would start
+/// a Prometheus server listening on every interface; so setup takes the one
+/// binary out of the package instead of installing it.
+fn promtool(did: &mut Vec<String>) -> anyhow::Result<()> {
+    const AT: &str = "/usr/local/bin/promtool";
+    if output("promtool", &["--version"]).is_ok() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "promtool is missing (run as root to extract it to {AT} from Debian's prometheus package)"
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("spright-promtool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = (|| -> anyhow::Result<()> {
+        let download = |dir: &std::path::Path| {
+            Command::new("apt-get")
+                // Downloading as root into a directory _apt cannot write.
+                .args([
+                    "download",
+                    "-qq",
+                    "-o",
+                    "APT::Sandbox::User=root",
+                    "prometheus",
+                ])
+                .current_dir(dir)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !download(&dir) {
+            cmd("apt-get", &["update", "-qq"])?;
+            if !download(&dir) {
+                bail!("`apt-get download prometheus` failed");
+            }
+        }
+        let deb = std::fs::read_dir(&dir)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .context("apt-get download left no .deb")?;
+        let deb = deb.to_string_lossy().into_owned();
+        let dir_s = dir.to_string_lossy().into_owned();
+        cmd(
+            "sh",
+            &[
+                "-c",
+                "dpkg-deb --fsys-tarfile \"$1\" | tar -x -C \"$2\" ./usr/bin/promtool",
+                "sh",
+                &deb,
+                &dir_s,
+            ],
+        )?;
+        cmd(
+            "install",
+            &["-m", "0755", &format!("{dir_s}/usr/bin/promtool"), AT],
+        )
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    did.push(format!("extracted promtool to {AT}"));
     Ok(())
 }
 
