@@ -7,8 +7,9 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 use serde::Serialize;
 
-/// Default address of the metrics/status HTTP server.
-pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9943";
+/// Default address of the local HTTP API (everything: /status, /config,
+/// /v1/membership, /v1/members, /metrics, /healthz, /readyz).
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:9943";
 
 /// Default of `--memory-bound-bytes`: what one connection may queue on a
 /// receiver that does not read before its sender is moved to TCP.
@@ -56,6 +57,7 @@ pub mod env {
     pub const CGROUP: &str = "SPRIGHT_CGROUP";
     pub const BPFFS: &str = "SPRIGHT_BPFFS";
     pub const STATE_DIR: &str = "SPRIGHT_STATE_DIR";
+    pub const API_ADDR: &str = "SPRIGHT_API_ADDR";
     pub const METRICS_ADDR: &str = "SPRIGHT_METRICS_ADDR";
     pub const RESCAN_SECS: &str = "SPRIGHT_RESCAN_SECS";
     pub const LOG: &str = "SPRIGHT_LOG";
@@ -82,9 +84,17 @@ pub struct Config {
     /// State directory where spright-cni writes endpoint records
     #[arg(long, env = env::STATE_DIR, value_name = "DIR", default_value = spright_endpoint::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
-    /// Address of the HTTP server (/metrics, /status, /healthz, /readyz)
-    #[arg(long, env = env::METRICS_ADDR, value_name = "HOST:PORT", default_value = DEFAULT_METRICS_ADDR)]
-    pub metrics_addr: SocketAddr,
+    /// Address of the local HTTP API: /status, /config, /v1/membership and
+    /// /v1/members (unauthenticated, so a loopback address only), plus
+    /// /metrics, /healthz and /readyz
+    #[arg(long, env = env::API_ADDR, value_name = "HOST:PORT", default_value = DEFAULT_API_ADDR,
+          value_parser = parse_loopback)]
+    pub api_addr: SocketAddr,
+    /// Address of a second listener serving only /metrics, /healthz and
+    /// /readyz, e.g. `0.0.0.0:9944` for Prometheus to scrape from other
+    /// nodes [default: none, the API address serves them]
+    #[arg(long, env = env::METRICS_ADDR, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Seconds between full rescans of the records (safety net for missed inotify events)
     #[arg(long, env = env::RESCAN_SECS, value_name = "SECONDS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -166,6 +176,23 @@ impl Config {
     }
 }
 
+/// The API listener's address: it answers who is in which chain and shows the
+/// node's configuration to anyone who can connect, so it stays on loopback.
+fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|e| format!("expected HOST:PORT with a loopback IP (127.0.0.1:9943): {e}"))?;
+    if addr.ip().is_loopback() {
+        Ok(addr)
+    } else {
+        Err(format!(
+            "{} is not a loopback address: the API serves /status, /config and /v1/* without \
+             authentication; expose only /metrics with --metrics-addr",
+            addr.ip()
+        ))
+    }
+}
+
 /// A node name is a DNS-1123 subdomain (lowercase alphanumerics, '-' and
 /// '.', at most 253 characters).
 fn parse_node_name(s: &str) -> Result<String, String> {
@@ -224,7 +251,8 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.bpffs, PathBuf::from("/sys/fs/bpf/spright"));
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/spright"));
-        assert_eq!(c.metrics_addr.to_string(), DEFAULT_METRICS_ADDR);
+        assert_eq!(c.api_addr.to_string(), DEFAULT_API_ADDR);
+        assert_eq!(c.metrics_addr, None);
         assert_eq!(c.rescan_secs, 30);
         assert_eq!(c.memory_bound_bytes, 16 << 20);
         assert_eq!(c.memory_bound_interval_ms, 20);
@@ -270,6 +298,15 @@ mod tests {
             e.contains("--metrics-addr") && e.contains("nonsense"),
             "{e}"
         );
+        let e = parse(&["--api-addr", "0.0.0.0:9943"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--api-addr") && e.contains("not a loopback address"),
+            "{e}"
+        );
+        let c = parse(&["--api-addr", "[::1]:9943", "--metrics-addr", "0.0.0.0:9944"]).unwrap();
+        assert_eq!(c.metrics_addr, Some("0.0.0.0:9944".parse().unwrap()));
         let e = parse(&["--node-name", "Node_1"]).unwrap_err().to_string();
         assert!(e.contains("--node-name") && e.contains("Node_1"), "{e}");
         assert_eq!(

@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 pub enum Error {
     #[error("--kubernetes on: cannot build a Kubernetes API client")]
     KubeClient(#[source] kube::Error),
-    #[error("binding --metrics-addr {addr}")]
+    #[error("binding {flag} {addr}")]
     Bind {
+        flag: &'static str,
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -29,6 +30,7 @@ mod tests {
     #[test]
     fn errors_print_with_their_sources() {
         let e = Error::Bind {
+            flag: "--metrics-addr",
             addr: "127.0.0.1:1".parse().unwrap(),
             source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
         };

@@ -1,4 +1,6 @@
-//! The HTTP server: `/metrics` (OpenMetrics or the classic Prometheus text,
+//! The HTTP servers: the local API on `--api-addr` serves every path below;
+//! the optional `--metrics-addr` listener only /metrics, /healthz and
+//! /readyz. Paths: `/metrics` (OpenMetrics or the classic Prometheus text,
 //! as the scraper's `Accept` asks), `/status` (JSON),
 //! `/healthz` (the process serves), `/readyz` (the first reconciliation is
 //! done), `/config` (effective configuration), `/v1/membership?namespace=&pod=&uid=&chain=`
@@ -25,17 +27,35 @@ struct App {
     registry: Arc<Registry>,
 }
 
+/// The local API (`--api-addr`, loopback only): every path.
 pub fn router(reader: Reader) -> Router {
-    let registry = Arc::new(metrics::registry(reader.clone()));
-    Router::new()
-        .route("/metrics", get(metrics_handler))
+    let app = app(reader);
+    probes()
         .route("/status", get(status))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
         .route("/config", get(config))
         .route("/v1/members", get(members))
         .route(spright_endpoint::membership::PATH, get(membership))
-        .with_state(App { reader, registry })
+        .with_state(app)
+}
+
+/// The metrics listener (`--metrics-addr`, any address): /metrics and the
+/// probes, nothing that names members or configuration.
+pub fn metrics_router(reader: Reader) -> Router {
+    probes().with_state(app(reader))
+}
+
+fn app(reader: Reader) -> App {
+    App {
+        registry: Arc::new(metrics::registry(reader.clone())),
+        reader,
+    }
+}
+
+fn probes() -> Router<App> {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
 }
 
 async fn metrics_handler(State(app): State<App>, headers: HeaderMap) -> impl IntoResponse {

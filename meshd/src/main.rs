@@ -55,7 +55,6 @@ fn main() -> ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     info!(config = %config.effective_json(), "starting");
     let config = Arc::new(config);
-    let addr = config.metrics_addr;
     let watched_dirs = vec![
         spright_endpoint::records_dir(&config.state_dir),
         config.services_dir(),
@@ -93,11 +92,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
         membound,
         maps: Arc::default(),
     };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| meshd::error::Error::Bind { addr, source })?;
-    info!(addr = %addr, "serving /metrics /status /healthz /readyz /config /v1/membership");
-    let server = axum::serve(listener, http::router(reader));
+    let api = bind("--api-addr", config.api_addr).await?;
+    info!(addr = %config.api_addr, "serving the local API: /status /config /v1/membership /v1/members /metrics /healthz /readyz");
+    let metrics = match config.metrics_addr {
+        Some(addr) => {
+            let l = bind("--metrics-addr", addr).await?;
+            info!(addr = %addr, "serving /metrics /healthz /readyz");
+            Some(l)
+        }
+        None => None,
+    };
+    let metrics_server = async {
+        match metrics {
+            Some(l) => axum::serve(l, http::metrics_router(reader.clone())).await,
+            None => std::future::pending().await,
+        }
+    };
+    let server = axum::serve(api, http::router(reader.clone()));
     let api_watch = {
         let trigger = trigger.clone();
         let node = config.node_name.clone();
@@ -111,12 +122,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let watcher = watch_dirs::run(trigger, watched_dirs, every);
     tokio::select! {
         r = server => r.map_err(meshd::error::Error::Serve)?,
+        r = metrics_server => r.map_err(meshd::error::Error::Serve)?,
         () = watcher => {}
         () = api_watch => {}
         () = shutdown_signal() => info!("shutting down; pinned programs and maps stay, flows keep their acceleration"),
     }
     drop(reconciler);
     Ok(())
+}
+
+async fn bind(
+    flag: &'static str,
+    addr: std::net::SocketAddr,
+) -> Result<tokio::net::TcpListener, meshd::error::Error> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| meshd::error::Error::Bind { flag, addr, source })
 }
 
 async fn shutdown_signal() {

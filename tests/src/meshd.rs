@@ -13,7 +13,10 @@ use crate::sandbox::workspace_bin;
 
 pub struct Meshd {
     child: Child,
+    /// The local API (`--api-addr`): every path.
     pub addr: String,
+    /// The metrics listener (`--metrics-addr`): /metrics and the probes only.
+    pub metrics_addr: String,
     pub log: PathBuf,
 }
 
@@ -33,7 +36,8 @@ impl Meshd {
         Self::start_with(placement, state_dir, addr, &[])
     }
 
-    /// Starts meshd on `addr` with extra flags.
+    /// Starts meshd with its API on `addr` (and its metrics listener on a
+    /// free loopback port), with extra flags.
     pub fn start_with(
         placement: &spright_ebpf::Placement,
         state_dir: &Path,
@@ -45,6 +49,10 @@ impl Meshd {
             .create(true)
             .append(true)
             .open(&log)?;
+        let metrics_addr = format!(
+            "127.0.0.1:{}",
+            TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
+        );
         let child = Command::new(workspace_bin("meshd"))
             .arg("--cgroup")
             .arg(&placement.cgroup)
@@ -53,8 +61,10 @@ impl Meshd {
             .arg("--state-dir")
             .arg(state_dir)
             .args([
-                "--metrics-addr",
+                "--api-addr",
                 addr,
+                "--metrics-addr",
+                &metrics_addr,
                 "--rescan-secs",
                 "2",
                 "--log",
@@ -69,6 +79,7 @@ impl Meshd {
         let m = Self {
             child,
             addr: addr.to_owned(),
+            metrics_addr,
             log,
         };
         m.wait_ready(Duration::from_secs(30))?;
@@ -93,17 +104,14 @@ impl Meshd {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// GET a path of meshd's HTTP API.
+    /// GET a path of meshd's local API.
     pub fn get(&self, path: &str) -> anyhow::Result<String> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(5)))
-            .build()
-            .into();
-        Ok(agent
-            .get(&format!("http://{}{path}", self.addr))
-            .call()?
-            .body_mut()
-            .read_to_string()?)
+        get(&self.addr, path)
+    }
+
+    /// GET a path of meshd's metrics listener.
+    pub fn get_metrics_listener(&self, path: &str) -> anyhow::Result<String> {
+        get(&self.metrics_addr, path)
     }
 
     /// Checks `/metrics` as a Prometheus server and promtool read it: the
@@ -117,7 +125,8 @@ impl Meshd {
             .timeout_global(Some(Duration::from_secs(5)))
             .build()
             .into();
-        let url = format!("http://{}/metrics", self.addr);
+        // The listener Prometheus scrapes.
+        let url = format!("http://{}/metrics", self.metrics_addr);
         let mut classic = agent.get(&url).call()?;
         let ct = content_type(&classic);
         if ct != "text/plain; version=0.0.4; charset=utf-8" {
@@ -192,6 +201,18 @@ impl Drop for Meshd {
 }
 
 /// The endpoint entry of `pod` (by pod name) in a status document.
+fn get(addr: &str, path: &str) -> anyhow::Result<String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    Ok(agent
+        .get(&format!("http://{addr}{path}"))
+        .call()?
+        .body_mut()
+        .read_to_string()?)
+}
+
 fn content_type(r: &ureq::http::Response<ureq::Body>) -> String {
     r.headers()
         .get("content-type")

@@ -238,6 +238,7 @@ fn meshd_env_and_mounts_match_what_meshd_reads() {
     let effective: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(effective["bpffs"], cm["bpffs"]);
     assert_eq!(effective["state_dir"], cm["state-dir"]);
+    assert_eq!(effective["api_addr"], cm["api-addr"]);
     assert_eq!(effective["metrics_addr"], cm["metrics-addr"]);
     assert_eq!(
         effective["node_name"], "node-1",
@@ -256,8 +257,33 @@ fn meshd_env_and_mounts_match_what_meshd_reads() {
     assert!(mounted_same(spec, meshd, "/sys/fs/cgroup").is_some());
     assert_eq!(meshd["securityContext"]["privileged"], true);
 
-    // Probes reach meshd's address on the host network.
-    let addr: std::net::SocketAddr = cm["metrics-addr"].as_str().unwrap().parse().unwrap();
+    // Prometheus finds the metrics-only listener: the named port and the
+    // scrape annotations agree with metrics-addr; the local API is loopback.
+    let metrics: std::net::SocketAddr = cm["metrics-addr"].as_str().unwrap().parse().unwrap();
+    let port = meshd["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "metrics")
+        .expect("meshd has a port named metrics");
+    assert_eq!(port["containerPort"], metrics.port());
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(
+        annotations["prometheus.io/port"],
+        metrics.port().to_string()
+    );
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    let shm_csi = container(spec, "shm-csi");
+    assert_eq!(
+        resolved_env(shm_csi, cm)["SHM_CSI_MESHD_ADDR"],
+        cm["api-addr"].as_str().unwrap(),
+        "shm-csi asks meshd's local API"
+    );
+
+    // Probes reach meshd's local API on the host network.
+    let addr: std::net::SocketAddr = cm["api-addr"].as_str().unwrap().parse().unwrap();
+    assert!(addr.ip().is_loopback());
     assert_eq!(spec["hostNetwork"], true);
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         let p = &meshd[probe]["httpGet"];

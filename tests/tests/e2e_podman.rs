@@ -395,7 +395,7 @@ fn e2e_image_runs_meshd_and_installs_the_cni() {
         format!("SPRIGHT_CGROUP={}", s.base.cgroup.path.display()),
         format!("SPRIGHT_BPFFS={}", s.base.pins.path.display()),
         "SPRIGHT_STATE_DIR=/var/lib/spright".to_owned(),
-        "SPRIGHT_METRICS_ADDR=127.0.0.1:9943".to_owned(),
+        "SPRIGHT_API_ADDR=127.0.0.1:9943".to_owned(),
         "SPRIGHT_RESCAN_SECS=1".to_owned(),
     ];
     let mut args: Vec<String> = [

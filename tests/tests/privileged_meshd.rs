@@ -92,6 +92,16 @@ fn privileged_meshd_follows_records() {
 
     // Metrics: chain gauges and acceleration state.
     let m = meshd.check_metrics().unwrap();
+    // The metrics listener names no member and no configuration.
+    for path in [
+        "/status",
+        "/config",
+        "/v1/members?namespace=default&chain=alpha",
+    ] {
+        let e = meshd.get_metrics_listener(path).unwrap_err().to_string();
+        assert!(e.contains("404"), "{path} on the metrics listener: {e}");
+    }
+    assert_eq!(meshd.get_metrics_listener("/readyz").unwrap(), "ready\n");
     assert!(m.contains("spright_acceleration_enabled 1"), "{m}");
     assert!(
         m.contains(r#"spright_chain_endpoints{namespace="default",chain="alpha"} 2"#),

@@ -36,8 +36,8 @@ struct Cli {
 enum Command {
     /// Chains, endpoints, acceleration counters, Services and translated connections of this node
     Status {
-        /// meshd's HTTP address
-        #[arg(long, env = config::env::METRICS_ADDR, default_value = config::DEFAULT_METRICS_ADDR)]
+        /// meshd's local API address
+        #[arg(long, env = config::env::API_ADDR, default_value = config::DEFAULT_API_ADDR)]
         addr: String,
         /// Pin directory, read directly when meshd is down
         #[arg(long, env = config::env::BPFFS, default_value = spright_ebpf::DEFAULT_BPFFS_DIR)]
