@@ -35,6 +35,8 @@ fn manifest_files() -> Vec<PathBuf> {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        // kustomize's own file, not an object (`kustomize_overlays_*`).
+        .filter(|p| !p.ends_with("kustomization.yaml"))
         .collect();
     files.sort();
     assert!(files.len() >= 6, "manifests missing: {files:?}");
@@ -148,6 +150,169 @@ fn kubernetes_validate_strict() {
         "kubernetes-validate --strict:\n{text}"
     );
     assert!(!text.contains("ERROR"), "{text}");
+}
+
+/// Whether `name` runs (`name probe...` succeeds); outside CI a missing tool
+/// skips the test, under `CI=true` it fails it.
+fn tool_or_skip(name: &str, probe: &[&str], test: &str, why: &str) -> bool {
+    let ok = Command::new(name)
+        .args(probe)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true" || v == "1"),
+            "{name} is not installed: {why}"
+        );
+        eprintln!("SKIPPED {test}: {name} is not installed ({why})");
+    }
+    ok
+}
+
+fn yaml_docs(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+/// `kubectl apply -k` of the base and of every overlay in `kustomize/`:
+/// each renders offline, passes the schema tier, holds exactly the base's
+/// objects, runs the image the base kustomization names (the one place to
+/// set registry and tag), and puts the CNI directories where its
+/// distribution's runtime reads them.
+#[test]
+fn kustomize_overlays_render_valid_installs_for_their_distribution() {
+    if !tool_or_skip(
+        "kubectl",
+        &["version", "--client"],
+        "kustomize_overlays_render_valid_installs_for_their_distribution",
+        "`kubectl kustomize` renders the overlays offline",
+    ) {
+        return;
+    }
+    let base: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("manifests/kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
+    let image = &base["images"][0];
+    assert_eq!(image["name"], SPRIGHT_IMAGE);
+    let ours = format!(
+        "{}:{}",
+        image["newName"].as_str().unwrap(),
+        image["newTag"].as_str().unwrap()
+    );
+    assert_eq!(
+        image["newTag"],
+        env!("CARGO_PKG_VERSION"),
+        "the kustomization installs this release"
+    );
+    let mut listed: Vec<String> = base["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect();
+    listed.sort();
+    let mut wanted: Vec<(String, String)> = Vec::new();
+    for r in &listed {
+        let text = std::fs::read_to_string(repo().join("manifests").join(r)).unwrap();
+        for o in yaml_docs(&text) {
+            wanted.push((
+                o["kind"].as_str().unwrap().into(),
+                o["metadata"]["name"].as_str().unwrap().into(),
+            ));
+        }
+    }
+    wanted.sort();
+    let expect = [
+        ("manifests", "/opt/cni/bin", "/etc/cni/net.d"),
+        ("kustomize/kubeadm", "/opt/cni/bin", "/etc/cni/net.d"),
+        (
+            "kustomize/k3s",
+            "/var/lib/rancher/k3s/data/current/bin",
+            "/var/lib/rancher/k3s/agent/etc/cni/net.d",
+        ),
+    ];
+    let overlays: Vec<String> = std::fs::read_dir(repo().join("kustomize"))
+        .unwrap()
+        .map(|e| format!("kustomize/{}", e.unwrap().file_name().to_string_lossy()))
+        .collect();
+    for o in &overlays {
+        assert!(
+            expect.iter().any(|(dir, _, _)| dir == o),
+            "overlay {o} is not checked here"
+        );
+    }
+    let validate = tool_or_skip(
+        "kubernetes-validate",
+        &["--version"],
+        "kustomize_overlays_render_valid_installs_for_their_distribution",
+        "cargo xtask setup installs it",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    for (dir, bin_dir, conf_dir) in expect {
+        let out = Command::new("kubectl")
+            .args(["kustomize"])
+            .arg(repo().join(dir))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl kustomize {dir}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let objs = yaml_docs(&text);
+        let mut got: Vec<(String, String)> = objs
+            .iter()
+            .map(|o| {
+                (
+                    o["kind"].as_str().unwrap().into(),
+                    o["metadata"]["name"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, wanted, "{dir} installs the base's objects");
+        let ds = find(&objs, "DaemonSet", "spright-node");
+        let spec = pod_spec(ds).unwrap();
+        for c in containers(spec) {
+            let image = c["image"].as_str().unwrap();
+            if image.starts_with(SPRIGHT_IMAGE) {
+                assert_eq!(image, ours, "{dir}: container {}", c["name"]);
+            }
+        }
+        let host_path = |volume: &str| {
+            spec["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == volume)
+                .unwrap()["hostPath"]["path"]
+                .clone()
+        };
+        assert_eq!(host_path("cni-bin-dir"), bin_dir, "{dir}");
+        assert_eq!(host_path("cni-conf-dir"), conf_dir, "{dir}");
+        if validate {
+            let file = tmp.path().join(format!("{}.yaml", dir.replace('/', "-")));
+            std::fs::write(&file, &text).unwrap();
+            let out = Command::new("kubernetes-validate")
+                .arg("--strict")
+                .arg(&file)
+                .output()
+                .unwrap();
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.status.success() && !said.contains("ERROR"),
+                "{dir}: {said}"
+            );
+        }
+    }
 }
 
 #[test]
