@@ -3,7 +3,7 @@
 //! comment naming the network and container, which is how DEL and GC find
 //! them again without any other state.
 
-use std::process::Command as Process;
+use std::{path::Path, process::Command as Process};
 
 use ipnet::IpNet;
 
@@ -17,22 +17,36 @@ fn tool(net: &IpNet) -> &'static str {
     }
 }
 
+/// What every comment of spright-cni's rules starts with.
+pub const COMMENT_PREFIX: &str = "spright-cni:";
+
 /// The comment marking rules of one attachment.
 pub fn comment(network: &str, container_id: &str) -> String {
-    let mut c = format!("spright-cni:{network}:{container_id}");
+    let mut c = format!("{COMMENT_PREFIX}{network}:{container_id}");
     c.retain(|ch| ch.is_ascii_graphic() && ch != '"');
     c.truncate(255);
     c
 }
 
 fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Process::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| Error::Iptables {
-            command: format!("{program} {}", args.join(" ")),
-            detail: e.to_string(),
-        })?;
+    run_in(None, program, args)
+}
+
+/// Runs `program` from the host whose root is `root` (`chroot ROOT program`,
+/// for a container that mounts the host's root), or from `PATH`.
+fn run_in(root: Option<&Path>, program: &str, args: &[&str]) -> Result<String> {
+    let mut cmd = match root {
+        Some(root) => {
+            let mut c = Process::new("chroot");
+            c.arg(root).arg(program);
+            c
+        }
+        None => Process::new(program),
+    };
+    let out = cmd.args(args).output().map_err(|e| Error::Iptables {
+        command: format!("{program} {}", args.join(" ")),
+        detail: e.to_string(),
+    })?;
     if !out.status.success() {
         return Err(Error::Iptables {
             command: format!("{program} {}", args.join(" ")),
@@ -76,27 +90,52 @@ pub fn add(pod: &IpNet, comment: &str) -> Result<()> {
 /// Removes every rule carrying `comment`, in both families. Idempotent; a
 /// missing iptables binary means there is nothing to remove.
 pub fn remove(comment: &str) -> Result<()> {
+    remove_where(None, |c| c == comment).map(drop)
+}
+
+/// Removes every rule spright-cni made on this host, of every attachment, in
+/// both families, running the host's iptables under `host_root` when given
+/// (see [`run_in`]). Returns how many rules it removed. A family whose
+/// iptables is missing has no rules of ours.
+pub fn remove_all(host_root: Option<&Path>) -> Result<usize> {
+    remove_where(host_root, |c| c.starts_with(COMMENT_PREFIX))
+}
+
+fn remove_where(host_root: Option<&Path>, keep: impl Fn(&str) -> bool) -> Result<usize> {
+    let mut n = 0;
     for program in ["iptables", "ip6tables"] {
-        let listing = match run(program, &["-w", "-t", "nat", "-S", "POSTROUTING"]) {
+        let listing = match run_in(
+            host_root,
+            program,
+            &["-w", "-t", "nat", "-S", "POSTROUTING"],
+        ) {
             Ok(l) => l,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot list {program} rules; nothing to remove");
                 continue;
             }
         };
-        for rule in rules_with(&listing, comment) {
+        for rule in rules_where(&listing, &keep) {
             let mut args = vec!["-w".to_owned(), "-t".to_owned(), "nat".to_owned()];
             args.extend(rule);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            run(program, &args)?;
+            run_in(host_root, program, &args)?;
+            n += 1;
         }
     }
-    Ok(())
+    Ok(n)
 }
 
 /// The `-D ...` argument lists of the rules in an `iptables -S` listing that
 /// carry exactly `comment`.
+#[cfg(test)]
 fn rules_with(listing: &str, comment: &str) -> Vec<Vec<String>> {
+    rules_where(listing, |c| c == comment)
+}
+
+/// The `-D ...` argument lists of the rules in an `iptables -S` listing whose
+/// comment satisfies `wanted`.
+fn rules_where(listing: &str, wanted: impl Fn(&str) -> bool) -> Vec<Vec<String>> {
     listing
         .lines()
         .filter_map(|line| {
@@ -106,7 +145,7 @@ fn rules_with(listing: &str, comment: &str) -> Vec<Vec<String>> {
                 .collect();
             let tagged = words
                 .windows(2)
-                .any(|w| w[0] == "--comment" && w[1] == comment);
+                .any(|w| w[0] == "--comment" && wanted(&w[1]));
             (tagged && words.first().is_some_and(|w| w == "-A")).then(|| {
                 let mut rule = words;
                 "-D".clone_into(&mut rule[0]);

@@ -76,7 +76,8 @@ else
 fi
 
 cp /bin/busybox "$root/bin/busybox"
-for tool in sh cat cp mv rm mkdir ls sed printf echo sleep test true; do
+# chroot: `spright uninstall --host-root` runs the host's iptables.
+for tool in sh cat chroot cp mv rm mkdir ls sed printf echo sleep test true; do
     ln -s busybox "$root/bin/$tool"
 done
 printf 'root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$root/etc/passwd"

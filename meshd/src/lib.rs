@@ -19,5 +19,6 @@ mod sock_diag;
 pub mod sources;
 pub mod status;
 pub mod sync;
+pub mod uninstall;
 pub mod view;
 pub mod watch;

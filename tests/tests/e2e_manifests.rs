@@ -857,8 +857,22 @@ fn cleanup_removes_what_install_wrote() {
         ("bpffs", cm["bpffs"].as_str().unwrap()),
         ("state-dir", cm["state-dir"].as_str().unwrap()),
         ("ipam-dir", "/var/lib/cni/networks/spright"),
+        ("host-root", "/"),
+        ("region-root", "/run/spright/shm"),
+        ("pod-cidr-file", "/etc/spright/pod-cidr"),
+        // What uninstall removes below the kubelet's directory.
+        (
+            "kubelet-dir/plugins/shm.spright.dev",
+            "/var/lib/kubelet/plugins/shm.spright.dev",
+        ),
+        (
+            "kubelet-dir/plugins_registry",
+            "/var/lib/kubelet/plugins_registry",
+        ),
     ] {
-        let at = flag(name);
+        let (name, below) = name.split_once('/').unwrap_or((name, ""));
+        let at = Path::new(flag(name)).join(below);
+        let at = at.to_str().unwrap().trim_end_matches('/');
         let (mount, (host_root, _)) = mounts
             .iter()
             .find(|(m, _)| Path::new(at).starts_with(m))
@@ -866,6 +880,18 @@ fn cleanup_removes_what_install_wrote() {
         let on_host = Path::new(host_root).join(Path::new(at).strip_prefix(mount).unwrap());
         assert_eq!(on_host, Path::new(host), "--{name}");
     }
+    // Regions are unmounted on the host, not only in the container.
+    let regions = mounts
+        .iter()
+        .find(|(m, _)| Path::new(flag("region-root")).starts_with(m))
+        .unwrap();
+    assert_eq!(regions.1.1.as_deref(), Some("Bidirectional"));
+    let node = pod_spec(find(&objs, "DaemonSet", "spright-node")).unwrap();
+    let region_root = resolved_env(container(node, "shm-csi"), cm)["SHM_CSI_REGION_ROOT"].clone();
+    assert_eq!(
+        region_root, "/run/spright/shm",
+        "shm-csi's regions are where uninstall looks"
+    );
     // The real CLI accepts exactly these arguments.
     let out = Command::new(workspace_bin("spright"))
         .args(["uninstall", "--help"])

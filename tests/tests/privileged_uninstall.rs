@@ -1,11 +1,43 @@
 //! `spright uninstall` on a node with a live datapath: after one pod's ADD
 //! (programs attached at the test's cgroup and pinned, a record, an IP
-//! allocation) and an installed conflist and plugin binary, the command
-//! leaves none of it — and a second run has nothing to do.
+//! allocation, the bridge, a MASQUERADE rule), an installed conflist and
+//! plugin binary, a mounted shared-memory region, shm-csi's kubelet plugin
+//! socket and registration socket, and a pod CIDR file, the command leaves
+//! none of it — and a second run has nothing to do. It runs as the cleanup
+//! DaemonSet does: in the node's network namespace, in the host's mount
+//! namespace (`nsenter --net`).
+//!
+//! Checked after uninstall, by kind: CNI config entry, plugin binary (a
+//! foreign plugin stays), pins, attached programs, endpoint records and the
+//! state directory, host-local allocations, the bridge, iptables and
+//! ip6tables rules with spright-cni's comment, region mounts and the region
+//! root, the kubelet plugin directory, the registration socket, the pod CIDR
+//! file and its directory.
 
-use std::process::Command;
+use std::{path::Path, process::Command};
 
 use spright_tests::{cni::Node, privileged::require, sandbox::workspace_bin};
+
+/// Mount points at or below `dir`.
+fn mounts_below(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .collect()
+}
+
+/// Unmounts what the test mounted, even when it fails before uninstall does.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        for m in mounts_below(&self.0).iter().rev() {
+            let _ = Command::new("umount").args(["-l", m]).status();
+        }
+    }
+}
 
 #[test]
 fn privileged_uninstall_leaves_the_node_clean() {
@@ -36,9 +68,46 @@ fn privileged_uninstall_leaves_the_node_clean() {
     )
     .unwrap();
 
+    // shm-csi's side: a region (a tmpfs whose source is the driver's name,
+    // as shm-csi mounts it), its plugin socket and registration socket.
+    let region_root = node.dir.path().join("run-spright/shm");
+    let region = region_root.join("default/demo");
+    std::fs::create_dir_all(&region).unwrap();
+    let _unmount = Unmount(region_root.clone());
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "shm.spright.dev"])
+        .arg(&region)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::write(region.join("payload"), "bytes").unwrap();
+    std::fs::write(region_root.join("state.json"), "{}").unwrap();
+    let kubelet = node.dir.path().join("kubelet");
+    let plugin_dir = kubelet.join("plugins/shm.spright.dev");
+    let registry = kubelet.join("plugins_registry");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    std::fs::create_dir_all(&registry).unwrap();
+    let _csi = std::os::unix::net::UnixListener::bind(plugin_dir.join("csi.sock")).unwrap();
+    let reg_sock = registry.join("shm.spright.dev-reg.sock");
+    let _reg = std::os::unix::net::UnixListener::bind(&reg_sock).unwrap();
+    let etc = node.dir.path().join("etc-spright");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("pod-cidr"), "10.213.51.0/24\n").unwrap();
+    assert!(cni_links(&node).contains(&node.bridge));
+    assert!(!node.masq_rules().unwrap().is_empty());
+
     let uninstall = || {
-        let out = Command::new(workspace_bin("spright"))
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", node.node.path().display()))
+            .arg(workspace_bin("spright"))
             .arg("uninstall")
+            .arg(format!("--bridge={}", node.bridge))
+            .arg(format!("--region-root={}", region_root.display()))
+            .arg(format!("--kubelet-dir={}", kubelet.display()))
+            .arg(format!(
+                "--pod-cidr-file={}",
+                etc.join("pod-cidr").display()
+            ))
             .arg(format!("--cni-bin-dir={}", bin.display()))
             .arg(format!("--cni-conf-dir={}", net_d.display()))
             .arg(format!("--bpffs={}", node.pins.path.display()))
@@ -81,10 +150,23 @@ fn privileged_uninstall_leaves_the_node_clean() {
     assert!(node.allocations("sprnet").is_empty());
     assert!(!bin.join("spright-cni").exists() && bin.join("host-local").exists());
     assert!(!net_d.join("10-spright.conflist").exists());
+    assert!(!cni_links(&node).contains(&node.bridge), "{said}");
+    assert_eq!(node.masq_rules().unwrap(), Vec::<String>::new(), "{said}");
+    assert_eq!(mounts_below(&region_root), Vec::<String>::new(), "{said}");
+    assert!(!region_root.exists(), "{said}");
+    assert!(
+        !plugin_dir.exists() && !reg_sock.exists() && registry.exists(),
+        "{said}"
+    );
+    assert!(!etc.exists(), "{said}");
     assert_eq!(uninstall().trim(), "", "a second run has nothing to do");
 
     // The runtime's later DEL of the pod still succeeds (nothing to undo but
     // the veth).
     let r = node.invoke("DEL", &conf, Some(&at)).unwrap();
     assert!(r.ok, "{r:#?}");
+}
+
+fn cni_links(node: &Node) -> Vec<String> {
+    spright_tests::cni::link_names(&node.node).unwrap()
 }

@@ -7,23 +7,16 @@
 //! (chained into the conflist the runtime uses by default) and keeps it
 //! there; see `meshd::install_cni`.
 //!
-//! `spright uninstall` leaves a node clean: spright's entries and own
-//! conflist and the plugin binary are removed from the CNI directories, the eBPF programs are detached and
-//! their pins removed, and the endpoint records, the plugin's lock and the
-//! host-local allocations of the spright network are deleted. The cleanup
-//! DaemonSet in manifests/cleanup.yaml runs it on every node.
+//! `spright uninstall` leaves a node clean (see `meshd::uninstall` for the
+//! list and order). The cleanup DaemonSet in manifests/cleanup.yaml runs it
+//! on every node.
 
 #![forbid(unsafe_code)]
 
-use std::{
-    io,
-    path::{Path, PathBuf},
-    process::ExitCode,
-    time::Duration,
-};
+use std::{io, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use meshd::{config, error::chain as error_chain, install_cni, status::Status};
+use meshd::{config, install_cni, status::Status, uninstall::Uninstall};
 
 #[derive(Parser)]
 #[command(name = "spright", version, about = "spright node tools")]
@@ -58,8 +51,10 @@ enum Command {
     /// watching the conf dir and re-inserts spright when the primary CNI
     /// rewrites its file.
     InstallCni(install_cni::Args),
-    /// Remove spright from this node: conflist, plugin binary, eBPF programs
-    /// and pins, endpoint records and IP allocations. Idempotent. Run it after
+    /// Remove spright from this node: CNI config entries, plugin binary, eBPF
+    /// programs and pins, endpoint records, IP allocations, the bridge and
+    /// masquerade rules, shared-memory regions, the CSI plugin directory and
+    /// the pod CIDR file. Idempotent. Run it after
     /// the spright DaemonSet is gone (otherwise install-cni and meshd put
     /// everything back).
     Uninstall {
@@ -81,6 +76,24 @@ enum Command {
         /// host-local's data directory of the spright network (its IP allocations)
         #[arg(long, default_value = "/var/lib/cni/networks/spright")]
         ipam_dir: PathBuf,
+        /// The primary-mode bridge to delete (only a link of kind bridge); empty: none
+        #[arg(long, default_value = spright_cni::config::DEFAULT_BRIDGE)]
+        bridge: String,
+        /// Leave iptables alone (by default every MASQUERADE rule whose comment starts with `spright-cni:` is deleted, IPv4 and IPv6)
+        #[arg(long)]
+        no_iptables: bool,
+        /// The host's root filesystem, when uninstall runs in a container that mounts it: the host's own iptables runs there (`chroot DIR iptables`)
+        #[arg(long, value_name = "DIR")]
+        host_root: Option<PathBuf>,
+        /// shm-csi's region root: every shared-memory region mounted below it is unmounted, then the directory removed
+        #[arg(long, value_name = "DIR", default_value = "/run/spright/shm")]
+        region_root: PathBuf,
+        /// The kubelet's root directory (shm-csi's plugin directory and registration socket are below it)
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/kubelet")]
+        kubelet_dir: PathBuf,
+        /// The pod CIDR file of primary mode
+        #[arg(long, value_name = "FILE", default_value = install_cni::DEFAULT_POD_CIDR_FILE)]
+        pod_cidr_file: PathBuf,
     },
 }
 
@@ -147,6 +160,12 @@ fn main() -> ExitCode {
             bpffs,
             state_dir,
             ipam_dir,
+            bridge,
+            no_iptables,
+            host_root,
+            region_root,
+            kubelet_dir,
+            pod_cidr_file,
         } => {
             let steps = Uninstall {
                 conf_dir: cni_conf_dir,
@@ -155,6 +174,12 @@ fn main() -> ExitCode {
                 bpffs,
                 state_dir,
                 ipam_dir,
+                bridge: (!bridge.is_empty()).then_some(bridge),
+                iptables: !no_iptables,
+                host_root,
+                region_root,
+                kubelet_dir,
+                pod_cidr_file,
             };
             match steps.run() {
                 Ok(done) => {
@@ -172,98 +197,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// What `spright uninstall` removes.
-struct Uninstall {
-    conf_dir: PathBuf,
-    conflist: String,
-    plugin: PathBuf,
-    bpffs: PathBuf,
-    state_dir: PathBuf,
-    ipam_dir: PathBuf,
-}
-
-impl Uninstall {
-    /// Removes everything; returns what it did. Stops at the first error (a
-    /// rerun continues where it stopped).
-    fn run(&self) -> Result<Vec<String>, String> {
-        let mut done = Vec::new();
-        // First the config, so the runtime stops calling the plugin.
-        done.extend(
-            install_cni::remove_from_conf_dir(&self.conf_dir, &self.conflist)
-                .map_err(|e| error_chain(&e))?,
-        );
-        remove_file(&self.plugin, &mut done)?;
-        if self.bpffs.exists() {
-            spright_ebpf::uninstall(&self.bpffs)
-                .map_err(|e| format!("detaching the datapath in {}: {e}", self.bpffs.display()))?;
-            done.push(format!(
-                "detached the programs and removed the pins in {}",
-                self.bpffs.display()
-            ));
-        }
-        remove_dir_files(&spright_endpoint::records_dir(&self.state_dir), &mut done)?;
-        remove_file(
-            &self.state_dir.join(spright_endpoint::CNI_LOCK_FILE),
-            &mut done,
-        )?;
-        remove_empty_dir(&self.state_dir, &mut done)?;
-        remove_dir_files(&self.ipam_dir, &mut done)?;
-        Ok(done)
-    }
-}
-
-fn remove_file(path: &Path, done: &mut Vec<String>) -> Result<(), String> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {
-            done.push(format!("removed {}", path.display()));
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("removing {}: {e}", path.display())),
-    }
-}
-
-/// Removes the plain files of `dir`, then `dir` when it is empty.
-fn remove_dir_files(dir: &Path, done: &mut Vec<String>) -> Result<(), String> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("listing {}: {e}", dir.display())),
-    };
-    let mut n = 0;
-    for entry in entries {
-        let entry = entry.map_err(|e| format!("listing {}: {e}", dir.display()))?;
-        if entry.file_type().is_ok_and(|t| t.is_file()) {
-            std::fs::remove_file(entry.path())
-                .map_err(|e| format!("removing {}: {e}", entry.path().display()))?;
-            n += 1;
-        }
-    }
-    if n > 0 {
-        done.push(format!("removed {n} files in {}", dir.display()));
-    }
-    remove_empty_dir(dir, done)
-}
-
-/// Removes `dir` when empty; says so when something unknown keeps it.
-fn remove_empty_dir(dir: &Path, done: &mut Vec<String>) -> Result<(), String> {
-    match std::fs::remove_dir(dir) {
-        Ok(()) => {
-            done.push(format!("removed {}", dir.display()));
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => {
-            done.push(format!(
-                "left {}: it holds files spright did not write",
-                dir.display()
-            ));
-            Ok(())
-        }
-        Err(e) => Err(format!("removing {}: {e}", dir.display())),
-    }
-}
-
 fn fetch(addr: &str) -> Result<Status, ureq::Error> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(3)))
@@ -274,59 +207,4 @@ fn fetch(addr: &str) -> Result<Status, ureq::Error> {
         .call()?
         .body_mut()
         .read_json()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn steps(root: &Path) -> Uninstall {
-        Uninstall {
-            conf_dir: root.join("net.d"),
-            conflist: "10-spright.conflist".into(),
-            plugin: root.join("bin/spright-cni"),
-            bpffs: root.join("no-bpffs"),
-            state_dir: root.join("state"),
-            ipam_dir: root.join("ipam/spright"),
-        }
-    }
-
-    #[test]
-    fn uninstall_removes_what_spright_wrote_and_is_idempotent() {
-        let root = tempfile::tempdir().unwrap();
-        let s = steps(root.path());
-        for d in ["net.d", "bin", "state/endpoints", "ipam/spright"] {
-            std::fs::create_dir_all(root.path().join(d)).unwrap();
-        }
-        let conflist = s.conf_dir.join(&s.conflist);
-        std::fs::write(&conflist, r#"{"plugins":[{"type":"spright-cni"}]}"#).unwrap();
-        std::fs::write(&s.plugin, "binary").unwrap();
-        std::fs::write(root.path().join("bin/host-local"), "other plugin").unwrap();
-        std::fs::write(s.state_dir.join("endpoints/c1-eth0.json"), "{}").unwrap();
-        std::fs::write(s.state_dir.join(spright_endpoint::CNI_LOCK_FILE), "").unwrap();
-        std::fs::write(s.ipam_dir.join("10.244.1.2"), "c1").unwrap();
-        std::fs::write(s.ipam_dir.join("lock"), "").unwrap();
-        let done = s.run().unwrap();
-        assert!(!conflist.exists() && !s.plugin.exists(), "{done:?}");
-        assert!(!s.state_dir.exists() && !s.ipam_dir.exists(), "{done:?}");
-        assert!(root.path().join("bin/host-local").exists());
-        assert!(
-            s.run().unwrap().is_empty(),
-            "a second run has nothing to do"
-        );
-    }
-
-    #[test]
-    fn uninstall_leaves_a_foreign_conflist_alone() {
-        let root = tempfile::tempdir().unwrap();
-        let s = steps(root.path());
-        std::fs::create_dir_all(root.path().join("net.d")).unwrap();
-        let conflist = s.conf_dir.join(&s.conflist);
-        std::fs::write(&conflist, r#"{"plugins":[{"type":"bridge"}]}"#).unwrap();
-        s.run().unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&conflist).unwrap(),
-            r#"{"plugins":[{"type":"bridge"}]}"#
-        );
-    }
 }
