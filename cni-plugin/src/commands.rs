@@ -177,7 +177,7 @@ pub fn add(config: &Config, env: &Env) -> Result<Value> {
         let c = comment.clone();
         rollback.push("remove masquerade rules", move || iptables::remove(&c));
         for net in &masq_nets {
-            iptables::add(net, &comment)?;
+            iptables::add(net, &config.non_masquerade_cidrs, &comment)?;
         }
     }
 

@@ -8,6 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::Value;
 use spright_endpoint::{CNI_ARG_CHAIN, DEFAULT_POD_NAMESPACE, DEFAULT_STATE_DIR, PodRef};
@@ -187,6 +188,11 @@ struct NetConf {
     hairpin_mode: bool,
     #[serde(default)]
     ip_masq: bool,
+    /// Destinations `ipMasq` leaves alone besides the pod's own subnet: the
+    /// cluster's pod CIDRs, so pods on other nodes see the real source (the
+    /// name ip-masq-agent uses).
+    #[serde(default, rename = "nonMasqueradeCIDRs")]
+    non_masquerade_cidrs: Vec<String>,
     #[serde(default)]
     ipam: Option<Value>,
     #[serde(default)]
@@ -228,6 +234,8 @@ pub struct Config {
     pub name: String,
     pub hairpin_mode: bool,
     pub ip_masq: bool,
+    /// Destinations not masqueraded (besides the pod's subnet).
+    pub non_masquerade_cidrs: Vec<IpNet>,
     /// The previous plugin's result (chained mode, CHECK, DEL).
     pub prev_result: Option<Value>,
     /// Pod annotations the runtime passed (`runtimeConfig`), by key.
@@ -302,6 +310,16 @@ impl Config {
                 }
             },
         };
+        let non_masquerade_cidrs = raw
+            .non_masquerade_cidrs
+            .iter()
+            .map(|c| {
+                c.parse::<IpNet>().map_err(|e| Error::InvalidConfig {
+                    field: "nonMasqueradeCIDRs",
+                    why: format!("{c:?} is not a CIDR: {e}"),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         if mode == Mode::Bridge && ipam_type.is_none() {
             return Err(Error::InvalidConfig {
                 field: "ipam",
@@ -336,6 +354,7 @@ impl Config {
             name: raw.name,
             hairpin_mode: raw.hairpin_mode,
             ip_masq: raw.ip_masq,
+            non_masquerade_cidrs,
             prev_result: raw.prev_result,
             log_file: raw.log_file,
             valid_attachments: raw.valid_attachments,

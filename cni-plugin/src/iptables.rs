@@ -57,34 +57,44 @@ fn run_in(root: Option<&Path>, program: &str, args: &[&str]) -> Result<String> {
 }
 
 /// Masquerades traffic from `pod` (an address with its subnet) to anything
-/// outside the subnet.
-pub fn add(pod: &IpNet, comment: &str) -> Result<()> {
+/// outside the subnet and outside `except` (the cluster's pod CIDRs, so a pod
+/// on another node sees the real source): one RETURN rule per exception of
+/// the pod's family, then the MASQUERADE rule, all with `comment`.
+pub fn add(pod: &IpNet, except: &[IpNet], comment: &str) -> Result<()> {
+    for rule in rules_for(pod, except, comment) {
+        let args: Vec<&str> = rule.iter().map(String::as_str).collect();
+        run(tool(pod), &args)?;
+    }
+    Ok(())
+}
+
+/// The argument lists of [`add`], in order.
+fn rules_for(pod: &IpNet, except: &[IpNet], comment: &str) -> Vec<Vec<String>> {
     let src = IpNet::new(pod.addr(), pod.max_prefix_len())
         .expect("host prefix")
         .to_string();
-    let subnet = pod.trunc().to_string();
-    run(
-        tool(pod),
-        &[
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-s",
-            &src,
-            "!",
-            "-d",
-            &subnet,
-            "-m",
-            "comment",
-            "--comment",
-            comment,
-            "-j",
-            "MASQUERADE",
-        ],
-    )
-    .map(drop)
+    let subnet = pod.trunc();
+    let rule = |dst: &[&str], target: &str| {
+        let mut r: Vec<String> = ["-w", "-t", "nat", "-A", "POSTROUTING", "-s", &src]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        r.extend(dst.iter().map(|s| (*s).to_owned()));
+        r.extend(
+            ["-m", "comment", "--comment", comment, "-j", target]
+                .into_iter()
+                .map(str::to_owned),
+        );
+        r
+    };
+    let mut rules: Vec<Vec<String>> = except
+        .iter()
+        .map(IpNet::trunc)
+        .filter(|e| e.addr().is_ipv4() == pod.addr().is_ipv4() && !subnet.contains(e))
+        .map(|e| rule(&["-d", &e.to_string()], "RETURN"))
+        .collect();
+    rules.push(rule(&["!", "-d", &subnet.to_string()], "MASQUERADE"));
+    rules
 }
 
 /// Removes every rule carrying `comment`, in both families. Idempotent; a
@@ -172,6 +182,28 @@ mod tests {
         assert_eq!(rules[0][0], "-D");
         assert!(rules[0].contains(&"10.213.0.2/32".to_owned()));
         assert!(rules[0].contains(&c));
+    }
+
+    #[test]
+    fn the_cluster_cidr_keeps_its_source() {
+        let pod: IpNet = "10.244.1.5/24".parse().unwrap();
+        let except: Vec<IpNet> = ["10.244.0.0/16", "fd00::/48", "10.244.1.0/25"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        let rules: Vec<String> = rules_for(&pod, &except, "c")
+            .iter()
+            .map(|r| r.join(" "))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                "-w -t nat -A POSTROUTING -s 10.244.1.5/32 -d 10.244.0.0/16 -m comment --comment c -j RETURN",
+                // fd00::/48 is the other family; 10.244.1.0/25 lies inside
+                // the pod's own subnet, which the last rule already spares.
+                "-w -t nat -A POSTROUTING -s 10.244.1.5/32 ! -d 10.244.1.0/24 -m comment --comment c -j MASQUERADE",
+            ]
+        );
     }
 
     #[test]

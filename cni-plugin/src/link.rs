@@ -16,7 +16,7 @@ use rtnetlink::{
     packet_route::{
         address::{AddressAttribute, AddressFlags},
         link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
-        route::{RouteAttribute, RouteMetric, RouteScope},
+        route::{RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope},
     },
 };
 
@@ -385,6 +385,83 @@ impl Netlink {
                 Some((net, quickack))
             })
             .collect())
+    }
+}
+
+impl Netlink {
+    /// The main table's routes of both families tagged with `protocol`, as
+    /// (destination, gateway). A routing agent marks its routes with its own
+    /// protocol number so it can find, replace and remove exactly those.
+    pub fn gateway_routes(&self, protocol: u8) -> Result<Vec<(IpNet, IpAddr)>> {
+        let mut out = Vec::new();
+        for filter in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
+            let msgs: Vec<RouteMessage> = self
+                .rt
+                .block_on(self.handle.route().get(filter).execute().try_collect())
+                .map_err(Error::netlink("list routes", "of both families"))?;
+            out.extend(
+                msgs.iter()
+                    .filter(|m| {
+                        m.header.table == RT_TABLE_MAIN
+                            && m.header.protocol == RouteProtocol::from(protocol)
+                    })
+                    .filter_map(|m| {
+                        let dst = m.attributes.iter().find_map(|a| match a {
+                            RouteAttribute::Destination(d) => route_addr(d),
+                            _ => None,
+                        })?;
+                        let via = m.attributes.iter().find_map(|a| match a {
+                            RouteAttribute::Gateway(g) => route_addr(g),
+                            _ => None,
+                        })?;
+                        Some((
+                            IpNet::new(dst, m.header.destination_prefix_length).ok()?,
+                            via,
+                        ))
+                    }),
+            );
+        }
+        Ok(out)
+    }
+
+    fn gateway_route(dst: IpNet, via: IpAddr, protocol: u8) -> Result<RouteMessage> {
+        let bad = |detail: String| Error::Netlink {
+            op: "build route",
+            object: format!("{dst} via {via}"),
+            detail,
+        };
+        Ok(RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst.addr(), dst.prefix_len())
+            .map_err(|e| bad(e.to_string()))?
+            .gateway(via)
+            .map_err(|e| bad(e.to_string()))?
+            .protocol(RouteProtocol::from(protocol))
+            .build())
+    }
+
+    /// Adds `dst via gateway`, or replaces the route to `dst` (another
+    /// gateway: the node's address changed), tagged with `protocol`.
+    pub fn replace_gateway_route(&self, dst: IpNet, via: IpAddr, protocol: u8) -> Result<()> {
+        let msg = Self::gateway_route(dst, via, protocol)?;
+        self.rt
+            .block_on(self.handle.route().add(msg).replace().execute())
+            .map_err(Error::netlink("replace route", format!("{dst} via {via}")))
+    }
+
+    /// Deletes `dst via gateway` of `protocol`; a route already gone is fine.
+    pub fn delete_gateway_route(&self, dst: IpNet, via: IpAddr, protocol: u8) -> Result<()> {
+        const ESRCH: i32 = 3;
+        let msg = Self::gateway_route(dst, via, protocol)?;
+        match self.rt.block_on(self.handle.route().del(msg).execute()) {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(ESRCH) => Ok(()),
+            Err(e) => Err(Error::netlink("delete route", format!("{dst} via {via}"))(
+                e,
+            )),
+        }
     }
 }
 

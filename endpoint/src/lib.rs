@@ -44,6 +44,10 @@ pub const SELFTEST_FILE: &str = selftest::FILE;
 /// spright-cni's lock file in the state directory: concurrent invocations
 /// serialise on it; `spright uninstall` removes it.
 pub const CNI_LOCK_FILE: &str = "spright-cni.lock";
+/// Under the state directory: this node's pod CIDRs (one per line), which
+/// meshd publishes from the Node object's `spec.podCIDRs` in primary mode and
+/// install-cni writes into spright's conflist.
+pub const POD_CIDRS_FILE: &str = "pod-cidrs";
 /// Current record format version.
 pub const RECORD_VERSION: u32 = 1;
 

@@ -199,6 +199,10 @@ impl Agent {
         if let Some(dp) = self.dp.as_mut() {
             changes.synced = crate::sync::sync(dp, &self.config.bpffs, &want);
         }
+        let pod_network = self
+            .config
+            .manages_pod_network()
+            .then(|| self.pod_network(api, last.pod_network.as_ref()));
         self.last = Arc::new(Snapshot {
             acceleration: last.acceleration.clone(),
             selftest: last.selftest.clone(),
@@ -209,6 +213,7 @@ impl Agent {
             pods: self.pods.clone(),
             malformed_pods,
             mismatches: want.mismatches,
+            pod_network,
             reconciles: last.reconciles + 1,
         });
         let s = &changes.synced;
@@ -225,6 +230,52 @@ impl Agent {
             );
         }
         changes
+    }
+}
+
+impl Agent {
+    /// Primary mode: publishes this node's pod CIDRs and keeps the routes to
+    /// other nodes' pods, from the API's Nodes (see `pod_network`). Before
+    /// the Nodes are listed nothing changes: an empty list must not remove
+    /// every route.
+    fn pod_network(
+        &self,
+        api: Option<&Objects>,
+        last: Option<&crate::pod_network::PodNetworkStatus>,
+    ) -> crate::pod_network::PodNetworkStatus {
+        let Some(me) = self.config.node_name.as_deref() else {
+            return crate::pod_network::PodNetworkStatus {
+                error: Some("--cni-mode primary needs --node-name (NODE_NAME)".into()),
+                ..Default::default()
+            };
+        };
+        let Some(nodes) = api.and_then(Objects::nodes) else {
+            return crate::pod_network::PodNetworkStatus {
+                error: Some("the Nodes are not listed from the API yet".into()),
+                ..last.cloned().unwrap_or_default()
+            };
+        };
+        let plan = crate::pod_network::plan(me, nodes);
+        if last.is_none_or(|l| l.plan.unroutable != plan.unroutable) {
+            for u in &plan.unroutable {
+                warn!(node = %u, "pods of a node cannot be routed");
+            }
+        }
+        let error = match crate::pod_network::apply(&self.config.state_dir, &plan) {
+            Ok(done) => {
+                for d in done {
+                    info!("pod network: {d}");
+                }
+                None
+            }
+            Err(e) => {
+                if last.is_none_or(|l| l.error.as_deref() != Some(e.as_str())) {
+                    warn!(error = %e, "pod network");
+                }
+                Some(e)
+            }
+        };
+        crate::pod_network::PodNetworkStatus { plan, error }
     }
 }
 

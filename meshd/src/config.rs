@@ -114,6 +114,13 @@ pub struct Config {
     /// Watch Services, EndpointSlices and this node's Pods on the Kubernetes API: `auto` when in a cluster (KUBERNETES_SERVICE_HOST) or KUBECONFIG is set, `on` (fail without it), `off` (files only)
     #[arg(long, env = env::KUBERNETES, value_name = "MODE", value_enum, default_value = "auto")]
     pub kubernetes: Mode,
+    /// How spright-cni runs on this node (the DaemonSet gives meshd and
+    /// install-cni the same value): `chained` after the cluster's CNI, or
+    /// `primary`, where meshd also publishes this Node's spec.podCIDRs for
+    /// install-cni and routes every other Node's pod CIDRs via its
+    /// InternalIP (host-gw; needs --node-name and the API)
+    #[arg(long, env = crate::install_cni::env::MODE, value_name = "MODE", value_enum, default_value = "chained")]
+    pub cni_mode: crate::install_cni::Mode,
     /// kubeconfig file for the API (instead of the in-cluster service account)
     #[arg(long, env = env::KUBECONFIG, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
@@ -139,6 +146,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// Primary mode's pod network is managed here (`--cni-mode primary`).
+    pub fn manages_pod_network(&self) -> bool {
+        self.cni_mode == crate::install_cni::Mode::Primary
+    }
+
     /// The cgroup to attach to: the flag, or kubelet's pod cgroup (an error
     /// naming every path looked for when there is none).
     pub fn cgroup_dir(&self) -> Result<PathBuf, spright_ebpf::Error> {

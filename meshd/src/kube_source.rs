@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use futures_util::{FutureExt as _, Stream, StreamExt as _, stream};
 use k8s_openapi::api::{
-    core::v1::{Pod, Service},
+    core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -109,17 +109,29 @@ pub struct Objects {
     slices: Collection<ApiObject>,
     /// Pods of this node; `None` when not watched (no `--node-name`).
     pods: Option<Collection<PodInfo>>,
+    /// Every Node; `None` when not watched (not primary mode).
+    nodes: Option<Collection<crate::pod_network::NodeInfo>>,
     /// The last watch error, cleared by the next successful event.
     pub error: Option<String>,
 }
 
 impl Objects {
-    /// Starts a copy; Pods are watched only when this node's name is known.
-    pub fn new(watch_pods: bool) -> Self {
+    /// Starts a copy; Pods are watched only when this node's name is known,
+    /// Nodes only in primary mode.
+    pub fn new(watch_pods: bool, watch_nodes: bool) -> Self {
         Self {
             pods: watch_pods.then(Collection::default),
+            nodes: watch_nodes.then(Collection::default),
             ..Self::default()
         }
+    }
+
+    /// The cluster's Nodes, once listed (`None` before, or when not watched).
+    pub fn nodes(&self) -> Option<impl Iterator<Item = &crate::pod_network::NodeInfo>> {
+        self.nodes
+            .as_ref()
+            .filter(|n| n.listed)
+            .map(Collection::values)
     }
 
     /// All Services and EndpointSlices, Services first.
@@ -134,7 +146,10 @@ impl Objects {
 
     /// Every watched kind has been listed at least once.
     pub fn synced(&self) -> bool {
-        self.services.listed && self.slices.listed && self.pods.as_ref().is_none_or(|p| p.listed)
+        self.services.listed
+            && self.slices.listed
+            && self.pods.as_ref().is_none_or(|p| p.listed)
+            && self.nodes.as_ref().is_none_or(|n| n.listed)
     }
 
     pub fn status(&self) -> SourceStatus {
@@ -148,6 +163,7 @@ impl Objects {
             services: self.services.len(),
             endpoint_slices: self.slices.len(),
             pods: self.pods.as_ref().map(Collection::len),
+            nodes: self.nodes.as_ref().map(Collection::len),
             error: self.error.clone(),
         }
     }
@@ -163,6 +179,9 @@ pub struct SourceStatus {
     /// Pods of this node (absent when Pods are not watched).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods: Option<usize>,
+    /// Nodes of the cluster (primary mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -173,6 +192,7 @@ enum Change {
     Service(WatchEvent<ApiObject>),
     Slice(WatchEvent<ApiObject>),
     Pod(WatchEvent<PodInfo>),
+    Node(WatchEvent<crate::pod_network::NodeInfo>),
 }
 
 type WatchEvent<T> = Result<watcher::Event<(String, Option<T>)>, watcher::Error>;
@@ -198,16 +218,18 @@ where
 }
 
 /// Watches until the runtime shuts down: Services and EndpointSlices of all
-/// namespaces, and the Pods bound to `node` when it is known. Every burst of
+/// namespaces, the Pods bound to `node` when it is known, and every Node
+/// when `watch_nodes` (primary mode). Every burst of
 /// changes publishes the whole copy (`publish`) and asks for a
 /// reconciliation (`trigger`).
 pub async fn run(
     client: Client,
     node: Option<String>,
+    watch_nodes: bool,
     publish: tokio::sync::watch::Sender<Published>,
     trigger: tokio::sync::mpsc::Sender<()>,
 ) {
-    let mut objects = Objects::new(node.is_some());
+    let mut objects = Objects::new(node.is_some(), watch_nodes);
     publish.send_replace(Some(Arc::new(objects.clone())));
     let services = watch(
         Api::<Service>::all(client.clone()),
@@ -221,6 +243,17 @@ pub async fn run(
         ApiObject::parse,
     )
     .map(Change::Slice);
+    let nodes = if watch_nodes {
+        watch(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default(),
+            parse_node,
+        )
+        .map(Change::Node)
+        .left_stream()
+    } else {
+        stream::empty().right_stream()
+    };
     let pods = match &node {
         Some(node) => watch(
             Api::<Pod>::all(client),
@@ -231,7 +264,10 @@ pub async fn run(
         .left_stream(),
         None => stream::empty().right_stream(),
     };
-    let mut events = std::pin::pin!(stream::select(stream::select(services, slices), pods));
+    let mut events = std::pin::pin!(stream::select(
+        stream::select(services, slices),
+        stream::select(pods, nodes)
+    ));
     if let Some(node) = &node {
         info!(node = %node, "watching Services and EndpointSlices of all namespaces, and the Pods of this node");
     } else {
@@ -264,6 +300,7 @@ fn apply(objects: &mut Objects, change: Change) -> bool {
         Change::Service(e) => e.map(|e| objects.services.apply(e)),
         Change::Slice(e) => e.map(|e| objects.slices.apply(e)),
         Change::Pod(e) => e.map(|e| objects.pods.get_or_insert_default().apply(e)),
+        Change::Node(e) => e.map(|e| objects.nodes.get_or_insert_default().apply(e)),
     };
     match applied {
         Ok(changed) => {
@@ -293,6 +330,14 @@ fn apply(objects: &mut Objects, change: Change) -> bool {
 )]
 fn parse_pod(v: serde_json::Value) -> Result<Option<PodInfo>, String> {
     PodInfo::parse(&v).map_err(|e| crate::error::chain(&e))
+}
+
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the parser shape `watch` takes, shared with ApiObject::parse"
+)]
+fn parse_node(v: serde_json::Value) -> Result<Option<crate::pod_network::NodeInfo>, String> {
+    crate::pod_network::NodeInfo::parse(&v).map(Some)
 }
 
 /// An event with its object as `namespace/name` and parsed into the fields

@@ -12,6 +12,7 @@ pub mod install_cni;
 pub mod kube_source;
 pub mod membound;
 pub mod metrics;
+pub mod pod_network;
 pub mod selftest;
 pub mod services;
 pub mod snapshot;

@@ -112,9 +112,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let api_watch = {
         let trigger = trigger.clone();
         let node = config.node_name.clone();
+        let watch_nodes = config.manages_pod_network();
         async move {
             match kube {
-                Some(client) => meshd::kube_source::run(client, node, api_tx, trigger).await,
+                Some(client) => {
+                    meshd::kube_source::run(client, node, watch_nodes, api_tx, trigger).await;
+                }
                 None => std::future::pending().await,
             }
         }

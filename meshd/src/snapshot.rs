@@ -44,6 +44,8 @@ pub struct Snapshot {
     pub mismatches: Vec<Mismatch>,
     /// Pods (`namespace/name`) that left their chain while running.
     pub leaving: Vec<String>,
+    /// Primary mode's pod network (absent in chained mode).
+    pub pod_network: Option<crate::pod_network::PodNetworkStatus>,
     /// Reconciliations done; 0 until the first one (not ready).
     pub reconciles: u64,
 }

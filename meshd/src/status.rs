@@ -99,6 +99,9 @@ pub struct Status {
     /// This node's Pods as meshd knows them (absent from the CLI).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods: Option<PodsStatus>,
+    /// Primary mode's pod CIDRs and routes (absent in chained mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_network: Option<crate::pod_network::PodNetworkStatus>,
 }
 
 impl PodsStatus {
@@ -223,6 +226,7 @@ impl Status {
             kubernetes: None,
             memory_bound: None,
             pods: None,
+            pod_network: None,
         }
     }
 
@@ -375,6 +379,29 @@ impl Status {
     fn render_services(&self, s: &mut String) {
         /// Rows of the connection table (the JSON view has them all).
         const MAX_ROWS: usize = 20;
+        if let Some(p) = &self.pod_network {
+            let cidrs: Vec<String> = p.plan.pod_cidrs.iter().map(ToString::to_string).collect();
+            let _ = writeln!(
+                s,
+                "\npod network (primary, host-gw): pod CIDRs {}; {} routes to other nodes{}",
+                if cidrs.is_empty() {
+                    "not allocated yet".to_owned()
+                } else {
+                    cidrs.join(", ")
+                },
+                p.plan.routes.len(),
+                p.error
+                    .as_ref()
+                    .map(|e| format!(" — {e}"))
+                    .unwrap_or_default()
+            );
+            for r in &p.plan.routes {
+                let _ = writeln!(s, "  {} via {} ({})", r.dst, r.via, r.node);
+            }
+            for u in &p.plan.unroutable {
+                let _ = writeln!(s, "  not routed: {u}");
+            }
+        }
         if let Some(k) = &self.kubernetes {
             let _ = writeln!(
                 s,

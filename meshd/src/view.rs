@@ -89,6 +89,7 @@ pub fn status_of(
     s.selftest.clone_from(&snap.selftest);
     s.add_services(&snap.services, &snap.records, dp);
     s.kubernetes = api.map(Objects::status);
+    s.pod_network.clone_from(&snap.pod_network);
     s.pods = Some(PodsStatus {
         known: snap.pods.len(),
         node_name: config.node_name.clone(),

@@ -22,9 +22,10 @@ use std::{
 use serde_json::{Value, json};
 
 /// The collections served: (path, kind, apiVersion).
-const COLLECTIONS: [(&str, &str, &str); 3] = [
+const COLLECTIONS: [(&str, &str, &str); 4] = [
     ("/api/v1/services", "Service", "v1"),
     ("/api/v1/pods", "Pod", "v1"),
+    ("/api/v1/nodes", "Node", "v1"),
     (
         "/apis/discovery.k8s.io/v1/endpointslices",
         "EndpointSlice",
@@ -106,11 +107,24 @@ fn key_of(o: &Value) -> String {
 pub struct FakeApi {
     pub addr: SocketAddr,
     state: Arc<(Mutex<State>, Condvar)>,
+    /// The network namespace it listens in (`None`: the test's own).
+    netns: Option<PathBuf>,
 }
 
 impl FakeApi {
     pub fn start() -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        Self::start_on(TcpListener::bind("127.0.0.1:0")?, None)
+    }
+
+    /// Listens on `addr` inside the network namespace `netns`: the API on a
+    /// network that several simulated nodes reach, as a control plane is.
+    pub fn start_in(netns: &Path, addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener = spright_endpoint::netns::run_in(netns, || TcpListener::bind(addr))
+            .map_err(|e| anyhow::anyhow!("listening on {addr} in {}: {e}", netns.display()))?;
+        Self::start_on(listener, Some(netns.to_path_buf()))
+    }
+
+    fn start_on(listener: TcpListener, netns: Option<PathBuf>) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
         let state: Arc<(Mutex<State>, Condvar)> = Arc::default();
         let s = state.clone();
@@ -126,7 +140,7 @@ impl FakeApi {
                 });
             }
         });
-        Ok(Self { addr, state })
+        Ok(Self { addr, state, netns })
     }
 
     /// Creates or replaces an object (`kind` from the object itself).
@@ -182,8 +196,16 @@ impl Drop for FakeApi {
         let (lock, cv) = &*self.state;
         lock.lock().unwrap().stopped = true;
         cv.notify_all();
-        // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(self.addr);
+        // Wake the accept loop (in its namespace) so it sees the flag.
+        match &self.netns {
+            Some(ns) => {
+                let addr = self.addr;
+                let _ = spright_endpoint::netns::run_in(ns, || TcpStream::connect(addr));
+            }
+            None => {
+                let _ = TcpStream::connect(self.addr);
+            }
+        }
     }
 }
 

@@ -544,7 +544,12 @@ fn install_cni_chains_by_default_and_agrees_with_meshd() {
         );
     }
     let meshd_env = resolved_env(container(spec, "meshd"), cm);
-    for name in ["SPRIGHT_STATE_DIR", "SPRIGHT_BPFFS", "SPRIGHT_CGROUP"] {
+    for name in [
+        "SPRIGHT_STATE_DIR",
+        "SPRIGHT_BPFFS",
+        "SPRIGHT_CGROUP",
+        "SPRIGHT_CNI_MODE",
+    ] {
         assert_eq!(env.get(name), meshd_env.get(name), "{name}");
     }
 
@@ -556,6 +561,13 @@ fn install_cni_chains_by_default_and_agrees_with_meshd() {
     ] {
         assert_eq!(on_host(spec, init, &env[var]), Path::new(host), "{var}");
     }
+    // Primary mode: the pod CIDRs meshd publishes under its state dir are
+    // where install-cni reads them.
+    let state = cm["state-dir"].as_str().unwrap();
+    assert_eq!(
+        on_host(spec, init, &env["SPRIGHT_STATE_DIR"]),
+        Path::new(state)
+    );
 
     // The real installer with this environment, on stand-in host dirs: the
     // runtime's conflist gets spright last with meshd's settings.
@@ -749,7 +761,7 @@ fn csi_driver_name_and_sockets_agree() {
 }
 
 #[test]
-fn node_components_only_read_pods_services_and_endpointslices() {
+fn node_components_only_read_nodes_pods_services_and_endpointslices() {
     let objs = objects();
     let bindings: Vec<&Value> = objs
         .iter()
@@ -788,7 +800,12 @@ fn node_components_only_read_pods_services_and_endpointslices() {
     granted.sort();
     assert_eq!(
         granted,
-        ["/pods", "/services", "discovery.k8s.io/endpointslices"]
+        [
+            "/nodes",
+            "/pods",
+            "/services",
+            "discovery.k8s.io/endpointslices"
+        ]
     );
     let sa = find(&objs, "ServiceAccount", "spright-node");
     assert_eq!(sa["automountServiceAccountToken"], false);

@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
 use serde::{
     Deserialize, Deserializer,
     de::{MapAccess, Visitor},
@@ -49,17 +50,29 @@ impl Entry {
     }
 
     /// The entry of spright's own network (primary mode): bridge, IPAM on
-    /// `pod_cidr`, masquerade for traffic leaving the pod subnet.
-    pub fn primary(&self, pod_cidr: &str) -> Value {
+    /// the node's `pod_cidrs` (one range per family), masquerade only for
+    /// traffic leaving `cluster_cidrs` (the pod subnet itself is never
+    /// masqueraded; without cluster CIDRs, everything else is).
+    pub fn primary(&self, pod_cidrs: &[IpNet], cluster_cidrs: &[IpNet]) -> Value {
         let mut v = self.common();
         v["bridge"] = "spright0".into();
         v["hairpinMode"] = true.into();
         v["ipMasq"] = true.into();
-        v["ipam"] = serde_json::json!({
-            "type": "host-local",
-            "ranges": [[{ "subnet": pod_cidr }]],
-            "routes": [{ "dst": if pod_cidr.contains(':') { "::/0" } else { "0.0.0.0/0" } }],
-        });
+        if !cluster_cidrs.is_empty() {
+            v["nonMasqueradeCIDRs"] = cluster_cidrs.iter().map(ToString::to_string).collect();
+        }
+        let ranges: Vec<Value> = pod_cidrs
+            .iter()
+            .map(|c| serde_json::json!([{ "subnet": c.to_string() }]))
+            .collect();
+        let mut routes = Vec::new();
+        if pod_cidrs.iter().any(|c| c.addr().is_ipv4()) {
+            routes.push(serde_json::json!({ "dst": "0.0.0.0/0" }));
+        }
+        if pod_cidrs.iter().any(|c| c.addr().is_ipv6()) {
+            routes.push(serde_json::json!({ "dst": "::/0" }));
+        }
+        v["ipam"] = serde_json::json!({ "type": "host-local", "ranges": ranges, "routes": routes });
         v
     }
 
@@ -79,11 +92,11 @@ impl Entry {
 
 /// spright's own conflist (primary mode), at the newest CNI version so the
 /// runtime calls STATUS and GC.
-pub fn primary_conflist(entry: &Entry, pod_cidr: &str) -> String {
+pub fn primary_conflist(entry: &Entry, pod_cidrs: &[IpNet], cluster_cidrs: &[IpNet]) -> String {
     let list = serde_json::json!({
         "cniVersion": CNI_VERSION,
         "name": "spright",
-        "plugins": [entry.primary(pod_cidr)],
+        "plugins": [entry.primary(pod_cidrs, cluster_cidrs)],
     });
     serde_json::to_string_pretty(&list).expect("JSON values serialise") + "\n"
 }
@@ -494,7 +507,8 @@ mod tests {
     #[test]
     fn spright_as_the_primary_is_left_alone() {
         let path = Path::new("/n/10-spright.conflist");
-        let own = primary_conflist(&entry(), "10.244.1.0/24");
+        let cidrs = |s: &[&str]| -> Vec<IpNet> { s.iter().map(|c| c.parse().unwrap()).collect() };
+        let own = primary_conflist(&entry(), &cidrs(&["10.244.1.0/24"]), &[]);
         assert!(is_spright_network(path, &own));
         assert_eq!(insert(path, &own, &entry().chained()).unwrap(), Plan::Keep);
         assert_eq!(remove(path, &own).unwrap(), Plan::Keep);
@@ -505,9 +519,32 @@ mod tests {
             "10.244.1.0/24"
         );
         assert_eq!(v["plugins"][0]["capabilities"][CAP_POD_ANNOTATIONS], true);
-        let v6: Value =
-            serde_json::from_str(&primary_conflist(&entry(), "fd00:10:244:1::/64")).unwrap();
+        assert!(v["plugins"][0].get("nonMasqueradeCIDRs").is_none());
+        let v6: Value = serde_json::from_str(&primary_conflist(
+            &entry(),
+            &cidrs(&["fd00:10:244:1::/64"]),
+            &[],
+        ))
+        .unwrap();
         assert_eq!(v6["plugins"][0]["ipam"]["routes"][0]["dst"], "::/0");
+        // Dual-stack: a range and a default route per family; the cluster's
+        // CIDRs keep their source addresses.
+        let dual: Value = serde_json::from_str(&primary_conflist(
+            &entry(),
+            &cidrs(&["10.244.1.0/24", "fd00:10:244:1::/64"]),
+            &cidrs(&["10.244.0.0/16", "fd00:10:244::/56"]),
+        ))
+        .unwrap();
+        let p = &dual["plugins"][0];
+        assert_eq!(p["ipam"]["ranges"][1][0]["subnet"], "fd00:10:244:1::/64");
+        assert_eq!(
+            p["ipam"]["routes"],
+            serde_json::json!([{ "dst": "0.0.0.0/0" }, { "dst": "::/0" }])
+        );
+        assert_eq!(
+            p["nonMasqueradeCIDRs"],
+            serde_json::json!(["10.244.0.0/16", "fd00:10:244::/56"])
+        );
     }
 
     #[test]

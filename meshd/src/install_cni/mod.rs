@@ -57,11 +57,13 @@ pub mod env {
     pub const CONFLIST: &str = "SPRIGHT_CNI_CONFLIST";
     pub const POD_CIDR: &str = "SPRIGHT_POD_CIDR";
     pub const POD_CIDR_FILE: &str = "SPRIGHT_POD_CIDR_FILE";
+    pub const CLUSTER_CIDR: &str = "SPRIGHT_CLUSTER_CIDR";
     pub const RESCAN_SECS: &str = "SPRIGHT_CNI_RESCAN_SECS";
 }
 
 /// How spright joins the node's CNI configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Last plugin of the conflist the runtime uses (the primary CNI keeps
     /// addressing and routing)
@@ -97,12 +99,20 @@ pub struct Args {
     #[arg(long, env = env::CONFLIST, value_name = "NAME", default_value = DEFAULT_CONFLIST,
           value_parser = parse_conflist_name)]
     pub conflist: String,
-    /// The node's pod CIDR (primary mode) [default: read from --pod-cidr-file]
-    #[arg(long, env = env::POD_CIDR, value_name = "CIDR")]
-    pub pod_cidr: Option<IpNet>,
-    /// File holding the node's pod CIDR (primary mode, when --pod-cidr is unset)
+    /// The node's pod CIDRs, comma-separated, one per family (primary mode)
+    /// [default: --pod-cidr-file when it exists, else what meshd publishes
+    /// from the Node's spec.podCIDRs in <state-dir>/pod-cidrs]
+    #[arg(long, env = env::POD_CIDR, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
+    pub pod_cidr: Vec<IpNet>,
+    /// A file holding the node's pod CIDRs, one per line: a hand-written
+    /// override of the Node object (primary mode, when --pod-cidr is unset)
     #[arg(long, env = env::POD_CIDR_FILE, value_name = "FILE", default_value = DEFAULT_POD_CIDR_FILE)]
     pub pod_cidr_file: PathBuf,
+    /// The cluster's pod CIDRs, comma-separated (primary mode): traffic to
+    /// them keeps the pod's source address; only traffic leaving them is
+    /// masqueraded [default: only the node's own pod CIDR is spared]
+    #[arg(long, env = env::CLUSTER_CIDR, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
+    pub cluster_cidr: Vec<IpNet>,
     /// Seconds between rescans of the conf dir (safety net for missed inotify events)
     #[arg(long, env = env::RESCAN_SECS, value_name = "SECONDS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -140,12 +150,7 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "primary mode needs this node's pod CIDR: set --pod-cidr (or {}) or write it to {file} (--pod-cidr-file)",
-        env::POD_CIDR
-    )]
-    NoPodCidr { file: PathBuf },
-    #[error("{file} (--pod-cidr-file): {value:?} is not a CIDR")]
+    #[error("{file}: {value:?} is not a CIDR")]
     BadPodCidr { file: PathBuf, value: String },
     #[error("cannot chain spright into the runtime's config")]
     Conf(#[from] conflist::ConfError),
@@ -173,6 +178,10 @@ pub enum State {
     /// spright's own conflist is written (primary mode), but another file
     /// sorts first, so the runtime uses that one.
     Shadowed { ours: PathBuf, by: PathBuf },
+    /// Primary mode without a pod CIDR yet: meshd has not published the
+    /// Node's `spec.podCIDRs` (and neither flag nor override file gives
+    /// one). No conflist is written, so the node stays NotReady.
+    NoPodCidr,
 }
 
 /// The installer: settings resolved once.
@@ -183,8 +192,9 @@ pub struct Installer {
     pub mode: Mode,
     pub plugin: PathBuf,
     pub conflist: String,
-    pub pod_cidr: Option<IpNet>,
+    pub pod_cidr: Vec<IpNet>,
     pub pod_cidr_file: PathBuf,
+    pub cluster_cidr: Vec<IpNet>,
     pub entry: Entry,
     /// The installed binary as last checked equal to the plugin, so that a
     /// rescan compares metadata, not megabytes.
@@ -227,8 +237,9 @@ impl Installer {
             mode: args.mode,
             plugin,
             conflist: args.conflist.clone(),
-            pod_cidr: args.pod_cidr,
+            pod_cidr: args.pod_cidr.clone(),
             pod_cidr_file: args.pod_cidr_file.clone(),
+            cluster_cidr: args.cluster_cidr.clone(),
             entry: Entry {
                 state_dir: args.state_dir.clone(),
                 bpffs: args.bpffs.clone(),
@@ -344,14 +355,17 @@ impl Installer {
     }
 
     fn primary(&self) -> Result<State, Error> {
-        let cidr = self.pod_cidr()?;
+        let Some(cidrs) = self.pod_cidrs()? else {
+            return Ok(State::NoPodCidr);
+        };
         let path = self.conf_dir.join(&self.conflist);
-        let text = conflist::primary_conflist(&self.entry, &cidr.to_string());
+        let text = conflist::primary_conflist(&self.entry, &cidrs, &self.cluster_cidr);
         if std::fs::read_to_string(&path).is_ok_and(|t| t == text) {
             debug!(path = %path.display(), "spright's conflist up to date");
         } else {
             write_config(&path, &text)?;
-            info!("wrote {} (pod CIDR {cidr})", path.display());
+            let cidrs: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+            info!("wrote {} (pod CIDRs {})", path.display(), cidrs.join(", "));
         }
         match self.config_files()?.into_iter().next() {
             Some(first) if first != path => Ok(State::Shadowed {
@@ -362,26 +376,34 @@ impl Installer {
         }
     }
 
-    fn pod_cidr(&self) -> Result<IpNet, Error> {
-        if let Some(c) = self.pod_cidr {
-            return Ok(c);
+    /// The node's pod CIDRs: `--pod-cidr`, else the override file when it
+    /// exists, else meshd's published copy of the Node's `spec.podCIDRs`;
+    /// `None` when there is none yet.
+    fn pod_cidrs(&self) -> Result<Option<Vec<IpNet>>, Error> {
+        if !self.pod_cidr.is_empty() {
+            return Ok(Some(self.pod_cidr.clone()));
         }
-        let file = &self.pod_cidr_file;
-        let text = match std::fs::read_to_string(file) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(Error::NoPodCidr { file: file.clone() });
+        let published = self.entry.state_dir.join(spright_endpoint::POD_CIDRS_FILE);
+        for file in [&self.pod_cidr_file, &published] {
+            let text = match std::fs::read_to_string(file) {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("read", file)(e)),
+            };
+            let cidrs = text
+                .split_whitespace()
+                .map(|v| {
+                    v.parse().map_err(|_| Error::BadPodCidr {
+                        file: file.clone(),
+                        value: v.to_owned(),
+                    })
+                })
+                .collect::<Result<Vec<IpNet>, Error>>()?;
+            if !cidrs.is_empty() {
+                return Ok(Some(cidrs));
             }
-            Err(e) => return Err(io_err("read", file)(e)),
-        };
-        let value = text.trim();
-        if value.is_empty() {
-            return Err(Error::NoPodCidr { file: file.clone() });
         }
-        value.parse().map_err(|_| Error::BadPodCidr {
-            file: file.clone(),
-            value: value.to_owned(),
-        })
+        Ok(None)
     }
 
     /// Removes spright's chained entries from every config file, spright's
@@ -488,8 +510,20 @@ pub fn run(args: &Args) -> Result<(), Error> {
                             by.display(),
                             ours.display()
                         ),
+                        State::NoPodCidr => info!(
+                            "no pod CIDR yet: meshd publishes this Node's spec.podCIDRs to {} (or set --pod-cidr, or write {}); spright's conflist follows, and until then the node stays NotReady",
+                            installer
+                                .entry
+                                .state_dir
+                                .join(spright_endpoint::POD_CIDRS_FILE)
+                                .display(),
+                            installer.pod_cidr_file.display()
+                        ),
                     }
                 }
+                // The init container runs before meshd, which publishes the
+                // pod CIDR: waiting here would deadlock the pod, so without
+                // one it leaves the conflist to the watcher container.
                 if args.once && state != State::Waiting {
                     return Ok(());
                 }
@@ -607,6 +641,8 @@ mod tests {
             mode,
             "--pod-cidr-file",
             root.join("pod-cidr").to_str().unwrap(),
+            "--state-dir",
+            root.join("state").to_str().unwrap(),
         ])
         .unwrap();
         std::fs::create_dir_all(root.join("net.d")).unwrap();
@@ -717,13 +753,24 @@ mod tests {
     fn primary_needs_a_pod_cidr_and_writes_its_own_conflist() {
         let root = tempfile::tempdir().unwrap();
         let i = installer(root.path(), "primary");
-        let e = i.reconcile().unwrap_err().to_string();
-        assert!(e.contains("--pod-cidr") && e.contains("pod-cidr"), "{e}");
+        let path = root.path().join("net.d/10-spright.conflist");
+        assert_eq!(i.reconcile().unwrap(), State::NoPodCidr);
+        assert!(!path.exists(), "no conflist without a pod CIDR");
+        // meshd's published copy of the Node's spec.podCIDRs.
+        std::fs::create_dir_all(&i.entry.state_dir).unwrap();
+        let published = i.entry.state_dir.join(spright_endpoint::POD_CIDRS_FILE);
+        std::fs::write(&published, "10.244.2.0/24\nfd00:10:244:2::/64\n").unwrap();
+        assert_eq!(i.reconcile().unwrap(), State::Installed(path.clone()));
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(
+            v["plugins"][0]["ipam"]["ranges"][1][0]["subnet"],
+            "fd00:10:244:2::/64"
+        );
+        // The hand-written override wins over the Node object.
         std::fs::write(root.path().join("pod-cidr"), "banana\n").unwrap();
         let e = i.reconcile().unwrap_err().to_string();
-        assert!(e.contains("banana") && e.contains("--pod-cidr-file"), "{e}");
+        assert!(e.contains("banana") && e.contains("pod-cidr"), "{e}");
         std::fs::write(root.path().join("pod-cidr"), "10.244.3.0/24\n").unwrap();
-        let path = root.path().join("net.d/10-spright.conflist");
         assert_eq!(i.reconcile().unwrap(), State::Installed(path.clone()));
         // Another network that sorts first wins at the runtime: said, not hidden.
         std::fs::write(root.path().join("net.d/05-other.conflist"), "{}").unwrap();
