@@ -527,8 +527,31 @@ pub fn status(config: &Config, env: &Env) -> Result<()> {
             why: format!("state directory is not writable ({e}); {accel}"),
         });
     }
+    if let Some(addr) = config.meshd_readyz {
+        meshd_ready(addr).map_err(|why| Error::NotAvailable {
+            why: format!("meshd at {addr} is not ready ({why}); {accel}"),
+        })?;
+    }
     tracing::info!(accel = %accel, "STATUS ok");
     Ok(())
+}
+
+/// Whether meshd's `/readyz` at `addr` answers 200 within a second: it has
+/// reconciled once, so the programs are attached or known to be unavailable.
+fn meshd_ready(addr: std::net::SocketAddr) -> std::result::Result<(), String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(1)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let resp = agent
+        .get(&format!("http://{addr}/readyz"))
+        .call()
+        .map_err(|e| e.to_string())?;
+    match resp.status().as_u16() {
+        200 => Ok(()),
+        s => Err(format!("/readyz answered {s}")),
+    }
 }
 
 /// GC: forget every attachment of this network that the runtime no longer knows.

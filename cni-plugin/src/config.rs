@@ -193,6 +193,11 @@ struct NetConf {
     /// name ip-masq-agent uses).
     #[serde(default, rename = "nonMasqueradeCIDRs")]
     non_masquerade_cidrs: Vec<String>,
+    /// meshd's local API (`HOST:PORT`): when set, STATUS reports the network
+    /// not available until meshd's `/readyz` answers (primary mode, where
+    /// spright is the node's network; install-cni sets it there only).
+    #[serde(default)]
+    meshd_readyz: Option<String>,
     #[serde(default)]
     ipam: Option<Value>,
     #[serde(default)]
@@ -236,6 +241,8 @@ pub struct Config {
     pub ip_masq: bool,
     /// Destinations not masqueraded (besides the pod's subnet).
     pub non_masquerade_cidrs: Vec<IpNet>,
+    /// meshd's API whose readiness STATUS requires (`meshdReadyz`).
+    pub meshd_readyz: Option<std::net::SocketAddr>,
     /// The previous plugin's result (chained mode, CHECK, DEL).
     pub prev_result: Option<Value>,
     /// Pod annotations the runtime passed (`runtimeConfig`), by key.
@@ -320,6 +327,16 @@ impl Config {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let meshd_readyz = raw
+            .meshd_readyz
+            .as_deref()
+            .map(|a| {
+                a.parse().map_err(|e| Error::InvalidConfig {
+                    field: "meshdReadyz",
+                    why: format!("{a:?} is not HOST:PORT: {e}"),
+                })
+            })
+            .transpose()?;
         if mode == Mode::Bridge && ipam_type.is_none() {
             return Err(Error::InvalidConfig {
                 field: "ipam",
@@ -355,6 +372,7 @@ impl Config {
             hairpin_mode: raw.hairpin_mode,
             ip_masq: raw.ip_masq,
             non_masquerade_cidrs,
+            meshd_readyz,
             prev_result: raw.prev_result,
             log_file: raw.log_file,
             valid_attachments: raw.valid_attachments,

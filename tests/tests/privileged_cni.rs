@@ -517,6 +517,48 @@ fn privileged_cni_status_gc_and_version() {
     ro["stateDir"] = json!(blocker.join("s"));
     assert_eq!(node.invoke("STATUS", &ro, None).unwrap().code(), 50);
 
+    // Primary mode's gate (`meshdReadyz`, install-cni sets it): the network
+    // is not available until meshd answers /readyz, in the node's network.
+    let mut gated = conf.clone();
+    let readyz = |status: &'static str| {
+        let l = spright_endpoint::netns::run_in(&node.node.path(), || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+        })
+        .unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                use std::io::{Read as _, Write as _};
+                let mut req = [0u8; 1024];
+                let _ = s.read(&mut req);
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        addr
+    };
+    let closed = spright_endpoint::netns::run_in(&node.node.path(), || {
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())
+    })
+    .unwrap();
+    gated["meshdReadyz"] = json!(closed.to_string());
+    let s = node.invoke("STATUS", &gated, None).unwrap();
+    assert_eq!(s.code(), 50, "{s:#?}");
+    assert!(
+        msg(&s).contains(&format!("meshd at {closed} is not ready")),
+        "{s:#?}"
+    );
+    gated["meshdReadyz"] = json!(readyz("503 Service Unavailable").to_string());
+    let s = node.invoke("STATUS", &gated, None).unwrap();
+    assert!(s.code() == 50 && msg(&s).contains("answered 503"), "{s:#?}");
+    gated["meshdReadyz"] = json!(readyz("200 OK").to_string());
+    let s = node.invoke("STATUS", &gated, None).unwrap();
+    assert!(s.ok, "{s:#?}");
+    gated["meshdReadyz"] = json!("localhost");
+    assert_eq!(node.invoke("STATUS", &gated, None).unwrap().code(), 7);
+
     let (pa, pb) = (node.attach(a, "gc-keep"), node.attach(b, "gc-stale"));
     assert!(node.invoke("ADD", &conf, Some(&pa)).unwrap().ok);
     assert!(node.invoke("ADD", &conf, Some(&pb)).unwrap().ok);

@@ -38,6 +38,8 @@ pub struct Entry {
     pub state_dir: PathBuf,
     pub bpffs: PathBuf,
     pub cgroup: Option<PathBuf>,
+    /// meshd's local API, whose readiness STATUS requires in primary mode.
+    pub meshd_api: std::net::SocketAddr,
 }
 
 impl Entry {
@@ -58,6 +60,9 @@ impl Entry {
         v["bridge"] = "spright0".into();
         v["hairpinMode"] = true.into();
         v["ipMasq"] = true.into();
+        // spright is the node's network: the runtime's STATUS (CNI 1.1.0)
+        // reports it not available until meshd is ready.
+        v["meshdReadyz"] = self.meshd_api.to_string().into();
         if !cluster_cidrs.is_empty() {
             v["nonMasqueradeCIDRs"] = cluster_cidrs.iter().map(ToString::to_string).collect();
         }
@@ -387,6 +392,7 @@ mod tests {
             state_dir: "/var/lib/spright".into(),
             bpffs: "/sys/fs/bpf/spright".into(),
             cgroup: None,
+            meshd_api: "127.0.0.1:9943".parse().unwrap(),
         }
     }
 
@@ -520,6 +526,8 @@ mod tests {
         );
         assert_eq!(v["plugins"][0]["capabilities"][CAP_POD_ANNOTATIONS], true);
         assert!(v["plugins"][0].get("nonMasqueradeCIDRs").is_none());
+        assert_eq!(v["plugins"][0]["meshdReadyz"], "127.0.0.1:9943");
+        assert!(entry().chained().get("meshdReadyz").is_none());
         let v6: Value = serde_json::from_str(&primary_conflist(
             &entry(),
             &cidrs(&["fd00:10:244:1::/64"]),

@@ -123,6 +123,10 @@ pub struct Args {
     /// spright-cni's `bpffs` (must equal meshd's --bpffs)
     #[arg(long, env = config::env::BPFFS, value_name = "DIR", default_value = spright_ebpf::DEFAULT_BPFFS_DIR)]
     pub bpffs: PathBuf,
+    /// meshd's local API (its --api-addr): in primary mode spright-cni's
+    /// STATUS reports the network not available until its /readyz answers
+    #[arg(long, env = config::env::API_ADDR, value_name = "HOST:PORT", default_value = config::DEFAULT_API_ADDR)]
+    pub api_addr: std::net::SocketAddr,
     /// spright-cni's `cgroup` [default: none in the entry; the plugin detects kubelet's pod cgroup]
     #[arg(long, env = config::env::CGROUP, value_name = "DIR")]
     pub cgroup: Option<PathBuf>,
@@ -244,6 +248,7 @@ impl Installer {
                 state_dir: args.state_dir.clone(),
                 bpffs: args.bpffs.clone(),
                 cgroup: args.cgroup.clone(),
+                meshd_api: args.api_addr,
             },
             checked: Cell::new(None),
         }
