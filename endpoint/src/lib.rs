@@ -21,6 +21,8 @@ pub use pod::{Annotated, PodInfo};
 use serde::{Deserialize, Serialize};
 use spright_common::{ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, chain_id};
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod membership;
 pub mod netns;
 pub mod pod;

@@ -7,6 +7,8 @@ pub mod agent;
 pub mod config;
 pub mod desired;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod http;
 pub mod install_cni;
 pub mod kube_source;

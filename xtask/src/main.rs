@@ -35,6 +35,10 @@ usage: cargo xtask <task> [args]
                          unit        host unit tests, no privileges
                          privileged  namespaces, cgroups, bpf (tests/tests/privileged_*.rs)
                          e2e         real runtimes: containerd, podman (tests/tests/e2e_*.rs)
+  fuzz [--minutes N]   property tests of every parser of outside input (CNI stdin, env and
+                       CNI_ARGS, prevResult, records, Kubernetes objects and files, CNI config
+                       files, CSI requests), many more cases than the unit tier, in rounds
+                       for N minutes (default 5); a failure is kept in proptest-regressions/
   setup                install what this machine lacks (idempotent, quiet when nothing is missing)
   build                set up and build everything (user side + kernel programs, and the static
                        x86_64-unknown-linux-musl spright-cni)
@@ -66,6 +70,7 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             bench(&args[1..])
         }
+        Some("fuzz") => fuzz(&args[1..]),
         None | Some("help" | "-h" | "--help") => {
             println!("{HELP}");
             Ok(())
@@ -215,6 +220,76 @@ fn test_targets(prefix: &str) -> anyhow::Result<Vec<String>> {
         .collect();
     out.sort();
     Ok(out)
+}
+
+/// The property tests of parsers of outside input: (package, cargo test
+/// target arguments).
+const FUZZ_TARGETS: [(&str, &[&str]); 4] = [
+    ("spright-endpoint", &["--lib", "fuzzing::"]),
+    ("spright-cni", &["--test", "fuzz_parsers"]),
+    ("meshd", &["--lib", "fuzz::"]),
+    ("shm-csi", &["--test", "fuzz_requests"]),
+];
+
+/// Cases per property per round of `cargo xtask fuzz`.
+const FUZZ_CASES: u32 = 20_000;
+
+fn fuzz(args: &[String]) -> anyhow::Result<()> {
+    let minutes: f64 = match args {
+        [] => 5.0,
+        [flag, n] if flag == "--minutes" => n
+            .parse()
+            .ok()
+            .filter(|m: &f64| *m > 0.0)
+            .with_context(|| format!("--minutes {n:?}: expected a positive number"))?,
+        _ => bail!("usage: cargo xtask fuzz [--minutes N]"),
+    };
+    let started = Instant::now();
+    let budget = std::time::Duration::from_secs_f64(minutes * 60.0);
+    step("build the property tests (release)", || {
+        for (package, target) in FUZZ_TARGETS {
+            let mut a = vec!["test", "--release", "--no-run", "-p", package];
+            a.extend_from_slice(target);
+            cmd("cargo", &a)?;
+        }
+        Ok(())
+    })?;
+    let cases = FUZZ_CASES.to_string();
+    let (mut rounds, mut properties) = (0u32, 0u32);
+    while started.elapsed() < budget {
+        rounds += 1;
+        properties = 0;
+        for (package, target) in FUZZ_TARGETS {
+            let mut a = vec!["test", "--release", "-q", "-p", package];
+            a.extend_from_slice(target);
+            let out = Command::new("cargo")
+                .args(&a)
+                .env("PROPTEST_CASES", &cases)
+                .output()
+                .context("running cargo test")?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() {
+                bail!(
+                    "fuzz round {rounds}: {package} found a failing input (kept in {package}'s proptest-regressions/, replayed by every later run):\n{text}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            properties += text
+                .lines()
+                .filter_map(|l| l.strip_prefix("test result: ok. "))
+                .filter_map(|l| l.split(' ').next()?.parse::<u32>().ok())
+                .sum::<u32>();
+        }
+        println!(
+            "fuzz round {rounds}: {properties} tests (property tests at {cases} cases each), no failure ({:.0}s so far)",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    println!(
+        "fuzz: {rounds} rounds of {properties} tests, property tests at {cases} cases each, in {:.0}s: no failure",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn build_release() -> anyhow::Result<()> {
