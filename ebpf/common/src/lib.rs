@@ -225,6 +225,98 @@ impl EndpointValue {
     }
 }
 
+/// The sockops policy's verdict on a new connection between a `local` and a
+/// `remote` address, with the reason. The kernel program redirects exactly
+/// when [`Verdict::redirects`]; `spright explain` calls the same function on
+/// the same map entries, so its answer is the program's, not a copy of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Verdict {
+    /// Both ends are endpoints of the same chain.
+    SameChain = 0,
+    /// Different chains that are explicitly allowed to talk.
+    AllowedChains = 1,
+    /// This end's address is not a recorded endpoint of this node.
+    LocalNotEndpoint = 2,
+    /// The peer's address is not a recorded endpoint of this node (another
+    /// node, the host, a Service address that was not translated).
+    RemoteNotEndpoint = 3,
+    /// This end opted out (`spright.dev/redirect: off`, or it left its chain).
+    LocalOptedOut = 4,
+    /// The peer opted out.
+    RemoteOptedOut = 5,
+    /// An end is a recorded pod in no chain.
+    NotInChain = 6,
+    /// The ends are in different chains that are not allowed to talk.
+    OtherChain = 7,
+}
+
+impl Verdict {
+    /// Whether the connection is redirected socket to socket.
+    #[inline(always)]
+    #[must_use]
+    pub const fn redirects(self) -> bool {
+        matches!(self, Self::SameChain | Self::AllowedChains)
+    }
+
+    /// The reason in words.
+    #[must_use]
+    pub const fn reason(self) -> &'static str {
+        match self {
+            Self::SameChain => "both ends are in the same chain",
+            Self::AllowedChains => "the two chains are allowed to talk",
+            Self::LocalNotEndpoint => "the source is not a chain pod recorded on this node",
+            Self::RemoteNotEndpoint => {
+                "the destination is not a pod recorded on this node (another node, the host, or an untranslated Service address)"
+            }
+            Self::LocalOptedOut => {
+                "the source opted out (spright.dev/redirect: off) or left its chain"
+            }
+            Self::RemoteOptedOut => {
+                "the destination opted out (spright.dev/redirect: off) or left its chain"
+            }
+            Self::NotInChain => "one end is in no chain (no spright.dev/chain annotation)",
+            Self::OtherChain => "the ends are in different chains that are not allowed to talk",
+        }
+    }
+}
+
+/// The sockops policy: both ends are recorded local endpoints, neither opted
+/// out, and they are in the same chain or in chains `allowed` to talk.
+#[inline(always)]
+pub fn verdict(
+    local: Option<EndpointValue>,
+    remote: Option<EndpointValue>,
+    allowed: impl FnOnce(ChainPair) -> bool,
+) -> Verdict {
+    let Some(l) = local else {
+        return Verdict::LocalNotEndpoint;
+    };
+    let Some(r) = remote else {
+        return Verdict::RemoteNotEndpoint;
+    };
+    if l.opted_out() {
+        return Verdict::LocalOptedOut;
+    }
+    if r.opted_out() {
+        return Verdict::RemoteOptedOut;
+    }
+    if l.same_chain_as(&r) {
+        return Verdict::SameChain;
+    }
+    if l.chain_id == 0 || r.chain_id == 0 {
+        return Verdict::NotInChain;
+    }
+    if allowed(ChainPair {
+        from: l.chain_id,
+        to: r.chain_id,
+    }) {
+        Verdict::AllowedChains
+    } else {
+        Verdict::OtherChain
+    }
+}
+
 /// Key of the chain-allow map: an ordered pair of chain ids. User space inserts
 /// both orders.
 #[repr(C)]
@@ -449,6 +541,39 @@ mod tests {
             ..a
         };
         assert!(off.opted_out() && !a.opted_out());
+    }
+
+    #[test]
+    fn verdicts_name_the_first_reason() {
+        let shop = EndpointValue {
+            chain_id: chain_id("default", "shop"),
+            ..Default::default()
+        };
+        let cart = EndpointValue {
+            chain_id: chain_id("default", "cart"),
+            ..Default::default()
+        };
+        let off = EndpointValue {
+            flags: ENDPOINT_FLAG_NO_REDIRECT,
+            ..shop
+        };
+        let none = EndpointValue::default();
+        let no = |_| false;
+        assert_eq!(verdict(Some(shop), Some(shop), no), Verdict::SameChain);
+        assert_eq!(verdict(None, Some(shop), no), Verdict::LocalNotEndpoint);
+        assert_eq!(verdict(Some(shop), None, no), Verdict::RemoteNotEndpoint);
+        assert_eq!(verdict(Some(off), Some(shop), no), Verdict::LocalOptedOut);
+        assert_eq!(verdict(Some(shop), Some(off), no), Verdict::RemoteOptedOut);
+        assert_eq!(verdict(Some(none), Some(none), no), Verdict::NotInChain);
+        assert_eq!(verdict(Some(shop), Some(cart), no), Verdict::OtherChain);
+        assert_eq!(
+            verdict(Some(shop), Some(cart), |p: ChainPair| p.from == shop.chain_id),
+            Verdict::AllowedChains
+        );
+        for v in [Verdict::SameChain, Verdict::AllowedChains] {
+            assert!(v.redirects());
+        }
+        assert!(!Verdict::OtherChain.redirects());
     }
 
     #[test]

@@ -102,33 +102,17 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// Policy, decided once per connection: both ends are recorded local endpoints,
-/// neither opted out, and they are in the same chain or in chains explicitly
-/// allowed to talk.
+/// Policy, decided once per connection by `spright_common::verdict` (the
+/// function `spright explain` runs on the same map entries): both ends are
+/// recorded local endpoints, neither opted out, and they are in the same
+/// chain or in chains explicitly allowed to talk.
 #[inline(always)]
 fn allowed(local: &Addr, remote: &Addr) -> bool {
     // SAFETY: values are copied out at once; a concurrent update can at worst
     // give a stale decision for this one connection.
-    let (Some(l), Some(r)) = (unsafe { ENDPOINTS.get(local) }, unsafe {
-        ENDPOINTS.get(remote)
-    }) else {
-        return false;
-    };
-    let (l, r) = (*l, *r);
-    if l.opted_out() || r.opted_out() {
-        return false;
-    }
-    if l.same_chain_as(&r) {
-        return true;
-    }
-    l.chain_id != 0
-        && r.chain_id != 0
-        && CHAIN_ALLOW
-            .get_ptr(ChainPair {
-                from: l.chain_id,
-                to: r.chain_id,
-            })
-            .is_some()
+    let (l, r) = unsafe { (ENDPOINTS.get(local).copied(), ENDPOINTS.get(remote).copied()) };
+    spright_common::verdict(l, r, |pair: ChainPair| CHAIN_ALLOW.get_ptr(pair).is_some())
+        .redirects()
 }
 
 #[inline(always)]
