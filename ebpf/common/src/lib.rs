@@ -317,6 +317,54 @@ pub fn verdict(
     }
 }
 
+/// Why a `connect()` is or is not translated from a Service address to a
+/// node-local backend (the connect programs' decision, shared like
+/// [`Verdict`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Translate {
+    /// Sent to a node-local backend of the caller's chain.
+    Translated = 0,
+    /// The caller's network namespace is not a recorded pod of this node.
+    CallerNotEndpoint = 1,
+    /// The caller is in no chain.
+    CallerNotInChain = 2,
+    /// The caller opted out or left its chain.
+    CallerOptedOut = 3,
+    /// The address and port are not a Service port with a node-local
+    /// backend of the caller's chain (kube-proxy handles it).
+    NoLocalBackend = 4,
+}
+
+impl Translate {
+    /// The reason in words.
+    #[must_use]
+    pub const fn reason(self) -> &'static str {
+        match self {
+            Self::Translated => "a Service port with a node-local backend of the caller's chain",
+            Self::CallerNotEndpoint => "the caller is not a pod recorded on this node",
+            Self::CallerNotInChain => "the caller is in no chain",
+            Self::CallerOptedOut => "the caller opted out or left its chain",
+            Self::NoLocalBackend => {
+                "not a Service port with a node-local backend of the caller's chain (kube-proxy handles it)"
+            }
+        }
+    }
+}
+
+/// The caller's part of the translation decision: the chain whose service
+/// table a `connect()` from `caller` (the network namespace's entry) looks
+/// in, or why it is not translated at all.
+#[inline(always)]
+pub fn translation_chain(caller: Option<EndpointValue>) -> Result<u64, Translate> {
+    match caller {
+        None => Err(Translate::CallerNotEndpoint),
+        Some(c) if c.chain_id == 0 => Err(Translate::CallerNotInChain),
+        Some(c) if c.opted_out() => Err(Translate::CallerOptedOut),
+        Some(c) => Ok(c.chain_id),
+    }
+}
+
 /// Key of the chain-allow map: an ordered pair of chain ids. User space inserts
 /// both orders.
 #[repr(C)]
@@ -567,7 +615,8 @@ mod tests {
         assert_eq!(verdict(Some(none), Some(none), no), Verdict::NotInChain);
         assert_eq!(verdict(Some(shop), Some(cart), no), Verdict::OtherChain);
         assert_eq!(
-            verdict(Some(shop), Some(cart), |p: ChainPair| p.from == shop.chain_id),
+            verdict(Some(shop), Some(cart), |p: ChainPair| p.from
+                == shop.chain_id),
             Verdict::AllowedChains
         );
         for v in [Verdict::SameChain, Verdict::AllowedChains] {

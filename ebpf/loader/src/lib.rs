@@ -30,6 +30,7 @@ pub use pathswitch::PathSwitch;
 pub use pins::DEFAULT_BPFFS_DIR;
 pub use spright_common::{
     Addr, Backend, ChainPair, Counters, ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, IPPROTO_TCP,
-    SockKey, SvcCounters, SvcKey, SvcValue, Translation, chain_id, limits, names,
+    SockKey, SvcCounters, SvcKey, SvcValue, Translate, Translation, Verdict, chain_id, limits,
+    names, translation_chain, verdict,
 };
 pub use system::{POD_CGROUPS, cgroup2_mount, default_cgroup, ensure_bpffs_mounted, pod_cgroup};

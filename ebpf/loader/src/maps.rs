@@ -185,6 +185,15 @@ impl Datapath {
         Ok(())
     }
 
+    /// Whether chain `from` may talk to chain `to` (the allow map's entry).
+    pub fn chain_allowed(&self, pair: ChainPair) -> Result<bool, Error> {
+        match self.allows.get(&pair, 0) {
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(Error::map("read", names::CHAIN_ALLOW)(e)),
+        }
+    }
+
     /// Counters of one endpoint, summed over CPUs (zero when it has none yet).
     pub fn counters(&self, ip: IpAddr) -> Result<Counters, Error> {
         match self.counters.get(&addr_of(ip), 0) {

@@ -110,9 +110,13 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
 fn allowed(local: &Addr, remote: &Addr) -> bool {
     // SAFETY: values are copied out at once; a concurrent update can at worst
     // give a stale decision for this one connection.
-    let (l, r) = unsafe { (ENDPOINTS.get(local).copied(), ENDPOINTS.get(remote).copied()) };
-    spright_common::verdict(l, r, |pair: ChainPair| CHAIN_ALLOW.get_ptr(pair).is_some())
-        .redirects()
+    let (l, r) = unsafe {
+        (
+            ENDPOINTS.get(local).copied(),
+            ENDPOINTS.get(remote).copied(),
+        )
+    };
+    spright_common::verdict(l, r, |pair: ChainPair| CHAIN_ALLOW.get_ptr(pair).is_some()).redirects()
 }
 
 #[inline(always)]

@@ -124,18 +124,17 @@ fn translate<const V6: bool>(ctx: &SockAddrContext) {
     // SAFETY: the helper only reads the context's socket.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    let Some(caller) = (unsafe { NETNS.get(&netns) }).copied() else {
+    let caller = unsafe { NETNS.get(&netns) }.copied();
+    // The same decision `spright explain` shows.
+    let Ok(chain_id) = spright_common::translation_chain(caller) else {
         return;
     };
-    if caller.chain_id == 0 || caller.opted_out() {
-        return;
-    }
     let (addr, port) = user_addr::<V6>(sa);
     let key = SvcKey {
         addr,
         port,
         proto: IPPROTO_TCP,
-        chain_id: caller.chain_id,
+        chain_id,
     };
     let Some(svc) = SERVICES.get_ptr(&key) else {
         return;

@@ -45,6 +45,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Would a new connection from FROM to TO be redirected (or, to a Service
+    /// address with PORT, translated), and if not, why: the kernel programs'
+    /// own decision on the pinned maps they read
+    Explain {
+        /// The caller: `namespace/pod`, `pod` (namespace default) or an IP
+        from: String,
+        /// The destination: a pod as above, a pod's IP, or a Service address
+        to: String,
+        /// The destination port (needed for a Service address)
+        port: Option<u16>,
+        /// Pin directory of the datapath
+        #[arg(long, env = config::env::BPFFS, default_value = spright_ebpf::DEFAULT_BPFFS_DIR)]
+        bpffs: PathBuf,
+        /// State directory with the endpoint records (pod names to addresses)
+        #[arg(long, env = config::env::STATE_DIR, default_value = spright_endpoint::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
     /// Install spright-cni into the runtime's CNI config and keep it there:
     /// chained as the last plugin of the conflist the runtime uses (default)
     /// or as spright's own network (--mode primary). Without --once it keeps
@@ -153,6 +173,30 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Explain {
+            from,
+            to,
+            port,
+            bpffs,
+            state_dir,
+            json,
+        } => match meshd::explain::explain(&state_dir, &bpffs, &from, &to, port) {
+            Ok(e) if json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&e).expect("explanations serialise")
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(e) => {
+                print!("{}", e.render());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("spright: explain: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Uninstall {
             cni_bin_dir,
             cni_conf_dir,
