@@ -62,11 +62,15 @@ impl Client {
         if roots.is_empty() {
             return Err(ClientError::NoCa);
         }
-        let config = ClientConfig::builder_with_provider(crate::tls::provider())
+        let mut config = ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
             .expect("ring supports the default versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // Every connection verifies the certificate served now, as the API
+        // server's webhook client (Go, no session cache) does: a resumed
+        // session would carry the identity of an earlier handshake.
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(Self {
             config: Arc::new(config),
             addr,

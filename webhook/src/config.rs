@@ -121,7 +121,7 @@ mod tests {
         let c = parse(&["--self-signed", "--namespace", "x"]).unwrap();
         assert_eq!(
             (c.namespace.as_str(), c.cert_validity),
-            ("x", Duration::from_secs(90 * 86_400))
+            ("x", Duration::from_hours(90 * 24))
         );
     }
 
@@ -145,7 +145,7 @@ mod tests {
             let e = parse(args).unwrap_err();
             assert!(e.contains(flag), "{args:?}: {e}");
         }
-        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_hours(12)));
         assert!(parse_duration("5s").is_err());
     }
 }

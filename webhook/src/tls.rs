@@ -264,8 +264,8 @@ mod tests {
 
     #[test]
     fn self_signed_pairs_load_and_files_that_do_not_match_are_refused() {
-        let a = self_signed(&service_names("hook", "ns"), Duration::from_secs(3600)).unwrap();
-        let b = self_signed(&["other".to_owned()], Duration::from_secs(3600)).unwrap();
+        let a = self_signed(&service_names("hook", "ns"), Duration::from_hours(1)).unwrap();
+        let b = self_signed(&["other".to_owned()], Duration::from_hours(1)).unwrap();
         let p = provider();
         a.serving.certified_key(&p).unwrap();
         assert!(a.ca_pem.starts_with("-----BEGIN CERTIFICATE-----"));

@@ -160,7 +160,7 @@ fn main() -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let names = tls::service_names("spright-webhook", "spright-system");
-    let pair = tls::self_signed(&names, Duration::from_secs(3600))?;
+    let pair = tls::self_signed(&names, Duration::from_hours(1))?;
     let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     std::fs::write(&cert, &pair.serving.cert)?;
     std::fs::write(&key, &pair.serving.key)?;
