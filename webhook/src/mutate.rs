@@ -761,6 +761,28 @@ mod tests {
     }
 
     #[test]
+    fn reinvocation_mounts_the_volume_in_a_container_added_since() {
+        let p = pod(
+            &json!({ "spright.dev/chain": "demo", "spright.dev/shm": "true" }),
+            &one_container(),
+        );
+        let mut out = settled(&p);
+        // Another webhook added a container after the first review.
+        out["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({ "name": "proxy", "image": "busybox:1.36" }));
+        let patch = mutate_pod(&out).unwrap().unwrap();
+        assert_eq!(paths(&patch), ["/spec/containers/1/volumeMounts"]);
+        let out = settled(&out);
+        assert_eq!(
+            out["spec"]["volumes"].as_array().unwrap().len(),
+            1,
+            "one volume"
+        );
+    }
+
+    #[test]
     fn a_label_naming_another_chain_is_replaced() {
         let mut p = pod(
             &json!({ "spright.dev/chain": "demo", "spright.dev/placement": "none" }),
