@@ -181,6 +181,10 @@ pub async fn serve(
             },
             () = &mut shutdown => return,
         };
+        // Request/response traffic: no Nagle delay on the answer.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(peer.addr = %peer, error = %e, "TCP_NODELAY not set");
+        }
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {

@@ -193,15 +193,14 @@ fn main() -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
-        // Warm-up: connections, allocator, caches.
-        rt.block_on(workload(
-            &client,
-            &Args {
-                reviews: args.clients * 4,
-                clients: args.clients,
-            },
-            true,
-        ))?;
+        // Warm-up of both workloads: connections, allocator, caches.
+        let warm_up = Args {
+            reviews: args.clients * 16,
+            clients: args.clients,
+        };
+        for chain in [false, true] {
+            rt.block_on(workload(&client, &warm_up, chain))?;
+        }
         println!(
             "spright-webhook: {} reviews per workload from {} concurrent HTTPS clients (keep-alive)",
             args.reviews, args.clients
