@@ -45,11 +45,12 @@ pub enum BundleError {
     },
 }
 
-/// Writes `cas` (PEM certificates, concatenated) as the `caBundle` of every
-/// webhook of configuration `name`. A JSON Patch whose `test` operations
-/// pin each webhook's name at its index, so a concurrent edit that reorders
-/// them fails the patch instead of misplacing a bundle. Returns how many
-/// webhooks were patched.
+/// Makes `cas` (PEM certificates, concatenated) the `caBundle` of every
+/// webhook of configuration `name`: one JSON Patch for the webhooks whose
+/// bundle differs, whose `test` operations pin each webhook's name at its
+/// index, so a concurrent edit that reorders them fails the patch instead
+/// of misplacing a bundle. Returns how many webhooks were patched (0: all
+/// were current, nothing was sent).
 pub async fn write(client: &Client, name: &str, cas: &[&str]) -> Result<usize, BundleError> {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let current = api.get(name).await.map_err(|source| BundleError::Get {
@@ -62,9 +63,17 @@ pub async fn write(client: &Client, name: &str, cas: &[&str]) -> Result<usize, B
             name: name.to_owned(),
         });
     }
-    let bundle = base64::engine::general_purpose::STANDARD.encode(cas.concat());
+    let pem = cas.concat();
+    let bundle = base64::engine::general_purpose::STANDARD.encode(&pem);
     let mut ops = Vec::new();
-    for (i, w) in webhooks.iter().enumerate() {
+    let stale = |w: &&k8s_openapi::api::admissionregistration::v1::MutatingWebhook| {
+        w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()) != Some(pem.as_bytes())
+    };
+    let patched = webhooks.iter().filter(stale).count();
+    if patched == 0 {
+        return Ok(0);
+    }
+    for (i, w) in webhooks.iter().enumerate().filter(|(_, w)| stale(w)) {
         let i = i.to_string();
         ops.push(PatchOperation::Test(TestOperation {
             path: PointerBuf::from_tokens(["webhooks", &i, "name"]),
@@ -86,7 +95,7 @@ pub async fn write(client: &Client, name: &str, cas: &[&str]) -> Result<usize, B
         name: name.to_owned(),
         source,
     })?;
-    Ok(webhooks.len())
+    Ok(patched)
 }
 
 /// [`write`] until it succeeds, backing off from 1 s to 30 s; every failure
@@ -95,6 +104,10 @@ pub async fn write_until_done(client: &Client, name: &str, cas: &[&str]) {
     let mut wait = Duration::from_secs(1);
     loop {
         match write(client, name, cas).await {
+            Ok(0) => {
+                tracing::debug!(webhook.config = name, "caBundle already current");
+                return;
+            }
             Ok(n) => {
                 tracing::info!(
                     webhook.config = name,
@@ -123,9 +136,20 @@ pub struct Rotation {
     pub config_name: String,
     pub names: Vec<String>,
     pub validity: Duration,
+    /// How often the configuration is checked between rotations: a bundle
+    /// someone removed (the configuration re-created, or re-applied by a
+    /// tool that owns the field) is written again.
+    pub check_every: Duration,
     pub store: Arc<CertStore>,
     pub metrics: Arc<Metrics>,
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The certificate waiting to be served (between steps 2 and 3).
+struct Next {
+    pair: SelfSigned,
+    key: rustls::sign::CertifiedKey,
+    issued: Instant,
 }
 
 impl Rotation {
@@ -133,26 +157,60 @@ impl Rotation {
     pub async fn run(self, mut current: SelfSigned) -> Result<(), tls::TlsError> {
         let provider = tls::provider();
         let mut issued = Instant::now();
+        let mut next: Option<Next> = None;
         write_until_done(&self.client, &self.config_name, &[&current.ca_pem]).await;
         self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         loop {
-            tokio::time::sleep_until(issued + self.validity * 2 / 3).await;
-            let next = tls::self_signed(&self.names, self.validity)?;
-            let next_key = next.serving.certified_key(&provider)?;
-            let next_issued = Instant::now();
-            write_until_done(
-                &self.client,
-                &self.config_name,
-                &[&current.ca_pem, &next.ca_pem],
-            )
-            .await;
-            tokio::time::sleep_until(issued + self.validity * 5 / 6).await;
-            self.store.set(next_key);
-            self.metrics.certificate_changed();
-            tracing::info!(not_after = %next.not_after, "serving the rotated certificate");
-            write_until_done(&self.client, &self.config_name, &[&next.ca_pem]).await;
-            current = next;
-            issued = next_issued;
+            let step = match next {
+                None => issued + self.validity * 2 / 3,
+                Some(_) => issued + self.validity * 5 / 6,
+            };
+            tokio::time::sleep_until(step.min(Instant::now() + self.check_every)).await;
+            if Instant::now() < step {
+                // Re-assert the bundle of the current step; a failure is
+                // logged and tried again at the next check.
+                let bundle: Vec<&str> = std::iter::once(current.ca_pem.as_str())
+                    .chain(next.as_ref().map(|n| n.pair.ca_pem.as_str()))
+                    .collect();
+                match write(&self.client, &self.config_name, &bundle).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(
+                        webhook.config = self.config_name,
+                        webhooks = n,
+                        "the caBundle had been changed; written again"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = &e as &dyn std::error::Error, "caBundle not checked")
+                    }
+                }
+                continue;
+            }
+            match next.take() {
+                None => {
+                    let pair = tls::self_signed(&self.names, self.validity)?;
+                    let key = pair.serving.certified_key(&provider)?;
+                    let n = Next {
+                        pair,
+                        key,
+                        issued: Instant::now(),
+                    };
+                    write_until_done(
+                        &self.client,
+                        &self.config_name,
+                        &[&current.ca_pem, &n.pair.ca_pem],
+                    )
+                    .await;
+                    next = Some(n);
+                }
+                Some(n) => {
+                    self.store.set(n.key);
+                    self.metrics.certificate_changed();
+                    tracing::info!(not_after = %n.pair.not_after, "serving the rotated certificate");
+                    write_until_done(&self.client, &self.config_name, &[&n.pair.ca_pem]).await;
+                    current = n.pair;
+                    issued = n.issued;
+                }
+            }
         }
     }
 }

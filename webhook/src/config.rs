@@ -16,6 +16,7 @@ pub mod env {
     pub const SERVICE: &str = "SPRIGHT_WEBHOOK_SERVICE";
     pub const NAMESPACE: &str = "SPRIGHT_WEBHOOK_NAMESPACE";
     pub const CERT_VALIDITY: &str = "SPRIGHT_WEBHOOK_CERT_VALIDITY";
+    pub const CA_BUNDLE_CHECK_SECS: &str = "SPRIGHT_WEBHOOK_CA_BUNDLE_CHECK_SECS";
     pub const LOG: &str = "SPRIGHT_WEBHOOK_LOG";
 }
 
@@ -91,6 +92,10 @@ pub struct Config {
     /// Lifetime of the --self-signed CA and certificate (s, m, h, d)
     #[arg(long, env = env::CERT_VALIDITY, value_name = "DURATION", default_value = "90d", value_parser = parse_duration)]
     pub cert_validity: Duration,
+    /// How often --self-signed checks the caBundle between rotations and
+    /// writes it again when someone changed it
+    #[arg(long, env = env::CA_BUNDLE_CHECK_SECS, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
+    pub ca_bundle_check_secs: Duration,
     /// Log filter (tracing's EnvFilter syntax)
     #[arg(long, env = env::LOG, value_name = "FILTER", default_value = "info")]
     pub log: String,

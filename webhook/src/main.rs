@@ -55,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
             config_name: config.webhook_config.clone(),
             names,
             validity: config.cert_validity,
+            check_every: config.ca_bundle_check_secs,
             store: store.clone(),
             metrics: app.metrics.clone(),
             ready: app.ready.clone(),

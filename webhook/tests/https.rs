@@ -589,6 +589,7 @@ fn certificate_files_are_reloaded_without_a_restart() {
 struct FakeApi {
     addr: SocketAddr,
     bundles: Arc<Mutex<Vec<Vec<String>>>>,
+    object: Arc<Mutex<Value>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -675,7 +676,8 @@ impl FakeApi {
             "webhooks": webhooks,
         });
         let bundles = Arc::new(Mutex::new(Vec::new()));
-        let state: Shared = (Arc::new(Mutex::new(object)), bundles.clone());
+        let object = Arc::new(Mutex::new(object));
+        let state: Shared = (object.clone(), bundles.clone());
         let app = Router::new()
             .route(CONFIG_PATH, get(fake_read).patch(fake_patch))
             .with_state(state);
@@ -697,8 +699,23 @@ impl FakeApi {
         Self {
             addr,
             bundles,
+            object,
             shutdown: Some(tx),
             thread: Some(thread),
+        }
+    }
+
+    /// Removes every webhook's caBundle, as re-creating the configuration
+    /// from its manifest would.
+    fn clear_ca_bundles(&self) {
+        for w in self.object.lock().unwrap()["webhooks"]
+            .as_array_mut()
+            .unwrap()
+        {
+            w["clientConfig"]
+                .as_object_mut()
+                .unwrap()
+                .remove("caBundle");
         }
     }
 
@@ -745,6 +762,8 @@ fn self_signed_writes_the_ca_bundle_and_rotates_it() {
             "spright-system",
             "--cert-validity",
             "12s",
+            "--ca-bundle-check-secs",
+            "1",
         ],
         &[("KUBECONFIG", &kubeconfig)],
     );
@@ -767,22 +786,38 @@ fn self_signed_writes_the_ca_bundle_and_rotates_it() {
         .unwrap();
     assert!(r.response.unwrap().patch.is_some());
 
+    // Someone re-creates the configuration without the bundle: the next
+    // check writes it again.
+    api.clear_ca_bundles();
+    eventually("the caBundle written again", || {
+        api.bundles()
+            .iter()
+            .skip(1)
+            .any(|b| *b == first)
+            .then_some(())
+    });
+
     // Rotation: old and new CA together, then the new certificate, then the
     // new CA alone. At every step the served certificate is one the latest
     // bundle trusts.
     let both = eventually("the caBundle with both CAs", || {
-        api.bundles().get(1).cloned()
+        api.bundles().into_iter().find(|b| b.len() == 2)
     });
-    assert_eq!(both.len(), 2, "{both:?}");
     assert_eq!(both[0], first[0]);
     let only_new = hook.client(both[1].as_bytes());
     eventually("the rotated certificate to be served", || {
         rt.block_on(only_new.connect()).ok()
     });
     let last = eventually("the caBundle with the new CA only", || {
-        api.bundles().get(2).cloned()
+        api.bundles()
+            .last()
+            .filter(|b| **b == [both[1].clone()])
+            .cloned()
     });
     assert_eq!(last, vec![both[1].clone()]);
+    // Checks write nothing while the bundle is current: the first bundle,
+    // its re-write, both CAs, the new CA.
+    assert_eq!(api.bundles().len(), 4, "{:#?}", api.bundles());
     assert!(
         rt.block_on(client.connect()).is_err(),
         "the old CA no longer verifies the server"
