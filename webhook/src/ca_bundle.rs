@@ -180,7 +180,10 @@ impl Rotation {
                         "the caBundle had been changed; written again"
                     ),
                     Err(e) => {
-                        tracing::warn!(error = &e as &dyn std::error::Error, "caBundle not checked")
+                        tracing::warn!(
+                            error = &e as &dyn std::error::Error,
+                            "caBundle not checked"
+                        );
                     }
                 }
                 continue;
