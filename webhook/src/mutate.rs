@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation, jsonptr::PointerBuf};
 use k8s_openapi::{
     api::core::v1::{
-        Affinity, CSIVolumeSource, Container, Pod, PodAffinity, PodAffinityTerm, Volume,
+        Affinity, CSIVolumeSource, Container, Pod, PodAffinity, PodAffinityTerm, PodSpec, Volume,
         VolumeMount, WeightedPodAffinityTerm,
     },
     apimachinery::pkg::apis::meta::v1::LabelSelector,
@@ -328,10 +328,7 @@ fn is_shm(v: &Volume) -> bool {
 
 /// A shared-memory volume the Pod brought itself must ask for its own
 /// chain: shm-csi would refuse the mount anyway.
-fn check_foreign_volumes(
-    spec: &k8s_openapi::api::core::v1::PodSpec,
-    chain: &str,
-) -> Result<(), Refusal> {
+fn check_foreign_volumes(spec: &PodSpec, chain: &str) -> Result<(), Refusal> {
     for v in spec.volumes.iter().flatten().filter(|v| is_shm(v)) {
         let attrs = v.csi.as_ref().and_then(|c| c.volume_attributes.as_ref());
         let theirs = attrs.and_then(|a| a.get(shm_csi::request::ATTR_CHAIN));
@@ -351,7 +348,7 @@ fn check_foreign_volumes(
 
 /// The chain's volume and its mounts.
 fn volume(
-    spec: &k8s_openapi::api::core::v1::PodSpec,
+    spec: &PodSpec,
     chain: &str,
     shm: &Shm,
     ops: &mut Vec<PatchOperation>,
@@ -462,11 +459,7 @@ fn same_term(t: &PodAffinityTerm, want: &PodAffinityTerm) -> bool {
         && t.namespace_selector.is_none()
 }
 
-fn affinity(
-    spec: &k8s_openapi::api::core::v1::PodSpec,
-    want: &Wanted,
-    ops: &mut Vec<PatchOperation>,
-) {
+fn affinity(spec: &PodSpec, want: &Wanted, ops: &mut Vec<PatchOperation>) {
     let (field, value) = match want.placement {
         Placement::None => return,
         Placement::Preferred => (
