@@ -17,6 +17,7 @@ pub mod env {
     pub const NAMESPACE: &str = "SPRIGHT_WEBHOOK_NAMESPACE";
     pub const CERT_VALIDITY: &str = "SPRIGHT_WEBHOOK_CERT_VALIDITY";
     pub const CA_BUNDLE_CHECK_SECS: &str = "SPRIGHT_WEBHOOK_CA_BUNDLE_CHECK_SECS";
+    pub const DRAIN_SECS: &str = "SPRIGHT_WEBHOOK_DRAIN_SECS";
     pub const LOG: &str = "SPRIGHT_WEBHOOK_LOG";
 }
 
@@ -96,6 +97,10 @@ pub struct Config {
     /// writes it again when someone changed it
     #[arg(long, env = env::CA_BUNDLE_CHECK_SECS, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
     pub ca_bundle_check_secs: Duration,
+    /// After SIGTERM, how long to keep accepting reviews (while the
+    /// endpoint is being removed from the Service) before stopping
+    #[arg(long, env = env::DRAIN_SECS, value_name = "SECS", default_value = "5", value_parser = clap::value_parser!(u64).range(0..=300))]
+    pub drain_secs: u64,
     /// Log filter (tracing's EnvFilter syntax)
     #[arg(long, env = env::LOG, value_name = "FILTER", default_value = "info")]
     pub log: String,

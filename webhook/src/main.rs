@@ -70,7 +70,8 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(listen.addr = %local, self_signed = config.self_signed, "serving");
     eprintln!("spright-webhook listening on {local}");
     let tls_config = tls::server_config(store)?;
-    let serving = server::serve(listener, tls_config, server::router(app), shutdown());
+    let drain = std::time::Duration::from_secs(config.drain_secs);
+    let serving = server::serve(listener, tls_config, server::router(app), shutdown(drain));
     match rotation {
         None => serving.await,
         Some((rotation, first)) => {
@@ -84,11 +85,20 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown() {
+/// Resolves `drain` after SIGTERM or SIGINT: the kubelet sends SIGTERM
+/// while the Pod's endpoint is still being removed from the Service, so
+/// the API server may still call for a few seconds.
+async fn shutdown(drain: std::time::Duration) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+    tracing::info!(
+        drain.secs = drain.as_secs(),
+        "stopping: still serving while the endpoint is removed"
+    );
+    eprintln!("spright-webhook draining");
+    tokio::time::sleep(drain).await;
 }

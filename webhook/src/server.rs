@@ -159,7 +159,12 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
     )
 }
 
-/// Serves `router` over TLS on `listener` until `shutdown` resolves.
+/// How long reviews in flight may take to finish once the server stops.
+pub const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `router` over TLS on `listener` until `shutdown` resolves, then
+/// stops accepting, lets the requests in flight finish (idle keep-alive
+/// connections are closed at once) for at most [`FINISH_TIMEOUT`].
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -167,6 +172,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -179,7 +185,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut shutdown => return,
+            () = &mut shutdown => break,
         };
         // Request/response traffic: no Nagle delay on the answer.
         if let Err(e) = tcp.set_nodelay(true) {
@@ -187,6 +193,7 @@ pub async fn serve(
         }
         let acceptor = acceptor.clone();
         let router = router.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
@@ -204,9 +211,16 @@ pub async fn serve(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(peer.addr = %peer, error = %e, "connection ended with an error");
             }
         });
+    }
+    drop(listener);
+    if tokio::time::timeout(FINISH_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still busy after {FINISH_TIMEOUT:?}; closing them");
     }
 }

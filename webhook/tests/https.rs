@@ -583,6 +583,60 @@ fn certificate_files_are_reloaded_without_a_restart() {
     );
 }
 
+/// SIGTERM (what the kubelet sends): the webhook keeps answering for
+/// `--drain-secs` (the API server may still call while the endpoint is
+/// being removed), then exits cleanly.
+#[test]
+fn sigterm_keeps_serving_through_the_drain_then_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = tls::self_signed(
+        &tls::service_names("spright-webhook", "spright-system"),
+        Duration::from_hours(1),
+    )
+    .unwrap();
+    write_pair(dir.path(), &ca.serving);
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let mut hook = Webhook::start(
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--drain-secs",
+            "5",
+        ],
+        &[],
+    );
+    let rt = runtime();
+    let client = hook.client(ca.ca_pem.as_bytes());
+    let mut open = rt.block_on(client.connect()).unwrap();
+    let review = review_of(
+        "u-drain",
+        pod("p", &json!({ "spright.dev/chain": "demo" }), &containers()),
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &hook.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    eventually("the drain to start", || {
+        hook.log_text().contains("draining").then_some(())
+    });
+    // Both an open connection and a new one are still served.
+    let r = rt.block_on(open.review(&review)).unwrap();
+    assert!(r.response.unwrap().patch.is_some());
+    let r = rt
+        .block_on(async { client.connect().await?.review(&review).await })
+        .unwrap_or_else(|e| panic!("a new connection during the drain: {e}"));
+    assert!(r.response.unwrap().allowed);
+    let exit = eventually("the webhook to exit", || hook.child.try_wait().unwrap());
+    assert!(exit.success(), "{exit:?}\n{}", hook.log_text());
+    assert!(
+        rt.block_on(client.connect()).is_err(),
+        "nothing listens any more"
+    );
+}
+
 /// A stand-in for the API server's admissionregistration.k8s.io/v1
 /// MutatingWebhookConfiguration resource: GET and JSON PATCH of one object,
 /// every caBundle written recorded in order.
