@@ -59,6 +59,23 @@ pub const ANNOTATION_CHAIN: &str = "spright.dev/chain";
 pub const ANNOTATION_FUNCTION: &str = "spright.dev/function";
 /// Pod annotation to opt out of the redirect (`"off"`).
 pub const ANNOTATION_REDIRECT: &str = "spright.dev/redirect";
+/// Pod annotation asking spright-webhook for the chain's shared-memory
+/// volume: a size (`64Mi`, as shm-csi's `size` attribute) or `"true"` for
+/// the node's default size.
+pub const ANNOTATION_SHM: &str = "spright.dev/shm";
+/// Pod annotation: where spright-webhook mounts the shared-memory volume
+/// (an absolute path; [`DEFAULT_SHM_PATH`] when absent).
+pub const ANNOTATION_SHM_PATH: &str = "spright.dev/shm-path";
+/// Pod annotation: comma-separated init containers that also get the
+/// shared-memory mount (every regular container always does).
+pub const ANNOTATION_SHM_CONTAINERS: &str = "spright.dev/shm-containers";
+/// Pod annotation: how spright-webhook co-locates a chain's pods
+/// (`preferred`, the default; `required`; `none`).
+pub const ANNOTATION_PLACEMENT: &str = "spright.dev/placement";
+/// Pod label spright-webhook sets to the chain (selectors and affinity use it).
+pub const LABEL_CHAIN: &str = "spright.dev/chain";
+/// Where spright-webhook mounts the shared-memory volume by default.
+pub const DEFAULT_SHM_PATH: &str = "/dev/shm/spright";
 /// CNI spec versions spright-cni speaks, oldest first. install-cni chains
 /// spright only into conflists of one of these versions.
 pub const CNI_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];

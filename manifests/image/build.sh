@@ -39,7 +39,7 @@ stage_libs() {
 # spright-cni is the static (musl) build: install-cni copies it onto hosts
 # whose libc may be older, different or absent.
 static_target=x86_64-unknown-linux-musl
-for bin in meshd spright spright-cni shm-csi; do
+for bin in meshd spright spright-cni shm-csi spright-webhook; do
     src=$target/$profile/$bin
     [ "$bin" = spright-cni ] && src=$target/$static_target/$profile/$bin
     if [ ! -x "$src" ]; then

@@ -1,8 +1,11 @@
 //! The shipped example chain, unchanged, on one node run in kubelet's order
-//! (src/kubelet.rs): the Pod object first, its CSI volumes published by
-//! shm-csi before any sandbox exists, then containerd's RunPodSandbox (which
-//! runs spright-cni), then the containers with their mounts. meshd learns
-//! the Pods from its pods directory (the file twin of its API watch).
+//! (src/kubelet.rs): the Pod object first, as the API server stores it after
+//! spright-webhook's mutation (the manifest carries only annotations; the
+//! webhook's JSON Patch adds the chain's volume, mounts, label and
+//! affinity), its CSI volumes published by shm-csi before any sandbox
+//! exists, then containerd's RunPodSandbox (which runs spright-cni), then
+//! the containers with their mounts. meshd learns the Pods from its pods
+//! directory (the file twin of its API watch).
 
 use std::path::Path;
 
@@ -42,6 +45,33 @@ fn outsiders() -> (serde_json::Value, serde_json::Value) {
             json!([{ "name": "chain-shm", "mountPath": "/dev/spright" }]),
         ),
     )
+}
+
+/// What the API server stores for `pod`: the object after
+/// spright-webhook's mutation (the JSON Patch its review answers with).
+/// For the example chain, whose manifest has no volume, that is exactly one
+/// shm.spright.dev volume of the pod's chain, mounted in every container.
+fn admitted(pod: &serde_json::Value) -> serde_json::Value {
+    let out = spright_webhook::patched(pod).unwrap_or_else(|e| panic!("refused: {e}"));
+    if pod["metadata"]["annotations"]["spright.dev/chain"] == "demo" {
+        assert!(
+            pod["spec"]["volumes"].is_null(),
+            "the example chain carries annotations only"
+        );
+        assert_eq!(
+            out["spec"]["volumes"],
+            json!([{ "name": "spright-shm", "csi": { "driver": spright_tests::kubelet::CSI_DRIVER,
+                     "volumeAttributes": { "chain": "demo", "size": "64Mi" } } }])
+        );
+        for c in out["spec"]["containers"].as_array().unwrap() {
+            assert_eq!(
+                c["volumeMounts"],
+                json!([{ "name": "spright-shm", "mountPath": "/dev/shm/spright" }])
+            );
+        }
+        assert_eq!(out["metadata"]["labels"]["spright.dev/chain"], "demo");
+    }
+    out
 }
 
 fn function_of(p: &RunningPod) -> &str {
@@ -116,8 +146,9 @@ fn example_chain(tag: &str, cni: Cni<'_>) {
     )
     .unwrap();
 
-    let chain = pods_from_manifest(EXAMPLE, NODE).unwrap();
-    assert_eq!(chain.len(), 6, "three Deployments of two replicas");
+    let written = pods_from_manifest(EXAMPLE, NODE).unwrap();
+    assert_eq!(written.len(), 6, "three Deployments of two replicas");
+    let chain: Vec<serde_json::Value> = written.iter().map(admitted).collect();
     let mut running = Vec::new();
     // The first pod: its volume is published, then meshd restarts before
     // the sandbox is created; the pod still starts.
@@ -151,6 +182,9 @@ fn example_chain(tag: &str, cni: Cni<'_>) {
         }));
     }
     let (outsider, intruder) = outsiders();
+    // The webhook leaves Pods outside any chain as they are.
+    assert_eq!(admitted(&outsider), outsider);
+    assert_eq!(admitted(&intruder), intruder);
     let outsider = kubelet.run_pod(&outsider).unwrap();
     // Leftover pod namespaces are removed on drop if the test fails.
     for p in running.iter().chain([&outsider]) {
@@ -233,17 +267,22 @@ fn example_chain(tag: &str, cni: Cni<'_>) {
     let (code, _) = kubelet
         .exec(
             &gateway,
-            &["sh", "-c", "echo hello-chain > /dev/spright/probe"],
+            &["sh", "-c", "echo hello-chain > /dev/shm/spright/probe"],
         )
         .unwrap();
     assert_eq!(code, 0, "writing the chain's region as uid 65534");
     let last = running.last().unwrap().clone();
     assert_eq!(
-        kubelet.exec(&last, &["cat", "/dev/spright/probe"]).unwrap(),
+        kubelet
+            .exec(&last, &["cat", "/dev/shm/spright/probe"])
+            .unwrap(),
         (0, "hello-chain\n".to_owned())
     );
     assert_ne!(
-        kubelet.exec(&outsider, &["ls", "/dev/spright"]).unwrap().0,
+        kubelet
+            .exec(&outsider, &["ls", "/dev/shm/spright"])
+            .unwrap()
+            .0,
         0
     );
     let status = meshd.status().unwrap();

@@ -24,6 +24,9 @@ use spright_tests::sandbox::workspace_bin;
 
 const SPRIGHT_IMAGE: &str = "ghcr.io/spright-dev/spright";
 const CSI_DRIVER: &str = "shm.spright.dev";
+/// Name of the webhook's ServiceAccount, Service, Deployment and
+/// MutatingWebhookConfiguration.
+const WEBHOOK: &str = "spright-webhook";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -330,7 +333,15 @@ fn images_are_ours_at_the_workspace_version_or_pinned() {
                 let cmd = c["command"][0].as_str().unwrap();
                 let bin = cmd.rsplit('/').next().unwrap();
                 assert!(
-                    ["meshd", "spright", "spright-cni", "shm-csi", "sh"].contains(&bin),
+                    [
+                        "meshd",
+                        "spright",
+                        "spright-cni",
+                        "shm-csi",
+                        "spright-webhook",
+                        "sh"
+                    ]
+                    .contains(&bin),
                     "{cmd}"
                 );
                 assert!(
@@ -638,6 +649,10 @@ fn annotations_are_the_ones_the_plugin_reads() {
         spright_endpoint::ANNOTATION_CHAIN,
         spright_endpoint::ANNOTATION_FUNCTION,
         spright_endpoint::ANNOTATION_REDIRECT,
+        spright_endpoint::ANNOTATION_SHM,
+        spright_endpoint::ANNOTATION_SHM_PATH,
+        spright_endpoint::ANNOTATION_SHM_CONTAINERS,
+        spright_endpoint::ANNOTATION_PLACEMENT,
     ];
     let mut chained = 0;
     for o in objects() {
@@ -653,12 +668,42 @@ fn annotations_are_the_ones_the_plugin_reads() {
         let chain = chain.as_str().unwrap();
         spright_endpoint::validate_chain(chain).unwrap();
         chained += 1;
-        // The shared-memory volume asks for the pod's own chain.
-        for v in spec["volumes"].as_array().unwrap() {
-            if v["csi"]["driver"] == CSI_DRIVER {
-                assert_eq!(v["csi"]["volumeAttributes"]["chain"], chain);
+        // The Pod as spright-webhook admits it: the shared-memory volume
+        // asks for the pod's own chain, every container mounts it.
+        let pod = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": o["spec"]["template"]["metadata"], "spec": spec,
+        });
+        let admitted = spright_webhook::patched(&pod).unwrap_or_else(|e| {
+            panic!("{}: spright-webhook refuses it: {e}", o["metadata"]["name"])
+        });
+        let shm: Vec<&Value> = admitted["spec"]["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["csi"]["driver"] == CSI_DRIVER)
+            .collect();
+        if ann.contains_key(spright_endpoint::ANNOTATION_SHM) {
+            assert_eq!(shm.len(), 1, "{admitted:#}");
+        }
+        for v in shm {
+            assert_eq!(v["csi"]["volumeAttributes"]["chain"], chain);
+            for c in containers(&admitted["spec"]) {
+                assert!(
+                    c["volumeMounts"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|m| m["name"] == v["name"]),
+                    "{} does not mount the chain's volume",
+                    c["name"]
+                );
             }
         }
+        assert_eq!(
+            admitted["metadata"]["labels"][spright_endpoint::LABEL_CHAIN],
+            chain
+        );
     }
     assert!(chained >= 3, "the example chain has three functions");
 }
@@ -769,7 +814,7 @@ fn node_components_only_read_nodes_pods_services_and_endpointslices() {
             matches!(
                 o["kind"].as_str(),
                 Some("ClusterRoleBinding" | "RoleBinding")
-            )
+            ) && o["subjects"][0]["name"] != WEBHOOK
         })
         .collect();
     assert_eq!(bindings.len(), 1, "one binding, for meshd");
@@ -845,6 +890,196 @@ fn node_components_only_read_nodes_pods_services_and_endpointslices() {
     let cleanup = pod_spec(find(&objs, "DaemonSet", "spright-cleanup")).unwrap();
     assert_eq!(cleanup["serviceAccountName"], "spright-node");
     assert_eq!(cleanup["automountServiceAccountToken"], false);
+}
+
+/// `webhook.yaml`: the webhook configuration reaches the Deployment's
+/// server (Service, ports, path), the real binary accepts the Deployment's
+/// environment, the token is mounted in the webhook only, and its RBAC is
+/// get and patch of its own configuration, nothing else.
+#[test]
+fn webhook_reaches_the_binary_and_may_only_write_its_ca_bundle() {
+    let objs = objects();
+    let config = find(&objs, "MutatingWebhookConfiguration", WEBHOOK);
+    let service = find(&objs, "Service", WEBHOOK);
+    let deployment = find(&objs, "Deployment", WEBHOOK);
+    let spec = pod_spec(deployment).unwrap();
+    let c = container(spec, "webhook");
+    assert_eq!(
+        c["command"],
+        serde_json::json!(["/usr/local/bin/spright-webhook"])
+    );
+
+    // The binary accepts every variable and value the Deployment sets.
+    let help = Command::new(workspace_bin(WEBHOOK))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let mut env = BTreeMap::new();
+    for e in c["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        assert!(
+            help.contains(&format!("[env: {name}=")),
+            "spright-webhook has no environment variable {name}:\n{help}"
+        );
+        let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            Some("metadata.namespace") => deployment["metadata"]["namespace"].as_str().unwrap(),
+            Some(other) => panic!("{name} from {other}"),
+            None => e["value"].as_str().unwrap(),
+        };
+        env.insert(name.to_owned(), value.to_owned());
+    }
+    assert_eq!(env["SPRIGHT_WEBHOOK_SELF_SIGNED"], "true");
+    let addr: std::net::SocketAddr = env["SPRIGHT_WEBHOOK_ADDR"].parse().unwrap();
+    let ports = c["ports"].as_array().unwrap();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0]["containerPort"], addr.port());
+    assert_eq!(
+        env["SPRIGHT_WEBHOOK_CONFIG"],
+        config["metadata"]["name"].as_str().unwrap()
+    );
+    assert_eq!(
+        env["SPRIGHT_WEBHOOK_SERVICE"],
+        service["metadata"]["name"].as_str().unwrap()
+    );
+    assert_eq!(
+        env["SPRIGHT_WEBHOOK_NAMESPACE"],
+        service["metadata"]["namespace"].as_str().unwrap()
+    );
+    // A flag the binary rejects fails before anything else; this environment
+    // parses (the run then stops at the API, which is not here).
+    let bad = Command::new(workspace_bin(WEBHOOK))
+        .env_clear()
+        .envs(&env)
+        .env("SPRIGHT_WEBHOOK_CERT_VALIDITY", "3w")
+        .output()
+        .unwrap();
+    let bad = String::from_utf8_lossy(&bad.stderr);
+    assert!(bad.contains("--cert-validity"), "{bad}");
+    let run = Command::new(workspace_bin(WEBHOOK))
+        .env_clear()
+        .envs(&env)
+        .env("SPRIGHT_WEBHOOK_ADDR", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let run = String::from_utf8_lossy(&run.stderr);
+    assert!(run.contains("--self-signed needs the API"), "{run}");
+
+    // Probes over HTTPS at the server's port.
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let g = &c[probe]["httpGet"];
+        assert_eq!(
+            (g["path"].as_str(), g["scheme"].as_str()),
+            (Some(path), Some("HTTPS"))
+        );
+        assert_eq!(g["port"], ports[0]["name"]);
+    }
+    // The API server's call: the Service, its port, the path.
+    let hook = &config["webhooks"].as_array().unwrap()[0];
+    let target = &hook["clientConfig"]["service"];
+    assert_eq!(target["name"], service["metadata"]["name"]);
+    assert_eq!(target["namespace"], service["metadata"]["namespace"]);
+    assert_eq!(target["path"], "/mutate");
+    let sp = &service["spec"]["ports"][0];
+    assert_eq!(target["port"], sp["port"]);
+    assert_eq!(sp["targetPort"], ports[0]["name"]);
+    assert_eq!(
+        service["spec"]["selector"],
+        deployment["spec"]["template"]["metadata"]["labels"]
+            .as_object()
+            .map(|l| serde_json::json!({ "app.kubernetes.io/name": l["app.kubernetes.io/name"] }))
+            .unwrap()
+    );
+    // Never in the way: v1 reviews, no side effects, Ignore on failure,
+    // CREATE of Pods only, kube-system and spright's namespace skipped.
+    assert_eq!(hook["admissionReviewVersions"], serde_json::json!(["v1"]));
+    assert_eq!(hook["sideEffects"], "None");
+    assert_eq!(hook["failurePolicy"], "Ignore");
+    assert_eq!(hook["reinvocationPolicy"], "IfNeeded");
+    assert_eq!(hook["timeoutSeconds"], 5);
+    assert_eq!(
+        hook["rules"],
+        serde_json::json!([{ "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                             "resources": ["pods"], "scope": "Namespaced" }])
+    );
+    let skip = &hook["namespaceSelector"]["matchExpressions"][0];
+    assert_eq!(skip["key"], "kubernetes.io/metadata.name");
+    assert_eq!(skip["operator"], "NotIn");
+    for ns in [
+        "kube-system",
+        service["metadata"]["namespace"].as_str().unwrap(),
+    ] {
+        assert!(
+            skip["values"].as_array().unwrap().iter().any(|v| v == ns),
+            "{ns}"
+        );
+    }
+    let condition = hook["matchConditions"][0]["expression"].as_str().unwrap();
+    assert!(
+        condition.contains(&format!("'{}'", spright_endpoint::ANNOTATION_CHAIN)),
+        "{condition}"
+    );
+
+    // Hardened: non-root, read-only root, no privilege escalation.
+    assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(
+        c["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
+
+    // The token: no automount, one projected token mounted by the webhook.
+    let sa = find(&objs, "ServiceAccount", WEBHOOK);
+    assert_eq!(sa["automountServiceAccountToken"], false);
+    assert_eq!(spec["serviceAccountName"], WEBHOOK);
+    assert_eq!(spec["automountServiceAccountToken"], false);
+    let token: Vec<&Value> = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| {
+            v["projected"]["sources"][0]
+                .get("serviceAccountToken")
+                .is_some()
+        })
+        .collect();
+    assert_eq!(token.len(), 1);
+    let mounts: Vec<&Value> = containers(spec)
+        .flat_map(|c| c["volumeMounts"].as_array().into_iter().flatten())
+        .filter(|m| m["name"] == token[0]["name"])
+        .collect();
+    assert_eq!(mounts.len(), 1);
+    assert_eq!(
+        mounts[0]["mountPath"],
+        "/var/run/secrets/kubernetes.io/serviceaccount"
+    );
+    assert_eq!(mounts[0]["readOnly"], true);
+
+    // RBAC: get and patch of its own configuration, by name.
+    let binding = objs
+        .iter()
+        .find(|o| o["kind"] == "ClusterRoleBinding" && o["subjects"][0]["name"] == WEBHOOK)
+        .expect("a binding for the webhook");
+    assert_eq!(binding["subjects"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        binding["subjects"][0]["namespace"],
+        service["metadata"]["namespace"]
+    );
+    let role = find(
+        &objs,
+        "ClusterRole",
+        binding["roleRef"]["name"].as_str().unwrap(),
+    );
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{
+            "apiGroups": ["admissionregistration.k8s.io"],
+            "resources": ["mutatingwebhookconfigurations"],
+            "resourceNames": [config["metadata"]["name"]],
+            "verbs": ["get", "patch"],
+        }])
+    );
 }
 
 #[test]

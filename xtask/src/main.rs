@@ -30,6 +30,8 @@ usage: cargo xtask <task> [args]
                                      + kube-proxy DNAT vs spright with connect-time translation
                          cni         ADD+DEL latency vs the reference bridge plugin
                          shm         one hop over TCP, sockmap and shared memory, 64 B..1 MiB
+                         webhook     admission reviews over HTTPS from concurrent clients, chain
+                                     pods vs pods without the annotation (--reviews, --clients)
   test [TIER...]       set up, build, and run test tiers (default: all, in this order):
                          lint        cargo fmt --check, clippy -D warnings
                          unit        host unit tests, no privileges
@@ -323,10 +325,13 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         ),
         Some("cni") => ("target/release/bench-cni", &[]),
         Some("shm") => ("target/release/bench-shm", &[]),
+        Some("webhook") => ("target/release/spright-webhook-bench", &[]),
         Some(other) => {
-            bail!("unknown benchmark {other:?}; benchmarks: datapath, chain, services, cni, shm")
+            bail!(
+                "unknown benchmark {other:?}; benchmarks: datapath, chain, services, cni, shm, webhook"
+            )
         }
-        None => bail!("name a benchmark: datapath, chain, services, cni, shm"),
+        None => bail!("name a benchmark: datapath, chain, services, cni, shm, webhook"),
     };
     build_release()?;
     let mut all: Vec<&str> = fixed.to_vec();
