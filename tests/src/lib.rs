@@ -9,12 +9,14 @@
 //! - [`stats`]: medians, ranges and paired ratios of repeated benchmark
 //!   rounds, and the rotation the rounds run in.
 //! - [`procgroup`]: children in their own process group, killed as one.
+//! - [`plot`]: the benchmarks' pictures (SVG and PNG).
 
 pub mod chain;
 pub mod cni;
 pub mod kubeapi;
 pub mod kubelet;
 pub mod meshd;
+pub mod plot;
 pub mod pod;
 pub mod privileged;
 pub mod procgroup;

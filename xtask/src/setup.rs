@@ -42,6 +42,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "haproxy",
         "the L4 sidecar of the chain benchmark's sidecar baseline",
     ),
+    (
+        "fonts-dejavu-core",
+        "DejaVu Sans, the font of the benchmark pictures (SVG layout, PNG)",
+    ),
 ];
 
 /// PyPI tools: (command, package, why). Installed with pip when the command
