@@ -32,10 +32,6 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
@@ -192,18 +188,9 @@ pub struct Outcome {
     pub other_cpu_share: f64,
 }
 
-/// Set by Ctrl-C; long waits check it so everything unwinds and cleans up.
-pub fn interrupted() -> &'static Arc<AtomicBool> {
-    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
-    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
-}
-
-fn check_interrupted() -> anyhow::Result<()> {
-    if interrupted().load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
+/// Set by Ctrl-C; long waits check it so everything unwinds and cleans up
+/// (see [`crate::procgroup::trap_interrupts`]).
+pub use crate::procgroup::{check_interrupted, interrupted};
 
 /// One pod: its namespace index in the node, its address, its CNI identity.
 struct PodInfo {

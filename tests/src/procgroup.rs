@@ -5,14 +5,42 @@
 //!
 //! A child in its own group no longer gets the terminal's Ctrl-C; the
 //! programs that start them (the benchmarks) turn SIGINT/SIGTERM into a flag
-//! ([`crate::chain::interrupted`]), unwind, and kill the groups on drop.
+//! ([`trap_interrupts`]), notice it in every wait ([`check_interrupted`],
+//! [`crate::sandbox::Peer::line`]), unwind, and kill the groups on drop.
 
-use std::process::{Child, Command};
+use std::{
+    process::{Child, Command},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use nix::{
     sys::signal::{Signal, killpg},
     unistd::Pid,
 };
+
+/// Set by SIGINT/SIGTERM once [`trap_interrupts`] ran.
+pub fn interrupted() -> &'static Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
+}
+
+/// Turns SIGINT and SIGTERM into the [`interrupted`] flag instead of
+/// ending the process, so it unwinds and its drops remove what it made.
+pub fn trap_interrupts() -> anyhow::Result<()> {
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, interrupted().clone())?;
+    }
+    Ok(())
+}
+
+/// An error once the process was interrupted.
+pub fn check_interrupted() -> anyhow::Result<()> {
+    anyhow::ensure!(!interrupted().load(Ordering::Relaxed), "interrupted");
+    Ok(())
+}
 
 /// Makes `cmd` start as the leader of a new process group (pgid = its pid).
 pub fn own_group(cmd: &mut Command) -> &mut Command {

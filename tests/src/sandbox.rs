@@ -491,14 +491,29 @@ impl Peer {
         })
     }
 
-    /// The next line the peer prints, waiting at most `timeout`.
+    /// The next line the peer prints, waiting at most `timeout`; gives up
+    /// early when the process is interrupted (`procgroup::trap_interrupts`).
     pub fn line(&self, timeout: Duration) -> anyhow::Result<String> {
-        self.lines.recv_timeout(timeout).with_context(|| {
-            format!(
-                "peer {} printed nothing within {timeout:?}",
-                self.child.id()
-            )
-        })
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            crate::procgroup::check_interrupted()?;
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
+                Ok(line) => return Ok(line),
+                Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "peer {} printed nothing within {timeout:?}",
+                            self.child.id()
+                        )
+                    });
+                }
+            }
+        }
     }
 
     /// The next line, parsed as the peer's JSON report.

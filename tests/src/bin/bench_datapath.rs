@@ -42,6 +42,8 @@ fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     spright_tests::privileged::check()
         .map_err(|e| anyhow::anyhow!("bench-datapath needs root: {e}"))?;
+    // Ctrl-C unwinds: the peers (own process groups) and the sandbox go.
+    spright_tests::procgroup::trap_interrupts()?;
     let ncpu = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
 
     // spright pods (also used, re-labelled, for spright-off).
@@ -189,6 +191,7 @@ fn measure(pair: &Pair, cpus: &[&str; 2], size: usize, quick: bool) -> anyhow::R
     let mut rtts = Vec::new();
     let mut tputs = Vec::new();
     for i in 0..runs {
+        spright_tests::procgroup::check_interrupted()?;
         let port = 7100 + i;
         let addr = sock_addr(pair.server_ip, port);
         let srv = spawn(pair, &pair.server_ns, cpus[1], &["echo", "--listen", &addr])?;
@@ -251,7 +254,7 @@ fn spawn(pair: &Pair, netns: &str, cpu: &str, args: &[&str]) -> anyhow::Result<P
         cmd.args(["--cgroup", cg]);
     }
     cmd.args(["--netns", netns]).args(args);
-    Peer::spawn_command(cmd)
+    Peer::spawn_group(cmd)
 }
 
 fn print_table(results: &[serde_json::Value]) {

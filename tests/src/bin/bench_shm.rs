@@ -39,6 +39,8 @@ const PATHS: [&str; 4] = ["tcp", "sockmap", "shm", "shm-desc"];
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     spright_tests::privileged::check().map_err(|e| anyhow::anyhow!("bench-shm needs root: {e}"))?;
+    // Ctrl-C unwinds: the peers (own process groups) and the sandbox go.
+    spright_tests::procgroup::trap_interrupts()?;
     let mut sb = Sandbox::new("bs")?;
     let (a, b) = (sb.add_pod()?, sb.add_pod()?);
     let (mut dp, _) = Datapath::ensure(&sb.placement())?;
@@ -55,6 +57,7 @@ fn main() -> anyhow::Result<()> {
             let iters = (100_000_000 / size).clamp(200, if quick { 1_000 } else { 5_000 });
             let (mut p50s, mut cpus) = (Vec::new(), Vec::new());
             for _ in 0..runs {
+                spright_tests::procgroup::check_interrupted()?;
                 port += 1;
                 let addr = std::net::SocketAddr::new(sb.pods[b].ip.into(), port).to_string();
                 let mode = if path == "sockmap" { "tcp" } else { path };
@@ -118,7 +121,7 @@ fn worker(sb: &Sandbox, pod: usize, args: &[&str]) -> anyhow::Result<Peer> {
         .arg("--netns")
         .arg(sb.pods[pod].ns.path())
         .args(args);
-    Peer::spawn_command(cmd)
+    Peer::spawn_group(cmd)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

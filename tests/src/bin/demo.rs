@@ -38,8 +38,9 @@ use spright_tests::{
 };
 
 fn main() -> ExitCode {
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        let _ = signal_hook::flag::register(sig, chain::interrupted().clone());
+    if let Err(e) = spright_tests::procgroup::trap_interrupts() {
+        eprintln!("spright-demo: {e:#}");
+        return ExitCode::FAILURE;
     }
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -109,10 +110,7 @@ fn run() -> anyhow::Result<()> {
     let total = reps * modes.len();
     let mut done = 0;
     let rounds = stats::run_rounds(&modes, reps, |round, mode| {
-        anyhow::ensure!(
-            !chain::interrupted().load(std::sync::atomic::Ordering::Relaxed),
-            "interrupted"
-        );
+        chain::check_interrupted()?;
         done += 1;
         println!(
             "\n[round {}/{reps}, run {done}/{total}] {}",
