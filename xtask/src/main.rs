@@ -24,8 +24,10 @@ usage: cargo xtask <task> [args]
                        ARGS go to spright-demo, e.g. --duration 10 --payload 65536)
   bench NAME [ARGS]    release benchmarks, each against a baseline measured in the same run:
                          datapath    pod-to-pod RTT and throughput, 64 B..1 MiB
-                         chain       the demo's chain incl. a sidecar baseline (--length, --payload,
-                                     --connections, --duration)
+                         chain       the demo's chain incl. a sidecar baseline (--reps, default 3
+                                     interleaved rounds; --length, --payload, --connections,
+                                     --duration); medians, ranges, paired ratios, warnings;
+                                     pictures in target/demo/chain.{svg,png}
                          services    the chain with every hop through a ClusterIP: reference bridge
                                      + kube-proxy DNAT vs spright with connect-time translation
                          cni         ADD+DEL latency vs the reference bridge plugin
