@@ -193,10 +193,10 @@ pub struct Outcome {
 pub use crate::procgroup::{check_interrupted, interrupted};
 
 /// One pod: its namespace index in the node, its address, its CNI identity.
-struct PodInfo {
-    index: usize,
-    ip: IpAddr,
-    attach: cni::Attach,
+pub(crate) struct PodInfo {
+    pub(crate) index: usize,
+    pub(crate) ip: IpAddr,
+    pub(crate) attach: cni::Attach,
 }
 
 /// Runs the chain under `mode`; `progress` gets human-readable lines.
@@ -515,7 +515,7 @@ fn expose_as_services(node: &Node, fns: &[PodInfo], mode: Mode) -> anyhow::Resul
     Ok(addrs)
 }
 
-fn node_placement(node: &Node) -> spright_ebpf::Placement {
+pub(crate) fn node_placement(node: &Node) -> spright_ebpf::Placement {
     spright_ebpf::Placement {
         cgroup: node.cgroup.path.clone(),
         bpffs: node.pins.path.clone(),
@@ -554,7 +554,7 @@ fn spright_conf(node: &Node, annotations: &Value) -> Value {
     c
 }
 
-fn add_pod(
+pub(crate) fn add_pod(
     node: &Node,
     mode: Mode,
     index: usize,
@@ -590,7 +590,7 @@ fn add_pod(
     Ok(PodInfo { index, ip, attach })
 }
 
-fn del_pod(node: &Node, mode: Mode, p: &PodInfo) -> anyhow::Result<cni::Outcome> {
+pub(crate) fn del_pod(node: &Node, mode: Mode, p: &PodInfo) -> anyhow::Result<cni::Outcome> {
     if mode.spright() {
         node.invoke("DEL", &spright_conf(node, &json!({})), Some(&p.attach))
     } else {
@@ -758,7 +758,7 @@ fn sdk_function(
 }
 
 /// Waits until something listens on `port` in pod `index`.
-fn wait_listening(node: &Node, index: usize, port: u16) -> anyhow::Result<()> {
+pub(crate) fn wait_listening(node: &Node, index: usize, port: u16) -> anyhow::Result<()> {
     let deadline = Instant::now() + T;
     while Instant::now() < deadline {
         let out = Command::new("ip")
@@ -963,7 +963,7 @@ const USER_HZ_US: u64 = 10_000;
 /// Busy time of the whole machine so far: user, nice, system, irq and
 /// softirq of the `cpu` line of `/proc/stat` (guest time is inside user;
 /// idle, iowait and steal are not busy).
-fn node_busy_us() -> anyhow::Result<u64> {
+pub(crate) fn node_busy_us() -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     node_busy_ticks(&stat).map(|t| t * USER_HZ_US)
 }
@@ -1003,7 +1003,7 @@ fn children_cpu_us() -> anyhow::Result<u64> {
 
 /// CPU time (`utime + stime`, every thread) of a live process: `pid` is a
 /// number or `self`.
-fn proc_cpu_us(pid: &str) -> anyhow::Result<u64> {
+pub(crate) fn proc_cpu_us(pid: &str) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let after = stat
@@ -1022,7 +1022,7 @@ fn proc_cpu_us(pid: &str) -> anyhow::Result<u64> {
 }
 
 /// `usage_usec` from a cgroup v2 directory's `cpu.stat`.
-fn cpu_usage_us(cgroup: &Path) -> anyhow::Result<u64> {
+pub(crate) fn cpu_usage_us(cgroup: &Path) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(cgroup.join("cpu.stat")).context("reading cpu.stat")?;
     stat.lines()
         .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
@@ -1035,7 +1035,7 @@ fn counters_of(node: &Node, ip: IpAddr) -> anyhow::Result<u64> {
         .redirected_bytes)
 }
 
-fn chain_redirected(meshd: Option<&Meshd>) -> anyhow::Result<u64> {
+pub(crate) fn chain_redirected(meshd: Option<&Meshd>) -> anyhow::Result<u64> {
     let Some(m) = meshd else { return Ok(0) };
     let s = m.status()?;
     Ok(s["chains"].as_array().map_or(0, |c| {
@@ -1186,7 +1186,7 @@ impl Report {
 
 /// `median (min–max)` with `decimals` decimals; the median alone for a
 /// single round.
-fn cell(s: Option<Spread>, decimals: usize) -> String {
+pub(crate) fn cell(s: Option<Spread>, decimals: usize) -> String {
     match s {
         None => "–".to_owned(),
         Some(s) if s.n == 1 => format!("{:.decimals$}", s.median),

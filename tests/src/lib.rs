@@ -11,6 +11,7 @@
 //! - [`procgroup`]: children in their own process group, killed as one.
 //! - [`plot`]: the benchmarks' pictures (SVG and PNG).
 
+pub mod apps;
 pub mod chain;
 pub mod cni;
 pub mod kubeapi;

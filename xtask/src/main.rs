@@ -30,6 +30,10 @@ usage: cargo xtask <task> [args]
                                      pictures in target/demo/chain.{svg,png}
                          services    the chain with every hop through a ClusterIP: reference bridge
                                      + kube-proxy DNAT vs spright with connect-time translation
+                         apps        redis-server + redis-benchmark (with and without -P 16) and
+                                     nginx + wrk (1 KiB, 1 MiB) between two pods, reference bridge
+                                     CNI vs spright, interleaved rounds (--reps, --duration,
+                                     --connections, --redis-requests); target/bench/apps.*
                          cni         ADD+DEL latency vs the reference bridge plugin
                          shm         one hop over TCP, sockmap and shared memory, 64 B..1 MiB
   test [TIER...]       set up, build, and run test tiers (default: all, in this order):
@@ -249,11 +253,14 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
             ],
         ),
         Some("cni") => ("target/release/bench-cni", &[]),
+        Some("apps") => ("target/release/bench-apps", &[]),
         Some("shm") => ("target/release/bench-shm", &[]),
         Some(other) => {
-            bail!("unknown benchmark {other:?}; benchmarks: datapath, chain, services, cni, shm")
+            bail!(
+                "unknown benchmark {other:?}; benchmarks: datapath, chain, services, apps, cni, shm"
+            )
         }
-        None => bail!("name a benchmark: datapath, chain, services, cni, shm"),
+        None => bail!("name a benchmark: datapath, chain, services, apps, cni, shm"),
     };
     build_release()?;
     let mut all: Vec<&str> = fixed.to_vec();

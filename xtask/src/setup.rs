@@ -43,6 +43,12 @@ const PACKAGES: &[(&str, &str)] = &[
         "the L4 sidecar of the chain benchmark's sidecar baseline",
     ),
     (
+        "redis-server",
+        "an unmodified server for `bench apps` (nothing starts it: no init system)",
+    ),
+    ("redis-tools", "redis-benchmark, the client of `bench apps`"),
+    ("nginx-light", "an unmodified HTTP server for `bench apps`"),
+    (
         "fonts-dejavu-core",
         "DejaVu Sans, the font of the benchmark pictures (SVG layout, PNG)",
     ),
