@@ -226,7 +226,12 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
             server.index,
             &cgroup,
             &server_cpu,
-            &format!("nginx -c {} -p {}", nginx_conf.display(), dir.display()),
+            &format!(
+                "nginx -c {} -p {} -e {}/nginx-error.log",
+                nginx_conf.display(),
+                dir.display(),
+                dir.display()
+            ),
         )?,
     ];
     for s in &servers {
