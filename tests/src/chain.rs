@@ -1120,19 +1120,12 @@ impl Report {
     /// paired ratios spread wider than ±15% of their median.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for (i, round) in self.rounds.iter().enumerate() {
-            for o in round {
-                if o.other_cpu_share > stats::BUSY_SHARE {
-                    out.push(format!(
-                        "busy machine: round {}, {}: processes outside the benchmark used {:.0}% of the \
-                         CPU during the measured window (warning above {:.0}%); compare only runs of a quiet machine",
-                        i + 1,
-                        o.mode.name(),
-                        o.other_cpu_share * 100.0,
-                        stats::BUSY_SHARE * 100.0
-                    ));
-                }
-            }
+        if let Some(busy) = self.busy() {
+            out.push(format!(
+                "busy machine: in {busy} processes outside the benchmark used more than {:.0}% of the CPU; \
+                 compare only runs of a quiet machine",
+                stats::BUSY_SHARE * 100.0
+            ));
         }
         let base = self.baseline();
         for (j, mode) in self.modes.iter().enumerate() {
@@ -1160,6 +1153,33 @@ impl Report {
             }
         }
         out
+    }
+
+    /// "K of N measured windows (up to X%: round R, MODE)" when some
+    /// window's other-process CPU passed [`stats::BUSY_SHARE`].
+    fn busy(&self) -> Option<String> {
+        let all: Vec<(usize, &Outcome)> = self
+            .rounds
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| r.iter().map(move |o| (i, o)))
+            .collect();
+        let busy = all
+            .iter()
+            .filter(|(_, o)| o.other_cpu_share > stats::BUSY_SHARE)
+            .count();
+        let (round, worst) = all
+            .iter()
+            .max_by(|a, b| a.1.other_cpu_share.total_cmp(&b.1.other_cpu_share))?;
+        (busy > 0).then(|| {
+            format!(
+                "{busy} of {} measured windows (up to {:.0}%: round {}, {})",
+                all.len(),
+                worst.other_cpu_share * 100.0,
+                round + 1,
+                worst.mode.name()
+            )
+        })
     }
 
     /// One line of the run's parameters (the pictures' caption, the
@@ -1355,7 +1375,15 @@ pub fn figure(report: &Report, title: &str) -> plot::Figure {
                 "bars: median over the rounds, whiskers: min–max; ratios in the table are paired per round; baseline: {}",
                 report.modes[report.baseline()].describe()
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(report.busy().map(|b| {
+            format!(
+                "warning: busy machine, other processes above {:.0}% of the CPU in {b}",
+                stats::BUSY_SHARE * 100.0
+            )
+        }))
+        .collect(),
     }
 }
 
@@ -1485,8 +1513,9 @@ Transfer/sec:     11.26MB
             "{w:?}"
         );
         assert!(
-            w.iter()
-                .any(|l| l.starts_with("busy machine: round 3, reference") && l.contains("30%")),
+            w.iter().any(|l| l.starts_with(
+                "busy machine: in 1 of 6 measured windows (up to 30%: round 3, reference)"
+            )),
             "{w:?}"
         );
         assert!(markdown(&r).contains("**warning**: busy machine"));
@@ -1537,20 +1566,37 @@ Transfer/sec:     11.26MB
             !texts.iter().any(|t| t.ends_with(".0")),
             "a value ends in .0: {texts:?}"
         );
-        let overlaps = plot::svg_check::overlapping(&boxes);
-        assert!(overlaps.is_empty(), "overlapping texts: {overlaps:?}");
-        let (w, h) = fig.size();
-        for b in &boxes {
-            assert!(
-                b.x0 >= 0.0 && b.x1 <= f64::from(w) && b.y0 >= 0.0 && b.y1 <= f64::from(h),
-                "{b:?} leaves the {w}×{h} canvas"
-            );
-        }
+        readable(&fig, &boxes);
+        // A busy window adds a warning line to the caption.
+        let mut busy = r.clone();
+        busy.rounds[1][1].other_cpu_share = 0.63;
+        let fig2 = figure(&busy, "spright chain benchmark");
+        let boxes2 = plot::svg_check::text_boxes(&plot::svg(&fig2).unwrap()).unwrap();
+        assert!(
+            boxes2.iter().any(|b| b.text.starts_with(
+                "warning: busy machine, other processes above 10% of the CPU in 1 of 15 measured windows"
+            )),
+            "{boxes2:?}"
+        );
+        readable(&fig2, &boxes2);
         let dir = tempfile::tempdir().unwrap();
         let png = dir.path().join("chain.png");
         plot::png(&fig, &png).unwrap();
         let bytes = std::fs::read(&png).unwrap();
         assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    }
+
+    /// No two texts overlap and every text is inside the canvas.
+    fn readable(fig: &plot::Figure, boxes: &[plot::svg_check::TextBox]) {
+        let overlaps = plot::svg_check::overlapping(boxes);
+        assert!(overlaps.is_empty(), "overlapping texts: {overlaps:?}");
+        let (w, h) = fig.size();
+        for b in boxes {
+            assert!(
+                b.x0 >= 0.0 && b.x1 <= f64::from(w) && b.y0 >= 0.0 && b.y1 <= f64::from(h),
+                "{b:?} leaves the {w}×{h} canvas"
+            );
+        }
     }
 
     #[test]
