@@ -503,22 +503,34 @@ impl Report {
     /// Busy windows and noisy comparisons, as in the chain benchmark.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for (i, round) in self.rounds.iter().enumerate() {
-            for o in round {
-                for c in &o.cases {
-                    if c.other_cpu_share > stats::BUSY_SHARE {
-                        out.push(format!(
-                            "busy machine: round {}, {}, {}: processes outside the benchmark used {:.0}% of the CPU \
-                             (warning above {:.0}%)",
-                            i + 1,
-                            o.mode.name(),
-                            c.case,
-                            c.other_cpu_share * 100.0,
-                            stats::BUSY_SHARE * 100.0
-                        ));
-                    }
-                }
-            }
+        let windows: Vec<(usize, Mode, &CaseResult)> = self
+            .rounds
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| {
+                r.iter()
+                    .flat_map(move |o| o.cases.iter().map(move |c| (i, o.mode, c)))
+            })
+            .collect();
+        let busy = windows
+            .iter()
+            .filter(|w| w.2.other_cpu_share > stats::BUSY_SHARE)
+            .count();
+        if let Some((round, mode, worst)) = windows
+            .iter()
+            .max_by(|a, b| a.2.other_cpu_share.total_cmp(&b.2.other_cpu_share))
+            .filter(|_| busy > 0)
+        {
+            out.push(format!(
+                "busy machine: in {busy} of {} measured windows processes outside the benchmark used more than \
+                 {:.0}% of the CPU (up to {:.0}%: round {}, {}, {}); compare only runs of a quiet machine",
+                windows.len(),
+                stats::BUSY_SHARE * 100.0,
+                worst.other_cpu_share * 100.0,
+                round + 1,
+                mode.name(),
+                worst.case
+            ));
         }
         let base = self.baseline();
         for (j, mode) in self.modes.iter().enumerate() {
