@@ -163,7 +163,7 @@ fn main() -> anyhow::Result<()> {
     drop(reference);
     drop(sb);
 
-    print_table(&results);
+    print_table(&results, runs);
     print_quickack(&results);
     for w in &warnings {
         println!("warning: {w}");
@@ -306,9 +306,9 @@ fn spawn(pair: &Pair, netns: &str, cpu: &str, args: &[&str]) -> anyhow::Result<P
     Peer::spawn_group(cmd)
 }
 
-fn print_table(results: &[serde_json::Value]) {
+fn print_table(results: &[serde_json::Value], rounds: usize) {
     println!(
-        "\nRTT p50 (µs, lower is better) and throughput (MiB/s), medians of 3 interleaved rounds; \
+        "\nRTT p50 (µs, lower is better) and throughput (MiB/s), medians of {rounds} interleaved round(s); \
          ratios: median of the paired ratios vs bridge (round by round)"
     );
     println!(

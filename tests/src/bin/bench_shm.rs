@@ -135,7 +135,7 @@ fn main() -> anyhow::Result<()> {
     }
     drop(dp);
     drop(sb);
-    print_table(&rows);
+    print_table(&rows, if quick { 1 } else { 3 });
     for w in &warnings {
         println!("warning: {w}");
     }
@@ -159,9 +159,9 @@ fn worker(sb: &Sandbox, pod: usize, args: &[&str]) -> anyhow::Result<Peer> {
     Peer::spawn_group(cmd)
 }
 
-fn print_table(rows: &[serde_json::Value]) {
+fn print_table(rows: &[serde_json::Value], rounds: usize) {
     println!(
-        "\nOne hop (message + 16-byte reply), both ends on CPU 0; medians of 3 interleaved rounds; \
+        "\nOne hop (message + 16-byte reply), both ends on CPU 0; medians of {rounds} interleaved round(s); \
          ratios: median of the paired ratios tcp / path (round by round).\n\
          tcp, sockmap, shm: the payload is written by the sender and every byte read by the \
          receiver, per message.\nshm-desc: descriptor only, no payload byte moved (the hop alone)."
