@@ -503,33 +503,11 @@ impl Report {
     /// Busy windows and noisy comparisons, as in the chain benchmark.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let windows: Vec<(usize, Mode, &CaseResult)> = self
-            .rounds
-            .iter()
-            .enumerate()
-            .flat_map(|(i, r)| {
-                r.iter()
-                    .flat_map(move |o| o.cases.iter().map(move |c| (i, o.mode, c)))
-            })
-            .collect();
-        let busy = windows
-            .iter()
-            .filter(|w| w.2.other_cpu_share > stats::BUSY_SHARE)
-            .count();
-        if let Some((round, mode, worst)) = windows
-            .iter()
-            .max_by(|a, b| a.2.other_cpu_share.total_cmp(&b.2.other_cpu_share))
-            .filter(|_| busy > 0)
-        {
+        if let Some(busy) = self.busy() {
             out.push(format!(
-                "busy machine: in {busy} of {} measured windows processes outside the benchmark used more than \
-                 {:.0}% of the CPU (up to {:.0}%: round {}, {}, {}); compare only runs of a quiet machine",
-                windows.len(),
-                stats::BUSY_SHARE * 100.0,
-                worst.other_cpu_share * 100.0,
-                round + 1,
-                mode.name(),
-                worst.case
+                "busy machine: in {busy} processes outside the benchmark used more than {:.0}% of the CPU; \
+                 compare only runs of a quiet machine",
+                stats::BUSY_SHARE * 100.0
             ));
         }
         let base = self.baseline();
@@ -556,13 +534,49 @@ impl Report {
         out
     }
 
+    /// "K of N measured windows (up to X%: round R, MODE, CASE)" when some
+    /// window's other-process CPU passed [`stats::BUSY_SHARE`].
+    fn busy(&self) -> Option<String> {
+        let windows: Vec<(usize, Mode, &CaseResult)> = self
+            .rounds
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| {
+                r.iter()
+                    .flat_map(move |o| o.cases.iter().map(move |c| (i, o.mode, c)))
+            })
+            .collect();
+        let busy = windows
+            .iter()
+            .filter(|w| w.2.other_cpu_share > stats::BUSY_SHARE)
+            .count();
+        let (round, mode, worst) = windows
+            .iter()
+            .max_by(|a, b| a.2.other_cpu_share.total_cmp(&b.2.other_cpu_share))?;
+        (busy > 0).then(|| {
+            format!(
+                "{busy} of {} measured windows (up to {:.0}%: round {}, {}, {})",
+                windows.len(),
+                worst.other_cpu_share * 100.0,
+                round + 1,
+                mode.name(),
+                worst.case
+            )
+        })
+    }
+
     fn parameters(&self) -> String {
         format!(
-            "two pods on one node, server on CPU 0, client on the last CPU; {} connections; redis-benchmark -n {} \
-             (-P 16: ×10); wrk {} s; {} round{}, modes interleaved and rotated",
-            self.spec.connections,
-            self.spec.redis_requests,
-            self.spec.seconds,
+            "two pods on one node, server on CPU 0, client on the last CPU; {} connections; \
+             redis-benchmark -n {} (-P 16: ×10); wrk {} s",
+            self.spec.connections, self.spec.redis_requests, self.spec.seconds,
+        )
+    }
+
+    fn rounds_line(&self) -> String {
+        format!(
+            "{} round{}, modes interleaved and rotated; bars: median of the paired ratios spright / reference \
+             (round by round), whiskers: min–max",
             self.rounds.len(),
             if self.rounds.len() == 1 { "" } else { "s" }
         )
@@ -573,7 +587,7 @@ impl Report {
 /// spright / reference as paired ratios.
 pub fn markdown(report: &Report) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{}\n", report.parameters());
+    let _ = writeln!(s, "{}; {}\n", report.parameters(), report.rounds_line());
     let _ = writeln!(
         s,
         "cells: median (min–max) over the rounds; `×`: median (min–max) of the paired ratios spright / \
@@ -643,18 +657,24 @@ pub fn figure(report: &Report) -> plot::Figure {
     plot::Figure {
         title: "unmodified programs between two pods: spright / reference bridge CNI".to_owned(),
         panels: vec![
-            panel("operations/s, spright ÷ reference (higher is better)", |c| {
-                c.ops_per_s
-            }),
-            panel("CPU per operation, spright ÷ reference (lower is better)", |c| {
-                c.cpu_us_per_op
-            }),
+            panel(
+                "operations/s, spright ÷ reference (higher is better)",
+                |c| c.ops_per_s,
+            ),
+            panel(
+                "CPU per operation, spright ÷ reference (lower is better)",
+                |c| c.cpu_us_per_op,
+            ),
         ],
-        caption: vec![
-            report.parameters(),
-            "bars: median of the paired ratios (each round's spright over the same round's reference), whiskers: min–max"
-                .to_owned(),
-        ],
+        caption: [report.parameters(), report.rounds_line()]
+            .into_iter()
+            .chain(report.busy().map(|b| {
+                format!(
+                    "warning: busy machine, other processes above {:.0}% of the CPU in {b}",
+                    stats::BUSY_SHARE * 100.0
+                )
+            }))
+            .collect(),
     }
 }
 
@@ -737,9 +757,22 @@ mod tests {
             md.contains("| redis GET | spright, accelerated | 210 (150–260) | 1.40 (1.30–1.50) |"),
             "{md}"
         );
-        let svg = plot::svg(&figure(&r)).unwrap();
-        let boxes = plot::svg_check::text_boxes(&svg).unwrap();
-        assert!(plot::svg_check::overlapping(&boxes).is_empty());
-        assert!(boxes.iter().any(|b| b.text == "1.40"));
+        let mut busy = r.clone();
+        busy.rounds[2][1].cases[0].other_cpu_share = 0.77;
+        for report in [&r, &busy] {
+            let fig = figure(report);
+            let svg = plot::svg(&fig).unwrap();
+            let boxes = plot::svg_check::text_boxes(&svg).unwrap();
+            plot::svg_check::assert_readable(&fig, &boxes);
+            assert!(boxes.iter().any(|b| b.text == "1.40"));
+        }
+        let fig = figure(&busy);
+        assert!(
+            fig.caption.iter().any(|l| l.starts_with(
+                "warning: busy machine, other processes above 10% of the CPU in 1 of 6"
+            )),
+            "{:?}",
+            fig.caption
+        );
     }
 }

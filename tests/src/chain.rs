@@ -1566,7 +1566,7 @@ Transfer/sec:     11.26MB
             !texts.iter().any(|t| t.ends_with(".0")),
             "a value ends in .0: {texts:?}"
         );
-        readable(&fig, &boxes);
+        plot::svg_check::assert_readable(&fig, &boxes);
         // A busy window adds a warning line to the caption.
         let mut busy = r.clone();
         busy.rounds[1][1].other_cpu_share = 0.63;
@@ -1578,25 +1578,12 @@ Transfer/sec:     11.26MB
             )),
             "{boxes2:?}"
         );
-        readable(&fig2, &boxes2);
+        plot::svg_check::assert_readable(&fig2, &boxes2);
         let dir = tempfile::tempdir().unwrap();
         let png = dir.path().join("chain.png");
         plot::png(&fig, &png).unwrap();
         let bytes = std::fs::read(&png).unwrap();
         assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
-    }
-
-    /// No two texts overlap and every text is inside the canvas.
-    fn readable(fig: &plot::Figure, boxes: &[plot::svg_check::TextBox]) {
-        let overlaps = plot::svg_check::overlapping(boxes);
-        assert!(overlaps.is_empty(), "overlapping texts: {overlaps:?}");
-        let (w, h) = fig.size();
-        for b in boxes {
-            assert!(
-                b.x0 >= 0.0 && b.x1 <= f64::from(w) && b.y0 >= 0.0 && b.y1 <= f64::from(h),
-                "{b:?} leaves the {w}×{h} canvas"
-            );
-        }
     }
 
     #[test]

@@ -371,6 +371,20 @@ pub(crate) mod svg_check {
         Ok(out)
     }
 
+    /// Panics unless no two texts overlap and every text is inside the
+    /// figure's canvas.
+    pub(crate) fn assert_readable(fig: &super::Figure, boxes: &[TextBox]) {
+        let overlaps = overlapping(boxes);
+        assert!(overlaps.is_empty(), "overlapping texts: {overlaps:?}");
+        let (w, h) = fig.size();
+        for b in boxes {
+            assert!(
+                b.x0 >= 0.0 && b.x1 <= f64::from(w) && b.y0 >= 0.0 && b.y1 <= f64::from(h),
+                "{b:?} leaves the {w}×{h} canvas"
+            );
+        }
+    }
+
     /// Pairs of text boxes that overlap, by their texts.
     pub(crate) fn overlapping(boxes: &[TextBox]) -> Vec<(String, String)> {
         let mut out = Vec::new();
