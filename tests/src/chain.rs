@@ -32,21 +32,19 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::{
     cni::{self, Node, invoke_plugin},
     meshd::Meshd,
+    plot,
     sandbox::{Cgroup, Peer, workspace_bin},
+    stats::{self, Spread},
 };
 
 const T: Duration = Duration::from_mins(1);
@@ -54,7 +52,7 @@ const PORT: u16 = 8080;
 const APP_PORT: u16 = 9080;
 
 /// A set-up the chain runs on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     Reference,
@@ -112,7 +110,7 @@ impl Mode {
 }
 
 /// What to run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Spec {
     /// Functions in the chain, gateway included (1–8).
     pub length: usize,
@@ -162,8 +160,8 @@ impl Spec {
     }
 }
 
-/// What one mode measured.
-#[derive(Clone, Debug, Serialize)]
+/// What one mode measured in one round.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Outcome {
     pub mode: Mode,
     pub requests: u64,
@@ -182,26 +180,23 @@ pub struct Outcome {
     pub redirected_bytes: u64,
     /// The outsider's request went through the chain without being redirected.
     pub outsider_redirected_bytes: Option<u64>,
+    /// Share of the machine's CPU time (0–1) used by anything but the
+    /// benchmark during the measured window ([`crate::stats::other_cpu_share`]):
+    /// node busy time minus the functions' cgroup, wrk, meshd, shm-csi and
+    /// this process.
+    #[serde(default)]
+    pub other_cpu_share: f64,
 }
 
-/// Set by Ctrl-C; long waits check it so everything unwinds and cleans up.
-pub fn interrupted() -> &'static Arc<AtomicBool> {
-    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
-    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
-}
-
-fn check_interrupted() -> anyhow::Result<()> {
-    if interrupted().load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
+/// Set by Ctrl-C; long waits check it so everything unwinds and cleans up
+/// (see [`crate::procgroup::trap_interrupts`]).
+pub use crate::procgroup::{check_interrupted, interrupted};
 
 /// One pod: its namespace index in the node, its address, its CNI identity.
-struct PodInfo {
-    index: usize,
-    ip: IpAddr,
-    attach: cni::Attach,
+pub(crate) struct PodInfo {
+    pub(crate) index: usize,
+    pub(crate) ip: IpAddr,
+    pub(crate) attach: cni::Attach,
 }
 
 /// Runs the chain under `mode`; `progress` gets human-readable lines.
@@ -392,7 +387,21 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
     )?
     .wait()?;
     check_interrupted()?;
+    // Everything of the benchmark that is not in the functions' cgroup
+    // and not wrk (reaped, so in this process's children's time).
+    let helpers: Vec<u32> = meshd
+        .iter()
+        .map(Meshd::pid)
+        .chain(shm.iter().map(|s| s.csi.pid()))
+        .collect();
+    let helpers_cpu = || -> anyhow::Result<u64> {
+        helpers.iter().try_fold(proc_cpu_us("self")?, |sum, pid| {
+            Ok::<_, anyhow::Error>(sum + proc_cpu_us(&pid.to_string())?)
+        })
+    };
     let cpu_before = cpu_usage_us(&cgroup_path)?;
+    let helpers_before = helpers_cpu()?;
+    let window = Instant::now();
     let node_before = node_busy_us()?;
     let loadgen_before = children_cpu_us()?;
     let redirected_before = chain_redirected(meshd.as_ref())?;
@@ -434,7 +443,9 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
     // wrk has been reaped: its rusage is now in this process's children's.
     let loadgen = children_cpu_us()? - loadgen_before;
     let node_busy = node_busy_us()? - node_before;
+    let window_us = u64::try_from(window.elapsed().as_micros()).unwrap_or(u64::MAX);
     let cpu_after = cpu_usage_us(&cgroup_path)?;
+    let helpers_used = helpers_cpu()?.saturating_sub(helpers_before);
     let redirected = chain_redirected(meshd.as_ref())? - redirected_before;
     let mut outcome = parse_wrk(&out, mode)?;
     let per_request = |us: u64| us as f64 / outcome.requests.max(1) as f64;
@@ -443,6 +454,12 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
     outcome.functions_cpu_us_per_request = per_request(cpu_after - cpu_before);
     outcome.redirected_bytes = redirected;
     outcome.outsider_redirected_bytes = outsider_redirected_bytes;
+    outcome.other_cpu_share = stats::other_cpu_share(
+        node_busy,
+        (cpu_after - cpu_before) + loadgen + helpers_used,
+        window_us,
+        ncpu,
+    );
     if let Some(m) = &meshd {
         progress(&format!("{}: `spright status` after the run:", mode.name()));
         for line in status_table(m, &node)?.lines() {
@@ -498,7 +515,7 @@ fn expose_as_services(node: &Node, fns: &[PodInfo], mode: Mode) -> anyhow::Resul
     Ok(addrs)
 }
 
-fn node_placement(node: &Node) -> spright_ebpf::Placement {
+pub(crate) fn node_placement(node: &Node) -> spright_ebpf::Placement {
     spright_ebpf::Placement {
         cgroup: node.cgroup.path.clone(),
         bpffs: node.pins.path.clone(),
@@ -537,7 +554,7 @@ fn spright_conf(node: &Node, annotations: &Value) -> Value {
     c
 }
 
-fn add_pod(
+pub(crate) fn add_pod(
     node: &Node,
     mode: Mode,
     index: usize,
@@ -573,7 +590,7 @@ fn add_pod(
     Ok(PodInfo { index, ip, attach })
 }
 
-fn del_pod(node: &Node, mode: Mode, p: &PodInfo) -> anyhow::Result<cni::Outcome> {
+pub(crate) fn del_pod(node: &Node, mode: Mode, p: &PodInfo) -> anyhow::Result<cni::Outcome> {
     if mode.spright() {
         node.invoke("DEL", &spright_conf(node, &json!({})), Some(&p.attach))
     } else {
@@ -605,7 +622,7 @@ fn spawn_in_pod(
         .arg("--netns")
         .arg(node.pods[index].path())
         .args(args);
-    Peer::spawn_command(cmd)
+    Peer::spawn_group(cmd)
 }
 
 /// haproxy in TCP mode on the pod's :8080 in front of the function on
@@ -628,7 +645,7 @@ fn sidecar(node: &Node, index: usize, cgroup: &Path, cpu: &str) -> anyhow::Resul
             node.pods[index].name,
             cfg.display()
         ));
-    Peer::spawn_command(cmd)
+    Peer::spawn_group(cmd)
 }
 
 /// shm-csi serving this node, with the chain's volume published into every
@@ -737,11 +754,11 @@ fn sdk_function(
         workspace_bin("spright-shm-chain").display(),
         args.join(" ")
     ));
-    Peer::spawn_command(cmd)
+    Peer::spawn_group(cmd)
 }
 
 /// Waits until something listens on `port` in pod `index`.
-fn wait_listening(node: &Node, index: usize, port: u16) -> anyhow::Result<()> {
+pub(crate) fn wait_listening(node: &Node, index: usize, port: u16) -> anyhow::Result<()> {
     let deadline = Instant::now() + T;
     while Instant::now() < deadline {
         let out = Command::new("ip")
@@ -813,14 +830,15 @@ fn wrk_cmd(
     cmd
 }
 
-/// A running wrk, killed (by pid) if dropped early.
-struct Load(Option<std::process::Child>);
+/// A running wrk in its own process group, killed with it if dropped early
+/// (a timeout, an error, Ctrl-C).
+struct Load(Option<crate::procgroup::GroupChild>);
 
 impl Load {
     /// wrk's report once it has exited (None while it runs).
     fn try_finish(&mut self) -> anyhow::Result<Option<String>> {
         let child = self.0.as_mut().context("wrk already collected")?;
-        if child.try_wait()?.is_none() {
+        if child.child().try_wait()?.is_none() {
             return Ok(None);
         }
         self.wait().map(Some)
@@ -828,17 +846,33 @@ impl Load {
 
     /// Waits for wrk and returns its report.
     fn wait(&mut self) -> anyhow::Result<String> {
-        let out = self
-            .0
-            .take()
-            .context("wrk already collected")?
-            .wait_with_output()?;
+        let mut group = self.0.take().context("wrk already collected")?;
+        // Read the pipes to the end (wrk has exited or will), then leave
+        // nothing of its group behind before reaping it.
+        let child = group.child();
+        let (mut stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
+        let err_reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(e) = stderr.as_mut() {
+                let _ = std::io::Read::read_to_end(e, &mut buf);
+            }
+            buf
+        });
+        let mut out = Vec::new();
+        if let Some(o) = stdout.as_mut() {
+            std::io::Read::read_to_end(o, &mut out).context("reading wrk's output")?;
+        }
+        let err = err_reader.join().unwrap_or_default();
+        // wrk has closed its output, so it has exited; its pid is held
+        // until it is reaped, so the group id still names only its group.
+        group.kill_rest();
+        let status = group.take().wait()?;
         ensure!(
-            out.status.success(),
+            status.success(),
             "wrk failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&err)
         );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 }
 
@@ -851,21 +885,13 @@ fn wrk_async(
     script: &Path,
     url: &str,
 ) -> anyhow::Result<Load> {
-    let child = wrk_cmd(node, index, cpu, conns, secs, script, url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting wrk")?;
+    let child = crate::procgroup::GroupChild::spawn(
+        wrk_cmd(node, index, cpu, conns, secs, script, url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .context("starting wrk")?;
     Ok(Load(Some(child)))
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// Parses wrk's `--latency` report.
@@ -910,6 +936,7 @@ pub fn parse_wrk(out: &str, mode: Mode) -> anyhow::Result<Outcome> {
         functions_cpu_us_per_request: 0.0,
         redirected_bytes: 0,
         outsider_redirected_bytes: None,
+        other_cpu_share: 0.0,
     })
 }
 
@@ -936,7 +963,7 @@ const USER_HZ_US: u64 = 10_000;
 /// Busy time of the whole machine so far: user, nice, system, irq and
 /// softirq of the `cpu` line of `/proc/stat` (guest time is inside user;
 /// idle, iowait and steal are not busy).
-fn node_busy_us() -> anyhow::Result<u64> {
+pub(crate) fn node_busy_us() -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     node_busy_ticks(&stat).map(|t| t * USER_HZ_US)
 }
@@ -974,8 +1001,28 @@ fn children_cpu_us() -> anyhow::Result<u64> {
     Ok((tick(13)? + tick(14)?) * USER_HZ_US)
 }
 
+/// CPU time (`utime + stime`, every thread) of a live process: `pid` is a
+/// number or `self`.
+pub(crate) fn proc_cpu_us(pid: &str) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let after = stat
+        .rsplit_once(')')
+        .with_context(|| format!("no comm in {path}"))?
+        .1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (1-based, counting pid and comm).
+    let tick = |i: usize| -> anyhow::Result<u64> {
+        f.get(i)
+            .with_context(|| format!("short {path}"))?
+            .parse::<u64>()
+            .with_context(|| format!("parsing {path}"))
+    };
+    Ok((tick(11)? + tick(12)?) * USER_HZ_US)
+}
+
 /// `usage_usec` from a cgroup v2 directory's `cpu.stat`.
-fn cpu_usage_us(cgroup: &Path) -> anyhow::Result<u64> {
+pub(crate) fn cpu_usage_us(cgroup: &Path) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(cgroup.join("cpu.stat")).context("reading cpu.stat")?;
     stat.lines()
         .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
@@ -988,7 +1035,7 @@ fn counters_of(node: &Node, ip: IpAddr) -> anyhow::Result<u64> {
         .redirected_bytes)
 }
 
-fn chain_redirected(meshd: Option<&Meshd>) -> anyhow::Result<u64> {
+pub(crate) fn chain_redirected(meshd: Option<&Meshd>) -> anyhow::Result<u64> {
     let Some(m) = meshd else { return Ok(0) };
     let s = m.status()?;
     Ok(s["chains"].as_array().map_or(0, |c| {
@@ -1022,19 +1069,166 @@ fn status_table(m: &Meshd, node: &Node) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// A Markdown table of outcomes, with ratios against `reference`.
-pub fn markdown(spec: &Spec, outcomes: &[Outcome]) -> String {
-    let base = outcomes.iter().find(|o| o.mode == Mode::Reference);
+/// Every round of a benchmark run: what ran and what each round measured.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub spec: Spec,
+    /// The modes, in the order of the table (rounds ran them rotated).
+    pub modes: Vec<Mode>,
+    /// `rounds[i][j]`: round `i`'s outcome of `modes[j]`.
+    pub rounds: Vec<Vec<Outcome>>,
+}
+
+/// A measured quantity of an outcome.
+pub type Metric = fn(&Outcome) -> f64;
+
+impl Report {
+    /// The mode every other is compared with: `reference` when it ran,
+    /// else the first.
+    pub fn baseline(&self) -> usize {
+        self.modes
+            .iter()
+            .position(|m| *m == Mode::Reference)
+            .unwrap_or(0)
+    }
+
+    /// Mode `j`'s values of `metric`, round by round.
+    pub fn values(&self, j: usize, metric: Metric) -> Vec<f64> {
+        self.rounds
+            .iter()
+            .filter_map(|r| r.get(j))
+            .map(metric)
+            .collect()
+    }
+
+    /// Median and range of mode `j`'s `metric` over the rounds.
+    pub fn spread(&self, j: usize, metric: Metric) -> Option<Spread> {
+        Spread::of(&self.values(j, metric))
+    }
+
+    /// Median and range of mode `j`'s `metric` over the baseline's, paired
+    /// round by round.
+    pub fn paired(&self, j: usize, metric: Metric) -> Option<Spread> {
+        Spread::of(&stats::paired_ratios(
+            &self.values(j, metric),
+            &self.values(self.baseline(), metric),
+        ))
+    }
+
+    /// The lines that say a result is not to be trusted: windows in which
+    /// the machine was busy with something else, and comparisons whose
+    /// paired ratios spread wider than ±15% of their median.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(busy) = self.busy() {
+            out.push(format!(
+                "busy machine: in {busy} processes outside the benchmark used more than {:.0}% of the CPU; \
+                 compare only runs of a quiet machine",
+                stats::BUSY_SHARE * 100.0
+            ));
+        }
+        let base = self.baseline();
+        for (j, mode) in self.modes.iter().enumerate() {
+            if j == base {
+                continue;
+            }
+            for (what, metric) in [
+                ("requests/s", (|o| o.requests_per_s) as Metric),
+                ("node CPU per request", |o| o.cpu_us_per_request),
+            ] {
+                if let Some(p) = self.paired(j, metric)
+                    && p.wider_than(stats::NOISY_SPREAD)
+                {
+                    out.push(format!(
+                        "noisy: {} / {} {what}: paired ratios {:.2}–{:.2} around a median of {:.2}, wider \
+                         than ±{:.0}%; rerun on a quiet machine or with more --reps",
+                        mode.name(),
+                        self.modes[base].name(),
+                        p.min,
+                        p.max,
+                        p.median,
+                        stats::NOISY_SPREAD * 100.0
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// "K of N measured windows (up to X%: round R, MODE)" when some
+    /// window's other-process CPU passed [`stats::BUSY_SHARE`].
+    fn busy(&self) -> Option<String> {
+        let all: Vec<(usize, &Outcome)> = self
+            .rounds
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| r.iter().map(move |o| (i, o)))
+            .collect();
+        let busy = all
+            .iter()
+            .filter(|(_, o)| o.other_cpu_share > stats::BUSY_SHARE)
+            .count();
+        let (round, worst) = all
+            .iter()
+            .max_by(|a, b| a.1.other_cpu_share.total_cmp(&b.1.other_cpu_share))?;
+        (busy > 0).then(|| {
+            format!(
+                "{busy} of {} measured windows (up to {:.0}%: round {}, {})",
+                all.len(),
+                worst.other_cpu_share * 100.0,
+                round + 1,
+                worst.mode.name()
+            )
+        })
+    }
+
+    /// One line of the run's parameters (the pictures' caption, the
+    /// table's header).
+    pub fn parameters(&self) -> String {
+        let spec = &self.spec;
+        format!(
+            "chain of {} functions, {} B bodies, {} connections, work {}, {} round{} of {} s per mode (interleaved, rotated){}",
+            spec.length,
+            spec.payload,
+            spec.connections,
+            spec.work,
+            self.rounds.len(),
+            if self.rounds.len() == 1 { "" } else { "s" },
+            spec.seconds,
+            if spec.services {
+                ", every hop through a ClusterIP"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// `median (min–max)` with `decimals` decimals; the median alone for a
+/// single round.
+pub(crate) fn cell(s: Option<Spread>, decimals: usize) -> String {
+    match s {
+        None => "–".to_owned(),
+        Some(s) if s.n == 1 => format!("{:.decimals$}", s.median),
+        Some(s) => format!(
+            "{:.decimals$} ({:.decimals$}–{:.decimals$})",
+            s.median, s.min, s.max
+        ),
+    }
+}
+
+/// A Markdown table of a run: per mode the median and (min–max) over the
+/// rounds, per comparison with the baseline the median and range of the
+/// paired ratios, then the warnings.
+pub fn markdown(report: &Report) -> String {
+    let spec = &report.spec;
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "chain of {} functions, {} B bodies, {} connections, {} s per mode{}\n",
-        spec.length,
-        spec.payload,
-        spec.connections,
-        spec.seconds,
+        "{}{}\n",
+        report.parameters(),
         if spec.services {
-            ", every hop through a ClusterIP (kube-proxy DNAT emulated)"
+            " (kube-proxy DNAT emulated)"
         } else {
             ""
         }
@@ -1054,113 +1248,143 @@ pub fn markdown(spec: &Spec, outcomes: &[Outcome]) -> String {
     );
     let _ = writeln!(
         s,
-        "node CPU: all busy time of the machine (every CPU, `/proc/stat`) during the measured \
-         window per request, load generator, meshd and softirq included; `of it wrk` is the \
-         load generator's share, `fn cgroup` the functions' own cgroup\n"
+        "cells: median (min–max) over the rounds; `× ref`: median (min–max) of the paired ratios, each \
+         round's value over the same round's {}\n",
+        report.modes[report.baseline()].describe()
     );
     let _ = writeln!(
         s,
-        "| mode | requests/s | × ref | p50 ms | p99 ms | node CPU µs/req | × ref | of it wrk | fn cgroup | errors |"
+        "node CPU: all busy time of the machine (every CPU, `/proc/stat`) during the measured \
+         window per request, load generator, meshd and softirq included; `of it wrk` is the \
+         load generator's share, `fn cgroup` the functions' own cgroup; `other CPU` the share of \
+         the machine used by anything else (highest round)\n"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for o in outcomes {
-        let ratio = |f: fn(&Outcome) -> f64| {
-            base.map_or_else(|| "–".to_owned(), |b| format!("{:.2}", f(o) / f(b)))
+    let _ = writeln!(
+        s,
+        "| mode | requests/s | × ref | p50 ms | p99 ms | node CPU µs/req | × ref | of it wrk | fn cgroup | errors | other CPU |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let base = report.baseline();
+    for (j, mode) in report.modes.iter().enumerate() {
+        let ratio = |m: Metric| {
+            if j == base {
+                "–".to_owned()
+            } else {
+                cell(report.paired(j, m), 2)
+            }
         };
-        let (r_rps, r_cpu) = (ratio(|o| o.requests_per_s), ratio(|o| o.cpu_us_per_request));
+        let errors: u64 = report
+            .rounds
+            .iter()
+            .filter_map(|r| r.get(j))
+            .map(|o| o.errors)
+            .sum();
+        let other = report
+            .values(j, |o| o.other_cpu_share)
+            .into_iter()
+            .fold(0.0_f64, f64::max);
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.0} | {} | {:.0} | {:.0} | {} |",
-            o.mode.describe(),
-            o.requests_per_s,
-            r_rps,
-            o.p50_ms,
-            o.p99_ms,
-            o.cpu_us_per_request,
-            r_cpu,
-            o.loadgen_cpu_us_per_request,
-            o.functions_cpu_us_per_request,
-            o.errors
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}% |",
+            mode.describe(),
+            cell(report.spread(j, |o| o.requests_per_s), 0),
+            ratio(|o| o.requests_per_s),
+            cell(report.spread(j, |o| o.p50_ms), 2),
+            cell(report.spread(j, |o| o.p99_ms), 2),
+            cell(report.spread(j, |o| o.cpu_us_per_request), 0),
+            ratio(|o| o.cpu_us_per_request),
+            cell(report.spread(j, |o| o.loadgen_cpu_us_per_request), 0),
+            cell(report.spread(j, |o| o.functions_cpu_us_per_request), 0),
+            errors,
+            other * 100.0
         );
+    }
+    let warnings = report.warnings();
+    if !warnings.is_empty() {
+        s.push('\n');
+        for w in warnings {
+            let _ = writeln!(s, "**warning**: {w}\n");
+        }
     }
     s
 }
 
-/// An SVG with two bar charts: requests/s and p50/p99 latency per mode.
-pub fn svg(spec: &Spec, outcomes: &[Outcome]) -> String {
-    let w = 760.0;
-    let h = 340.0;
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\">spright demo: chain of {} functions, {} B bodies, {} connections</text>\n",
-        w / 2.0,
-        spec.length,
-        spec.payload,
-        spec.connections
-    );
-    let colors = ["#888888", "#d9822b", "#5b8def", "#2ca05a", "#9b59b6"];
-    let panel = |s: &mut String,
-                 x0: f64,
-                 title: &str,
-                 values: &[(String, f64, String)],
-                 unit: &str| {
-        let max = values.iter().map(|v| v.1).fold(0.0_f64, f64::max).max(1e-9);
-        let _ = writeln!(
-            s,
-            "<text x=\"{}\" y=\"48\" text-anchor=\"middle\">{title}</text>",
-            x0 + 170.0
-        );
-        let bw = 300.0 / values.len().max(1) as f64;
-        for (i, (label, v, color)) in values.iter().enumerate() {
-            let bh = 220.0 * v / max;
-            let x = x0 + 20.0 + i as f64 * bw;
-            let _ = writeln!(
-                s,
-                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{color}\"/>\n\
-                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{v:.1}{unit}</text>\n\
-                 <text x=\"{:.1}\" y=\"300\" text-anchor=\"middle\" font-size=\"10\">{label}</text>",
-                280.0 - bh,
-                bw * 0.8,
-                x + bw * 0.4,
-                275.0 - bh,
-                x + bw * 0.4
-            );
-        }
+/// The run as a picture: requests/s, node CPU per request and p50/p99
+/// latency, each a panel of bars (median) with min–max whiskers.
+pub fn figure(report: &Report, title: &str) -> plot::Figure {
+    let group = |j: usize, bars: Vec<plot::Bar>| plot::Group {
+        name: report.modes[j].name().to_owned(),
+        color: plot::color(
+            Mode::ALL
+                .iter()
+                .position(|m| *m == report.modes[j])
+                .unwrap_or(j),
+        ),
+        bars,
     };
-    let rps: Vec<(String, f64, String)> = outcomes
-        .iter()
-        .enumerate()
-        .map(|(i, o)| {
-            (
-                o.mode.name().to_owned(),
-                o.requests_per_s,
-                colors[i % colors.len()].to_owned(),
+    let single = |metric: Metric| -> Vec<plot::Group> {
+        (0..report.modes.len())
+            .filter_map(|j| {
+                let spread = report.spread(j, metric)?;
+                Some(group(
+                    j,
+                    vec![plot::Bar {
+                        label: None,
+                        spread,
+                    }],
+                ))
+            })
+            .collect()
+    };
+    let latency: Vec<plot::Group> = (0..report.modes.len())
+        .filter_map(|j| {
+            let bar = |label: &str, metric: Metric| {
+                Some(plot::Bar {
+                    label: Some(label.to_owned()),
+                    spread: report.spread(j, metric)?,
+                })
+            };
+            Some(group(
+                j,
+                vec![bar("p50", |o| o.p50_ms)?, bar("p99", |o| o.p99_ms)?],
+            ))
+        })
+        .collect();
+    plot::Figure {
+        title: title.to_owned(),
+        panels: vec![
+            plot::Panel {
+                title: "requests/s (higher is better)".to_owned(),
+                decimals: 0,
+                groups: single(|o| o.requests_per_s),
+            },
+            plot::Panel {
+                title: "node CPU µs per request, whole machine (lower is better)".to_owned(),
+                decimals: 0,
+                groups: single(|o| o.cpu_us_per_request),
+            },
+            plot::Panel {
+                title: "latency ms, p50 and p99 (lower is better)".to_owned(),
+                decimals: 2,
+                groups: latency,
+            },
+        ],
+        caption: vec![
+            report.parameters(),
+            format!(
+                "bars: median over the rounds, whiskers: min–max; ratios in the table are paired per round; baseline: {}",
+                report.modes[report.baseline()].describe()
+            ),
+        ]
+        .into_iter()
+        .chain(report.busy().map(|b| {
+            format!(
+                "warning: busy machine, other processes above {:.0}% of the CPU in {b}",
+                stats::BUSY_SHARE * 100.0
             )
-        })
-        .collect();
-    panel(&mut s, 10.0, "requests/s (higher is better)", &rps, "");
-    let lat: Vec<(String, f64, String)> = outcomes
-        .iter()
-        .enumerate()
-        .flat_map(|(i, o)| {
-            [
-                (
-                    format!("{} p50", o.mode.name()),
-                    o.p50_ms,
-                    colors[i % colors.len()].to_owned(),
-                ),
-                (
-                    "p99".to_owned(),
-                    o.p99_ms,
-                    colors[i % colors.len()].to_owned(),
-                ),
-            ]
-        })
-        .collect();
-    panel(&mut s, 390.0, "latency ms (lower is better)", &lat, "");
-    s.push_str("</svg>\n");
-    s
+        }))
+        .collect(),
+    }
 }
 
 /// Where the demo writes its artefacts.
@@ -1242,29 +1466,142 @@ Transfer/sec:     11.26MB
         assert!(Mode::parse("nope").is_err());
     }
 
+    /// A made-up run of every mode, three rounds (not measured numbers).
+    const FIXTURE: &str = include_str!("../fixtures/chain-report.json");
+
+    fn fixture() -> Report {
+        serde_json::from_str(FIXTURE).unwrap()
+    }
+
     #[test]
-    fn renders_table_and_plot() {
-        let spec = Spec {
-            length: 4,
-            payload: 1024,
-            connections: 8,
-            seconds: 5,
-            work: 1,
-            services: false,
-        };
-        let mut a = parse_wrk(WRK, Mode::Reference).unwrap();
-        a.cpu_us_per_request = 100.0;
-        let mut b = a.clone();
-        b.mode = Mode::SprightOn;
-        b.requests_per_s *= 2.0;
-        b.cpu_us_per_request = 50.0;
-        let md = markdown(&spec, &[a.clone(), b.clone()]);
+    fn table_shows_medians_ranges_and_paired_ratios() {
+        let mut r = fixture();
+        // Two modes, three rounds, numbers chosen by hand.
+        r.modes = vec![Mode::Reference, Mode::SprightOn];
+        let mut rounds = Vec::new();
+        for (a, b) in [(1000.0, 1100.0), (2000.0, 2400.0), (1500.0, 1500.0)] {
+            let mut x = r.rounds[0][0].clone();
+            x.requests_per_s = a;
+            x.cpu_us_per_request = 100.0;
+            let mut y = x.clone();
+            y.mode = Mode::SprightOn;
+            y.requests_per_s = b;
+            y.cpu_us_per_request = 50.0;
+            rounds.push(vec![x, y]);
+        }
+        r.rounds = rounds;
+        let md = markdown(&r);
+        // Medians of the rounds; paired ratios 1.1, 1.2, 1.0 (not the
+        // medians' ratio 1500/1500 = 1.0).
         assert!(
-            md.contains("| spright, accelerated | 19725 | 2.00 |"),
+            md.contains("| spright, accelerated | 1500 (1100–2400) | 1.10 (1.00–1.20) |"),
             "{md}"
         );
-        assert!(md.contains("| 0.50 |"), "{md}");
-        let svg = svg(&spec, &[a, b]);
-        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(md.contains("| 50 (50–50) | 0.50 (0.50–0.50) |"), "{md}");
+        assert!(
+            md.contains("| reference bridge CNI | 1500 (1000–2000) | – |"),
+            "{md}"
+        );
+        // ±15% around 1.10 is 0.935–1.265: the range fits, no warning.
+        assert!(!md.contains("noisy"), "{md}");
+        r.rounds[1][1].requests_per_s = 3000.0;
+        r.rounds[2][0].other_cpu_share = 0.3;
+        let w = r.warnings();
+        assert!(
+            w.iter()
+                .any(|l| l.starts_with("noisy: spright-on / reference requests/s")),
+            "{w:?}"
+        );
+        assert!(
+            w.iter().any(|l| l.starts_with(
+                "busy machine: in 1 of 6 measured windows (up to 30%: round 3, reference)"
+            )),
+            "{w:?}"
+        );
+        assert!(markdown(&r).contains("**warning**: busy machine"));
+    }
+
+    #[test]
+    fn fixture_table_has_every_mode() {
+        let r = fixture();
+        assert_eq!(r.baseline(), 0);
+        let md = markdown(&r);
+        for m in Mode::ALL {
+            assert!(md.contains(&format!("| {} |", m.describe())), "{md}");
+        }
+        assert!(md.contains("3 rounds of 10 s per mode"), "{md}");
+    }
+
+    /// The picture of the fixture: well-formed XML, every text inside the
+    /// canvas, no two texts overlapping (boxes estimated as documented in
+    /// [`plot::svg_check::TextBox::of`]), no ".0" on requests/s, a PNG too.
+    #[test]
+    fn plots_fixture_readably() {
+        let r = fixture();
+        let fig = figure(&r, "spright chain benchmark");
+        let svg = plot::svg(&fig).unwrap();
+        roxmltree::Document::parse(&svg).unwrap();
+        let boxes = plot::svg_check::text_boxes(&svg).unwrap();
+        let texts: Vec<&str> = boxes.iter().map(|b| b.text.as_str()).collect();
+        let sdk_p99 = format!("p99 {:.2}", r.spread(4, |o| o.p99_ms).unwrap().median);
+        for want in [
+            "spright chain benchmark",
+            "requests/s (higher is better)",
+            "spright-sdk",
+            &sdk_p99,
+        ] {
+            assert!(texts.contains(&want), "{want:?} missing from {texts:?}");
+        }
+        assert!(
+            texts.iter().any(|t| t.starts_with("chain of 4 functions")),
+            "no caption in {texts:?}"
+        );
+        // requests/s values and axis labels are whole numbers.
+        let rps = format!("{:.0}", r.spread(0, |o| o.requests_per_s).unwrap().median);
+        assert!(
+            texts.contains(&rps.as_str()),
+            "{rps} missing from {texts:?}"
+        );
+        assert!(
+            !texts.iter().any(|t| t.ends_with(".0")),
+            "a value ends in .0: {texts:?}"
+        );
+        plot::svg_check::assert_readable(&fig, &boxes);
+        // A busy window adds a warning line to the caption.
+        let mut busy = r.clone();
+        busy.rounds[1][1].other_cpu_share = 0.63;
+        let fig2 = figure(&busy, "spright chain benchmark");
+        let boxes2 = plot::svg_check::text_boxes(&plot::svg(&fig2).unwrap()).unwrap();
+        assert!(
+            boxes2.iter().any(|b| b.text.starts_with(
+                "warning: busy machine, other processes above 10% of the CPU in 1 of 15 measured windows"
+            )),
+            "{boxes2:?}"
+        );
+        plot::svg_check::assert_readable(&fig2, &boxes2);
+        let dir = tempfile::tempdir().unwrap();
+        let png = dir.path().join("chain.png");
+        plot::png(&fig, &png).unwrap();
+        let bytes = std::fs::read(&png).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    }
+
+    #[test]
+    fn the_overlap_estimate_catches_neighbours() {
+        let svg = r#"<svg xmlns="http://www.w3.org/2000/svg" width="200" height="100">
+<text x="50" y="20" dy="0.76em" text-anchor="middle" font-size="10">reference p50</text>
+<text x="80" y="20" dy="0.76em" text-anchor="middle" font-size="10">p99</text>
+<text x="150" y="20" dy="0.76em" text-anchor="start" font-size="10">far</text>
+<text x="50" y="60" dy="-0.5ex" text-anchor="end" font-size="10">below</text>
+</svg>"#;
+        let boxes = plot::svg_check::text_boxes(svg).unwrap();
+        assert_eq!(boxes.len(), 4);
+        // "reference p50": 13 chars × 6.2 px = 80.6 px centred on 50.
+        assert!((boxes[0].x0 - (50.0 - 40.3)).abs() < 1e-9);
+        assert!((boxes[0].y0 - 20.0).abs() < 1e-9);
+        assert_eq!(
+            plot::svg_check::overlapping(&boxes),
+            vec![("reference p50".to_owned(), "p99".to_owned())]
+        );
     }
 }

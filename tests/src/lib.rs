@@ -6,19 +6,27 @@
 //!   cgroup v2 directory and a bpffs pin directory that the test owns and that
 //!   are removed on drop, also when the test panics.
 //! - [`scenario`]: end-to-end scenarios shared by tests and the demo binary.
+//! - [`stats`]: medians, ranges and paired ratios of repeated benchmark
+//!   rounds, and the rotation the rounds run in.
+//! - [`procgroup`]: children in their own process group, killed as one.
+//! - [`plot`]: the benchmarks' pictures (SVG and PNG).
 
+pub mod apps;
 pub mod chain;
 pub mod cni;
 pub mod kubeapi;
 pub mod kubelet;
 pub mod meshd;
+pub mod plot;
 pub mod pod;
 pub mod privileged;
+pub mod procgroup;
 pub mod runtime;
 pub mod sandbox;
 pub mod scenario;
 pub mod services;
 pub mod shm_csi;
+pub mod stats;
 
 /// 64-bit FNV-1a, used to compare what was sent with what arrived (the
 /// SDK's, which also defines the benchmark functions' work).

@@ -21,6 +21,11 @@ pub struct Meshd {
 }
 
 impl Meshd {
+    /// meshd's process id (for its CPU time in `/proc/PID/stat`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts meshd on a free loopback port and waits until it is ready.
     pub fn start(placement: &spright_ebpf::Placement, state_dir: &Path) -> anyhow::Result<Self> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();

@@ -438,16 +438,34 @@ fn mtime(p: &Path) -> std::time::SystemTime {
         .unwrap_or(std::time::UNIX_EPOCH)
 }
 
-/// A pod process started by the test; killed (by its pid) on drop.
+/// A pod process started by the test; killed (by its pid, or with its
+/// whole process group when started by [`Peer::spawn_group`]) on drop.
 pub struct Peer {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<String>,
+    group: bool,
+    /// `finish` saw it exit (and reaped it): its pid may be reused.
+    reaped: bool,
 }
 
 impl Peer {
     /// Starts `cmd` (a netpeer invocation, possibly wrapped, e.g. by `taskset`).
-    pub fn spawn_command(mut cmd: Command) -> anyhow::Result<Self> {
+    pub fn spawn_command(cmd: Command) -> anyhow::Result<Self> {
+        Self::spawn(cmd, false)
+    }
+
+    /// As [`Self::spawn_command`], in a process group of its own that is
+    /// killed as a whole on drop (the benchmarks: nothing they start may
+    /// outlive them, also on a timeout or Ctrl-C, see [`crate::procgroup`]).
+    pub fn spawn_group(cmd: Command) -> anyhow::Result<Self> {
+        Self::spawn(cmd, true)
+    }
+
+    fn spawn(mut cmd: Command, group: bool) -> anyhow::Result<Self> {
+        if group {
+            crate::procgroup::own_group(&mut cmd);
+        }
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -468,17 +486,34 @@ impl Peer {
             child,
             stdin,
             lines,
+            group,
+            reaped: false,
         })
     }
 
-    /// The next line the peer prints, waiting at most `timeout`.
+    /// The next line the peer prints, waiting at most `timeout`; gives up
+    /// early when the process is interrupted (`procgroup::trap_interrupts`).
     pub fn line(&self, timeout: Duration) -> anyhow::Result<String> {
-        self.lines.recv_timeout(timeout).with_context(|| {
-            format!(
-                "peer {} printed nothing within {timeout:?}",
-                self.child.id()
-            )
-        })
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            crate::procgroup::check_interrupted()?;
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
+                Ok(line) => return Ok(line),
+                Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "peer {} printed nothing within {timeout:?}",
+                            self.child.id()
+                        )
+                    });
+                }
+            }
+        }
     }
 
     /// The next line, parsed as the peer's JSON report.
@@ -500,6 +535,7 @@ impl Peer {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
+                self.reaped = true;
                 if status.success() {
                     return Ok(());
                 }
@@ -515,6 +551,9 @@ impl Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
+        if self.group && !self.reaped {
+            crate::procgroup::kill_group(&mut self.child);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

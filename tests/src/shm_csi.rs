@@ -85,6 +85,11 @@ pub struct ShmCsi {
 }
 
 impl ShmCsi {
+    /// shm-csi's process id (for its CPU time in `/proc/PID/stat`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts shm-csi with its socket, region root and log under `dir`, plus
     /// `extra` flags; waits until it answers Probe.
     pub fn start(dir: &Path, meshd_addr: &str, extra: &[&str]) -> anyhow::Result<Self> {

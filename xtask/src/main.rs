@@ -24,10 +24,16 @@ usage: cargo xtask <task> [args]
                        ARGS go to spright-demo, e.g. --duration 10 --payload 65536)
   bench NAME [ARGS]    release benchmarks, each against a baseline measured in the same run:
                          datapath    pod-to-pod RTT and throughput, 64 B..1 MiB
-                         chain       the demo's chain incl. a sidecar baseline (--length, --payload,
-                                     --connections, --duration)
+                         chain       the demo's chain incl. a sidecar baseline (--reps, default 3
+                                     interleaved rounds; --length, --payload, --connections,
+                                     --duration); medians, ranges, paired ratios, warnings;
+                                     pictures in target/demo/chain.{svg,png}
                          services    the chain with every hop through a ClusterIP: reference bridge
                                      + kube-proxy DNAT vs spright with connect-time translation
+                         apps        redis-server + redis-benchmark (with and without -P 16) and
+                                     nginx + wrk (1 KiB, 1 MiB) between two pods, reference bridge
+                                     CNI vs spright, interleaved rounds (--reps, --duration,
+                                     --connections, --redis-requests); target/bench/apps.*
                          cni         ADD+DEL latency vs the reference bridge plugin
                          shm         one hop over TCP, sockmap and shared memory, 64 B..1 MiB
                          webhook     admission reviews over HTTPS from concurrent clients, chain
@@ -324,14 +330,15 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
             ],
         ),
         Some("cni") => ("target/release/bench-cni", &[]),
+        Some("apps") => ("target/release/bench-apps", &[]),
         Some("shm") => ("target/release/bench-shm", &[]),
         Some("webhook") => ("target/release/spright-webhook-bench", &[]),
         Some(other) => {
             bail!(
-                "unknown benchmark {other:?}; benchmarks: datapath, chain, services, cni, shm, webhook"
+                "unknown benchmark {other:?}; benchmarks: datapath, chain, services, apps, cni, shm, webhook"
             )
         }
-        None => bail!("name a benchmark: datapath, chain, services, cni, shm, webhook"),
+        None => bail!("name a benchmark: datapath, chain, services, apps, cni, shm, webhook"),
     };
     build_release()?;
     let mut all: Vec<&str> = fixed.to_vec();

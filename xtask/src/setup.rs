@@ -42,6 +42,16 @@ const PACKAGES: &[(&str, &str)] = &[
         "haproxy",
         "the L4 sidecar of the chain benchmark's sidecar baseline",
     ),
+    (
+        "redis-server",
+        "an unmodified server for `bench apps` (nothing starts it: no init system)",
+    ),
+    ("redis-tools", "redis-benchmark, the client of `bench apps`"),
+    ("nginx-light", "an unmodified HTTP server for `bench apps`"),
+    (
+        "fonts-dejavu-core",
+        "DejaVu Sans, the font of the benchmark pictures (SVG layout, PNG)",
+    ),
 ];
 
 /// PyPI tools: (command, package, why). Installed with pip when the command

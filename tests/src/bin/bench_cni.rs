@@ -22,6 +22,8 @@ fn main() -> anyhow::Result<()> {
         .map_or(Ok(30), |s| s.parse())
         .context("ITERATIONS")?
         .clamp(1, 500);
+    // Ctrl-C unwinds, so the node and its pods are removed.
+    spright_tests::procgroup::trap_interrupts()?;
     let mut node = Node::new("bn")?;
     let pod = node.add_pod()?;
     let spright_conf = node.conf("1.0.0", &["10.213.0.0/24"]);
@@ -36,14 +38,15 @@ fn main() -> anyhow::Result<()> {
     let node_ns = node.node.path();
     let mut results = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
     // One warm-up round each (bridge creation, datapath install).
+    let plugins = [
+        (&spright_bin, &spright_conf),
+        (&reference_bin, &reference_conf),
+    ];
     for i in 0..=n {
-        for (k, (bin, conf)) in [
-            (&spright_bin, &spright_conf),
-            (&reference_bin, &reference_conf),
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        spright_tests::procgroup::check_interrupted()?;
+        // Which plugin goes first alternates from round to round.
+        for k in spright_tests::stats::rotation(plugins.len(), i) {
+            let (bin, conf) = plugins[k];
             let at = Attach {
                 ..node.attach(pod, &format!("bench-{k}-{i}"))
             };
@@ -76,6 +79,19 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let _ = node.node.ip(&["link", "del", "refbr0"]);
+    // spright / reference ADD+DEL, round by round.
+    let total = |k: usize| -> Vec<f64> {
+        results[k]
+            .0
+            .iter()
+            .zip(&results[k].1)
+            .map(|(a, d)| (*a + *d).as_secs_f64())
+            .collect()
+    };
+    let paired = spright_tests::stats::Spread::of(&spright_tests::stats::paired_ratios(
+        &total(0),
+        &total(1),
+    ));
     let [(mut sa, mut sd), (mut ra, mut rd)] = results;
     let (sa, sd, ra, rd) = (
         median(&mut sa),
@@ -112,6 +128,18 @@ fn main() -> anyhow::Result<()> {
         ms(sd) / ms(rd),
         ms(sa + sd) / ms(ra + rd)
     );
+    if let Some(p) = paired {
+        println!(
+            "paired ratios spright/ref ADD+DEL, round by round: median {:.2}, range {:.2}–{:.2}",
+            p.median, p.min, p.max
+        );
+        if p.wider_than(spright_tests::stats::NOISY_SPREAD) {
+            println!(
+                "warning: noisy: the paired ratios spread wider than ±{:.0}% of their median",
+                spright_tests::stats::NOISY_SPREAD * 100.0
+            );
+        }
+    }
     let left = node.leftovers("sprnet")?;
     if !left.is_empty() {
         bail!("benchmark left state behind: {left:?}");

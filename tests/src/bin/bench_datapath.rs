@@ -12,7 +12,10 @@
 //!
 //! Client and server are pinned with `taskset`, both on CPU 0 ("same vCPU")
 //! and on CPUs 0 and 1 ("cross vCPU"). Each figure is the median of three
-//! runs; ratios are against `bridge` from the same run. Needs root. Results
+//! rounds (each round runs every set-up once, the order rotated round to
+//! round); spright-on's ratios are the median of its paired ratios against
+//! `bridge` (each round's over the same round's), with a warning when they
+//! spread wider than ±15%. Needs root. Results
 //! also go to `target/bench/datapath.json`.
 //!
 //! Usage: `bench-datapath [--quick]` (`cargo xtask bench datapath`).
@@ -24,10 +27,13 @@ use spright_ebpf::Datapath;
 use spright_tests::{
     cni,
     sandbox::{Netns, Peer, Sandbox, netpeer_bin},
+    stats,
 };
 
 const T: Duration = Duration::from_mins(2);
 const SIZES: [usize; 5] = [64, 1 << 10, 16 << 10, 64 << 10, 1 << 20];
+/// The set-ups, in table order; `bridge` is the baseline.
+const MODES: [&str; 4] = ["bridge", "spright-off", "quickack", "spright-on"];
 
 /// Two pods and how to start processes in them.
 struct Pair {
@@ -42,6 +48,8 @@ fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     spright_tests::privileged::check()
         .map_err(|e| anyhow::anyhow!("bench-datapath needs root: {e}"))?;
+    // Ctrl-C unwinds: the peers (own process groups) and the sandbox go.
+    spright_tests::procgroup::trap_interrupts()?;
     let ncpu = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
 
     // spright pods (also used, re-labelled, for spright-off).
@@ -73,10 +81,14 @@ fn main() -> anyhow::Result<()> {
     };
     let sizes: &[usize] = if quick { &SIZES[..2] } else { &SIZES };
     let mut results = Vec::new();
+    let mut warnings = Vec::new();
+    let runs = if quick { 1 } else { 3 };
     for (pin_name, cpus) in &placements {
         for &size in sizes {
             let mut row = serde_json::json!({ "cpus": pin_name, "size": size });
-            for mode in ["bridge", "spright-off", "quickack", "spright-on"] {
+            // Rounds of every mode, the order rotated each round; each
+            // round's figures pair with the same round's bridge figures.
+            let rounds = stats::run_rounds(&MODES, runs, |round, mode| {
                 // `quickack`: the spright-off pods with `quickack 1` on their
                 // routes, as spright-cni sets it for chain members: the cost
                 // of that mitigation on the TCP path.
@@ -96,13 +108,54 @@ fn main() -> anyhow::Result<()> {
                         })
                     }
                 };
-                let (rtt, tput) = measure(pair, cpus, size, quick)
+                let port = 7100 + u16::try_from(round)?;
+                let (rtt, tput) = measure(pair, cpus, size, quick, port)
                     .with_context(|| format!("{} at {size} B, {pin_name}", pair.name))?;
-                row[mode] = serde_json::json!({ "rtt_p50_us": rtt, "mib_per_s": tput });
                 eprintln!(
-                    "  {pin_name:<10} {size:>8} B  {mode:<12} RTT p50 {rtt:>8.1} µs  {tput:>9.0} MiB/s"
+                    "  {pin_name:<10} {size:>8} B  round {}  {mode:<12} RTT p50 {rtt:>8.1} µs  {tput:>9.0} MiB/s",
+                    round + 1
                 );
+                Ok((rtt, tput))
+            })?;
+            let column = |m: usize, f: fn(&(f64, f64)) -> f64| -> Vec<f64> {
+                rounds.iter().map(|r| f(&r[m])).collect()
+            };
+            for (m, mode) in MODES.iter().enumerate() {
+                let (rtts, tputs) = (column(m, |x| x.0), column(m, |x| x.1));
+                row[*mode] = serde_json::json!({
+                    "rtt_p50_us": stats::median(&rtts),
+                    "mib_per_s": stats::median(&tputs),
+                    "rtt_p50_us_rounds": rtts,
+                    "mib_per_s_rounds": tputs,
+                });
             }
+            // spright-on against bridge, paired round by round: RTT speed-up
+            // (bridge / spright-on) and throughput ratio (spright-on / bridge).
+            let on = MODES.iter().position(|m| *m == "spright-on").unwrap_or(3);
+            let speedup = stats::Spread::of(&stats::paired_ratios(
+                &column(0, |x| x.0),
+                &column(on, |x| x.0),
+            ));
+            let tput = stats::Spread::of(&stats::paired_ratios(
+                &column(on, |x| x.1),
+                &column(0, |x| x.1),
+            ));
+            for (what, s) in [("RTT speed-up", speedup), ("throughput ratio", tput)] {
+                if let Some(s) = s.filter(|s| s.wider_than(stats::NOISY_SPREAD)) {
+                    warnings.push(format!(
+                        "noisy: {pin_name}, {size} B, spright-on vs bridge {what}: paired ratios {:.2}–{:.2} \
+                         around {:.2}, wider than ±{:.0}%",
+                        s.min,
+                        s.max,
+                        s.median,
+                        stats::NOISY_SPREAD * 100.0
+                    ));
+                }
+            }
+            row["paired"] = serde_json::json!({
+                "rtt_speedup": speedup.map(|s| [s.median, s.min, s.max]),
+                "mib_per_s_ratio": tput.map(|s| [s.median, s.min, s.max]),
+            });
             results.push(row);
         }
     }
@@ -110,8 +163,11 @@ fn main() -> anyhow::Result<()> {
     drop(reference);
     drop(sb);
 
-    print_table(&results);
+    print_table(&results, runs);
     print_quickack(&results);
+    for w in &warnings {
+        println!("warning: {w}");
+    }
     let out = Path::new("target/bench");
     std::fs::create_dir_all(out)?;
     std::fs::write(
@@ -181,67 +237,63 @@ fn print_quickack(results: &[serde_json::Value]) {
     }
 }
 
-/// Median RTT (µs) and median throughput (MiB/s) of three runs.
-fn measure(pair: &Pair, cpus: &[&str; 2], size: usize, quick: bool) -> anyhow::Result<(f64, f64)> {
+/// One run: RTT p50 (µs) and throughput (MiB/s), on `port` and `port + 50`.
+fn measure(
+    pair: &Pair,
+    cpus: &[&str; 2],
+    size: usize,
+    quick: bool,
+    port: u16,
+) -> anyhow::Result<(f64, f64)> {
     let iters = (200_000_000 / size).clamp(200, if quick { 2_000 } else { 20_000 });
     let bytes = (size as u64 * 50_000).clamp(8 << 20, if quick { 64 << 20 } else { 512 << 20 });
-    let runs = if quick { 1 } else { 3 };
-    let mut rtts = Vec::new();
-    let mut tputs = Vec::new();
-    for i in 0..runs {
-        let port = 7100 + i;
-        let addr = sock_addr(pair.server_ip, port);
-        let srv = spawn(pair, &pair.server_ns, cpus[1], &["echo", "--listen", &addr])?;
-        ensure!(srv.line(T)? == "ready", "echo server did not start");
-        let cli = spawn(
-            pair,
-            &pair.client_ns,
-            cpus[0],
-            &[
-                "pingpong",
-                "--connect",
-                &addr,
-                "--size",
-                &size.to_string(),
-                "--iters",
-                &iters.to_string(),
-            ],
-        )?;
-        rtts.push(cli.report(T)?["p50_us"].as_f64().context("p50_us")?);
-        cli.finish(T)?;
-        srv.finish(T)?;
+    spright_tests::procgroup::check_interrupted()?;
+    let addr = sock_addr(pair.server_ip, port);
+    let srv = spawn(pair, &pair.server_ns, cpus[1], &["echo", "--listen", &addr])?;
+    ensure!(srv.line(T)? == "ready", "echo server did not start");
+    let cli = spawn(
+        pair,
+        &pair.client_ns,
+        cpus[0],
+        &[
+            "pingpong",
+            "--connect",
+            &addr,
+            "--size",
+            &size.to_string(),
+            "--iters",
+            &iters.to_string(),
+        ],
+    )?;
+    let rtt = cli.report(T)?["p50_us"].as_f64().context("p50_us")?;
+    cli.finish(T)?;
+    srv.finish(T)?;
 
-        let addr = sock_addr(pair.server_ip, port + 50);
-        let srv = spawn(pair, &pair.server_ns, cpus[1], &["sink", "--listen", &addr])?;
-        ensure!(srv.line(T)? == "ready", "sink did not start");
-        let cli = spawn(
-            pair,
-            &pair.client_ns,
-            cpus[0],
-            &[
-                "bulk",
-                "--connect",
-                &addr,
-                "--bytes",
-                &bytes.to_string(),
-                "--chunk",
-                &size.to_string(),
-            ],
-        )?;
-        tputs.push(cli.report(T)?["mib_per_s"].as_f64().context("mib_per_s")?);
-        cli.finish(T)?;
-        srv.finish(T)?;
-    }
-    Ok((median(rtts), median(tputs)))
+    let addr = sock_addr(pair.server_ip, port + 50);
+    let srv = spawn(pair, &pair.server_ns, cpus[1], &["sink", "--listen", &addr])?;
+    ensure!(srv.line(T)? == "ready", "sink did not start");
+    let cli = spawn(
+        pair,
+        &pair.client_ns,
+        cpus[0],
+        &[
+            "bulk",
+            "--connect",
+            &addr,
+            "--bytes",
+            &bytes.to_string(),
+            "--chunk",
+            &size.to_string(),
+        ],
+    )?;
+    let tput = cli.report(T)?["mib_per_s"].as_f64().context("mib_per_s")?;
+    cli.finish(T)?;
+    srv.finish(T)?;
+    Ok((rtt, tput))
 }
 
 fn sock_addr(ip: IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(ip, port).to_string()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn spawn(pair: &Pair, netns: &str, cpu: &str, args: &[&str]) -> anyhow::Result<Peer> {
@@ -251,12 +303,13 @@ fn spawn(pair: &Pair, netns: &str, cpu: &str, args: &[&str]) -> anyhow::Result<P
         cmd.args(["--cgroup", cg]);
     }
     cmd.args(["--netns", netns]).args(args);
-    Peer::spawn_command(cmd)
+    Peer::spawn_group(cmd)
 }
 
-fn print_table(results: &[serde_json::Value]) {
+fn print_table(results: &[serde_json::Value], rounds: usize) {
     println!(
-        "\nRTT p50 (µs, lower is better) and throughput (MiB/s), medians of 3; ratios vs bridge"
+        "\nRTT p50 (µs, lower is better) and throughput (MiB/s), medians of {rounds} interleaved round(s); \
+         ratios: median of the paired ratios vs bridge (round by round)"
     );
     println!(
         "{:<10} {:>8} | {:>9} {:>11} {:>10} {:>7} | {:>9} {:>11} {:>10} {:>7}",
@@ -280,11 +333,13 @@ fn print_table(results: &[serde_json::Value]) {
             g("bridge", "rtt_p50_us"),
             g("spright-off", "rtt_p50_us"),
             g("spright-on", "rtt_p50_us"),
-            g("bridge", "rtt_p50_us") / g("spright-on", "rtt_p50_us"),
+            r["paired"]["rtt_speedup"][0].as_f64().unwrap_or(f64::NAN),
             g("bridge", "mib_per_s"),
             g("spright-off", "mib_per_s"),
             g("spright-on", "mib_per_s"),
-            g("spright-on", "mib_per_s") / g("bridge", "mib_per_s"),
+            r["paired"]["mib_per_s_ratio"][0]
+                .as_f64()
+                .unwrap_or(f64::NAN),
         );
     }
 }

@@ -5,28 +5,42 @@
 //!
 //! ```text
 //! spright-demo [--bench] [--modes reference,sidecar,spright-off,spright-on,spright-sdk]
-//!              [--length 4] [--payload 1024] [--connections 8] [--duration 6] [--work 1]
-//!              [--services]
+//!              [--length 4] [--payload 1024] [--connections 8] [--duration 3] [--work 1]
+//!              [--reps 2] [--services]
 //! ```
+//!
+//! The modes run in `--reps` rounds (default 2 for the demo, 3 with
+//! `--bench`, where `--duration` defaults to 10 s), each round every mode
+//! once, the order rotated from round to round. The table gives per mode
+//! the median and min–max over the rounds, and per comparison with the
+//! reference the median and range of the paired ratios (each round's mode
+//! over the same round's reference); it warns when other processes used
+//! the machine during a measured window or a paired ratio spreads wider
+//! than ±15%.
 //!
 //! `--services` calls every function through its own ClusterIP, with
 //! kube-proxy's DNAT emulated by iptables rules in the node namespace (and,
 //! for spright, the Services in meshd's service files).
 //!
-//! Writes `target/demo/results.{json,md}` and `target/demo/chain.svg`.
-//! Everything it creates is removed at the end, on failure and on Ctrl-C.
+//! Writes `target/demo/results.{json,md}` and `target/demo/chain.{svg,png}`.
+//! Everything it creates is removed at the end, on failure and on Ctrl-C
+//! (every process it starts is in a process group of its own, killed as a
+//! group).
 
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use spright_tests::{
-    chain::{self, Mode, Spec},
+    chain::{self, Mode, Report, Spec},
+    plot,
     pod::take_opt,
+    stats,
 };
 
 fn main() -> ExitCode {
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        let _ = signal_hook::flag::register(sig, chain::interrupted().clone());
+    if let Err(e) = spright_tests::procgroup::trap_interrupts() {
+        eprintln!("spright-demo: {e:#}");
+        return ExitCode::FAILURE;
     }
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -53,11 +67,16 @@ fn run() -> anyhow::Result<()> {
                 .with_context(|| format!("{name}: {v:?} is not a number"))
         })
     };
+    let reps = usize::try_from(num(&mut args, "--reps", if bench { 3 } else { 2 })?)?;
+    anyhow::ensure!(
+        (1..=20).contains(&reps),
+        "--reps must be 1 to 20, got {reps}"
+    );
     let spec = Spec {
         length: usize::try_from(num(&mut args, "--length", 4)?)?,
         payload: usize::try_from(num(&mut args, "--payload", 1024)?)?,
         connections: usize::try_from(num(&mut args, "--connections", 8)?)?,
-        seconds: num(&mut args, "--duration", if bench { 10 } else { 6 })?,
+        seconds: num(&mut args, "--duration", if bench { 10 } else { 3 })?,
         work: u32::try_from(num(&mut args, "--work", 1)?)?,
         services,
     };
@@ -79,47 +98,81 @@ fn run() -> anyhow::Result<()> {
     spright_tests::privileged::check().map_err(|e| anyhow::anyhow!("the demo needs root: {e}"))?;
 
     println!(
-        "spright demo: a chain of {} unmodified HTTP functions (gateway + {} stages), {} B bodies, {} connections",
+        "spright demo: a chain of {} unmodified HTTP functions (gateway + {} stages), {} B bodies, {} connections, \
+         {reps} round{} of {} s per mode, modes interleaved",
         spec.length,
         spec.length - 1,
         spec.payload,
-        spec.connections
+        spec.connections,
+        if reps == 1 { "" } else { "s" },
+        spec.seconds
     );
-    let mut outcomes = Vec::new();
-    for (i, mode) in modes.iter().enumerate() {
-        println!("\n[{}/{}] {}", i + 1, modes.len(), mode.describe());
-        let o = chain::run(&spec, *mode, &mut |l| println!("  {l}"))?;
+    let total = reps * modes.len();
+    let mut done = 0;
+    let rounds = stats::run_rounds(&modes, reps, |round, mode| {
+        chain::check_interrupted()?;
+        done += 1;
         println!(
-            "  → {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms, {:.0} µs node CPU per request ({:.0} of it wrk's), {} errors",
+            "\n[round {}/{reps}, run {done}/{total}] {}",
+            round + 1,
+            mode.describe()
+        );
+        let o = chain::run(&spec, mode, &mut |l| println!("  {l}"))?;
+        println!(
+            "  → {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms, {:.0} µs node CPU per request ({:.0} of it wrk's), {} errors, \
+             other processes {:.0}% of the CPU",
             o.requests_per_s,
             o.p50_ms,
             o.p99_ms,
             o.cpu_us_per_request,
             o.loadgen_cpu_us_per_request,
-            o.errors
+            o.errors,
+            o.other_cpu_share * 100.0
         );
-        if *mode == Mode::SprightOn {
+        if mode == Mode::SprightOn {
             println!(
                 "  → {} MiB went socket to socket inside the chain; the outsider pod's call redirected {} bytes",
                 o.redirected_bytes >> 20,
                 o.outsider_redirected_bytes.unwrap_or(0)
             );
         }
-        outcomes.push(o);
-    }
-    let table = chain::markdown(&spec, &outcomes);
+        Ok(o)
+    })?;
+    let report = Report {
+        spec,
+        modes,
+        rounds,
+    };
+    let table = chain::markdown(&report);
     println!("\n{table}");
     let dir = chain::out_dir();
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("results.md"), &table)?;
     std::fs::write(
         dir.join("results.json"),
-        serde_json::to_string_pretty(&serde_json::json!({ "spec": spec, "results": outcomes }))?,
+        serde_json::to_string_pretty(&report)?,
     )?;
-    std::fs::write(dir.join("chain.svg"), chain::svg(&spec, &outcomes))?;
+    let title = if report.spec.services {
+        "spright: a chain of HTTP functions behind ClusterIPs"
+    } else {
+        "spright: a chain of HTTP functions"
+    };
+    let fig = chain::figure(&report, title);
+    std::fs::write(dir.join("chain.svg"), plot::svg(&fig)?)?;
+    // The PNG is a convenience; the SVG is the picture.
+    let png = match plot::png(&fig, &dir.join("chain.png")) {
+        Ok(()) => " and chain.png",
+        Err(e) => {
+            eprintln!("spright-demo: no PNG: {e:#}");
+            ""
+        }
+    };
     println!(
-        "wrote {0}/results.md, {0}/results.json and {0}/chain.svg",
+        "wrote {0}/results.md, {0}/results.json, {0}/chain.svg{png}",
         dir.display()
     );
+    for w in report.warnings() {
+        eprintln!("warning: {w}");
+    }
     Ok(())
 }
