@@ -102,6 +102,7 @@ fn privileged_meshd_follows_records() {
         assert!(e.contains("404"), "{path} on the metrics listener: {e}");
     }
     assert_eq!(meshd.get_metrics_listener("/readyz").unwrap(), "ready\n");
+    dashboard_queries_what_meshd_serves(&m);
     assert!(m.contains("spright_acceleration_enabled 1"), "{m}");
     assert!(
         m.contains(r#"spright_chain_endpoints{namespace="default",chain="alpha"} 2"#),
@@ -264,5 +265,114 @@ fn privileged_meshd_degrades_when_bpf_is_unavailable() {
         meshd.log_text().contains("acceleration off"),
         "{}",
         meshd.log_text()
+    );
+}
+
+/// manifests/grafana-dashboard.json, checked as far as it can be offline:
+/// the shape Grafana's dashboard schema requires of it (unique panel ids,
+/// grid positions inside 24 columns that do not overlap, a query per
+/// target), every `spright_*` series it queries is one this meshd serves,
+/// and every query parses as PromQL (`promtool check rules` over the
+/// queries as recording rules, with the dashboard's variables filled in).
+fn dashboard_queries_what_meshd_serves(metrics: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests/grafana-dashboard.json");
+    let d: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert!(
+        d["uid"]
+            .as_str()
+            .is_some_and(|u| !u.is_empty() && u.len() <= 40)
+    );
+    assert!(d["schemaVersion"].as_u64().is_some_and(|v| v >= 36));
+    let panels = d["panels"].as_array().unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    let mut cells = std::collections::BTreeSet::new();
+    let mut exprs = Vec::new();
+    for p in panels {
+        assert!(
+            ids.insert(p["id"].as_u64().unwrap()),
+            "duplicate panel id: {p}"
+        );
+        assert!(
+            ["timeseries", "stat"].contains(&p["type"].as_str().unwrap()),
+            "{p}"
+        );
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (
+            g["x"].as_u64().unwrap(),
+            g["y"].as_u64().unwrap(),
+            g["w"].as_u64().unwrap(),
+            g["h"].as_u64().unwrap(),
+        );
+        assert!(w > 0 && h > 0 && x + w <= 24, "{p}");
+        for cx in x..x + w {
+            for cy in y..y + h {
+                assert!(cells.insert((cx, cy)), "panel {} overlaps another", p["id"]);
+            }
+        }
+        for t in p["targets"].as_array().unwrap() {
+            exprs.push(t["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    let served: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    for e in &exprs {
+        let mut rest = e.as_str();
+        while let Some(i) = rest.find("spright_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                served.contains(name.as_str()),
+                "the dashboard queries {name}, which meshd does not serve:\n{e}"
+            );
+            rest = &rest[i + name.len()..];
+        }
+    }
+    if Command::new("promtool").arg("--version").output().is_err() {
+        assert!(
+            !privileged::in_ci(),
+            "promtool is not installed (cargo xtask setup provides it)"
+        );
+        eprintln!("SKIPPED the dashboard's PromQL check: promtool is not installed");
+        return;
+    }
+    let rules: Vec<serde_json::Value> = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let e = e
+                .replace("$__rate_interval", "5m")
+                .replace("$namespace", ".*")
+                .replace("$chain", ".*");
+            serde_json::json!({ "record": format!("dashboard:query{i}"), "expr": e })
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboard-rules.json");
+    // JSON is YAML: promtool reads it as a rule file.
+    std::fs::write(
+        &file,
+        serde_json::to_vec(
+            &serde_json::json!({ "groups": [{ "name": "dashboard", "rules": rules }] }),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let out = Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the dashboard's queries are not valid PromQL: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
