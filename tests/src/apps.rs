@@ -502,33 +502,26 @@ impl Report {
 
     /// Busy windows and noisy comparisons, as in the chain benchmark.
     pub fn warnings(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Some(busy) = self.busy() {
-            out.push(format!(
-                "busy machine: in {busy} processes outside the benchmark used more than {:.0}% of the CPU; \
-                 compare only runs of a quiet machine",
-                stats::BUSY_SHARE * 100.0
-            ));
-        }
+        let mut out: Vec<String> = self
+            .busy()
+            .map(|b| stats::busy_warning(&b))
+            .into_iter()
+            .collect();
         let base = self.baseline();
         for (j, mode) in self.modes.iter().enumerate() {
             if j == base {
                 continue;
             }
             for (k, case) in self.case_names().iter().enumerate() {
-                if let Some(p) = self.paired(j, k, |c| c.ops_per_s)
-                    && p.wider_than(stats::NOISY_SPREAD)
-                {
-                    out.push(format!(
-                        "noisy: {case}: {} / {} ops/s paired ratios {:.2}–{:.2} around {:.2}, wider than ±{:.0}%",
-                        mode.name(),
-                        self.modes[base].name(),
-                        p.min,
-                        p.max,
-                        p.median,
-                        stats::NOISY_SPREAD * 100.0
-                    ));
-                }
+                let name = format!(
+                    "{case}: {} / {} ops/s",
+                    mode.name(),
+                    self.modes[base].name()
+                );
+                out.extend(
+                    self.paired(j, k, |c| c.ops_per_s)
+                        .and_then(|p| stats::noisy_warning(&name, &p)),
+                );
             }
         }
         out
@@ -537,31 +530,20 @@ impl Report {
     /// "K of N measured windows (up to X%: round R, MODE, CASE)" when some
     /// window's other-process CPU passed [`stats::BUSY_SHARE`].
     fn busy(&self) -> Option<String> {
-        let windows: Vec<(usize, Mode, &CaseResult)> = self
+        let windows: Vec<((usize, Mode, &CaseResult), f64)> = self
             .rounds
             .iter()
             .enumerate()
             .flat_map(|(i, r)| {
-                r.iter()
-                    .flat_map(move |o| o.cases.iter().map(move |c| (i, o.mode, c)))
+                r.iter().flat_map(move |o| {
+                    o.cases
+                        .iter()
+                        .map(move |c| ((i, o.mode, c), c.other_cpu_share))
+                })
             })
             .collect();
-        let busy = windows
-            .iter()
-            .filter(|w| w.2.other_cpu_share > stats::BUSY_SHARE)
-            .count();
-        let (round, mode, worst) = windows
-            .iter()
-            .max_by(|a, b| a.2.other_cpu_share.total_cmp(&b.2.other_cpu_share))?;
-        (busy > 0).then(|| {
-            format!(
-                "{busy} of {} measured windows (up to {:.0}%: round {}, {}, {})",
-                windows.len(),
-                worst.other_cpu_share * 100.0,
-                round + 1,
-                mode.name(),
-                worst.case
-            )
+        stats::busy_windows(&windows, |(round, mode, c)| {
+            format!("round {}, {}, {}", round + 1, mode.name(), c.case)
         })
     }
 

@@ -1119,14 +1119,11 @@ impl Report {
     /// the machine was busy with something else, and comparisons whose
     /// paired ratios spread wider than ±15% of their median.
     pub fn warnings(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Some(busy) = self.busy() {
-            out.push(format!(
-                "busy machine: in {busy} processes outside the benchmark used more than {:.0}% of the CPU; \
-                 compare only runs of a quiet machine",
-                stats::BUSY_SHARE * 100.0
-            ));
-        }
+        let mut out: Vec<String> = self
+            .busy()
+            .map(|b| stats::busy_warning(&b))
+            .into_iter()
+            .collect();
         let base = self.baseline();
         for (j, mode) in self.modes.iter().enumerate() {
             if j == base {
@@ -1136,20 +1133,11 @@ impl Report {
                 ("requests/s", (|o| o.requests_per_s) as Metric),
                 ("node CPU per request", |o| o.cpu_us_per_request),
             ] {
-                if let Some(p) = self.paired(j, metric)
-                    && p.wider_than(stats::NOISY_SPREAD)
-                {
-                    out.push(format!(
-                        "noisy: {} / {} {what}: paired ratios {:.2}–{:.2} around a median of {:.2}, wider \
-                         than ±{:.0}%; rerun on a quiet machine or with more --reps",
-                        mode.name(),
-                        self.modes[base].name(),
-                        p.min,
-                        p.max,
-                        p.median,
-                        stats::NOISY_SPREAD * 100.0
-                    ));
-                }
+                let name = format!("{} / {} {what}", mode.name(), self.modes[base].name());
+                out.extend(
+                    self.paired(j, metric)
+                        .and_then(|p| stats::noisy_warning(&name, &p)),
+                );
             }
         }
         out
@@ -1158,27 +1146,14 @@ impl Report {
     /// "K of N measured windows (up to X%: round R, MODE)" when some
     /// window's other-process CPU passed [`stats::BUSY_SHARE`].
     fn busy(&self) -> Option<String> {
-        let all: Vec<(usize, &Outcome)> = self
+        let windows: Vec<((usize, &Outcome), f64)> = self
             .rounds
             .iter()
             .enumerate()
-            .flat_map(|(i, r)| r.iter().map(move |o| (i, o)))
+            .flat_map(|(i, r)| r.iter().map(move |o| ((i, o), o.other_cpu_share)))
             .collect();
-        let busy = all
-            .iter()
-            .filter(|(_, o)| o.other_cpu_share > stats::BUSY_SHARE)
-            .count();
-        let (round, worst) = all
-            .iter()
-            .max_by(|a, b| a.1.other_cpu_share.total_cmp(&b.1.other_cpu_share))?;
-        (busy > 0).then(|| {
-            format!(
-                "{busy} of {} measured windows (up to {:.0}%: round {}, {})",
-                all.len(),
-                worst.other_cpu_share * 100.0,
-                round + 1,
-                worst.mode.name()
-            )
+        stats::busy_windows(&windows, |(round, o)| {
+            format!("round {}, {}", round + 1, o.mode.name())
         })
     }
 

@@ -56,6 +56,46 @@ impl Spread {
     }
 }
 
+/// "K of N measured windows (up to X%: WORST)" when some window's
+/// other-process share of the CPU passed [`BUSY_SHARE`]; `windows` pairs
+/// each window with that share, `describe` names the worst one.
+pub fn busy_windows<W>(windows: &[(W, f64)], describe: impl Fn(&W) -> String) -> Option<String> {
+    let busy = windows.iter().filter(|w| w.1 > BUSY_SHARE).count();
+    let (worst, share) = windows.iter().max_by(|a, b| a.1.total_cmp(&b.1))?;
+    (busy > 0).then(|| {
+        format!(
+            "{busy} of {} measured windows (up to {:.0}%: {})",
+            windows.len(),
+            share * 100.0,
+            describe(worst)
+        )
+    })
+}
+
+/// The busy-machine warning line for the windows [`busy_windows`] found.
+pub fn busy_warning(windows: &str) -> String {
+    format!(
+        "busy machine: in {windows} processes outside the benchmark used more than {:.0}% of the CPU; \
+         compare only runs of a quiet machine",
+        BUSY_SHARE * 100.0
+    )
+}
+
+/// The noisy-comparison warning for `what` (e.g. "spright-on / reference
+/// requests/s") when its paired ratios spread wider than [`NOISY_SPREAD`].
+pub fn noisy_warning(what: &str, paired: &Spread) -> Option<String> {
+    paired.wider_than(NOISY_SPREAD).then(|| {
+        format!(
+            "noisy: {what}: paired ratios {:.2}–{:.2} around a median of {:.2}, wider than ±{:.0}%; \
+             rerun on a quiet machine or with more --reps",
+            paired.min,
+            paired.max,
+            paired.median,
+            NOISY_SPREAD * 100.0
+        )
+    })
+}
+
 /// The median of `values` (NaNs ignored).
 pub fn median(values: &[f64]) -> Option<f64> {
     Spread::of(values).map(|s| s.median)

@@ -122,6 +122,30 @@ fn write_pair(dir: &Path, pair: &tls::PemPair) {
     }
 }
 
+/// A CA and serving certificate for the webhook's in-cluster Service names.
+fn service_ca() -> tls::SelfSigned {
+    tls::self_signed(
+        &tls::service_names("spright-webhook", "spright-system"),
+        Duration::from_hours(1),
+    )
+    .unwrap()
+}
+
+/// The webhook serving `pair` from files in `dir` (`--tls-cert`,
+/// `--tls-key`), with `extra` flags.
+fn start_with_files(dir: &Path, pair: &tls::PemPair, extra: &[&str]) -> Webhook {
+    write_pair(dir, pair);
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let mut args = vec![
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Webhook::start(&args, &[])
+}
+
 fn pod(name: &str, annotations: &Value, spec: &Value) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -397,22 +421,8 @@ fn kubernetes_validate(pods: &[Value]) {
 #[test]
 fn every_case_through_https_and_patched_pods_settle() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = tls::self_signed(
-        &tls::service_names("spright-webhook", "spright-system"),
-        Duration::from_hours(1),
-    )
-    .unwrap();
-    write_pair(dir.path(), &ca.serving);
-    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    let hook = Webhook::start(
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let ca = service_ca();
+    let hook = start_with_files(dir.path(), &ca.serving, &[]);
     let client = hook.client(ca.ca_pem.as_bytes());
     let rt = runtime();
     let mut conn = rt.block_on(client.connect()).unwrap();
@@ -525,19 +535,7 @@ fn certificate_files_are_reloaded_without_a_restart() {
     let names = tls::service_names("spright-webhook", "spright-system");
     let first = tls::self_signed(&names, Duration::from_hours(1)).unwrap();
     let second = tls::self_signed(&names, Duration::from_hours(1)).unwrap();
-    write_pair(dir.path(), &first.serving);
-    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    let hook = Webhook::start(
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--reload-secs",
-            "1",
-        ],
-        &[],
-    );
+    let hook = start_with_files(dir.path(), &first.serving, &["--reload-secs", "1"]);
     let pid = hook.child.id();
     let rt = runtime();
     let both = format!("{}{}", first.ca_pem, second.ca_pem);
@@ -589,24 +587,8 @@ fn certificate_files_are_reloaded_without_a_restart() {
 #[test]
 fn sigterm_keeps_serving_through_the_drain_then_exits() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = tls::self_signed(
-        &tls::service_names("spright-webhook", "spright-system"),
-        Duration::from_hours(1),
-    )
-    .unwrap();
-    write_pair(dir.path(), &ca.serving);
-    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    let mut hook = Webhook::start(
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--drain-secs",
-            "5",
-        ],
-        &[],
-    );
+    let ca = service_ca();
+    let mut hook = start_with_files(dir.path(), &ca.serving, &["--drain-secs", "5"]);
     let rt = runtime();
     let client = hook.client(ca.ca_pem.as_bytes());
     let mut open = rt.block_on(client.connect()).unwrap();
