@@ -320,15 +320,7 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
     }
 
     servers.clear();
-    for p in &pods {
-        let r = chain::del_pod(&node, mode, p)?;
-        ensure!(
-            r.ok,
-            "DEL of {} failed: {}",
-            p.attach.container_id,
-            r.stdout
-        );
-    }
+    chain::del_pods(&node, mode, &pods)?;
     drop(meshd);
     drop(ref_cgroup);
     node.pods.clear();

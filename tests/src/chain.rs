@@ -473,8 +473,18 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
     if let Some(shm) = shm {
         shm.unpublish()?;
     }
-    for p in &pods {
-        let r = del_pod(&node, mode, p)?;
+    del_pods(&node, mode, &pods)?;
+    drop(meshd);
+    drop(ref_cgroup);
+    node.pods.clear();
+    Ok(outcome)
+}
+
+/// CNI DEL of every pod, as a runtime tears them down; a failed DEL is an
+/// error naming the container.
+pub(crate) fn del_pods(node: &Node, mode: Mode, pods: &[PodInfo]) -> anyhow::Result<()> {
+    for p in pods {
+        let r = del_pod(node, mode, p)?;
         ensure!(
             r.ok,
             "DEL of {} failed: {}",
@@ -482,10 +492,7 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
             r.stdout
         );
     }
-    drop(meshd);
-    drop(ref_cgroup);
-    node.pods.clear();
-    Ok(outcome)
+    Ok(())
 }
 
 /// Puts every function behind a ClusterIP (`10.96.0.10`, `.11`, …, port

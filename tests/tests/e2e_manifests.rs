@@ -126,16 +126,12 @@ fn mounted_same(spec: &Value, c: &Value, path: &str) -> Option<String> {
 
 #[test]
 fn kubernetes_validate_strict() {
-    let which = Command::new("kubernetes-validate")
-        .arg("--version")
-        .output();
-    if !which.is_ok_and(|o| o.status.success()) {
-        let why = "kubernetes-validate is not installed (cargo xtask setup installs it)";
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v == "true" || v == "1"),
-            "{why}"
-        );
-        eprintln!("SKIPPED kubernetes_validate_strict: {why}");
+    if !tool_or_skip(
+        "kubernetes-validate",
+        &["--version"],
+        "kubernetes_validate_strict",
+        "cargo xtask setup installs it",
+    ) {
         return;
     }
     let out = Command::new("kubernetes-validate")
