@@ -136,13 +136,6 @@ fn remove_where(host_root: Option<&Path>, keep: impl Fn(&str) -> bool) -> Result
     Ok(n)
 }
 
-/// The `-D ...` argument lists of the rules in an `iptables -S` listing that
-/// carry exactly `comment`.
-#[cfg(test)]
-fn rules_with(listing: &str, comment: &str) -> Vec<Vec<String>> {
-    rules_where(listing, |c| c == comment)
-}
-
 /// The `-D ...` argument lists of the rules in an `iptables -S` listing whose
 /// comment satisfies `wanted`.
 fn rules_where(listing: &str, wanted: impl Fn(&str) -> bool) -> Vec<Vec<String>> {
@@ -177,7 +170,7 @@ mod tests {
              -A POSTROUTING -s 10.213.0.2/32 ! -d 10.213.0.0/24 -m comment --comment \"{c}\" -j MASQUERADE\n\
              -A POSTROUTING -s 10.213.0.3/32 ! -d 10.213.0.0/24 -m comment --comment \"{c}x\" -j MASQUERADE\n"
         );
-        let rules = rules_with(&listing, &c);
+        let rules = rules_where(&listing, |comment| comment == c);
         assert_eq!(rules.len(), 1);
         assert_eq!(rules[0][0], "-D");
         assert!(rules[0].contains(&"10.213.0.2/32".to_owned()));

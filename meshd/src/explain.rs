@@ -108,17 +108,8 @@ fn end(arg: &str, ip: IpAddr, rec: Option<&Record>, dp: &Datapath) -> Result<End
         pod: rec.map(|r| format!("{}/{}", r.pod.namespace, r.pod.name)),
         ip,
         chain: rec.and_then(|r| r.chain.clone()),
-        endpoint: endpoint(dp, ip)?.map(Into::into),
+        endpoint: dp.endpoint(ip).map_err(|e| e.to_string())?.map(Into::into),
     })
-}
-
-fn endpoint(dp: &Datapath, ip: IpAddr) -> Result<Option<EndpointValue>, String> {
-    Ok(dp
-        .endpoints()
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .find(|(a, _)| *a == ip)
-        .map(|(_, v)| v))
 }
 
 /// Explains a new TCP connection from `from` to `to` (port `port`, needed
@@ -144,28 +135,22 @@ pub fn explain(
     let mut dest = to_ip;
     if let Some(port) = port {
         let caller = match from_rec.and_then(|r| r.netns_cookie) {
-            Some(cookie) => dp
-                .netns_entries()
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .find(|(c, _)| *c == cookie)
-                .map(|(_, v)| v),
+            Some(cookie) => dp.netns_entry(cookie).map_err(|e| e.to_string())?,
             None => None,
         };
-        let decision = spright_ebpf::translation_chain(caller).and_then(|chain_id| {
-            let key = SvcKey {
-                addr: addr_of(to_ip),
-                port: u32::from(port),
-                proto: IPPROTO_TCP,
-                chain_id,
-            };
-            dp.services()
-                .ok()
-                .and_then(|all| all.into_iter().find(|(k, _)| *k == key))
-                .map(|(_, v)| v)
+        let decision = match spright_ebpf::translation_chain(caller) {
+            Ok(chain_id) => dp
+                .service(SvcKey {
+                    addr: addr_of(to_ip),
+                    port: u32::from(port),
+                    proto: IPPROTO_TCP,
+                    chain_id,
+                })
+                .map_err(|e| e.to_string())?
                 .filter(|v| v.count > 0)
-                .ok_or(Translate::NoLocalBackend)
-        });
+                .ok_or(Translate::NoLocalBackend),
+            Err(why) => Err(why),
+        };
         let (verdict, backends) = match decision {
             Ok(v) => {
                 let n = usize::try_from(v.count).unwrap_or(0).min(v.backends.len());
@@ -200,18 +185,20 @@ pub fn explain(
     let translated = service.as_ref().is_some_and(|s| !s.backends.is_empty());
 
     // sockops: the policy on the connection as made.
-    let local = endpoint(&dp, from_ip)?;
-    let remote = endpoint(&dp, dest)?;
-    let mut allow_error = None;
-    let verdict = spright_ebpf::verdict(local, remote, |pair: ChainPair| {
-        dp.chain_allowed(pair).unwrap_or_else(|e| {
-            allow_error = Some(e.to_string());
-            false
-        })
-    });
-    if let Some(e) = allow_error {
-        return Err(e);
-    }
+    let local = dp.endpoint(from_ip).map_err(|e| e.to_string())?;
+    let remote = dp.endpoint(dest).map_err(|e| e.to_string())?;
+    // The allow map's entry for the pair (read up front: the policy asks
+    // for it only for two endpoints of different chains).
+    let allowed = match (local, remote) {
+        (Some(l), Some(r)) => dp
+            .chain_allowed(ChainPair {
+                from: l.chain_id,
+                to: r.chain_id,
+            })
+            .map_err(|e| e.to_string())?,
+        _ => false,
+    };
+    let verdict = spright_ebpf::verdict(local, remote, |_| allowed);
     Ok(Explanation {
         from: from_end,
         to: to_end,

@@ -97,16 +97,32 @@ fn object() -> impl Strategy<Value = Value> {
         })
 }
 
+/// Up to five JSON files: objects of the kinds meshd reads, or any bytes.
+fn files() -> impl Strategy<Value = Vec<Vec<u8>>> {
+    proptest::collection::vec(
+        prop_oneof![
+            object().prop_map(|v| v.to_string().into_bytes()),
+            bytes(K8S)
+        ],
+        0..5,
+    )
+}
+
+/// A directory holding `files` as `f0.json`, `f1.json`, …
+fn dir_of(files: &[Vec<u8>]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, f) in files.iter().enumerate() {
+        std::fs::write(dir.path().join(format!("f{i}.json")), f).unwrap();
+    }
+    dir
+}
+
 proptest! {
     /// Service and EndpointSlice files: every file is used or reported by
     /// path; the table answers its ports.
     #[test]
-    fn service_files_are_used_or_reported(files in proptest::collection::vec(
-        prop_oneof![object().prop_map(|v| v.to_string().into_bytes()), bytes(K8S)], 0..5)) {
-        let dir = tempfile::tempdir().unwrap();
-        for (i, f) in files.iter().enumerate() {
-            std::fs::write(dir.path().join(format!("f{i}.json")), f).unwrap();
-        }
+    fn service_files_are_used_or_reported(files in files()) {
+        let dir = dir_of(&files);
         let table = crate::services::Table::load(dir.path());
         let _ = table.ports();
         for p in &table.problems {
@@ -116,12 +132,8 @@ proptest! {
 
     /// Pod files: each Pod is used or its file reported.
     #[test]
-    fn pod_files_are_used_or_reported(files in proptest::collection::vec(
-        prop_oneof![object().prop_map(|v| v.to_string().into_bytes()), bytes(K8S)], 0..5)) {
-        let dir = tempfile::tempdir().unwrap();
-        for (i, f) in files.iter().enumerate() {
-            std::fs::write(dir.path().join(format!("p{i}.json")), f).unwrap();
-        }
+    fn pod_files_are_used_or_reported(files in files()) {
+        let dir = dir_of(&files);
         let (pods, problems) = crate::sources::read_pod_files(dir.path());
         for p in &pods {
             if let Some(c) = &p.annotated.chain {

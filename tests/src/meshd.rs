@@ -126,10 +126,7 @@ impl Meshd {
     /// classic body. Without promtool the lint is skipped outside CI and fails
     /// under `CI=true` (`cargo xtask setup` provides it).
     pub fn check_metrics(&self) -> anyhow::Result<String> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(5)))
-            .build()
-            .into();
+        let agent = agent();
         // The listener Prometheus scrapes.
         let url = format!("http://{}/metrics", self.metrics_addr);
         let mut classic = agent.get(&url).call()?;
@@ -205,13 +202,17 @@ impl Drop for Meshd {
     }
 }
 
-/// The endpoint entry of `pod` (by pod name) in a status document.
-fn get(addr: &str, path: &str) -> anyhow::Result<String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+/// An HTTP client for meshd's listeners (a 5 s bound on every request).
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))
         .build()
-        .into();
-    Ok(agent
+        .into()
+}
+
+/// GET `path` from the listener at `addr`.
+fn get(addr: &str, path: &str) -> anyhow::Result<String> {
+    Ok(agent()
         .get(&format!("http://{addr}{path}"))
         .call()?
         .body_mut()
@@ -257,6 +258,7 @@ fn promtool_check(body: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The endpoint entry of `pod` (by pod name) in a status document.
 pub fn endpoint<'a>(status: &'a serde_json::Value, pod: &str) -> Option<&'a serde_json::Value> {
     status["endpoints"]
         .as_array()?

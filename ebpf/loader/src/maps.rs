@@ -187,11 +187,23 @@ impl Datapath {
 
     /// Whether chain `from` may talk to chain `to` (the allow map's entry).
     pub fn chain_allowed(&self, pair: ChainPair) -> Result<bool, Error> {
-        match self.allows.get(&pair, 0) {
-            Ok(_) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(e) => Err(Error::map("read", names::CHAIN_ALLOW)(e)),
-        }
+        Ok(lookup(&self.allows, &pair, names::CHAIN_ALLOW)?.is_some())
+    }
+
+    /// The endpoint map's entry of `ip`, as the sockops program looks it up.
+    pub fn endpoint(&self, ip: IpAddr) -> Result<Option<EndpointValue>, Error> {
+        lookup(&self.endpoints, &addr_of(ip), names::ENDPOINTS)
+    }
+
+    /// The network namespace map's entry of `cookie`, as the connect
+    /// programs look the caller up.
+    pub fn netns_entry(&self, cookie: u64) -> Result<Option<EndpointValue>, Error> {
+        lookup(&self.service_maps()?.netns, &cookie, names::NETNS)
+    }
+
+    /// The service table's entry of `key`.
+    pub fn service(&self, key: SvcKey) -> Result<Option<SvcValue>, Error> {
+        lookup(&self.service_maps()?.table, &key, names::SERVICES)
     }
 
     /// Counters of one endpoint, summed over CPUs (zero when it has none yet).
@@ -222,6 +234,19 @@ fn collect<K, V>(
 ) -> Result<Vec<(K, V)>, Error> {
     iter.collect::<Result<_, _>>()
         .map_err(Error::map("iterate", name))
+}
+
+/// One entry of a hash map; `None` when the key is absent.
+fn lookup<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    key: &K,
+    name: &'static str,
+) -> Result<Option<V>, Error> {
+    match map.get(key, 0) {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(Error::map("read", name)(e)),
+    }
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
