@@ -8,9 +8,16 @@
 //! ordinary TCP connection ([`send`], [`recv`]), which spright's datapath
 //! redirects socket to socket. The receiver turns the descriptor back into a
 //! `Buf` with [`Pool::take`] and works on the bytes in place. A `Buf` that is
-//! dropped returns its slot to the pool. A function that answers HTTP
-//! clients writes each response with a [`ResponseWriter`] (Nagle off, one
-//! write per response); [`work`] is the benchmarks' definition of a
+//! dropped returns its slot to the pool.
+//!
+//! [`event`] runs a function the way SPRIGHT does: one thread asleep in
+//! `epoll` until descriptors arrive, then the function run to completion
+//! on each of them, with everything that is ready handled in one wake-up
+//! and sent on in one write. The author writes only what happens to one
+//! payload ([`event::stage`]); [`event::gateway`] is the chain's HTTP front.
+//! Code with its own threads and blocking sockets uses [`send`] and
+//! [`recv`], and answers HTTP with a [`ResponseWriter`] (Nagle off, one
+//! write per response). [`work`] is the benchmarks' definition of a
 //! function's work.
 //!
 //! # Layout (all offsets, never pointers: every process maps the file elsewhere)
@@ -49,6 +56,7 @@
 //! by the kernel if the creator dies; a header the dead creator never wrote
 //! is formatted by the next process that opens the pool.
 
+pub mod event;
 mod map;
 mod pool;
 mod respond;

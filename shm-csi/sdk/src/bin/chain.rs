@@ -6,25 +6,20 @@
 //!                           [--op upper|reverse|none] [--work ROUNDS]
 //! ```
 //!
-//! The gateway accepts HTTP/1.1 `POST`s, reads each body straight into the
+//! The gateway accepts HTTP/1.1 requests, reads each body straight into the
 //! chain's shared memory, does the function's work on it
 //! ([`spright_shm::work`], none by default) and sends its 16-byte descriptor
 //! to the first stage. A stage does the work, transforms the bytes in place
 //! with `--op`, hands the descriptor to the next stage (if any) and returns
 //! the descriptor it gets back. The gateway then writes the result from
-//! shared memory as the response, in one write with Nagle off
-//! ([`spright_shm::ResponseWriter`]). Every socket has Nagle off. Every hop
-//! is a blocking read on an ordinary TCP connection: idle functions use no
-//! CPU.
+//! shared memory as the response. Each function is one thread on the SDK's
+//! event-driven runtime ([`spright_shm::event`]): asleep until descriptors
+//! arrive, then each run to completion, everything ready sent on in one
+//! write.
 
-use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{TcpListener, TcpStream},
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{io::Write as _, net::TcpListener, path::PathBuf};
 
-use spright_shm::{Pool, ResponseWriter, recv, send};
+use spright_shm::{Pool, event};
 
 struct Args {
     role: String,
@@ -35,11 +30,14 @@ struct Args {
     work: u32,
 }
 
+const USAGE: &str = "usage: spright-shm-chain gateway|stage --listen ADDR [--next ADDR] --region DIR [--op upper|reverse|none] [--work ROUNDS]";
+
 fn args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
-    let role = it
-        .next()
-        .ok_or("usage: spright-shm-chain gateway|stage --listen ADDR ...")?;
+    let role = it.next().ok_or(USAGE)?;
+    if role != "gateway" && role != "stage" {
+        return Err(format!("unknown role {role:?}\n{USAGE}"));
+    }
     let (mut listen, mut next, mut region, mut op, mut work) =
         (None, None, None, "upper".to_owned(), 0);
     while let Some(flag) = it.next() {
@@ -48,10 +46,14 @@ fn args() -> Result<Args, String> {
             "--listen" => listen = Some(v),
             "--next" => next = Some(v),
             "--region" => region = Some(PathBuf::from(v)),
-            "--op" => op = v,
+            "--op" if ["upper", "reverse", "none"].contains(&v.as_str()) => op = v,
+            "--op" => return Err(format!("--op {v}: must be upper, reverse or none")),
             "--work" => work = v.parse().map_err(|e| format!("--work {v}: {e}"))?,
-            _ => return Err(format!("unknown flag {flag}")),
+            _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
+    }
+    if role == "gateway" && next.is_none() {
+        return Err("a gateway needs --next".into());
     }
     Ok(Args {
         role,
@@ -63,109 +65,29 @@ fn args() -> Result<Args, String> {
     })
 }
 
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
-fn main() -> Res<()> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = args()?;
-    let pool = Arc::new(Pool::open(&a.region)?);
+    let pool = Pool::open(&a.region)?;
     let listener = TcpListener::bind(&a.listen)?;
     println!("listening {}", listener.local_addr()?);
     std::io::stdout().flush()?;
-    if a.role == "gateway" && a.next.is_none() {
-        return Err("a gateway needs --next".into());
-    }
-    for conn in listener.incoming() {
-        let conn = conn?;
-        let (pool, role, next, op, work) = (
-            Arc::clone(&pool),
-            a.role.clone(),
-            a.next.clone(),
-            a.op.clone(),
-            a.work,
-        );
-        std::thread::spawn(move || {
-            let r = if role == "gateway" {
-                gateway(&pool, conn, next.as_deref().unwrap_or_default(), work)
-            } else {
-                stage(&pool, conn, next.as_deref(), &op, work)
-            };
-            if let Err(e) = r {
-                eprintln!("{role}: connection ended: {e}");
+    let work = a.work;
+    if a.role == "gateway" {
+        let next = a.next.as_deref().expect("checked in args");
+        event::gateway(&pool, listener, next, |buf| {
+            spright_shm::work::apply(buf, work);
+        })?;
+    } else {
+        let op = a.op;
+        event::stage(&pool, listener, a.next.as_deref(), |mut buf| {
+            spright_shm::work::apply(&mut buf, work);
+            match op.as_str() {
+                "upper" => buf.make_ascii_uppercase(),
+                "reverse" => buf.reverse(),
+                _ => {}
             }
-        });
+            buf
+        })?;
     }
     Ok(())
-}
-
-fn stage(pool: &Pool, mut conn: TcpStream, next: Option<&str>, op: &str, work: u32) -> Res<()> {
-    conn.set_nodelay(true)?;
-    let mut downstream = next.map(TcpStream::connect).transpose()?;
-    if let Some(d) = &downstream {
-        d.set_nodelay(true)?;
-    }
-    while let Some(d) = recv(&mut conn)? {
-        let mut buf = pool.take(d)?;
-        spright_shm::work::apply(&mut buf, work);
-        match op {
-            "upper" => buf.make_ascii_uppercase(),
-            "reverse" => buf.reverse(),
-            _ => {}
-        }
-        let mut out = buf.into_descriptor();
-        if let Some(s) = downstream.as_mut() {
-            send(s, out)?;
-            out = recv(s)?.ok_or("next stage closed")?;
-        }
-        send(&mut conn, out)?;
-    }
-    Ok(())
-}
-
-fn gateway(pool: &Pool, conn: TcpStream, next: &str, work: u32) -> Res<()> {
-    let mut first = TcpStream::connect(next)?;
-    first.set_nodelay(true)?;
-    let mut out = ResponseWriter::new(conn.try_clone()?)?;
-    let mut r = BufReader::new(conn);
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let mut len = 0usize;
-        let mut close = false;
-        loop {
-            let mut h = String::new();
-            r.read_line(&mut h)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            let (k, v) = h.split_once(':').unwrap_or((h, ""));
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse()?;
-            } else if k.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close")
-            {
-                close = true;
-            }
-        }
-        let mut buf = match pool.alloc(len) {
-            Ok(b) => b,
-            Err(e) => {
-                // Consume the body so the client sees the answer, not a reset.
-                std::io::copy(&mut (&mut r).take(len as u64), &mut std::io::sink())?;
-                out.respond(413, "Payload Too Large", e.to_string().as_bytes())?;
-                continue;
-            }
-        };
-        // The body goes from the socket straight into shared memory.
-        r.read_exact(&mut buf)?;
-        spright_shm::work::apply(&mut buf, work);
-        send(&mut first, buf.into_descriptor())?;
-        let result = pool.take(recv(&mut first)?.ok_or("chain closed")?)?;
-        out.respond(200, "OK", &result)?;
-        drop(result);
-        if close {
-            return Ok(());
-        }
-    }
 }
