@@ -172,6 +172,10 @@ pub struct Outcome {
     /// CPU time of the whole node per request: all busy time of every CPU
     /// during the measured window (`/proc/stat`), load generator included.
     pub cpu_us_per_request: f64,
+    /// The kernel's part of `cpu_us_per_request`: system, irq and softirq
+    /// time of every CPU (network stack, syscalls, scheduling).
+    #[serde(default)]
+    pub kernel_cpu_us_per_request: f64,
     /// The load generator's share of `cpu_us_per_request` (wrk's rusage).
     pub loadgen_cpu_us_per_request: f64,
     /// CPU time of the functions (and sidecars) per request, from their cgroup.
@@ -402,7 +406,7 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
     let cpu_before = cpu_usage_us(&cgroup_path)?;
     let helpers_before = helpers_cpu()?;
     let window = Instant::now();
-    let node_before = node_busy_us()?;
+    let node_before = node_busy()?;
     let loadgen_before = children_cpu_us()?;
     let redirected_before = chain_redirected(meshd.as_ref())?;
     progress(&format!(
@@ -442,7 +446,8 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
     };
     // wrk has been reaped: its rusage is now in this process's children's.
     let loadgen = children_cpu_us()? - loadgen_before;
-    let node_busy = node_busy_us()? - node_before;
+    let busy = node_busy()? - node_before;
+    let node_busy = busy.total_us;
     let window_us = u64::try_from(window.elapsed().as_micros()).unwrap_or(u64::MAX);
     let cpu_after = cpu_usage_us(&cgroup_path)?;
     let helpers_used = helpers_cpu()?.saturating_sub(helpers_before);
@@ -450,6 +455,7 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
     let mut outcome = parse_wrk(&out, mode)?;
     let per_request = |us: u64| us as f64 / outcome.requests.max(1) as f64;
     outcome.cpu_us_per_request = per_request(node_busy);
+    outcome.kernel_cpu_us_per_request = per_request(busy.kernel_us);
     outcome.loadgen_cpu_us_per_request = per_request(loadgen);
     outcome.functions_cpu_us_per_request = per_request(cpu_after - cpu_before);
     outcome.redirected_bytes = redirected;
@@ -939,6 +945,7 @@ pub fn parse_wrk(out: &str, mode: Mode) -> anyhow::Result<Outcome> {
         p99_ms: pct("99%")?,
         errors,
         cpu_us_per_request: 0.0,
+        kernel_cpu_us_per_request: 0.0,
         loadgen_cpu_us_per_request: 0.0,
         functions_cpu_us_per_request: 0.0,
         redirected_bytes: 0,
@@ -971,11 +978,38 @@ const USER_HZ_US: u64 = 10_000;
 /// softirq of the `cpu` line of `/proc/stat` (guest time is inside user;
 /// idle, iowait and steal are not busy).
 pub(crate) fn node_busy_us() -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    node_busy_ticks(&stat).map(|t| t * USER_HZ_US)
+    node_busy().map(|b| b.total_us)
 }
 
-fn node_busy_ticks(stat: &str) -> anyhow::Result<u64> {
+/// The machine's busy time so far, and the kernel's part of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct NodeBusy {
+    pub(crate) total_us: u64,
+    /// system, irq and softirq: the network stack, syscalls, scheduling.
+    pub(crate) kernel_us: u64,
+}
+
+impl std::ops::Sub for NodeBusy {
+    type Output = Self;
+    fn sub(self, o: Self) -> Self {
+        Self {
+            total_us: self.total_us.saturating_sub(o.total_us),
+            kernel_us: self.kernel_us.saturating_sub(o.kernel_us),
+        }
+    }
+}
+
+pub(crate) fn node_busy() -> anyhow::Result<NodeBusy> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let t = node_busy_ticks(&stat)?;
+    Ok(NodeBusy {
+        total_us: t.total_us * USER_HZ_US,
+        kernel_us: t.kernel_us * USER_HZ_US,
+    })
+}
+
+/// [`NodeBusy`] in clock ticks.
+fn node_busy_ticks(stat: &str) -> anyhow::Result<NodeBusy> {
     let line = stat
         .lines()
         .find_map(|l| l.strip_prefix("cpu "))
@@ -987,7 +1021,10 @@ fn node_busy_ticks(stat: &str) -> anyhow::Result<u64> {
         .context("parsing the cpu line of /proc/stat")?;
     ensure!(f.len() >= 7, "short cpu line in /proc/stat: {line:?}");
     // user nice system idle iowait irq softirq ...
-    Ok(f[0] + f[1] + f[2] + f[5] + f[6])
+    Ok(NodeBusy {
+        total_us: f[0] + f[1] + f[2] + f[5] + f[6],
+        kernel_us: f[2] + f[5] + f[6],
+    })
 }
 
 /// CPU time of this process's reaped children (`cutime + cstime`).
@@ -1122,6 +1159,37 @@ impl Report {
         ))
     }
 
+    /// Median and range of the SDK tier's requests/s over the transparent
+    /// (accelerated) tier's, paired round by round, when both ran.
+    pub fn sdk_over_transparent(&self) -> Option<Spread> {
+        let at = |m: Mode| self.modes.iter().position(|x| *x == m);
+        let (sdk, on) = (at(Mode::SprightSdk)?, at(Mode::SprightOn)?);
+        Spread::of(&stats::paired_ratios(
+            &self.values(sdk, |o| o.requests_per_s),
+            &self.values(on, |o| o.requests_per_s),
+        ))
+    }
+
+    /// The most the transparent tier could gain in requests/s on a
+    /// CPU-bound node: the reference's node CPU per request over what is
+    /// left when the kernel time (system, irq, softirq) of the chain's own
+    /// TCP hops is gone. Of the chain's `length` connections (load
+    /// generator → gateway, then one per stage) the `length - 1` inside
+    /// the chain are redirected, so that share of the kernel time is
+    /// counted as removable. An upper bound: redirected hops still make
+    /// syscalls and wake-ups. `None` without a reference run.
+    pub fn transparent_ceiling(&self) -> Option<f64> {
+        let base = self.baseline();
+        if self.modes[base] != Mode::Reference || self.spec.length < 2 {
+            return None;
+        }
+        let cpu = self.spread(base, |o| o.cpu_us_per_request)?.median;
+        let kernel = self.spread(base, |o| o.kernel_cpu_us_per_request)?.median;
+        let hops = self.spec.length as f64;
+        let removable = kernel * (hops - 1.0) / hops;
+        (cpu > removable && kernel > 0.0).then(|| cpu / (cpu - removable))
+    }
+
     /// The lines that say a result is not to be trusted: windows in which
     /// the machine was busy with something else, and comparisons whose
     /// paired ratios spread wider than ±15% of their median.
@@ -1146,6 +1214,12 @@ impl Report {
                         .and_then(|p| stats::noisy_warning(&name, &p)),
                 );
             }
+        }
+        if let Some(r) = self.sdk_over_transparent().filter(|r| r.median < 1.0) {
+            out.push(format!(
+                "the SDK tier was slower than the transparent tier: {} of its requests/s (paired median)",
+                cell(Some(r), 2)
+            ));
         }
         out
     }
@@ -1237,15 +1311,18 @@ pub fn markdown(report: &Report) -> String {
     let _ = writeln!(
         s,
         "node CPU: all busy time of the machine (every CPU, `/proc/stat`) during the measured \
-         window per request, load generator, meshd and softirq included; `of it wrk` is the \
-         load generator's share, `fn cgroup` the functions' own cgroup; `other CPU` the share of \
+         window per request, load generator, meshd and softirq included; `of it kernel` is its \
+         system, irq and softirq time, `of it wrk` the load generator's share, `fn cgroup` the functions' own cgroup; `other CPU` the share of \
          the machine used by anything else (highest round)\n"
     );
     let _ = writeln!(
         s,
-        "| mode | requests/s | × ref | p50 ms | p99 ms | node CPU µs/req | × ref | of it wrk | fn cgroup | errors | other CPU |"
+        "| mode | requests/s | × ref | p50 ms | p99 ms | node CPU µs/req | × ref | of it kernel | of it wrk | fn cgroup | errors | other CPU |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     let base = report.baseline();
     for (j, mode) in report.modes.iter().enumerate() {
         let ratio = |m: Metric| {
@@ -1267,7 +1344,7 @@ pub fn markdown(report: &Report) -> String {
             .fold(0.0_f64, f64::max);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}% |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}% |",
             mode.describe(),
             cell(report.spread(j, |o| o.requests_per_s), 0),
             ratio(|o| o.requests_per_s),
@@ -1275,10 +1352,37 @@ pub fn markdown(report: &Report) -> String {
             cell(report.spread(j, |o| o.p99_ms), 2),
             cell(report.spread(j, |o| o.cpu_us_per_request), 0),
             ratio(|o| o.cpu_us_per_request),
+            cell(report.spread(j, |o| o.kernel_cpu_us_per_request), 0),
             cell(report.spread(j, |o| o.loadgen_cpu_us_per_request), 0),
             cell(report.spread(j, |o| o.functions_cpu_us_per_request), 0),
             errors,
             other * 100.0
+        );
+    }
+    if let Some(r) = report.sdk_over_transparent() {
+        let _ = writeln!(
+            s,
+            "\nSDK ÷ transparent: {}× the accelerated tier's requests/s (paired)",
+            cell(Some(r), 2)
+        );
+    }
+    if let (Some(ceiling), Some(on)) = (
+        report.transparent_ceiling(),
+        report
+            .modes
+            .iter()
+            .position(|m| *m == Mode::SprightOn)
+            .and_then(|j| report.paired(j, |o| o.requests_per_s)),
+    ) {
+        let _ = writeln!(
+            s,
+            "\ntransparent tier: {}× the reference's requests/s, of a ceiling of at most {ceiling:.2}× \
+             (the reference's node CPU per request without the kernel time of the {} hops inside \
+             the chain: {} of its {} connections' share of system, irq and softirq time)",
+            cell(Some(on), 2),
+            report.spec.length - 1,
+            report.spec.length - 1,
+            report.spec.length
         );
     }
     let warnings = report.warnings();
@@ -1287,6 +1391,63 @@ pub fn markdown(report: &Report) -> String {
         for w in warnings {
             let _ = writeln!(s, "**warning**: {w}\n");
         }
+    }
+    s
+}
+
+/// One table for a run per body size (`--payloads`): per size the
+/// transparent and SDK tiers against the reference and the SDK against the
+/// transparent tier (paired medians and ranges), then a line per size at
+/// which the SDK tier was the slower one.
+pub fn sweep_markdown(reports: &[Report]) -> String {
+    let mut s = String::new();
+    if let Some(r) = reports.first() {
+        let _ = writeln!(
+            s,
+            "chain of {} functions, {} connections, work {}, {} round{} of {} s per mode and size\n",
+            r.spec.length,
+            r.spec.connections,
+            r.spec.work,
+            r.rounds.len(),
+            if r.rounds.len() == 1 { "" } else { "s" },
+            r.spec.seconds
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| body | reference requests/s | accelerated × ref | SDK × ref | SDK ÷ accelerated | SDK node CPU × ref |"
+    );
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|");
+    let mut slower = Vec::new();
+    for r in reports {
+        let at = |m: Mode| r.modes.iter().position(|x| *x == m);
+        let paired = |m: Mode, metric: Metric| at(m).and_then(|j| r.paired(j, metric));
+        let tiers = r.sdk_over_transparent();
+        if let Some(t) = tiers.filter(|t| t.median < 1.0) {
+            slower.push(format!("{} B ({})", r.spec.payload, cell(Some(t), 2)));
+        }
+        let _ = writeln!(
+            s,
+            "| {} B | {} | {} | {} | {} | {} |",
+            r.spec.payload,
+            cell(r.spread(r.baseline(), |o| o.requests_per_s), 0),
+            cell(paired(Mode::SprightOn, |o| o.requests_per_s), 2),
+            cell(paired(Mode::SprightSdk, |o| o.requests_per_s), 2),
+            cell(tiers, 2),
+            cell(paired(Mode::SprightSdk, |o| o.cpu_us_per_request), 2),
+        );
+    }
+    if slower.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nThe SDK tier was at least as fast as the transparent tier at every size measured."
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "\n**warning**: the SDK tier was slower than the transparent tier at {}",
+            slower.join(", ")
+        );
     }
     s
 }
@@ -1409,7 +1570,13 @@ Transfer/sec:     11.26MB
     #[test]
     fn node_busy_time_leaves_out_idle_iowait_and_steal() {
         let stat = "cpu  100 2 30 9000 50 4 6 70 0 0\ncpu0 50 1 15 4500 25 2 3 35 0 0\n";
-        assert_eq!(node_busy_ticks(stat).unwrap(), 100 + 2 + 30 + 4 + 6);
+        assert_eq!(
+            node_busy_ticks(stat).unwrap(),
+            NodeBusy {
+                total_us: 100 + 2 + 30 + 4 + 6,
+                kernel_us: 30 + 4 + 6
+            }
+        );
         assert!(node_busy_ticks("cpu0 1 2 3\n").is_err());
     }
 
@@ -1501,6 +1668,58 @@ Transfer/sec:     11.26MB
             "{w:?}"
         );
         assert!(markdown(&r).contains("**warning**: busy machine"));
+    }
+
+    #[test]
+    fn tiers_ceiling_and_sweep_say_which_tier_won() {
+        let mut r = fixture();
+        r.modes = vec![Mode::Reference, Mode::SprightOn, Mode::SprightSdk];
+        r.spec.length = 4;
+        let mut round = Vec::new();
+        for (mode, rps) in [
+            (Mode::Reference, 1000.0),
+            (Mode::SprightOn, 1100.0),
+            (Mode::SprightSdk, 3300.0),
+        ] {
+            let mut o = r.rounds[0][0].clone();
+            o.mode = mode;
+            o.requests_per_s = rps;
+            o.cpu_us_per_request = 100.0;
+            o.kernel_cpu_us_per_request = 40.0;
+            round.push(o);
+        }
+        r.rounds = vec![round];
+        assert!((r.sdk_over_transparent().unwrap().median - 3.0).abs() < 1e-9);
+        // 3 of 4 connections' kernel time: 30 of 100 µs removable.
+        let c = r.transparent_ceiling().unwrap();
+        assert!((c - 100.0 / 70.0).abs() < 1e-9, "{c}");
+        let md = markdown(&r);
+        assert!(md.contains("SDK ÷ transparent: 3.00×"), "{md}");
+        assert!(
+            md.contains("1.10× the reference's requests/s, of a ceiling of at most 1.43×"),
+            "{md}"
+        );
+        assert!(!r.warnings().iter().any(|w| w.contains("slower")));
+        let fast = r.clone();
+        r.spec.payload = 1 << 20;
+        r.rounds[0][2].requests_per_s = 990.0;
+        assert!(
+            r.warnings()
+                .iter()
+                .any(|w| w.starts_with("the SDK tier was slower than the transparent tier: 0.90")),
+            "{:?}",
+            r.warnings()
+        );
+        let sweep = sweep_markdown(std::slice::from_ref(&fast));
+        assert!(
+            sweep.contains("at least as fast as the transparent tier at every size"),
+            "{sweep}"
+        );
+        let sweep = sweep_markdown(&[fast, r]);
+        assert!(
+            sweep.contains("slower than the transparent tier at 1048576 B (0.90)"),
+            "{sweep}"
+        );
     }
 
     #[test]

@@ -143,14 +143,21 @@ impl Link<'_> {
         Ok(())
     }
 
-    /// Reads everything the socket has (until it would block) into `sink`.
-    /// Returns false at end of stream. A socket in spright's sockmap may
-    /// wake us with nothing to read; that is `WouldBlock`, as for any
+    /// Reads everything the socket has into `sink`. Returns false at end of
+    /// stream. A read that fills less than `buf` took all there was (the
+    /// kernel copies every queued byte, redirected or not, up to the
+    /// length asked): anything later brings a new event, so no second read
+    /// is spent to see `WouldBlock`. A socket in spright's sockmap may wake
+    /// us with nothing to read; that is `WouldBlock`, as for any
     /// non-blocking socket, and we wait for the next event.
     fn drain(&mut self, buf: &mut [u8], mut sink: impl FnMut(&[u8])) -> io::Result<bool> {
         loop {
             match self.stream.read(buf) {
                 Ok(0) => return Ok(false),
+                Ok(n) if n < buf.len() => {
+                    sink(&buf[..n]);
+                    return Ok(true);
+                }
                 Ok(n) => sink(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -5,9 +5,14 @@
 //!
 //! ```text
 //! spright-demo [--bench] [--modes reference,sidecar,spright-off,spright-on,spright-sdk]
-//!              [--length 4] [--payload 1024] [--connections 8] [--duration 3] [--work 1]
-//!              [--reps 2] [--services]
+//!              [--length 4] [--payload 1024 | --payloads 64,1024,65536,1048576]
+//!              [--connections 8] [--duration 3] [--work 1] [--reps 2] [--services]
 //! ```
+//!
+//! `--payloads` runs the whole comparison once per body size and ends with
+//! one table of the tiers side by side, size by size: the SDK's
+//! requests/s over the transparent tier's, and a warning for every size
+//! at which the SDK tier was the slower one.
 //!
 //! The modes run in `--reps` rounds (default 2 for the demo, 3 with
 //! `--bench`, where `--duration` defaults to 10 s), each round every mode
@@ -22,7 +27,9 @@
 //! kube-proxy's DNAT emulated by iptables rules in the node namespace (and,
 //! for spright, the Services in meshd's service files).
 //!
-//! Writes `target/demo/results.{json,md}` and `target/demo/chain.{svg,png}`.
+//! Writes `target/demo/results.{json,md}` and `target/demo/chain.{svg,png}`
+//! (with `--payloads`, `results-<size>.*` and `chain-<size>.*` per size and
+//! `sweep.{json,md}`).
 //! Everything it creates is removed at the end, on failure and on Ctrl-C
 //! (every process it starts is in a process group of its own, killed as a
 //! group).
@@ -72,6 +79,21 @@ fn run() -> anyhow::Result<()> {
         (1..=20).contains(&reps),
         "--reps must be 1 to 20, got {reps}"
     );
+    let payloads: Vec<usize> = match take_opt(&mut args, "--payloads")? {
+        Some(list) => {
+            anyhow::ensure!(
+                !args.iter().any(|a| a == "--payload"),
+                "--payload and --payloads exclude each other"
+            );
+            list.split(',')
+                .map(|v| {
+                    v.parse()
+                        .with_context(|| format!("--payloads: {v:?} is not a number"))
+                })
+                .collect::<anyhow::Result<_>>()?
+        }
+        None => Vec::new(),
+    };
     let spec = Spec {
         length: usize::try_from(num(&mut args, "--length", 4)?)?,
         payload: usize::try_from(num(&mut args, "--payload", 1024)?)?,
@@ -95,8 +117,51 @@ fn run() -> anyhow::Result<()> {
     };
     anyhow::ensure!(args.is_empty(), "unexpected arguments: {args:?}");
     spec.validate()?;
+    for &payload in &payloads {
+        Spec {
+            payload,
+            ..spec.clone()
+        }
+        .validate()?;
+    }
     spright_tests::privileged::check().map_err(|e| anyhow::anyhow!("the demo needs root: {e}"))?;
+    let dir = chain::out_dir();
+    std::fs::create_dir_all(&dir)?;
+    if payloads.is_empty() {
+        let report = measure(spec, &modes, reps)?;
+        return write(&report, &dir, "");
+    }
+    let mut reports = Vec::new();
+    for (k, &payload) in payloads.iter().enumerate() {
+        println!(
+            "\n=== body size {payload} B ({} of {}) ===",
+            k + 1,
+            payloads.len()
+        );
+        let report = measure(
+            Spec {
+                payload,
+                ..spec.clone()
+            },
+            &modes,
+            reps,
+        )?;
+        write(&report, &dir, &format!("-{payload}"))?;
+        reports.push(report);
+    }
+    let table = chain::sweep_markdown(&reports);
+    println!("\n{table}");
+    std::fs::write(dir.join("sweep.md"), &table)?;
+    std::fs::write(
+        dir.join("sweep.json"),
+        serde_json::to_string_pretty(&reports)?,
+    )?;
+    println!("wrote {0}/sweep.md and {0}/sweep.json", dir.display());
+    Ok(())
+}
 
+/// Runs `reps` rounds of every mode on `spec`.
+fn measure(spec: Spec, modes: &[Mode], reps: usize) -> anyhow::Result<Report> {
     println!(
         "spright demo: a chain of {} unmodified HTTP functions (gateway + {} stages), {} B bodies, {} connections, \
          {reps} round{} of {} s per mode, modes interleaved",
@@ -109,7 +174,7 @@ fn run() -> anyhow::Result<()> {
     );
     let total = reps * modes.len();
     let mut done = 0;
-    let rounds = stats::run_rounds(&modes, reps, |round, mode| {
+    let rounds = stats::run_rounds(modes, reps, |round, mode| {
         chain::check_interrupted()?;
         done += 1;
         println!(
@@ -138,37 +203,40 @@ fn run() -> anyhow::Result<()> {
         }
         Ok(o)
     })?;
-    let report = Report {
+    Ok(Report {
         spec,
-        modes,
+        modes: modes.to_vec(),
         rounds,
-    };
-    let table = chain::markdown(&report);
+    })
+}
+
+/// Prints the table and writes `results<suffix>.{md,json}` and
+/// `chain<suffix>.{svg,png}` into `dir`.
+fn write(report: &Report, dir: &std::path::Path, suffix: &str) -> anyhow::Result<()> {
+    let table = chain::markdown(report);
     println!("\n{table}");
-    let dir = chain::out_dir();
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("results.md"), &table)?;
+    std::fs::write(dir.join(format!("results{suffix}.md")), &table)?;
     std::fs::write(
-        dir.join("results.json"),
-        serde_json::to_string_pretty(&report)?,
+        dir.join(format!("results{suffix}.json")),
+        serde_json::to_string_pretty(report)?,
     )?;
     let title = if report.spec.services {
         "spright: a chain of HTTP functions behind ClusterIPs"
     } else {
         "spright: a chain of HTTP functions"
     };
-    let fig = chain::figure(&report, title);
-    std::fs::write(dir.join("chain.svg"), plot::svg(&fig)?)?;
+    let fig = chain::figure(report, title);
+    std::fs::write(dir.join(format!("chain{suffix}.svg")), plot::svg(&fig)?)?;
     // The PNG is a convenience; the SVG is the picture.
-    let png = match plot::png(&fig, &dir.join("chain.png")) {
-        Ok(()) => " and chain.png",
+    let png = match plot::png(&fig, &dir.join(format!("chain{suffix}.png"))) {
+        Ok(()) => format!(" and chain{suffix}.png"),
         Err(e) => {
             eprintln!("spright-demo: no PNG: {e:#}");
-            ""
+            String::new()
         }
     };
     println!(
-        "wrote {0}/results.md, {0}/results.json, {0}/chain.svg{png}",
+        "wrote {0}/results{suffix}.md, {0}/results{suffix}.json, {0}/chain{suffix}.svg{png}",
         dir.display()
     );
     for w in report.warnings() {
