@@ -10,7 +10,7 @@ use std::{
 };
 
 use spright_tests::{
-    privileged,
+    chain, privileged,
     sandbox::workspace_bin,
     shm_csi::{MountDir, ShmCsi, ephemeral_publish},
 };
@@ -297,4 +297,35 @@ fn privileged_sdk_example_chain() {
     }
     drop((gw, s1, s2));
     drop(csi);
+}
+
+/// The SDK's event-driven chain where it really runs: four function pods
+/// made by spright-cni in one chain, the region mounted by shm-csi, every
+/// descriptor hop redirected socket to socket by the kernel programs, and
+/// wrk's keep-alive load from a client pod. At the smallest and the
+/// largest body: no failed request, the outsider's answer checked byte by
+/// byte (inside `chain::run`), and descriptors crossed redirected sockets.
+#[test]
+fn privileged_sdk_event_chain_through_the_redirect() {
+    if !privileged::require("privileged_sdk_event_chain_through_the_redirect") {
+        return;
+    }
+    for payload in [64, 1 << 20] {
+        let spec = chain::Spec {
+            length: 4,
+            payload,
+            connections: 8,
+            seconds: 2,
+            work: 1,
+            services: false,
+        };
+        let o = chain::run(&spec, chain::Mode::SprightSdk, &mut |l| eprintln!("  {l}"))
+            .unwrap_or_else(|e| panic!("{payload} B: {e:#}"));
+        assert!(o.requests > 0, "{payload} B: no request finished: {o:?}");
+        assert_eq!(o.errors, 0, "{payload} B: failed requests: {o:?}");
+        assert!(
+            o.redirected_bytes > 0,
+            "{payload} B: no descriptor went socket to socket: {o:?}"
+        );
+    }
 }
