@@ -232,11 +232,12 @@ fn test_targets(prefix: &str) -> anyhow::Result<Vec<String>> {
 
 /// The property tests of parsers of outside input: (package, cargo test
 /// target arguments).
-const FUZZ_TARGETS: [(&str, &[&str]); 4] = [
+const FUZZ_TARGETS: [(&str, &[&str]); 5] = [
     ("spright-endpoint", &["--lib", "fuzzing::"]),
     ("spright-cni", &["--test", "fuzz_parsers"]),
     ("meshd", &["--lib", "fuzz::"]),
     ("shm-csi", &["--test", "fuzz_requests"]),
+    ("spright-webhook", &["--test", "fuzz_reviews"]),
 ];
 
 /// Cases per property per round of `cargo xtask fuzz`.
