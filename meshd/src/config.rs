@@ -60,6 +60,7 @@ pub mod env {
     pub const API_ADDR: &str = "SPRIGHT_API_ADDR";
     pub const METRICS_ADDR: &str = "SPRIGHT_METRICS_ADDR";
     pub const RESCAN_SECS: &str = "SPRIGHT_RESCAN_SECS";
+    pub const LONELY_POD_SECS: &str = "SPRIGHT_LONELY_POD_SECS";
     pub const LOG: &str = "SPRIGHT_LOG";
     pub const NO_SELFTEST: &str = "SPRIGHT_NO_SELFTEST";
     pub const SERVICES_DIR: &str = "SPRIGHT_SERVICES_DIR";
@@ -99,6 +100,12 @@ pub struct Config {
     #[arg(long, env = env::RESCAN_SECS, value_name = "SECONDS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub rescan_secs: u64,
+    /// Seconds a chain pod must be its chain's only pod on this node before
+    /// meshd puts a `ChainHasNoLocalPeer` Warning event on it (with the API
+    /// and --node-name; see events.rs)
+    #[arg(long, env = env::LONELY_POD_SECS, value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub lonely_pod_secs: u64,
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `meshd=debug`)
     #[arg(long, env = env::LOG, value_name = "FILTER", default_value = "info")]
     pub log: String,
@@ -266,6 +273,7 @@ mod tests {
         assert_eq!(c.api_addr.to_string(), DEFAULT_API_ADDR);
         assert_eq!(c.metrics_addr, None);
         assert_eq!(c.rescan_secs, 30);
+        assert_eq!(c.lonely_pod_secs, 30);
         assert_eq!(c.memory_bound_bytes, 16 << 20);
         assert_eq!(c.memory_bound_interval_ms, 20);
     }

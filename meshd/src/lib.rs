@@ -7,6 +7,7 @@ pub mod agent;
 pub mod config;
 pub mod desired;
 pub mod error;
+pub mod events;
 pub mod explain;
 #[cfg(test)]
 mod fuzz;

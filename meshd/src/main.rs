@@ -2,7 +2,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::{process::ExitCode, sync::Arc};
+use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use clap::Parser as _;
 use meshd::{agent::Agent, config::Config, http, view::Reader, watch as watch_dirs};
@@ -113,9 +113,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let trigger = trigger.clone();
         let node = config.node_name.clone();
         let watch_nodes = config.manages_pod_network();
+        let lonely_secs = config.lonely_pod_secs;
         async move {
             match kube {
                 Some(client) => {
+                    // Events on this node's Pods (the API source watches
+                    // those only with a node name).
+                    if let Some(node) = node.clone() {
+                        tokio::spawn(meshd::events::run(
+                            client.clone(),
+                            node,
+                            api_tx.subscribe(),
+                            Duration::from_secs(lonely_secs),
+                        ));
+                    }
                     meshd::kube_source::run(client, node, watch_nodes, api_tx, trigger).await;
                 }
                 None => std::future::pending().await,

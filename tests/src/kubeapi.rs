@@ -9,7 +9,9 @@
 //! the protocol kube-rs' watcher speaks, not a model of the API server's
 //! storage (no pagination, no bookmarks, no auth). Of field selectors it
 //! knows the one kubelet and meshd use on Pods, `spec.nodeName=<node>`,
-//! applied to lists and watches alike.
+//! applied to lists and watches alike. `events.k8s.io/v1` Events that
+//! meshd creates (`POST`) or updates (`PATCH`) are kept for the test to read
+//! ([`FakeApi::events`]).
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -33,9 +35,15 @@ const COLLECTIONS: [(&str, &str, &str); 4] = [
     ),
 ];
 
+/// Where Events are created (`POST …/events`) and updated (`PATCH
+/// …/events/<name>`, kube-rs' recorder adding a series).
+const EVENTS_PREFIX: &str = "/apis/events.k8s.io/v1/namespaces/";
+
 #[derive(Default)]
 struct State {
     rv: u64,
+    /// `events.k8s.io/v1` Events as they were created or patched, oldest first.
+    events: Vec<Value>,
     /// (resourceVersion, kind, event type, object), oldest first.
     log: Vec<(u64, String, &'static str, Value)>,
     stopped: bool,
@@ -174,6 +182,12 @@ impl FakeApi {
     }
 
     /// A kubeconfig pointing at this server (plain HTTP, no credentials).
+    /// The Events posted and patched so far (`events.k8s.io/v1`), oldest
+    /// first.
+    pub fn events(&self) -> Vec<Value> {
+        self.state.0.lock().unwrap().events.clone()
+    }
+
     pub fn kubeconfig(&self, dir: &Path) -> anyhow::Result<PathBuf> {
         let path = dir.join("kubeconfig");
         let server = format!("http://{}", self.addr);
@@ -213,13 +227,25 @@ fn serve(conn: TcpStream, state: &(Mutex<State>, Condvar)) -> std::io::Result<()
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut request = String::new();
     reader.read_line(&mut request)?;
+    let mut length = 0usize;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header)? == 0 || header == "\r\n" {
             break;
         }
+        if let Some((k, v)) = header.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().unwrap_or(0);
+        }
     }
+    let method = request.split_whitespace().next().unwrap_or_default();
     let target = request.split_whitespace().nth(1).unwrap_or_default();
+    if target.starts_with(EVENTS_PREFIX) {
+        let mut body = vec![0; length.min(1 << 20)];
+        std::io::Read::read_exact(&mut reader, &mut body)?;
+        return event(conn, state, method, target, &body);
+    }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let param = |name: &str| {
         query
@@ -284,6 +310,43 @@ fn serve(conn: TcpStream, state: &(Mutex<State>, Condvar)) -> std::io::Result<()
     write!(
         out,
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    out.flush()
+}
+
+/// Takes a created or patched Event: stored as sent, echoed back (201 for
+/// a create, 200 for a patch), as the API server answers.
+fn event(
+    mut out: TcpStream,
+    state: &(Mutex<State>, Condvar),
+    method: &str,
+    target: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let parsed: Result<Value, _> = serde_json::from_slice(body);
+    let (status, reply) = match (method, parsed) {
+        ("POST" | "PATCH", Ok(v)) if target.contains("/events") => {
+            state.0.lock().unwrap().events.push(v.clone());
+            (
+                if method == "POST" {
+                    "201 Created"
+                } else {
+                    "200 OK"
+                },
+                v,
+            )
+        }
+        (_, parsed) => (
+            "400 Bad Request",
+            json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "BadRequest",
+                    "code": 400, "message": format!("{method} {target}: {parsed:?}") }),
+        ),
+    };
+    let body = reply.to_string();
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     out.flush()

@@ -802,7 +802,7 @@ fn csi_driver_name_and_sockets_agree() {
 }
 
 #[test]
-fn node_components_only_read_nodes_pods_services_and_endpointslices() {
+fn node_components_only_read_nodes_pods_services_and_endpointslices_and_write_events() {
     let objs = objects();
     let bindings: Vec<&Value> = objs
         .iter()
@@ -829,7 +829,14 @@ fn node_components_only_read_nodes_pods_services_and_endpointslices() {
             .iter()
             .map(|v| v.as_str().unwrap())
             .collect();
-        assert_eq!(verbs, ["get", "list", "watch"], "read-only: {rule}");
+        let group = rule["apiGroups"][0].as_str().unwrap();
+        if group == "events.k8s.io" {
+            // Writes only Events (meshd/src/events.rs), nothing else.
+            assert_eq!(verbs, ["create", "patch"], "{rule}");
+            assert_eq!(rule["resources"], serde_json::json!(["events"]), "{rule}");
+        } else {
+            assert_eq!(verbs, ["get", "list", "watch"], "read-only: {rule}");
+        }
         for r in rule["resources"].as_array().unwrap() {
             granted.push(format!(
                 "{}/{}",
@@ -845,7 +852,8 @@ fn node_components_only_read_nodes_pods_services_and_endpointslices() {
             "/nodes",
             "/pods",
             "/services",
-            "discovery.k8s.io/endpointslices"
+            "discovery.k8s.io/endpointslices",
+            "events.k8s.io/events"
         ]
     );
     let sa = find(&objs, "ServiceAccount", "spright-node");

@@ -10,6 +10,8 @@
 //! - A pod whose annotation is removed while it talks: its open connection
 //!   moves to TCP with every byte intact and in order, new connections are
 //!   not redirected, and a pod recreated without the annotation is no member.
+//! - meshd's Kubernetes Events on the Pods of its node: a Warning for a pod
+//!   alone in its chain, a Normal event for one that opted out, each once.
 
 use std::time::{Duration, Instant};
 
@@ -293,4 +295,96 @@ fn privileged_membership_a_pod_that_leaves_its_chain_moves_to_tcp() {
     }
     assert_eq!(answer["verdict"], "notInChain", "{answer}");
     assert_eq!(u(&report, "iters"), 300_000);
+}
+
+/// meshd's Kubernetes Events, from the Pods of its node as the API
+/// stand-in serves them: a Warning on a pod alone in its chain on this node
+/// (after `--lonely-pod-secs`), a Normal event on a chain pod that opted
+/// out, each once, nothing for pods of other nodes or of a chain with a
+/// local peer; a pod that gets a peer gets no warning.
+#[test]
+fn privileged_membership_events_name_what_the_owner_must_fix() {
+    if !privileged::require("privileged_membership_events_name_what_the_owner_must_fix") {
+        return;
+    }
+    let sb = Sandbox::new("me").expect("sandbox");
+    let state = tempfile::tempdir().expect("state dir");
+    let api = FakeApi::start().expect("API stand-in");
+    api.apply(pod("typo", "u-typo", "node-a", Some("chekout")));
+    api.apply(pod("a", "u-a", "node-a", Some("checkout")));
+    api.apply(pod("b", "u-b", "node-a", Some("checkout")));
+    let mut out = pod("out", "u-out", "node-a", Some("checkout"));
+    out["metadata"]["annotations"]["spright.dev/redirect"] = json!("off");
+    api.apply(out);
+    // Alone on node-a, but node-a's meshd does not speak for node-b.
+    api.apply(pod("far", "u-far", "node-b", Some("far")));
+    let kubeconfig = api.kubeconfig(state.path()).expect("kubeconfig");
+    let meshd = Meshd::start_with(
+        &sb.placement(),
+        state.path(),
+        &free_addr(),
+        &[
+            "--no-selftest",
+            "--kubernetes",
+            "on",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--node-name",
+            "node-a",
+            "--lonely-pod-secs",
+            "3",
+        ],
+    )
+    .expect("meshd");
+    // The first pod of a new chain: gets a peer before its wait is over.
+    api.apply(pod("first", "u-first", "node-a", Some("late")));
+    std::thread::sleep(Duration::from_secs(1));
+    api.apply(pod("second", "u-second", "node-a", Some("late")));
+    let about = |e: &Value| {
+        (
+            e["regarding"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            e["reason"].as_str().unwrap_or_default().to_owned(),
+            e["type"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    let deadline = Instant::now() + T;
+    while !api.events().iter().any(|e| about(e).0 == "typo") {
+        assert!(
+            Instant::now() < deadline,
+            "no event for the lonely pod; events {:?}\n{}",
+            api.events(),
+            meshd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A few more ticks: nothing is published twice.
+    std::thread::sleep(Duration::from_secs(3));
+    let events = api.events();
+    let mut got: Vec<_> = events.iter().map(about).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("out".into(), "RedirectOptedOut".into(), "Normal".into()),
+            (
+                "typo".into(),
+                "ChainHasNoLocalPeer".into(),
+                "Warning".into()
+            ),
+        ],
+        "{events:#?}\n{}",
+        meshd.log_text()
+    );
+    let typo = events.iter().find(|e| about(e).0 == "typo").unwrap();
+    assert_eq!(typo["regarding"]["uid"], "u-typo");
+    assert_eq!(typo["regarding"]["namespace"], "shop");
+    assert_eq!(typo["reportingController"], "spright-meshd");
+    let note = typo["note"].as_str().unwrap();
+    assert!(
+        note.contains("\"chekout\"") && note.contains("node node-a"),
+        "{note}"
+    );
 }
