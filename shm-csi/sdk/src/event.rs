@@ -242,7 +242,7 @@ impl<'p, S> Slots<'p, S> {
     }
 
     /// The connection in slot `i` if it is still the one with `serial`.
-    fn get_serial(&mut self, (i, serial): (usize, u64)) -> Option<&mut Conn<'p, S>> {
+    fn get_serial(&mut self, (i, serial): Waiter) -> Option<&mut Conn<'p, S>> {
         self.get(i).filter(|c| c.link.serial == serial)
     }
 
@@ -274,6 +274,9 @@ impl<'p, S> Slots<'p, S> {
     }
 }
 
+/// A connection waiting for an answer: its slot and serial.
+type Waiter = (usize, u64);
+
 /// The connection to the next function, made on first use, and who waits
 /// for each descriptor sent on it (in order).
 struct Next<'p> {
@@ -281,7 +284,7 @@ struct Next<'p> {
     link: Option<Link<'p>>,
     framer: Framer,
     /// (slot, serial) of the connection each sent descriptor answers.
-    waiting: VecDeque<(usize, u64)>,
+    waiting: VecDeque<Waiter>,
 }
 
 impl Next<'_> {
@@ -298,7 +301,7 @@ impl Next<'_> {
     }
 
     /// Queues `d` for the next function on behalf of connection `from`.
-    fn send(&mut self, reactor: &Poll, d: Descriptor, from: (usize, u64)) -> io::Result<()> {
+    fn send(&mut self, reactor: &Poll, d: Descriptor, from: Waiter) -> io::Result<()> {
         if self.link.is_none() {
             // A blocking connect on the node (or its redirect): short.
             let s = StdStream::connect(self.addr)?;
@@ -321,7 +324,7 @@ impl Next<'_> {
     }
 
     /// Drops the connection after a failure; returns who was waiting.
-    fn fail(&mut self, reactor: &Poll, why: &io::Error) -> VecDeque<(usize, u64)> {
+    fn fail(&mut self, reactor: &Poll, why: &io::Error) -> VecDeque<Waiter> {
         if let Some(mut l) = self.link.take() {
             let _ = reactor.registry().deregister(&mut l.stream);
         }
@@ -329,7 +332,38 @@ impl Next<'_> {
         std::mem::take(&mut self.waiting)
     }
 
-    fn flush(&mut self, reactor: &Poll) -> Result<(), VecDeque<(usize, u64)>> {
+    /// Reads the next function's answers, each with the connection it
+    /// answers (in order: the oldest waiting); an answer nobody asked for
+    /// is freed and fails the connection. The error, if any, is for
+    /// [`Next::fail`].
+    fn receive(
+        &mut self,
+        pool: &Pool,
+        rbuf: &mut [u8],
+    ) -> (Vec<(Descriptor, Waiter)>, Option<io::Error>) {
+        let Some(link) = self.link.as_mut() else {
+            return (Vec::new(), None);
+        };
+        let mut ds = Vec::new();
+        let framer = &mut self.framer;
+        let mut failed = match link.drain(rbuf, |b| framer.feed(b, &mut ds)) {
+            Ok(true) => None,
+            Ok(false) => Some(io::ErrorKind::UnexpectedEof.into()),
+            Err(e) => Some(e),
+        };
+        let mut out = Vec::with_capacity(ds.len());
+        for d in ds {
+            if let Some(w) = self.waiting.pop_front() {
+                out.push((d, w));
+            } else {
+                release(pool, [d]);
+                failed = Some(io::Error::other("an answer nobody asked for"));
+            }
+        }
+        (out, failed)
+    }
+
+    fn flush(&mut self, reactor: &Poll) -> Result<(), VecDeque<Waiter>> {
         match self.link.as_mut().map(Link::flush) {
             Some(Err(e)) => Err(self.fail(reactor, &e)),
             _ => Ok(()),
@@ -346,9 +380,41 @@ fn release(pool: &Pool, ds: impl IntoIterator<Item = Descriptor>) {
     }
 }
 
-fn mio_listener(l: std::net::TcpListener) -> io::Result<TcpListener> {
-    l.set_nonblocking(true)?;
-    Ok(TcpListener::from_std(l))
+/// What every function's loop has: the listener, `epoll`, its events and
+/// one read buffer.
+struct Reactor {
+    poll: Poll,
+    listener: TcpListener,
+    events: Events,
+    rbuf: Vec<u8>,
+}
+
+impl Reactor {
+    fn new(l: std::net::TcpListener) -> io::Result<Self> {
+        l.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(l);
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        Ok(Self {
+            poll,
+            listener,
+            events: Events::with_capacity(256),
+            rbuf: vec![0u8; READ_CHUNK],
+        })
+    }
+
+    /// Sleeps until something is ready; then the registry, the listener,
+    /// what is ready and the read buffer.
+    fn wait(&mut self) -> io::Result<(&Poll, &TcpListener, &Events, &mut [u8])> {
+        loop {
+            match self.poll.poll(&mut self.events, None) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+                Ok(()) => return Ok((&self.poll, &self.listener, &self.events, &mut self.rbuf)),
+            }
+        }
+    }
 }
 
 /// Runs a stage: for every descriptor that arrives on `listener`'s
@@ -362,61 +428,34 @@ pub fn stage<'p>(
     next: Option<&str>,
     mut f: impl FnMut(Buf<'p>) -> Buf<'p>,
 ) -> io::Result<()> {
-    let mut listener = mio_listener(listener)?;
-    let mut reactor = Poll::new()?;
-    reactor
-        .registry()
-        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    let mut r = Reactor::new(listener)?;
     let mut next = next.map(Next::new).transpose()?;
     let mut ups: Slots<'p, Framer> = Slots::new();
-    let mut events = Events::with_capacity(256);
-    let mut rbuf = vec![0u8; READ_CHUNK];
     let mut ds = Vec::new();
     let mut dirty: Vec<usize> = Vec::new();
     loop {
-        if let Err(e) = reactor.poll(&mut events, None) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let (reactor, listener, events, rbuf) = r.wait()?;
         let mut next_dirty = false;
-        for ev in &events {
+        for ev in events {
             match ev.token() {
-                LISTENER => ups.accept_all(&reactor, &listener, Framer::default)?,
+                LISTENER => ups.accept_all(reactor, listener, Framer::default)?,
                 NEXT => {
                     let Some(n) = next.as_mut() else { continue };
-                    let mut failed = None;
-                    if ev.is_readable()
-                        && let Some(link) = n.link.as_mut()
-                    {
-                        ds.clear();
-                        let framer = &mut n.framer;
-                        match link.drain(&mut rbuf, |b| framer.feed(b, &mut ds)) {
-                            Ok(true) => {}
-                            Ok(false) => failed = Some(io::ErrorKind::UnexpectedEof.into()),
-                            Err(e) => failed = Some(e),
-                        }
-                        for d in ds.drain(..) {
-                            // In order: this answers the oldest one waiting.
-                            let Some((i, serial)) = n.waiting.pop_front() else {
-                                failed = Some(io::Error::other("an answer nobody asked for"));
-                                release(pool, [d]);
-                                continue;
-                            };
-                            if let Some(c) = ups.get_serial((i, serial)) {
-                                c.link.queue(&d.to_bytes());
-                                dirty.push(i);
-                            } else {
-                                release(pool, [d]);
-                            }
-                        }
+                    next_dirty |= ev.is_writable();
+                    if !ev.is_readable() {
+                        continue;
                     }
-                    if ev.is_writable() {
-                        next_dirty = true;
+                    let (answers, failed) = n.receive(pool, rbuf);
+                    for (d, w) in answers {
+                        if let Some(c) = ups.get_serial(w) {
+                            c.link.queue(&d.to_bytes());
+                            dirty.push(w.0);
+                        } else {
+                            release(pool, [d]);
+                        }
                     }
                     if let Some(e) = failed {
-                        close_waiting(&reactor, &mut ups, n.fail(&reactor, &e));
+                        close_waiting(reactor, &mut ups, n.fail(reactor, &e));
                     }
                 }
                 Token(t) => {
@@ -431,7 +470,7 @@ pub fn stage<'p>(
                     let mut open = true;
                     if ev.is_readable() {
                         ds.clear();
-                        match link.drain(&mut rbuf, |b| framer.feed(b, &mut ds)) {
+                        match link.drain(rbuf, |b| framer.feed(b, &mut ds)) {
                             Ok(o) => open = o,
                             Err(e) => {
                                 eprintln!("connection {t}: {e}");
@@ -452,9 +491,9 @@ pub fn stage<'p>(
                         };
                         let out = f(buf).into_descriptor();
                         if let Some(n) = next.as_mut() {
-                            if let Err(e) = n.send(&reactor, out, (i, serial)) {
+                            if let Err(e) = n.send(reactor, out, (i, serial)) {
                                 release(pool, [out]);
-                                close_waiting(&reactor, &mut ups, n.fail(&reactor, &e));
+                                close_waiting(reactor, &mut ups, n.fail(reactor, &e));
                                 open = false;
                                 break;
                             }
@@ -465,7 +504,7 @@ pub fn stage<'p>(
                     }
                     dirty.push(i);
                     if !open {
-                        ups.close(&reactor, i);
+                        ups.close(reactor, i);
                     }
                 }
             }
@@ -473,16 +512,16 @@ pub fn stage<'p>(
         // Everything this wake-up produced leaves now, one write per peer.
         if next_dirty
             && let Some(n) = next.as_mut()
-            && let Err(waiting) = n.flush(&reactor)
+            && let Err(waiting) = n.flush(reactor)
         {
-            close_waiting(&reactor, &mut ups, waiting);
+            close_waiting(reactor, &mut ups, waiting);
         }
         for i in dirty.drain(..) {
             if let Some(c) = ups.get(i)
                 && let Err(e) = c.link.flush()
             {
                 eprintln!("connection {}: {e}", i + FIRST);
-                ups.close(&reactor, i);
+                ups.close(reactor, i);
             }
         }
     }
@@ -490,7 +529,7 @@ pub fn stage<'p>(
 
 /// Closes every connection that waited on a failed next function: their
 /// pipelines cannot be answered in order any more.
-fn close_waiting<S>(reactor: &Poll, slots: &mut Slots<'_, S>, waiting: VecDeque<(usize, u64)>) {
+fn close_waiting<S>(reactor: &Poll, slots: &mut Slots<'_, S>, waiting: VecDeque<Waiter>) {
     for w in waiting {
         if slots.get_serial(w).is_some() {
             slots.close(reactor, w.0);
@@ -641,49 +680,24 @@ pub fn gateway<'p>(
     next: &str,
     mut f: impl FnMut(&mut Buf<'p>),
 ) -> io::Result<()> {
-    let mut listener = mio_listener(listener)?;
-    let mut reactor = Poll::new()?;
-    reactor
-        .registry()
-        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    let mut r = Reactor::new(listener)?;
     let mut next = Next::new(next)?;
     let mut clients: Slots<'p, Http<'p>> = Slots::new();
-    let mut events = Events::with_capacity(256);
-    let mut rbuf = vec![0u8; READ_CHUNK];
-    let mut ds = Vec::new();
     let mut dirty: Vec<usize> = Vec::new();
     loop {
-        if let Err(e) = reactor.poll(&mut events, None) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let (reactor, listener, events, rbuf) = r.wait()?;
         let mut next_dirty = false;
         let mut ready: Vec<usize> = Vec::new();
-        for ev in &events {
+        for ev in events {
             match ev.token() {
-                LISTENER => clients.accept_all(&reactor, &listener, Http::new)?,
+                LISTENER => clients.accept_all(reactor, listener, Http::new)?,
                 NEXT => {
                     next_dirty |= ev.is_writable();
                     if !ev.is_readable() {
                         continue;
                     }
-                    let Some(link) = next.link.as_mut() else {
-                        continue;
-                    };
-                    ds.clear();
-                    let framer = &mut next.framer;
-                    let failed = match link.drain(&mut rbuf, |b| framer.feed(b, &mut ds)) {
-                        Ok(true) => None,
-                        Ok(false) => Some(io::ErrorKind::UnexpectedEof.into()),
-                        Err(e) => Some(e),
-                    };
-                    for d in ds.drain(..) {
-                        let Some(w) = next.waiting.pop_front() else {
-                            release(pool, [d]);
-                            continue;
-                        };
+                    let (answers, failed) = next.receive(pool, rbuf);
+                    for (d, w) in answers {
                         let Some(c) = clients.get_serial(w) else {
                             release(pool, [d]);
                             continue;
@@ -699,7 +713,7 @@ pub fn gateway<'p>(
                         ready.push(w.0);
                     }
                     if let Some(e) = failed {
-                        for w in next.fail(&reactor, &e) {
+                        for w in next.fail(reactor, &e) {
                             if let Some(c) = clients.get_serial(w) {
                                 let msg = format!("the chain failed: {e}");
                                 respond(c, 502, "Bad Gateway", Chunk::Bytes(msg.into_bytes()));
@@ -720,24 +734,16 @@ pub fn gateway<'p>(
             }
         }
         for i in ready {
-            match serve(
-                pool,
-                &reactor,
-                &mut clients,
-                i,
-                &mut next,
-                &mut rbuf,
-                &mut f,
-            ) {
+            match serve(pool, reactor, &mut clients, i, &mut next, rbuf, &mut f) {
                 Ok(sent) => next_dirty |= sent,
                 Err(e) => {
                     eprintln!("client {}: {e}", i + FIRST);
-                    clients.close(&reactor, i);
+                    clients.close(reactor, i);
                 }
             }
             dirty.push(i);
         }
-        if next_dirty && let Err(waiting) = next.flush(&reactor) {
+        if next_dirty && let Err(waiting) = next.flush(reactor) {
             for w in waiting {
                 if let Some(c) = clients.get_serial(w) {
                     respond(
@@ -756,12 +762,12 @@ pub fn gateway<'p>(
             let Some(c) = clients.get(i) else { continue };
             match c.link.flush() {
                 Ok(()) if c.state.closing && c.link.out.is_empty() && !c.state.in_flight => {
-                    clients.close(&reactor, i);
+                    clients.close(reactor, i);
                 }
                 Ok(()) => {}
                 Err(e) => {
                     eprintln!("client {}: {e}", i + FIRST);
-                    clients.close(&reactor, i);
+                    clients.close(reactor, i);
                 }
             }
         }
