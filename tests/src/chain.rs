@@ -310,14 +310,14 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
         if let Some(next) = next {
             args.extend(["--next".into(), next]);
         }
-        procs.push(spawn_in_pod(
+        procs.push(Peer::spawn_group(pod_command(
             &node,
             p.index,
             &cgroup_path,
             &fn_cpu,
             &workspace_bin("spright-fn"),
             &args,
-        )?);
+        ))?);
         if mode == Mode::Sidecar {
             procs.push(sidecar(&node, p.index, &cgroup_path, &fn_cpu)?);
         }
@@ -637,18 +637,6 @@ pub(crate) fn del_pod(node: &Node, mode: Mode, p: &PodInfo) -> anyhow::Result<cn
             &cni::plugin_path(),
         )
     }
-}
-
-/// Starts `bin ARGS` as a process of pod `index`, in `cgroup`, pinned to `cpu`.
-fn spawn_in_pod(
-    node: &Node,
-    index: usize,
-    cgroup: &Path,
-    cpu: &str,
-    bin: &Path,
-    args: &[String],
-) -> anyhow::Result<Peer> {
-    Peer::spawn_group(pod_command(node, index, cgroup, cpu, bin, args))
 }
 
 /// `bin ARGS` as a process of pod `index` (a program that takes `--cgroup`

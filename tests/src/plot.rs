@@ -404,7 +404,10 @@ fn draw_line_panel<DB: DrawingBackend>(
         .flat_map(|l| &l.points)
         .map(|p| p.1)
         .fold(0.0_f64, f64::max);
-    let y_max = if top > 0.0 { top * 1.15 } else { 1.0 };
+    // Whole-number panels (counts) get at least 0–4, so no two axis
+    // labels round to the same number.
+    let floor = if panel.decimals == 0 { 4.0 } else { 1.0 };
+    let y_max = (top * 1.15).max(floor);
     let decimals = panel.decimals;
     let y_fmt = move |v: &f64| number(*v, decimals);
     let mut chart = ChartBuilder::on(area)
@@ -440,7 +443,9 @@ fn draw_line_panel<DB: DrawingBackend>(
                 color.stroke_width(2),
             )))?
             .label(line.name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+            });
     }
     if panel.lines.len() > 1 {
         chart

@@ -267,6 +267,10 @@ pub struct Final {
     pub map_entries_after_del: usize,
     pub netns_entries_after_del: usize,
     pub records_after_del: usize,
+    /// How long after the last DEL the maps were empty (or the bounded
+    /// wait gave up).
+    #[serde(default)]
+    pub settled_ms: u64,
     /// Connection directions the memory bound moved to TCP (last meshd).
     pub memory_bound_switches: u64,
     /// Connections meshd's table translated for `stage1` (last meshd).
@@ -494,7 +498,10 @@ impl Soak {
                 while !self.extras.is_empty() {
                     said.push(self.leave()?.0);
                 }
-                Ok((format!("{} pods left: {}", said.len(), said.join("; ")), None))
+                Ok((
+                    format!("{} pods left: {}", said.len(), said.join("; ")),
+                    None,
+                ))
             }
         };
         let (detail, failure) = outcome.with_context(|| format!("step {}", kind.name()))?;
@@ -545,7 +552,11 @@ impl Soak {
     /// function calls the Service, and the load goes through it.
     fn join(&mut self, opt_out: bool) -> anyhow::Result<(String, Option<String>)> {
         self.joined += 1;
-        let name = format!("{}-{}", if opt_out { "optout" } else { "join" }, self.joined);
+        let name = format!(
+            "{}-{}",
+            if opt_out { "optout" } else { "join" },
+            self.joined
+        );
         let index = self.node.add_pod()?;
         let pod = add_spright_pod(
             &self.node,
@@ -577,7 +588,9 @@ impl Soak {
             .counters(ip)?
             .redirected_bytes;
         let failure = match (opt_out, redirected) {
-            (false, 0) => Some(format!("{name} joined the chain but sent nothing socket to socket")),
+            (false, 0) => Some(format!(
+                "{name} joined the chain but sent nothing socket to socket"
+            )),
             (true, n) if n > 0 => Some(format!("{name} opted out but sent {n} B socket to socket")),
             _ => None,
         };
@@ -625,12 +638,19 @@ impl Soak {
         let s = meshd.wait_status(T, "the Service table again", |s| {
             local_backends(s) == if self.second_backend_ready { 2 } else { 1 }
         })?;
-        let how = s["acceleration"]["datapath"].as_str().unwrap_or("?").to_owned();
-        let detail = format!("pid {old_pid} killed, pid {} up, datapath {how}", meshd.pid());
+        let how = s["acceleration"]["datapath"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned();
+        let detail = format!(
+            "pid {old_pid} killed, pid {} up, datapath {how}",
+            meshd.pid()
+        );
         self.meshd = Some(meshd);
         Ok((
             detail,
-            (how != "adopted").then(|| format!("the restarted meshd found the datapath {how}, not adopted")),
+            (how != "adopted")
+                .then(|| format!("the restarted meshd found the datapath {how}, not adopted")),
         ))
     }
 
@@ -642,7 +662,10 @@ impl Soak {
         ))?);
         let after = crate::scenario::sockops_ids(&self.node.cgroup.path)?;
         let failure = if after.len() != 1 {
-            Some(format!("{} sockops programs attached after the swap: {after:?}", after.len()))
+            Some(format!(
+                "{} sockops programs attached after the swap: {after:?}",
+                after.len()
+            ))
         } else if before == after {
             Some(format!("the sockops program was not replaced ({after:?})"))
         } else {
@@ -739,25 +762,48 @@ impl Soak {
                 &spright_conf(&self.node, &json!({})),
                 Some(&p.attach),
             )?;
-            ensure!(r.ok, "DEL of {} failed: {}", p.attach.container_id, r.stdout);
+            ensure!(
+                r.ok,
+                "DEL of {} failed: {}",
+                p.attach.container_id,
+                r.stdout
+            );
         }
-        let dp = spright_ebpf::Datapath::open(&self.node.pins.path)?;
+        // meshd reconciles while DEL runs: an entry it wrote back from a
+        // record read just before the DEL must go at its next
+        // reconciliation (bounded wait); one that stays is a leak.
+        let deleted = Instant::now();
+        let deadline = deleted + Duration::from_secs(10);
+        let (left, netns_left) = loop {
+            let dp = spright_ebpf::Datapath::open(&self.node.pins.path)?;
+            let left: Vec<IpAddr> = dp.endpoints()?.into_iter().map(|(ip, _)| ip).collect();
+            let netns_left = dp.netns_entries()?.len();
+            if (left.is_empty() && netns_left == 0) || Instant::now() > deadline {
+                break (left, netns_left);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
         let end = Final {
             sockhash_before: self.sockhash_before,
             sockhash_after,
-            map_entries_after_del: dp.endpoints()?.len(),
-            netns_entries_after_del: dp.netns_entries()?.len(),
+            map_entries_after_del: left.len(),
+            netns_entries_after_del: netns_left,
             records_after_del: self.node.records().len(),
+            settled_ms: u64::try_from(deleted.elapsed().as_millis()).unwrap_or(u64::MAX),
             memory_bound_switches,
             translated_connections,
         };
+        if !left.is_empty() {
+            progress(&format!("endpoint map entries left after DEL: {left:?}"));
+        }
         progress(&format!(
-            "end: sockhash {} before the load, {} after the functions exited; after DEL of every pod: {} endpoint map entries, {} netns map entries, {} records",
+            "end: sockhash {} before the load, {} after the functions exited; after DEL of every pod: {} endpoint map entries, {} netns map entries, {} records ({} ms after the last DEL)",
             end.sockhash_before,
             end.sockhash_after,
             end.map_entries_after_del,
             end.netns_entries_after_del,
-            end.records_after_del
+            end.records_after_del,
+            end.settled_ms
         ));
         Ok(end)
     }
@@ -792,7 +838,11 @@ fn write_stage1(node: &Node, pods: &[PodInfo], second_ready: bool) -> anyhow::Re
         SERVICE,
         &[
             service(SERVICE, IpAddr::V4(CLUSTER_IP), 80, PORT),
-            endpoint_slice(SERVICE, PORT, &[(pods[2].ip, true), (pods[3].ip, second_ready)]),
+            endpoint_slice(
+                SERVICE,
+                PORT,
+                &[(pods[2].ip, true), (pods[3].ip, second_ready)],
+            ),
         ],
     )
 }
@@ -861,7 +911,8 @@ impl Shared {
         if self.meshd_pid.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        let s: Value = serde_json::from_str(&crate::meshd::get(&self.meshd_addr, "/status").ok()?).ok()?;
+        let s: Value =
+            serde_json::from_str(&crate::meshd::get(&self.meshd_addr, "/status").ok()?).ok()?;
         s["memory_bound"]["largest_queue_bytes"].as_u64()
     }
 }
@@ -1165,11 +1216,21 @@ impl Worker {
             let outcome =
                 tokio::time::timeout(REQUEST_TIMEOUT, exchange(&mut conns, target.addr, &body))
                     .await
-                    .unwrap_or_else(|_| Err(Failure::Conn(format!("no reply within {REQUEST_TIMEOUT:?}"))));
+                    .unwrap_or_else(|_| {
+                        Err(Failure::Conn(format!(
+                            "no reply within {REQUEST_TIMEOUT:?}"
+                        )))
+                    });
             target.inflight.fetch_sub(1, Ordering::Relaxed);
             let c = &self.counters;
             match outcome {
-                Ok(reply) if reply.len() == body.len() && reply.iter().zip(&body).all(|(r, b)| *r == b.to_ascii_uppercase()) => {
+                Ok(reply)
+                    if reply.len() == body.len()
+                        && reply
+                            .iter()
+                            .zip(&body)
+                            .all(|(r, b)| *r == b.to_ascii_uppercase()) =>
+                {
                     c.requests.fetch_add(1, Ordering::Relaxed);
                     c.verified_bytes
                         .fetch_add(reply.len() as u64, Ordering::Relaxed);
@@ -1357,7 +1418,11 @@ pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let spec = &r.spec;
     let t = &r.totals;
-    let secs = r.samples.last().map_or(spec.seconds as f64, |x| x.t).max(1.0);
+    let secs = r
+        .samples
+        .last()
+        .map_or(spec.seconds as f64, |x| x.t)
+        .max(1.0);
     let _ = writeln!(
         s,
         "soak: {} s of load ({} connections, {} requests/s asked, {} B bodies), a step every {} s: {}\n",
@@ -1435,17 +1500,19 @@ pub fn markdown(r: &Report) -> String {
             .filter_map(|x| x.largest_queue_bytes)
             .max()
             .unwrap_or(0),
-        range(samples.iter().filter_map(|x| x.map_entries), |v| v.to_string()),
+        range(samples.iter().filter_map(|x| x.map_entries), |v| v
+            .to_string()),
     );
     let e = &r.end;
     let _ = writeln!(
         s,
-        "\nend: sockhash {} before the load, {} once the functions exited; after CNI DEL of every pod {} endpoint map entries, {} netns map entries, {} records; memory bound switches {}; stage1 connections translated {}\n",
+        "\nend: sockhash {} before the load, {} once the functions exited; after CNI DEL of every pod {} endpoint map entries, {} netns map entries, {} records ({} ms after the last DEL); memory bound switches {}; stage1 connections translated {}\n",
         e.sockhash_before,
         e.sockhash_after,
         e.map_entries_after_del,
         e.netns_entries_after_del,
         e.records_after_del,
+        e.settled_ms,
         e.memory_bound_switches,
         e.translated_connections
     );
@@ -1488,14 +1555,22 @@ pub fn figure(r: &Report) -> plot::Timeline {
     plot::Timeline {
         title: "spright soak with churn".to_owned(),
         panels: vec![
-            panel("requests/s (verified replies)", 0, vec![line("requests/s", 2, rps)]),
+            panel(
+                "requests/s (verified replies)",
+                0,
+                vec![line("requests/s", 2, rps)],
+            ),
             panel(
                 "errors so far",
                 0,
                 vec![
                     line("wrong bodies", 5, series(&|x| Some(x.body_errors as f64))),
                     line("HTTP errors", 1, series(&|x| Some(x.http_errors as f64))),
-                    line("connection errors", 4, series(&|x| Some(x.conn_errors as f64))),
+                    line(
+                        "connection errors",
+                        4,
+                        series(&|x| Some(x.conn_errors as f64)),
+                    ),
                 ],
             ),
             panel(
@@ -1510,7 +1585,11 @@ pub fn figure(r: &Report) -> plot::Timeline {
             panel(
                 "sockhash entries",
                 0,
-                vec![line("sockhash", 2, series(&|x| x.sockhash.map(|n| n as f64)))],
+                vec![line(
+                    "sockhash",
+                    2,
+                    series(&|x| x.sockhash.map(|n| n as f64)),
+                )],
             ),
             panel(
                 "meshd RSS, MiB",
@@ -1548,10 +1627,7 @@ pub fn out_dir() -> PathBuf {
 pub fn write(report: &Report, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("soak.md"), markdown(report))?;
-    std::fs::write(
-        dir.join("soak.json"),
-        serde_json::to_string_pretty(report)?,
-    )?;
+    std::fs::write(dir.join("soak.json"), serde_json::to_string_pretty(report)?)?;
     let fig = figure(report);
     std::fs::write(dir.join("soak.svg"), plot::svg(&fig)?)?;
     plot::png(&fig, &dir.join("soak.png"))

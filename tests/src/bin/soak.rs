@@ -11,9 +11,8 @@
 //! verdict is not PASS. Everything it starts runs in a process group of its
 //! own, killed on exit, timeout and Ctrl-C.
 
-use anyhow::Context as _;
 use spright_tests::{
-    pod::take_opt,
+    pod::take_num,
     procgroup,
     soak::{self, Spec},
 };
@@ -21,23 +20,17 @@ use spright_tests::{
 fn main() -> anyhow::Result<()> {
     procgroup::trap_interrupts()?;
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let num = |args: &mut Vec<String>, name: &str, default: u64| -> anyhow::Result<u64> {
-        take_opt(args, name)?.map_or(Ok(default), |v| {
-            v.parse()
-                .with_context(|| format!("{name}: {v:?} is not a number"))
-        })
-    };
-    let minutes = num(&mut args, "--minutes", 30)?;
+    let minutes = take_num(&mut args, "--minutes", 30)?;
     anyhow::ensure!(
         (1..=180).contains(&minutes),
         "--minutes must be 1 to 180, got {minutes}"
     );
     let spec = Spec {
         seconds: minutes * 60,
-        connections: usize::try_from(num(&mut args, "--connections", 4)?)?,
-        payload: usize::try_from(num(&mut args, "--payload", 1024)?)?,
-        rate: u32::try_from(num(&mut args, "--rate", 400)?)?,
-        step_secs: num(&mut args, "--step-secs", 10)?,
+        connections: usize::try_from(take_num(&mut args, "--connections", 4)?)?,
+        payload: usize::try_from(take_num(&mut args, "--payload", 1024)?)?,
+        rate: u32::try_from(take_num(&mut args, "--rate", 400)?)?,
+        step_secs: take_num(&mut args, "--step-secs", 10)?,
         process_groups: true,
     };
     anyhow::ensure!(args.is_empty(), "unexpected arguments: {args:?}");
@@ -50,7 +43,10 @@ fn main() -> anyhow::Result<()> {
     println!("\n{table}");
     let dir = soak::out_dir();
     match soak::write(&report, &dir) {
-        Ok(()) => println!("wrote {0}/soak.md, soak.json, soak.svg and soak.png", dir.display()),
+        Ok(()) => println!(
+            "wrote {0}/soak.md, soak.json, soak.svg and soak.png",
+            dir.display()
+        ),
         Err(e) => eprintln!("spright-soak: {e:#} (the table above is complete)"),
     }
     let problems = report.problems();
