@@ -218,8 +218,8 @@ fn frame<DB: DrawingBackend>(
             .pos(Pos::new(HPos::Center, VPos::Top)),
     ))?;
     let (_, rest) = root.split_vertically(TITLE_H);
-    let panels_h = panel_h * u32::try_from(panels).unwrap_or(0);
-    let (area, caption) = rest.split_vertically(panels_h);
+    let height = panel_h * u32::try_from(panels).unwrap_or(0);
+    let (area, caption) = rest.split_vertically(height);
     let areas = if panels == 0 {
         Vec::new()
     } else {

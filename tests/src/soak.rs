@@ -505,7 +505,7 @@ impl Soak {
             }
         };
         let (detail, failure) = outcome.with_context(|| format!("step {}", kind.name()))?;
-        let took = started.elapsed() - at;
+        let took = started.elapsed().saturating_sub(at);
         let check = self.check()?;
         progress(&format!(
             "[+{:>6.1}s] {:<14} {detail}{} | map {}/{} netns {}/{} sockhash {} meshd RSS {} largest queue {}{}",
@@ -774,10 +774,12 @@ impl Soak {
         // reconciliation (bounded wait); one that stays is a leak.
         let deleted = Instant::now();
         let deadline = deleted + Duration::from_secs(10);
+        let mut right_after_del = None;
         let (left, netns_left) = loop {
             let dp = spright_ebpf::Datapath::open(&self.node.pins.path)?;
             let left: Vec<IpAddr> = dp.endpoints()?.into_iter().map(|(ip, _)| ip).collect();
             let netns_left = dp.netns_entries()?.len();
+            right_after_del.get_or_insert_with(|| (left.clone(), netns_left));
             if (left.is_empty() && netns_left == 0) || Instant::now() > deadline {
                 break (left, netns_left);
             }
@@ -793,6 +795,12 @@ impl Soak {
             memory_bound_switches,
             translated_connections,
         };
+        if let Some((ips, netns)) = right_after_del.filter(|(ips, n)| !ips.is_empty() || *n > 0) {
+            progress(&format!(
+                "right after the last DEL: endpoint map entries {ips:?}, {netns} netns map entries (last pod deleted: {})",
+                self.pods.last().map_or(String::new(), |p| p.ip.to_string())
+            ));
+        }
         if !left.is_empty() {
             progress(&format!("endpoint map entries left after DEL: {left:?}"));
         }
@@ -1147,8 +1155,7 @@ impl LoadClient {
         while removed.inflight.load(Ordering::Relaxed) > 0 {
             ensure!(
                 Instant::now() < deadline,
-                "{name}: requests still in flight after {:?}",
-                REQUEST_TIMEOUT
+                "{name}: requests still in flight after {REQUEST_TIMEOUT:?}"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
