@@ -48,7 +48,7 @@ use crate::{
 };
 
 const T: Duration = Duration::from_mins(1);
-const PORT: u16 = 8080;
+pub(crate) const PORT: u16 = 8080;
 const APP_PORT: u16 = 9080;
 
 /// A set-up the chain runs on.
@@ -314,14 +314,14 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
         if let Some(next) = next {
             args.extend(["--next".into(), next]);
         }
-        procs.push(spawn_in_pod(
+        procs.push(Peer::spawn_group(pod_command(
             &node,
             p.index,
             &cgroup_path,
             &fn_cpu,
             &workspace_bin("spright-fn"),
             &args,
-        )?);
+        ))?);
         if mode == Mode::Sidecar {
             procs.push(sidecar(&node, p.index, &cgroup_path, &fn_cpu)?);
         }
@@ -554,7 +554,7 @@ fn reference_conf(node: &Node) -> Value {
     })
 }
 
-fn spright_conf(node: &Node, annotations: &Value) -> Value {
+pub(crate) fn spright_conf(node: &Node, annotations: &Value) -> Value {
     let mut c = node.conf("1.0.0", &["10.213.0.0/24"]);
     // Like the reference plugin's config: no masquerade, no hairpin, the
     // default MTU; what differs is spright's own (quickack routes, programs).
@@ -574,27 +574,54 @@ pub(crate) fn add_pod(
     name: &str,
     in_chain: bool,
 ) -> anyhow::Result<PodInfo> {
+    if mode.spright() {
+        let mut annotations = json!({ "spright.dev/function": name });
+        if in_chain {
+            annotations[spright_endpoint::ANNOTATION_CHAIN] = json!("demo");
+        }
+        return add_spright_pod(node, index, name, &annotations);
+    }
+    let attach = pod_attach(node, index, name);
+    let r = invoke_plugin(
+        &Path::new(cni::REFERENCE_PLUGINS).join("bridge"),
+        &node.node.path(),
+        "ADD",
+        &reference_conf(node),
+        Some(&attach),
+        &cni::plugin_path(),
+    )?;
+    pod_info(index, name, attach, &r)
+}
+
+/// CNI ADD of pod `index` (namespace `demo`, name `name`) by spright-cni
+/// with `annotations` passed as containerd passes a pod's annotations.
+pub(crate) fn add_spright_pod(
+    node: &Node,
+    index: usize,
+    name: &str,
+    annotations: &Value,
+) -> anyhow::Result<PodInfo> {
+    let attach = pod_attach(node, index, name);
+    let r = node.invoke("ADD", &spright_conf(node, annotations), Some(&attach))?;
+    pod_info(index, name, attach, &r)
+}
+
+/// The attachment of pod `index` with kubelet's `K8S_POD_*` arguments.
+fn pod_attach(node: &Node, index: usize, name: &str) -> cni::Attach {
     let mut attach = node.attach(index, &format!("{}-{name}", node.name));
     attach.args = format!(
         "IgnoreUnknown=1;K8S_POD_NAMESPACE=demo;K8S_POD_NAME={name};K8S_POD_UID={}-{name}",
         node.name
     );
-    let r = if mode.spright() {
-        let mut annotations = json!({ "spright.dev/function": name });
-        if in_chain {
-            annotations[spright_endpoint::ANNOTATION_CHAIN] = json!("demo");
-        }
-        node.invoke("ADD", &spright_conf(node, &annotations), Some(&attach))?
-    } else {
-        invoke_plugin(
-            &Path::new(cni::REFERENCE_PLUGINS).join("bridge"),
-            &node.node.path(),
-            "ADD",
-            &reference_conf(node),
-            Some(&attach),
-            &cni::plugin_path(),
-        )?
-    };
+    attach
+}
+
+fn pod_info(
+    index: usize,
+    name: &str,
+    attach: cni::Attach,
+    r: &cni::Outcome,
+) -> anyhow::Result<PodInfo> {
     ensure!(r.ok, "ADD of pod {name} failed: {}", r.stdout);
     let ip = cni::result_ips(&r.stdout)?
         .into_iter()
@@ -618,15 +645,16 @@ pub(crate) fn del_pod(node: &Node, mode: Mode, p: &PodInfo) -> anyhow::Result<cn
     }
 }
 
-/// Starts `bin ARGS` as a process of pod `index`, in `cgroup`, pinned to `cpu`.
-fn spawn_in_pod(
+/// `bin ARGS` as a process of pod `index` (a program that takes `--cgroup`
+/// and `--netns`, see [`crate::pod::enter_from_args`]), pinned to `cpu`.
+pub(crate) fn pod_command(
     node: &Node,
     index: usize,
     cgroup: &Path,
     cpu: &str,
     bin: &Path,
     args: &[String],
-) -> anyhow::Result<Peer> {
+) -> Command {
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", cpu])
         .arg(bin)
@@ -635,7 +663,7 @@ fn spawn_in_pod(
         .arg("--netns")
         .arg(node.pods[index].path())
         .args(args);
-    Peer::spawn_group(cmd)
+    cmd
 }
 
 /// haproxy in TCP mode on the pod's :8080 in front of the function on
@@ -1102,7 +1130,7 @@ fn live_line(m: &Meshd, elapsed: Duration) -> String {
     )
 }
 
-fn status_table(m: &Meshd, node: &Node) -> anyhow::Result<String> {
+pub(crate) fn status_table(m: &Meshd, node: &Node) -> anyhow::Result<String> {
     let out = Command::new(workspace_bin("spright"))
         .args(["status", "--addr", &m.addr, "--bpffs"])
         .arg(&node.pins.path)

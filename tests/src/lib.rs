@@ -10,6 +10,8 @@
 //!   rounds, and the rotation the rounds run in.
 //! - [`procgroup`]: children in their own process group, killed as one.
 //! - [`plot`]: the benchmarks' pictures (SVG and PNG).
+//! - [`soak`]: the soak with churn (load with verified replies while pods
+//!   join and leave, meshd restarts and the programs are upgraded).
 
 pub mod apps;
 pub mod chain;
@@ -26,6 +28,7 @@ pub mod sandbox;
 pub mod scenario;
 pub mod services;
 pub mod shm_csi;
+pub mod soak;
 pub mod stats;
 
 /// 64-bit FNV-1a, used to compare what was sent with what arrived (the

@@ -211,7 +211,7 @@ fn agent() -> ureq::Agent {
 }
 
 /// GET `path` from the listener at `addr`.
-fn get(addr: &str, path: &str) -> anyhow::Result<String> {
+pub(crate) fn get(addr: &str, path: &str) -> anyhow::Result<String> {
     Ok(agent()
         .get(&format!("http://{addr}{path}"))
         .call()?

@@ -117,24 +117,44 @@ fn font() -> anyhow::Result<()> {
     .map_err(|e| anyhow!("{e}"))
 }
 
-/// The figure as an SVG document.
-pub fn svg(fig: &Figure) -> anyhow::Result<String> {
+/// Something drawn by this module: a [`Figure`] of bars or a [`Timeline`].
+pub trait Picture {
+    /// Width and height in pixels.
+    fn size(&self) -> (u32, u32);
+    /// Draws the picture on `root`.
+    fn draw_on<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult<DB>;
+}
+
+impl Picture for Figure {
+    fn size(&self) -> (u32, u32) {
+        Figure::size(self)
+    }
+
+    fn draw_on<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult<DB> {
+        draw(root, self)
+    }
+}
+
+/// The picture as an SVG document.
+pub fn svg(fig: &impl Picture) -> anyhow::Result<String> {
     font()?;
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, fig.size()).into_drawing_area();
-        draw(&root, fig).map_err(|e| anyhow!("drawing the SVG: {e}"))?;
+        fig.draw_on(&root)
+            .map_err(|e| anyhow!("drawing the SVG: {e}"))?;
         root.present()
             .map_err(|e| anyhow!("writing the SVG: {e}"))?;
     }
     Ok(out)
 }
 
-/// The figure as a PNG file at `path`.
-pub fn png(fig: &Figure, path: &Path) -> anyhow::Result<()> {
+/// The picture as a PNG file at `path`.
+pub fn png(fig: &impl Picture, path: &Path) -> anyhow::Result<()> {
     font()?;
     let root = BitMapBackend::new(path, fig.size()).into_drawing_area();
-    draw(&root, fig).map_err(|e| anyhow!("drawing the PNG: {e}"))?;
+    fig.draw_on(&root)
+        .map_err(|e| anyhow!("drawing the PNG: {e}"))?;
     root.present()
         .map_err(|e| anyhow!("writing {}: {e}", path.display()))
         .context("PNG")
@@ -161,14 +181,36 @@ fn lighter(c: RGBColor, amount: f64) -> RGBColor {
     RGBColor(mix(c.0), mix(c.1), mix(c.2))
 }
 
-type DrawResult<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
+pub type DrawResult<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
 fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, fig: &Figure) -> DrawResult<DB> {
+    let (areas, caption) = frame(root, &fig.title, fig.panels.len(), PANEL_H)?;
+    for (area, panel) in areas.iter().zip(&fig.panels) {
+        draw_panel(area, panel)?;
+    }
+    draw_caption(&caption, &fig.caption)
+}
+
+/// Paints the background and the title; returns one area per panel (each
+/// `panel_h` high, one under the other) and the caption's area.
+#[expect(
+    clippy::type_complexity,
+    reason = "plotters' own area type, returned once and unpacked at once"
+)]
+fn frame<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    panels: usize,
+    panel_h: u32,
+) -> Result<
+    (Vec<DrawingArea<DB, Shift>>, DrawingArea<DB, Shift>),
+    DrawingAreaErrorKind<DB::ErrorType>,
+> {
     root.fill(&WHITE)?;
-    let (w, _) = fig.size();
+    let (w, _) = root.dim_in_pixel();
     let centre = i32::try_from(w / 2).unwrap_or(0);
     root.draw(&Text::new(
-        fig.title.clone(),
+        title.to_owned(),
         (centre, 12),
         (FONT, 20)
             .into_font()
@@ -176,17 +218,21 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, fig: &Figure) -> Draw
             .pos(Pos::new(HPos::Center, VPos::Top)),
     ))?;
     let (_, rest) = root.split_vertically(TITLE_H);
-    let panels_h = PANEL_H * u32::try_from(fig.panels.len()).unwrap_or(0);
-    let (panels, caption) = rest.split_vertically(panels_h);
-    let areas = if fig.panels.is_empty() {
+    let height = panel_h * u32::try_from(panels).unwrap_or(0);
+    let (area, caption) = rest.split_vertically(height);
+    let areas = if panels == 0 {
         Vec::new()
     } else {
-        panels.split_evenly((fig.panels.len(), 1))
+        area.split_evenly((panels, 1))
     };
-    for (area, panel) in areas.iter().zip(&fig.panels) {
-        draw_panel(area, panel)?;
-    }
-    for (i, line) in fig.caption.iter().enumerate() {
+    Ok((areas, caption))
+}
+
+fn draw_caption<DB: DrawingBackend>(
+    caption: &DrawingArea<DB, Shift>,
+    lines: &[String],
+) -> DrawResult<DB> {
+    for (i, line) in lines.iter().enumerate() {
         let y = i32::try_from(i).unwrap_or(0) * i32::try_from(CAPTION_LINE_H).unwrap_or(18) + 4;
         caption.draw(&Text::new(
             line.clone(),
@@ -285,6 +331,130 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, panel: &Panel) 
             (px - ax, py - ay + 6),
             label_style.pos(Pos::new(HPos::Center, VPos::Top)),
         ))?;
+    }
+    Ok(())
+}
+
+/// One line of a [`Timeline`] panel: `(seconds, value)` points.
+#[derive(Clone, Debug)]
+pub struct Line {
+    pub name: String,
+    pub color: RGBColor,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One chart of a [`Timeline`]: lines over the shared time axis.
+#[derive(Clone, Debug)]
+pub struct LinePanel {
+    pub title: String,
+    /// Decimals of the axis labels.
+    pub decimals: usize,
+    pub lines: Vec<Line>,
+}
+
+/// A picture of values over time (a soak run): panels one under the other
+/// on one time axis, thin vertical marks at moments worth seeing (the
+/// steps of a schedule), caption lines.
+#[derive(Clone, Debug)]
+pub struct Timeline {
+    pub title: String,
+    pub panels: Vec<LinePanel>,
+    /// Seconds at which a vertical mark is drawn in every panel.
+    pub marks: Vec<f64>,
+    pub caption: Vec<String>,
+}
+
+const LINE_PANEL_H: u32 = 190;
+
+impl Picture for Timeline {
+    fn size(&self) -> (u32, u32) {
+        let panels = u32::try_from(self.panels.len()).unwrap_or(u32::MAX);
+        let lines = u32::try_from(self.caption.len()).unwrap_or(u32::MAX);
+        (
+            WIDTH,
+            TITLE_H + LINE_PANEL_H * panels + CAPTION_LINE_H * lines + 12,
+        )
+    }
+
+    fn draw_on<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult<DB> {
+        let (areas, caption) = frame(root, &self.title, self.panels.len(), LINE_PANEL_H)?;
+        let x_max = self
+            .panels
+            .iter()
+            .flat_map(|p| &p.lines)
+            .flat_map(|l| &l.points)
+            .map(|p| p.0)
+            .fold(1.0_f64, f64::max);
+        for (area, panel) in areas.iter().zip(&self.panels) {
+            draw_line_panel(area, panel, x_max, &self.marks)?;
+        }
+        draw_caption(&caption, &self.caption)
+    }
+}
+
+fn draw_line_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    panel: &LinePanel,
+    x_max: f64,
+    marks: &[f64],
+) -> DrawResult<DB> {
+    let top = panel
+        .lines
+        .iter()
+        .flat_map(|l| &l.points)
+        .map(|p| p.1)
+        .fold(0.0_f64, f64::max);
+    // Whole-number panels (counts) get at least 0–4, so no two axis
+    // labels round to the same number.
+    let floor = if panel.decimals == 0 { 4.0 } else { 1.0 };
+    let y_max = (top * 1.15).max(floor);
+    let decimals = panel.decimals;
+    let y_fmt = move |v: &f64| number(*v, decimals);
+    let mut chart = ChartBuilder::on(area)
+        .caption(&panel.title, (FONT, 15))
+        .margin_left(12)
+        .margin_right(16)
+        .margin_top(4)
+        .margin_bottom(4)
+        .x_label_area_size(24)
+        .y_label_area_size(72)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_labels(10)
+        .x_label_formatter(&|v: &f64| format!("{v:.0} s"))
+        .y_labels(4)
+        .y_label_formatter(&y_fmt)
+        .label_style((FONT, 12))
+        .light_line_style(WHITE)
+        .bold_line_style(RGBColor(0xe4, 0xe4, 0xe4))
+        .draw()?;
+    let mark = RGBColor(0xc8, 0xc8, 0xc8).stroke_width(1);
+    chart.draw_series(
+        marks
+            .iter()
+            .map(|&t| PathElement::new(vec![(t, 0.0), (t, y_max)], mark)),
+    )?;
+    for line in &panel.lines {
+        let color = line.color;
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                line.points.clone(),
+                color.stroke_width(2),
+            )))?
+            .label(line.name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+            });
+    }
+    if panel.lines.len() > 1 {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font((FONT, 12))
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(0xc8, 0xc8, 0xc8))
+            .draw()?;
     }
     Ok(())
 }

@@ -30,3 +30,12 @@ pub fn take_opt(args: &mut Vec<String>, name: &str) -> anyhow::Result<Option<Str
     args.remove(i);
     Ok(Some(v))
 }
+
+/// Removes `name N` from `args` and returns N as a number, `default` when
+/// absent.
+pub fn take_num(args: &mut Vec<String>, name: &str, default: u64) -> anyhow::Result<u64> {
+    take_opt(args, name)?.map_or(Ok(default), |v| {
+        v.parse()
+            .with_context(|| format!("{name}: {v:?} is not a number"))
+    })
+}

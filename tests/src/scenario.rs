@@ -196,6 +196,26 @@ pub fn json_u64(v: &serde_json::Value, k: &str) -> u64 {
         .unwrap_or_else(|| panic!("{k} missing or not a number in {v}"))
 }
 
+/// Ids of the sock_ops programs attached at `cgroup` (`bpftool cgroup show`).
+pub fn sockops_ids(cgroup: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let out = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .context("running bpftool")?;
+    ensure!(
+        out.status.success(),
+        "bpftool cgroup show {} failed: {}",
+        cgroup.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("sock_ops"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::{parse_ss_field, skmem_r};

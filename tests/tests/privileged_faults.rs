@@ -7,7 +7,7 @@ use std::time::Duration;
 use spright_tests::{
     privileged,
     sandbox::{Peer, Sandbox},
-    scenario::{data_segs_out, transfer},
+    scenario::{data_segs_out, sockops_ids, transfer},
 };
 
 const T: Duration = Duration::from_mins(1);
@@ -124,11 +124,11 @@ fn privileged_faults_programs_replaced_mid_transfer() {
     }
     let (sb, dp) = pair("u", true);
     let (srv, client, server) = running_transfer(&sb, "2", &[]);
-    let old_ids = sockops_ids(&sb.cgroup.path);
+    let old_ids = sockops_ids(&sb.cgroup.path).unwrap();
     drop(dp);
     let dp =
         spright_ebpf::Datapath::replace_programs(&sb.placement()).expect("replacing the programs");
-    let new_ids = sockops_ids(&sb.cgroup.path);
+    let new_ids = sockops_ids(&sb.cgroup.path).unwrap();
     assert_eq!(
         new_ids.len(),
         1,
@@ -154,18 +154,4 @@ fn privileged_faults_programs_replaced_mid_transfer() {
     let c = dp.counters(sb.pods[0].ip.into()).unwrap();
     assert_eq!(c.redirected_bytes, BYTES + 8 + (1 << 20) + 8, "{c:?}");
     srv.finish(T).unwrap();
-}
-
-/// Ids of the sock_ops programs attached at `cgroup` (bpftool).
-fn sockops_ids(cgroup: &std::path::Path) -> Vec<String> {
-    let out = std::process::Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(cgroup)
-        .output()
-        .expect("bpftool");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("sock_ops"))
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .collect()
 }

@@ -47,6 +47,13 @@ usage: cargo xtask <task> [args]
                        CNI_ARGS, prevResult, records, Kubernetes objects and files, CNI config
                        files, CSI requests), many more cases than the unit tier, in rounds
                        for N minutes (default 5); a failure is kept in proptest-regressions/
+  soak [--minutes N]   set up, build, and run the soak with churn (needs root): the demo's chain
+                       under steady load whose every reply is checked, while pods join, leave and
+                       opt out, meshd is killed and restarted, the programs are upgraded in place
+                       and a Service's backends change, for N minutes (default 30, 1 to 180;
+                       also --connections, --payload, --rate, --step-secs); a table, a verdict
+                       (errors, leaks) and target/soak/soak.{md,json,svg,png}. The 2-minute
+                       version runs in the privileged tier (privileged_soak).
   setup                install what this machine lacks (idempotent, quiet when nothing is missing)
   build                set up and build everything (user side + kernel programs, and the static
                        x86_64-unknown-linux-musl spright-cni)
@@ -79,6 +86,10 @@ fn main() -> anyhow::Result<()> {
             bench(&args[1..])
         }
         Some("fuzz") => fuzz(&args[1..]),
+        Some("soak") => {
+            setup::run()?;
+            soak(&args[1..])
+        }
         None | Some("help" | "-h" | "--help") => {
             println!("{HELP}");
             Ok(())
@@ -347,4 +358,15 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     let mut all: Vec<&str> = fixed.to_vec();
     all.extend(args[1..].iter().map(String::as_str));
     step(&format!("benchmark {}", args[0]), || cmd(bin, &all))
+}
+
+/// The soak runs the debug build, the one the privileged tier tests: it
+/// looks for errors and leaks, not speed, and keeps overflow checks and
+/// debug assertions on for hours.
+fn soak(args: &[String]) -> anyhow::Result<()> {
+    build()?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    step("soak: the chain under load with churn", || {
+        cmd("target/debug/spright-soak", &args)
+    })
 }

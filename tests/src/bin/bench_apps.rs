@@ -11,29 +11,22 @@
 //! Writes `target/bench/apps.{md,json,svg,png}`. Everything it starts runs
 //! in a process group of its own, killed on exit, timeout and Ctrl-C.
 
-use anyhow::Context as _;
 use spright_tests::{
     apps::{self, Report, Spec},
     plot,
-    pod::take_opt,
+    pod::take_num,
     procgroup, stats,
 };
 
 fn main() -> anyhow::Result<()> {
     procgroup::trap_interrupts()?;
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let num = |args: &mut Vec<String>, name: &str, default: u64| -> anyhow::Result<u64> {
-        take_opt(args, name)?.map_or(Ok(default), |v| {
-            v.parse()
-                .with_context(|| format!("{name}: {v:?} is not a number"))
-        })
-    };
-    let reps = usize::try_from(num(&mut args, "--reps", 3)?)?;
+    let reps = usize::try_from(take_num(&mut args, "--reps", 3)?)?;
     anyhow::ensure!((1..=20).contains(&reps), "--reps must be 1 to 20");
     let spec = Spec {
-        connections: usize::try_from(num(&mut args, "--connections", 8)?)?,
-        redis_requests: num(&mut args, "--redis-requests", 100_000)?,
-        seconds: num(&mut args, "--duration", 5)?,
+        connections: usize::try_from(take_num(&mut args, "--connections", 8)?)?,
+        redis_requests: take_num(&mut args, "--redis-requests", 100_000)?,
+        seconds: take_num(&mut args, "--duration", 5)?,
     };
     anyhow::ensure!(args.is_empty(), "unexpected arguments: {args:?}");
     spec.validate()?;

@@ -36,11 +36,10 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use spright_tests::{
     chain::{self, Mode, Report, Spec},
     plot,
-    pod::take_opt,
+    pod::{take_num, take_opt},
     stats,
 };
 
@@ -68,13 +67,7 @@ fn run() -> anyhow::Result<()> {
     };
     let bench = flag("--bench");
     let services = flag("--services");
-    let num = |args: &mut Vec<String>, name: &str, default: u64| -> anyhow::Result<u64> {
-        take_opt(args, name)?.map_or(Ok(default), |v| {
-            v.parse()
-                .with_context(|| format!("{name}: {v:?} is not a number"))
-        })
-    };
-    let reps = usize::try_from(num(&mut args, "--reps", if bench { 3 } else { 2 })?)?;
+    let reps = usize::try_from(take_num(&mut args, "--reps", if bench { 3 } else { 2 })?)?;
     anyhow::ensure!(
         (1..=20).contains(&reps),
         "--reps must be 1 to 20, got {reps}"
@@ -95,11 +88,11 @@ fn run() -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let spec = Spec {
-        length: usize::try_from(num(&mut args, "--length", 4)?)?,
-        payload: usize::try_from(num(&mut args, "--payload", 1024)?)?,
-        connections: usize::try_from(num(&mut args, "--connections", 8)?)?,
-        seconds: num(&mut args, "--duration", if bench { 10 } else { 3 })?,
-        work: u32::try_from(num(&mut args, "--work", 1)?)?,
+        length: usize::try_from(take_num(&mut args, "--length", 4)?)?,
+        payload: usize::try_from(take_num(&mut args, "--payload", 1024)?)?,
+        connections: usize::try_from(take_num(&mut args, "--connections", 8)?)?,
+        seconds: take_num(&mut args, "--duration", if bench { 10 } else { 3 })?,
+        work: u32::try_from(take_num(&mut args, "--work", 1)?)?,
         services,
     };
     let modes: Vec<Mode> = match take_opt(&mut args, "--modes")? {
