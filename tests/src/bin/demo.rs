@@ -36,6 +36,8 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
+
 use spright_tests::{
     chain::{self, Mode, Report, Spec},
     plot,
