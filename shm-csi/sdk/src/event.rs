@@ -152,16 +152,15 @@ impl Link<'_> {
     /// non-blocking socket, and we wait for the next event.
     fn drain(&mut self, buf: &mut [u8], mut sink: impl FnMut(&[u8])) -> io::Result<bool> {
         loop {
-            match self.stream.read(buf) {
-                Ok(0) => return Ok(false),
-                Ok(n) if n < buf.len() => {
+            match read_some(&mut self.stream, buf)? {
+                Got::Eof => return Ok(false),
+                Got::Nothing => return Ok(true),
+                Got::Data(n) => {
                     sink(&buf[..n]);
-                    return Ok(true);
+                    if n < buf.len() {
+                        return Ok(true);
+                    }
                 }
-                Ok(n) => sink(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
             }
         }
     }
@@ -363,9 +362,10 @@ impl Next<'_> {
         (out, failed)
     }
 
-    fn flush(&mut self, reactor: &Poll) -> Result<(), VecDeque<Waiter>> {
+    /// Writes what is queued; on a failure, who was waiting and why.
+    fn flush(&mut self, reactor: &Poll) -> Result<(), (VecDeque<Waiter>, io::Error)> {
         match self.link.as_mut().map(Link::flush) {
-            Some(Err(e)) => Err(self.fail(reactor, &e)),
+            Some(Err(e)) => Err((self.fail(reactor, &e), e)),
             _ => Ok(()),
         }
     }
@@ -480,7 +480,8 @@ pub fn stage<'p>(
                     }
                     let serial = link.serial;
                     // Run the function on each descriptor, to completion.
-                    for d in ds.drain(..) {
+                    let mut batch = ds.drain(..);
+                    for d in batch.by_ref() {
                         let buf = match pool.take(d) {
                             Ok(b) => b,
                             Err(e) => {
@@ -502,6 +503,8 @@ pub fn stage<'p>(
                             c.link.queue(&out.to_bytes());
                         }
                     }
+                    // What a failure left unprocessed goes back to the pool.
+                    release(pool, batch);
                     dirty.push(i);
                     if !open {
                         ups.close(reactor, i);
@@ -512,7 +515,7 @@ pub fn stage<'p>(
         // Everything this wake-up produced leaves now, one write per peer.
         if next_dirty
             && let Some(n) = next.as_mut()
-            && let Err(waiting) = n.flush(reactor)
+            && let Err((waiting, _)) = n.flush(reactor)
         {
             close_waiting(reactor, &mut ups, waiting);
         }
@@ -684,10 +687,10 @@ pub fn gateway<'p>(
     let mut next = Next::new(next)?;
     let mut clients: Slots<'p, Http<'p>> = Slots::new();
     let mut dirty: Vec<usize> = Vec::new();
+    let mut ready: Vec<usize> = Vec::new();
     loop {
         let (reactor, listener, events, rbuf) = r.wait()?;
         let mut next_dirty = false;
-        let mut ready: Vec<usize> = Vec::new();
         for ev in events {
             match ev.token() {
                 LISTENER => clients.accept_all(reactor, listener, Http::new)?,
@@ -713,14 +716,10 @@ pub fn gateway<'p>(
                         ready.push(w.0);
                     }
                     if let Some(e) = failed {
-                        for w in next.fail(reactor, &e) {
-                            if let Some(c) = clients.get_serial(w) {
-                                let msg = format!("the chain failed: {e}");
-                                respond(c, 502, "Bad Gateway", Chunk::Bytes(msg.into_bytes()));
-                                dirty.push(w.0);
-                                ready.push(w.0);
-                            }
-                        }
+                        let waiting = next.fail(reactor, &e);
+                        let from = dirty.len();
+                        chain_failed(&mut clients, waiting, &e, &mut dirty);
+                        ready.extend_from_slice(&dirty[from..]);
                     }
                 }
                 Token(t) => {
@@ -733,7 +732,7 @@ pub fn gateway<'p>(
                 }
             }
         }
-        for i in ready {
+        for i in ready.drain(..) {
             match serve(pool, reactor, &mut clients, i, &mut next, rbuf, &mut f) {
                 Ok(sent) => next_dirty |= sent,
                 Err(e) => {
@@ -743,18 +742,8 @@ pub fn gateway<'p>(
             }
             dirty.push(i);
         }
-        if next_dirty && let Err(waiting) = next.flush(reactor) {
-            for w in waiting {
-                if let Some(c) = clients.get_serial(w) {
-                    respond(
-                        c,
-                        502,
-                        "Bad Gateway",
-                        Chunk::Bytes(b"the chain failed".to_vec()),
-                    );
-                    dirty.push(w.0);
-                }
-            }
+        if next_dirty && let Err((waiting, e)) = next.flush(reactor) {
+            chain_failed(&mut clients, waiting, &e, &mut dirty);
         }
         dirty.sort_unstable();
         dirty.dedup();
@@ -770,6 +759,23 @@ pub fn gateway<'p>(
                     clients.close(reactor, i);
                 }
             }
+        }
+    }
+}
+
+/// Answers `502` to every client whose request was waiting on the failed
+/// next function; their slots go into `touched`.
+fn chain_failed<'p>(
+    clients: &mut Slots<'p, Http<'p>>,
+    waiting: VecDeque<Waiter>,
+    e: &io::Error,
+    touched: &mut Vec<usize>,
+) {
+    for w in waiting {
+        if let Some(c) = clients.get_serial(w) {
+            let msg = format!("the chain failed: {e}");
+            respond(c, 502, "Bad Gateway", Chunk::Bytes(msg.into_bytes()));
+            touched.push(w.0);
         }
     }
 }
