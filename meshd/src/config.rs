@@ -61,6 +61,7 @@ pub mod env {
     pub const METRICS_ADDR: &str = "SPRIGHT_METRICS_ADDR";
     pub const RESCAN_SECS: &str = "SPRIGHT_RESCAN_SECS";
     pub const LONELY_POD_SECS: &str = "SPRIGHT_LONELY_POD_SECS";
+    pub const FLOW_HISTORY: &str = "SPRIGHT_FLOW_HISTORY";
     pub const LOG: &str = "SPRIGHT_LOG";
     pub const NO_SELFTEST: &str = "SPRIGHT_NO_SELFTEST";
     pub const SERVICES_DIR: &str = "SPRIGHT_SERVICES_DIR";
@@ -106,6 +107,11 @@ pub struct Config {
     #[arg(long, env = env::LONELY_POD_SECS, value_name = "SECONDS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub lonely_pod_secs: u64,
+    /// Closed flows `/v1/flows` and `spright flows` keep (open ones are
+    /// always kept); 0 keeps none
+    #[arg(long, env = env::FLOW_HISTORY, value_name = "FLOWS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub flow_history: u64,
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `meshd=debug`)
     #[arg(long, env = env::LOG, value_name = "FILTER", default_value = "info")]
     pub log: String,
@@ -274,6 +280,7 @@ mod tests {
         assert_eq!(c.metrics_addr, None);
         assert_eq!(c.rescan_secs, 30);
         assert_eq!(c.lonely_pod_secs, 30);
+        assert_eq!(c.flow_history, 4096);
         assert_eq!(c.memory_bound_bytes, 16 << 20);
         assert_eq!(c.memory_bound_interval_ms, 20);
     }

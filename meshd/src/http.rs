@@ -6,7 +6,8 @@
 //! done), `/config` (effective configuration), `/v1/membership?namespace=&pod=&uid=&chain=`
 //! (shm-csi's question: is this pod in this chain? see
 //! `spright_endpoint::membership`), `/v1/members?namespace=NS&chain=C` (the
-//! recorded pods of a chain on this node).
+//! recorded pods of a chain on this node), `/v1/flows?pod=NS/NAME&since=SEQ`
+//! (recent chain-pod connections and their fate, see `flows`).
 
 use std::sync::Arc;
 
@@ -34,6 +35,7 @@ pub fn router(reader: Reader) -> Router {
         .route("/status", get(status))
         .route("/config", get(config))
         .route("/v1/members", get(members))
+        .route("/v1/flows", get(flows))
         .route(spright_endpoint::membership::PATH, get(membership))
         .with_state(app)
 }
@@ -135,4 +137,17 @@ async fn membership(
 ) -> impl IntoResponse {
     let verdict = app.reader.membership(&q);
     Json(spright_endpoint::membership::Answer::new(&q, verdict))
+}
+
+#[derive(serde::Deserialize)]
+struct FlowsQuery {
+    /// `namespace/name`: only flows with this pod at either end.
+    pod: Option<String>,
+    /// Only flows changed after this `seq` (what `--follow` asks).
+    #[serde(default)]
+    since: u64,
+}
+
+async fn flows(State(app): State<App>, Query(q): Query<FlowsQuery>) -> impl IntoResponse {
+    Json(app.reader.flows.query(q.pod.as_deref(), q.since))
 }

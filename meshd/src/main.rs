@@ -84,16 +84,32 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .spawn(move || agent.run(triggers, &api, &snapshot_tx))?
     };
     let membound = Arc::new(meshd::membound::Stats::default());
-    let _membound = meshd::membound::spawn(&config, snapshot_rx.clone(), membound.clone());
+    let flows = Arc::new(meshd::flows::Flows::new(
+        usize::try_from(config.flow_history).unwrap_or(usize::MAX),
+    ));
+    let _membound = meshd::membound::spawn(
+        &config,
+        snapshot_rx.clone(),
+        membound.clone(),
+        flows.clone(),
+    );
+    let _flows = meshd::flows::run(flows.clone(), snapshot_rx.clone(), config.bpffs.clone())?;
+    let _scan = meshd::flows::scan_before_attach(
+        flows.clone(),
+        snapshot_rx.clone(),
+        config.bpffs.clone(),
+        Duration::from_secs(10),
+    )?;
     let reader = Reader {
         snapshot: snapshot_rx,
         api: api_rx,
         config: config.clone(),
         membound,
+        flows,
         maps: Arc::default(),
     };
     let api = bind("--api-addr", config.api_addr).await?;
-    info!(addr = %config.api_addr, "serving the local API: /status /config /v1/membership /v1/members /metrics /healthz /readyz");
+    info!(addr = %config.api_addr, "serving the local API: /status /config /v1/membership /v1/members /v1/flows /metrics /healthz /readyz");
     let metrics = match config.metrics_addr {
         Some(addr) => {
             let l = bind("--metrics-addr", addr).await?;

@@ -131,6 +131,7 @@ pub fn spawn(
     config: &Config,
     snapshot: tokio::sync::watch::Receiver<Arc<Snapshot>>,
     stats: Arc<Stats>,
+    flows: Arc<crate::flows::Flows>,
 ) -> Option<std::thread::JoinHandle<()>> {
     let (limit, interval, bpffs) = (
         config.memory_bound_bytes,
@@ -153,6 +154,8 @@ pub fn spawn(
                 limit,
                 bpffs,
                 stats,
+                flows,
+                snapshot: snapshot.clone(),
                 switch: None,
                 sockets: HashMap::new(),
                 gate: Gate::default(),
@@ -240,6 +243,9 @@ struct Poller {
     limit: u64,
     bpffs: std::path::PathBuf,
     stats: Arc<Stats>,
+    /// Told of every switch (a flow's fate).
+    flows: Arc<crate::flows::Flows>,
+    snapshot: tokio::sync::watch::Receiver<Arc<Snapshot>>,
     switch: Option<PathSwitch>,
     /// One sock_diag socket per pod network namespace.
     sockets: HashMap<NsId, SockDiag>,
@@ -335,6 +341,8 @@ impl Poller {
         accelerated: &HashSet<SockKey>,
     ) -> Result<(), String> {
         let stats = self.stats.clone();
+        let flows = self.flows.clone();
+        let name = crate::flows::namer(&self.snapshot);
         let switch = self.switch()?;
         for (netns, s) in candidates {
             let sender = s.key().reversed();
@@ -349,6 +357,7 @@ impl Poller {
                 .force_tcp(&sender)
                 .map_err(|e| crate::error::chain(&e))?;
             stats.switches.fetch_add(1, Ordering::Relaxed);
+            flows.switched(sender, &name);
             stats
                 .last_switch_queue
                 .store(u64::from(s.rmem_alloc), Ordering::Relaxed);

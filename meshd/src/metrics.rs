@@ -178,6 +178,25 @@ fn encode_status(s: &Status, enc: &mut DescriptorEncoder<'_>) -> Result<(), std:
             &[(vec![], m.switches)],
         )?;
     }
+    if let Some(f) = &s.flows {
+        counter(
+            enc,
+            "spright_flow_events",
+            "Chain-pod connections reported by the datapath: opened, closed, switched to TCP, found established before attach",
+            &[
+                (vec![("event", "opened".to_owned())], f.opened),
+                (vec![("event", "closed".to_owned())], f.closed),
+                (vec![("event", "switched".to_owned())], f.switched),
+                (vec![("event", "before_attach".to_owned())], f.before_attach),
+            ],
+        )?;
+        counter(
+            enc,
+            "spright_flow_events_lost",
+            "Flow events the kernel dropped because the ring buffer was full",
+            &[(vec![], f.lost)],
+        )?;
+    }
     let chain_labels = |ns: &str, chain: &str| -> Labels {
         vec![("namespace", ns.to_owned()), ("chain", chain.to_owned())]
     };

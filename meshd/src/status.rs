@@ -96,6 +96,10 @@ pub struct Status {
     /// meshd's memory bound of the redirect path (absent from the CLI).
     #[serde(default)]
     pub memory_bound: Option<crate::membound::Report>,
+    /// Flow events counted since meshd started (absent from the CLI; the
+    /// flows themselves are on `/v1/flows`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<crate::flows::FlowCounts>,
     /// This node's Pods as meshd knows them (absent from the CLI).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods: Option<PodsStatus>,
@@ -225,6 +229,7 @@ impl Status {
             malformed_service_files: Vec::new(),
             kubernetes: None,
             memory_bound: None,
+            flows: None,
             pods: None,
             pod_network: None,
         }

@@ -23,6 +23,8 @@ pub struct Reader {
     pub api: watch::Receiver<Published>,
     pub config: Arc<Config>,
     pub membound: Arc<membound::Stats>,
+    /// Flow events (`/v1/flows`).
+    pub flows: Arc<crate::flows::Flows>,
     /// The pinned maps, opened by the first read that needs them and kept
     /// (an upgrade swaps programs but keeps the maps).
     pub maps: Arc<Mutex<Option<Datapath>>>,
@@ -53,6 +55,7 @@ impl Reader {
             self.config.memory_bound_bytes,
             self.config.memory_bound_interval_ms,
         ));
+        s.flows = Some(self.flows.counts());
         s
     }
 

@@ -102,8 +102,9 @@ fn privileged_explain_agrees_with_the_kernel() {
     };
     // What the kernel did with one new connection from pod `from` to `dial`
     // (served by pod `server`): its accelerated-sockets counter moves only
-    // when sockops put the socket into the sockhash.
-    let happened = |from: usize, server: usize, dial: SocketAddr| -> bool {
+    // when sockops put the socket into the sockhash. With the client's
+    // address, which names the connection's flow.
+    let happened = |from: usize, server: usize, dial: SocketAddr| -> (bool, String) {
         let dp = spright_ebpf::Datapath::open(&sb.pins.path).unwrap();
         let before = dp.counters(ip(from)).unwrap().accelerated_socks;
         let srv = sb
@@ -120,7 +121,30 @@ fn privileged_explain_agrees_with_the_kernel() {
         assert_eq!(sent["intact"], true, "{sent}");
         cli.finish(T).unwrap();
         srv.finish(T).unwrap();
-        dp.counters(ip(from)).unwrap().accelerated_socks > before
+        (
+            dp.counters(ip(from)).unwrap().accelerated_socks > before,
+            sent["local"].as_str().unwrap().to_owned(),
+        )
+    };
+    // The flow meshd reports for the connection from `client`, once closed.
+    let flow_of = |client: &str| -> Value {
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            let reply: Value = serde_json::from_str(&meshd.get("/v1/flows").unwrap()).unwrap();
+            let found = reply["flows"].as_array().and_then(|fs| {
+                fs.iter()
+                    .find(|f| f["client"]["addr"] == client && f["state"] == "closed")
+                    .cloned()
+            });
+            if let Some(f) = found {
+                return f;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no closed flow from {client}: {reply:#}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     };
     let to_pod = |p: usize| SocketAddr::new(ip(p), PORT);
     let name = |p: usize| format!("default/pod{p}");
@@ -207,7 +231,7 @@ fn privileged_explain_agrees_with_the_kernel() {
             .unwrap()
             .parse::<usize>()
             .unwrap()];
-        let did = happened(from_pod, server, dial);
+        let (did, client) = happened(from_pod, server, dial);
         eprintln!(
             "{what}: explain says {} ({}), the kernel {}",
             e["verdict"],
@@ -223,6 +247,31 @@ fn privileged_explain_agrees_with_the_kernel() {
             !e["reason"].as_str().unwrap_or_default().is_empty(),
             "{e:#}"
         );
+        // The flow event says the same, from the kernel, with the bytes:
+        // the client sent an 8-byte length and 65,536 bytes, the server a
+        // 1-byte greeting and a 16-byte reply.
+        let f = flow_of(&client);
+        eprintln!("{what}: flow {f}");
+        assert_eq!(f["verdict"], want, "{what}: {f:#}");
+        assert_eq!(
+            f["path"],
+            if did { "redirected" } else { "tcp" },
+            "{what}: {f:#}"
+        );
+        // A translated connection's server is the backend itself.
+        let server_addr = if what.ends_with("translated") {
+            to_pod(server)
+        } else {
+            dial
+        };
+        assert_eq!(
+            f["server"]["addr"],
+            server_addr.to_string(),
+            "{what}: {f:#}"
+        );
+        assert_eq!(f["bytes"]["client_to_server"], 8 + 65_536, "{what}: {f:#}");
+        assert_eq!(f["bytes"]["server_to_client"], 1 + 16, "{what}: {f:#}");
+        assert_eq!(f["client"]["pod"], from.as_str(), "{what}: {f:#}");
         seen.push(did);
         if port.is_some() {
             let translated = what.ends_with("translated");
@@ -232,6 +281,11 @@ fn privileged_explain_agrees_with_the_kernel() {
                 .cloned()
                 .unwrap_or_default();
             assert_eq!(backends.len(), usize::from(translated), "{what}: {e:#}");
+            if translated {
+                assert_eq!(f["service"], svc.to_string(), "{what}: {f:#}");
+            } else {
+                assert!(f.get("service").is_none(), "{what}: {f:#}");
+            }
         }
     }
     assert!(seen.iter().any(|d| *d) && seen.iter().any(|d| !*d));

@@ -52,8 +52,16 @@ pub mod names {
         ("spright_getpeername4", "spr_getpeer4_link_v1"),
         ("spright_getpeername6", "spr_getpeer6_link_v1"),
     ];
+    /// Flow events ([`super::FlowEvent`]), a ring buffer meshd reads.
+    pub const FLOWS: &str = "spr_flows_v1";
+    /// Per-socket state of chain-pod connections for their flow events:
+    /// [`super::SockKey`] → [`super::FlowState`]. LRU.
+    pub const FLOW_STATE: &str = "spr_flowst_v1";
+    /// Flow events lost because the ring buffer was full: per-CPU array of
+    /// one `u64`.
+    pub const FLOWS_LOST: &str = "spr_flowlost_v1";
     /// Every map that is pinned by name.
-    pub const PINNED_MAPS: [&str; 9] = [
+    pub const PINNED_MAPS: [&str; 12] = [
         SOCKHASH,
         ENDPOINTS,
         CHAIN_ALLOW,
@@ -63,6 +71,9 @@ pub mod names {
         SERVICES,
         TRANSLATIONS,
         SERVICE_COUNTERS,
+        FLOWS,
+        FLOW_STATE,
+        FLOWS_LOST,
     ];
 }
 
@@ -76,6 +87,9 @@ pub mod limits {
     pub const MAX_CHAIN_ALLOWS: u32 = 1_024;
     /// (Service address, port, caller chain) entries per node.
     pub const MAX_SERVICES: u32 = 16_384;
+    /// Bytes of the flow-event ring buffer (a power of two and a multiple
+    /// of the page size): about 2,700 events.
+    pub const FLOW_RING_BYTES: u32 = 256 * 1024;
     /// Node-local backends per service port and caller chain.
     pub const MAX_BACKENDS: usize = 16;
 }
@@ -257,6 +271,22 @@ impl Verdict {
     #[must_use]
     pub const fn redirects(self) -> bool {
         matches!(self, Self::SameChain | Self::AllowedChains)
+    }
+
+    /// The verdict of a code (`Verdict as u32`), as flow events carry it.
+    #[must_use]
+    pub const fn from_code(code: u32) -> Option<Self> {
+        Some(match code {
+            0 => Self::SameChain,
+            1 => Self::AllowedChains,
+            2 => Self::LocalNotEndpoint,
+            3 => Self::RemoteNotEndpoint,
+            4 => Self::LocalOptedOut,
+            5 => Self::RemoteOptedOut,
+            6 => Self::NotInChain,
+            7 => Self::OtherChain,
+            _ => return None,
+        })
     }
 
     /// The reason in words.
@@ -466,6 +496,121 @@ impl Counters {
     }
 }
 
+/// Flow events: what the kernel programs did with one chain-pod connection.
+///
+/// A connection is reported once, by one of its two sockets (the
+/// *reporter*): the connecting socket when its pod is a recorded endpoint,
+/// otherwise the accepting one when its client is not. `OPEN` comes at
+/// establishment with the policy's [`Verdict`], `TCP_SWITCH` when a
+/// redirected connection moved to TCP, `CLOSE` with the bytes each way.
+pub mod flow {
+    /// Established: `reason` is the [`super::Verdict`] code.
+    pub const OPEN: u32 = 1;
+    /// Closed: `bytes_sent` and `bytes_received` are final payload bytes
+    /// (without the SYN and FIN sequence numbers); `reason` is the TCP
+    /// state the socket closed from (`BPF_TCP_*`).
+    pub const CLOSE: u32 = 2;
+    /// A redirected connection's socket moved to the TCP path: `reason` is
+    /// one of the `SWITCH_*` codes below. Sent by the socket that moved,
+    /// which need not be the reporter.
+    pub const TCP_SWITCH: u32 = 3;
+    /// `flags`: the reporting socket called `connect()`.
+    pub const ACTIVE: u32 = 1 << 0;
+    /// `flags`: the connection went into the sockhash (socket to socket).
+    pub const REDIRECTED: u32 = 1 << 1;
+    /// `flags`: the destination was a Service address, translated to a
+    /// node-local backend (`service`, `service_port`).
+    pub const TRANSLATED: u32 = 1 << 2;
+    /// Switch reason: the peer socket was not in the sockhash when this
+    /// socket sent its first message.
+    pub const SWITCH_PEER_MISSING: u32 = 1;
+    /// Switch reason: meshd's memory bound moved the socket (reported by
+    /// meshd itself).
+    pub const SWITCH_MEMORY_BOUND: u32 = 2;
+    /// Not a kernel event: meshd found an established connection between
+    /// two pods the policy would redirect that never passed sockops (it was
+    /// established before the programs were attached).
+    pub const BEFORE_ATTACH: u32 = 100;
+}
+
+/// One flow event, as the kernel writes it into the `spr_flows_v1` ring
+/// buffer. `key` is the sending socket's view (local = its own address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// [`flow::OPEN`], [`flow::CLOSE`] or [`flow::TCP_SWITCH`].
+    pub kind: u32,
+    /// `flow::ACTIVE | REDIRECTED | TRANSLATED`.
+    pub flags: u32,
+    /// The [`Verdict`] code (`OPEN`) or the `SWITCH_*` code.
+    pub reason: u32,
+    pub reserved: u32,
+    pub key: SockKey,
+    /// The Service address and port the caller dialled, when `TRANSLATED`.
+    pub service: Addr,
+    pub service_port: u32,
+    pub reserved2: u32,
+    /// `CLOSE`: bytes the reporting socket sent and received, on either path.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+impl FlowEvent {
+    /// Size of an event in the ring buffer.
+    pub const SIZE: usize = size_of::<Self>();
+
+    /// Parses an event from the ring buffer's bytes (native endian, the
+    /// layout above); `None` if `b` is too short.
+    #[must_use]
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() < Self::SIZE {
+            return None;
+        }
+        let u32_at = |o: usize| {
+            let mut a = [0; 4];
+            a.copy_from_slice(&b[o..o + 4]);
+            u32::from_ne_bytes(a)
+        };
+        let u64_at = |o: usize| {
+            let mut a = [0; 8];
+            a.copy_from_slice(&b[o..o + 8]);
+            u64::from_ne_bytes(a)
+        };
+        let addr_at = |o: usize| Addr {
+            words: [u32_at(o), u32_at(o + 4), u32_at(o + 8), u32_at(o + 12)],
+        };
+        Some(Self {
+            kind: u32_at(0),
+            flags: u32_at(4),
+            reason: u32_at(8),
+            reserved: 0,
+            key: SockKey {
+                local: addr_at(16),
+                remote: addr_at(32),
+                local_port: u32_at(48),
+                remote_port: u32_at(52),
+            },
+            service: addr_at(56),
+            service_port: u32_at(72),
+            reserved2: 0,
+            bytes_sent: u64_at(80),
+            bytes_received: u64_at(88),
+        })
+    }
+}
+
+/// Per-socket flow state (`spr_flowst_v1`), written at establishment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// Bytes this socket's messages carried socket to socket (sk_msg);
+    /// the TCP path's bytes are the socket's own `bytes_acked`.
+    pub sent_redirected: u64,
+    /// Non-zero on the socket that reports the connection.
+    pub reporter: u32,
+    pub reserved: u32,
+}
+
 /// Chain identifier of chain `chain` in pod namespace `namespace` (chains are
 /// namespaced): 64-bit FNV-1a of `namespace/chain`, never 0.
 #[must_use]
@@ -502,6 +647,8 @@ mod pod {
     unsafe impl aya::Pod for super::SvcValue {}
     unsafe impl aya::Pod for super::Translation {}
     unsafe impl aya::Pod for super::SvcCounters {}
+    unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::FlowState {}
 }
 
 #[cfg(test)]
@@ -529,6 +676,37 @@ mod tests {
         assert_eq!(size_of::<Translation>(), 48);
         assert_eq!(offset_of!(Translation, netns_cookie), 40);
         assert_eq!(size_of::<SvcCounters>(), 32);
+        assert_eq!(size_of::<FlowEvent>(), 96);
+        assert_eq!(offset_of!(FlowEvent, key), 16);
+        assert_eq!(offset_of!(FlowEvent, service), 56);
+        assert_eq!(offset_of!(FlowEvent, service_port), 72);
+        assert_eq!(offset_of!(FlowEvent, bytes_sent), 80);
+        assert_eq!(size_of::<FlowState>(), 16);
+    }
+
+    #[test]
+    fn flow_events_parse_from_their_bytes() {
+        let e = FlowEvent {
+            kind: flow::CLOSE,
+            flags: flow::ACTIVE | flow::TRANSLATED,
+            reason: Verdict::SameChain as u32,
+            reserved: 0,
+            key: SockKey {
+                local: Addr::from_ipv4_raw(u32::from_ne_bytes([10, 0, 0, 1])),
+                remote: Addr::from_ipv4_raw(u32::from_ne_bytes([10, 0, 0, 2])),
+                local_port: 40_000,
+                remote_port: 8080,
+            },
+            service: Addr::from_ipv4_raw(u32::from_ne_bytes([10, 96, 0, 10])),
+            service_port: 80,
+            reserved2: 0,
+            bytes_sent: (1 << 40) + 3,
+            bytes_received: 65_536,
+        };
+        // SAFETY: FlowEvent is repr(C), made of integers, with no padding.
+        let bytes: [u8; FlowEvent::SIZE] = unsafe { core::mem::transmute(e) };
+        assert_eq!(FlowEvent::from_bytes(&bytes), Some(e));
+        assert_eq!(FlowEvent::from_bytes(&bytes[..95]), None);
     }
 
     #[test]
@@ -622,6 +800,10 @@ mod tests {
         for v in [Verdict::SameChain, Verdict::AllowedChains] {
             assert!(v.redirects());
         }
+        for code in 0..8 {
+            assert_eq!(Verdict::from_code(code).map(|v| v as u32), Some(code));
+        }
+        assert_eq!(Verdict::from_code(8), None);
         assert!(!Verdict::OtherChain.redirects());
     }
 

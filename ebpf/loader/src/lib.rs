@@ -12,11 +12,12 @@
 //! Modules, along aya's lines: `install` (install, adopt, upgrade,
 //! uninstall), `maps` (typed map access), `pins` (the pin directory),
 //! `system` (bpffs and cgroup v2 checks), `error`, and `pathswitch` (meshd's
-//! memory bound).
+//! memory bound), `flows` (the flow events' ring buffer).
 
 #![forbid(unsafe_code)]
 
 mod error;
+mod flows;
 mod install;
 mod maps;
 mod pathswitch;
@@ -24,13 +25,14 @@ mod pins;
 mod system;
 
 pub use error::Error;
+pub use flows::FlowReader;
 pub use install::{Installed, OBJECT, Placement, uninstall};
 pub use maps::{Datapath, addr_of, ip_of};
 pub use pathswitch::PathSwitch;
 pub use pins::DEFAULT_BPFFS_DIR;
 pub use spright_common::{
-    Addr, Backend, ChainPair, Counters, ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, IPPROTO_TCP,
-    SockKey, SvcCounters, SvcKey, SvcValue, Translate, Translation, Verdict, chain_id, limits,
-    names, translation_chain, verdict,
+    Addr, Backend, ChainPair, Counters, ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, FlowEvent,
+    IPPROTO_TCP, SockKey, SvcCounters, SvcKey, SvcValue, Translate, Translation, Verdict, chain_id,
+    flow, limits, names, translation_chain, verdict,
 };
 pub use system::{POD_CGROUPS, cgroup2_mount, default_cgroup, ensure_bpffs_mounted, pod_cgroup};

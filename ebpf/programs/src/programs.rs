@@ -6,12 +6,12 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, sk_action::SK_PASS,
     },
     macros::{map, sk_msg, sock_ops},
-    maps::{HashMap, LruHashMap, PerCpuHashMap, SockHash},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
     programs::{SkMsgContext, SockOpsContext},
 };
 use spright_common::{
-    AF_INET, AF_INET6, Addr, ChainPair, Counters, EndpointValue, SockKey, limits,
-    remote_port_to_host,
+    AF_INET, AF_INET6, Addr, ChainPair, Counters, EndpointValue, FlowEvent, FlowState, SockKey,
+    Translation, Verdict, flow, limits, remote_port_to_host,
 };
 
 // Map names must equal `spright_common::names::*` (checked by the loader's tests).
@@ -34,10 +34,29 @@ static COUNTERS: PerCpuHashMap<Addr, Counters> = PerCpuHashMap::pinned(limits::M
 #[map(name = "spr_tcponly_v1")]
 static TCP_ONLY: LruHashMap<SockKey, u32> = LruHashMap::pinned(limits::MAX_SOCKETS, 0);
 
+/// Flow events for meshd (`spright flows`), see `spright_common::flow`.
+#[map(name = "spr_flows_v1")]
+static FLOWS: RingBuf = RingBuf::pinned(limits::FLOW_RING_BYTES, 0);
+
+/// Per-socket state of chain-pod connections: who reports the connection
+/// and the bytes that went socket to socket (which TCP's own counters never
+/// see).
+#[map(name = "spr_flowst_v1")]
+static FLOW_STATE: LruHashMap<SockKey, FlowState> = LruHashMap::pinned(limits::MAX_SOCKETS, 0);
+
+/// Flow events the full ring buffer refused.
+#[map(name = "spr_flowlost_v1")]
+static FLOWS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
 /// `BPF_SOCK_OPS_STATE_CB_FLAG`: call sockops on every TCP state change.
 pub(crate) const STATE_CB_FLAG: u32 = 1 << 2;
 /// `BPF_TCP_CLOSE` in the state callback's new-state argument.
 pub(crate) const TCP_CLOSE: u32 = 7;
+/// Old states (`BPF_TCP_*`) a socket closes from.
+const TCP_FIN_WAIT2: u32 = 5;
+const TCP_CLOSE_WAIT: u32 = 8;
+const TCP_LAST_ACK: u32 = 9;
+const TCP_CLOSING: u32 = 11;
 
 /// sock_ops entry point. The return value of the established callbacks is
 /// ignored by the kernel; on any internal error the socket simply stays on the
@@ -50,12 +69,12 @@ pub(crate) fn spright_sockops(ctx: SockOpsContext) -> u32 {
 
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
     let op = ctx.op();
-    let established =
-        op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
-    // Only sockets that asked for state callbacks (accelerated or translated
-    // ones, below) get here with STATE_CB.
+    let active = op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB;
+    let established = active || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
+    // Only sockets that asked for state callbacks (accelerated, translated
+    // or reported ones, below) get here with STATE_CB.
     let closing = op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == TCP_CLOSE;
-    crate::services::on_sockops(ctx, op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, closing);
+    let translation = crate::services::on_sockops(ctx, active, closing);
     if !established && !closing {
         return Ok(());
     }
@@ -88,9 +107,27 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
         // never has to evict the mark of a socket still in use (which would
         // let it switch back to the redirect path and reorder bytes).
         let _ = TCP_ONLY.remove(&key);
+        flow_closed(ctx, &key);
         return Ok(());
     }
-    if !allowed(&local, &remote) {
+    // SAFETY: values are copied out at once; a concurrent update can at worst
+    // give a stale decision for this one connection.
+    let (l, r) = unsafe {
+        (
+            ENDPOINTS.get(&local).copied(),
+            ENDPOINTS.get(&remote).copied(),
+        )
+    };
+    let verdict = policy(l, r);
+    let in_chain = |e: Option<EndpointValue>| e.is_some_and(|e| e.chain_id != 0);
+    if in_chain(l) || in_chain(r) {
+        // The connecting socket reports when its pod is recorded here; the
+        // accepting one when its client is not (a host process, another
+        // node), so every chain-pod connection is reported exactly once.
+        let reporter = if active { l.is_some() } else { r.is_none() };
+        flow_opened(ctx, &key, active, reporter, verdict, translation);
+    }
+    if !verdict.redirects() {
         return Ok(());
     }
     // A new connection reusing the 4-tuple of a closed one starts clean.
@@ -107,16 +144,125 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
 /// recorded local endpoints, neither opted out, and they are in the same
 /// chain or in chains explicitly allowed to talk.
 #[inline(always)]
-fn allowed(local: &Addr, remote: &Addr) -> bool {
-    // SAFETY: values are copied out at once; a concurrent update can at worst
-    // give a stale decision for this one connection.
-    let (l, r) = unsafe {
+fn policy(l: Option<EndpointValue>, r: Option<EndpointValue>) -> Verdict {
+    spright_common::verdict(l, r, |pair: ChainPair| CHAIN_ALLOW.get_ptr(pair).is_some())
+}
+
+/// Establishment of a chain-pod connection: the socket's flow state (for
+/// the reporter, and for every redirected socket, whose bytes only sk_msg
+/// sees) and, from the reporter, the `OPEN` event. The reporter asks for
+/// state callbacks to report the close.
+#[inline(always)]
+fn flow_opened(
+    ctx: &SockOpsContext,
+    key: &SockKey,
+    active: bool,
+    reporter: bool,
+    verdict: Verdict,
+    translation: Option<Translation>,
+) {
+    let redirected = verdict.redirects();
+    if !reporter && !redirected {
+        return;
+    }
+    let state = FlowState {
+        sent_redirected: 0,
+        reporter: u32::from(reporter),
+        reserved: 0,
+    };
+    let _ = FLOW_STATE.insert(key, &state, u64::from(BPF_ANY));
+    if !reporter {
+        return;
+    }
+    let mut flags = 0;
+    if active {
+        flags |= flow::ACTIVE;
+    }
+    if redirected {
+        flags |= flow::REDIRECTED;
+    }
+    let (service, service_port) = match translation {
+        Some(t) => {
+            flags |= flow::TRANSLATED;
+            (t.service, t.service_port)
+        }
+        None => (Addr::default(), 0),
+    };
+    emit(&FlowEvent {
+        kind: flow::OPEN,
+        flags,
+        reason: verdict as u32,
+        reserved: 0,
+        key: *key,
+        service,
+        service_port,
+        reserved2: 0,
+        bytes_sent: 0,
+        bytes_received: 0,
+    });
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | STATE_CB_FLAG) as i32);
+}
+
+/// The reporter's close: bytes each way are what went socket to socket
+/// (this socket's and its peer's sk_msg counts) plus what TCP carried (its
+/// own acked and received counters).
+#[inline(always)]
+fn flow_closed(ctx: &SockOpsContext, key: &SockKey) {
+    // SAFETY: copied out at once.
+    let Some(state) = (unsafe { FLOW_STATE.get(key) }).copied() else {
+        return;
+    };
+    if state.reporter == 0 {
+        // The reporter reads this socket's count when it closes (both
+        // ends have sent their FIN by then).
+        return;
+    }
+    let peer = key.reversed();
+    // SAFETY: copied out at once.
+    let peer_sent = (unsafe { FLOW_STATE.get(&peer) }).map_or(0, |p| p.sent_redirected);
+    let ops = ctx.ops;
+    // SAFETY: `ops` is the context pointer the kernel handed this program;
+    // both fields read as 0 on a socket that is not a full socket.
+    let (acked, received) = unsafe {
         (
-            ENDPOINTS.get(local).copied(),
-            ENDPOINTS.get(remote).copied(),
+            read_volatile(addr_of!((*ops).bytes_acked)),
+            read_volatile(addr_of!((*ops).bytes_received)),
         )
     };
-    spright_common::verdict(l, r, |pair: ChainPair| CHAIN_ALLOW.get_ptr(pair).is_some()).redirects()
+    // TCP's counters include the control flags' sequence numbers: the
+    // SYN in `bytes_acked`, and each FIN once acked or received. Which
+    // FINs there were follows from the state the socket closes from.
+    let old = ctx.arg(0);
+    let (fin_acked, fin_received) = match old {
+        TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK => (1, 1),
+        TCP_CLOSE_WAIT => (0, 1),
+        _ => (0, 0), // reset or aborted
+    };
+    emit(&FlowEvent {
+        kind: flow::CLOSE,
+        flags: 0,
+        reason: old,
+        reserved: 0,
+        key: *key,
+        service: Addr::default(),
+        service_port: 0,
+        reserved2: 0,
+        bytes_sent: state.sent_redirected + acked.saturating_sub(1 + fin_acked),
+        bytes_received: peer_sent + received.saturating_sub(fin_received),
+    });
+    let _ = FLOW_STATE.remove(key);
+    let _ = FLOW_STATE.remove(&peer);
+}
+
+/// Writes one flow event; a full ring buffer counts it as lost.
+#[inline(always)]
+fn emit(event: &FlowEvent) {
+    if FLOWS.output::<FlowEvent>(event, 0).is_err() {
+        if let Some(lost) = FLOWS_LOST.get_ptr_mut(0) {
+            // SAFETY: this CPU's value; no other program touches it concurrently.
+            unsafe { *lost += 1 };
+        }
+    }
 }
 
 #[inline(always)]
@@ -185,9 +331,20 @@ fn try_sk_msg(ctx: &SkMsgContext) {
                 c.redirected_msgs += 1;
                 c.redirected_bytes += bytes;
             });
+            if let Some(state) = FLOW_STATE.get_ptr_mut(&own) {
+                // SAFETY: sk_msg runs under the socket's lock, so no other
+                // program updates this socket's entry concurrently.
+                unsafe { (*state).sent_redirected += bytes };
+            }
             return;
         }
         let _ = TCP_ONLY.insert(own, 1, u64::from(BPF_ANY));
+        emit(&FlowEvent {
+            kind: flow::TCP_SWITCH,
+            reason: flow::SWITCH_PEER_MISSING,
+            key: own,
+            ..FlowEvent::default()
+        });
     }
     bump(&local, |c| {
         c.fallback_msgs += 1;

@@ -194,21 +194,27 @@ fn restore_peer<const V6: bool>(ctx: &SockAddrContext) {
 /// sockops' part: ask for state callbacks on translated connections once
 /// they are established, and forget the translation when the socket closes
 /// (the LRU is only the safety net for connections that never establish).
+/// Returns the connection's translation when it is being established.
 #[inline(always)]
-pub(crate) fn on_sockops(ctx: &SockOpsContext, active_established: bool, closing: bool) {
+pub(crate) fn on_sockops(
+    ctx: &SockOpsContext,
+    active_established: bool,
+    closing: bool,
+) -> Option<Translation> {
     if !active_established && !closing {
-        return;
+        return None;
     }
     // SAFETY: the helper only reads the context's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if TRANSLATIONS.get_ptr(&cookie).is_none() {
-        return;
-    }
+    // SAFETY: the value is copied out at once.
+    let t = (unsafe { TRANSLATIONS.get(&cookie) }).copied()?;
     if closing {
         let _ = TRANSLATIONS.remove(&cookie);
+        None
     } else {
         let flags = ctx.cb_flags() | crate::programs::STATE_CB_FLAG;
         let _ = ctx.set_cb_flags(flags as i32);
+        Some(t)
     }
 }
 

@@ -65,6 +65,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Recent connections of chain pods on this node and their fate:
+    /// redirected, translated, or left on TCP and why; with bytes each way
+    /// once closed (from meshd's flow events)
+    Flows {
+        /// meshd's local API address
+        #[arg(long, env = config::env::API_ADDR, default_value = config::DEFAULT_API_ADDR)]
+        addr: String,
+        /// Only flows with this pod at either end: `namespace/pod` or `pod`
+        /// (namespace default)
+        #[arg(long)]
+        pod: Option<String>,
+        /// Keep printing flows as they open, switch and close (Ctrl-C ends)
+        #[arg(long, short)]
+        follow: bool,
+        /// Print JSON (with --follow: one object per line)
+        #[arg(long)]
+        json: bool,
+    },
     /// Install spright-cni into the runtime's CNI config and keep it there:
     /// chained as the last plugin of the conflist the runtime uses (default)
     /// or as spright's own network (--mode primary). Without --once it keeps
@@ -197,6 +215,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Flows {
+            addr,
+            pod,
+            follow,
+            json,
+        } => match flows(&addr, pod.as_deref(), follow, json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("spright: flows: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Uninstall {
             cni_bin_dir,
             cni_conf_dir,
@@ -238,6 +268,65 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn flows(addr: &str, pod: Option<&str>, follow: bool, json: bool) -> Result<(), String> {
+    let pod = pod.map(|p| {
+        if p.contains('/') {
+            p.to_owned()
+        } else {
+            format!("default/{p}")
+        }
+    });
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(3)))
+        .build()
+        .into();
+    let mut since = 0;
+    let mut header = true;
+    loop {
+        let mut req = agent
+            .get(&format!("http://{addr}/v1/flows"))
+            .query("since", since.to_string());
+        if let Some(p) = &pod {
+            req = req.query("pod", p);
+        }
+        let reply: meshd::flows::FlowsReply = req
+            .call()
+            .and_then(|mut r| r.body_mut().read_json())
+            .map_err(|e| format!("meshd at {addr} did not answer ({e}); is it running?"))?;
+        if json && !follow {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&reply).expect("flows serialise")
+            );
+            return Ok(());
+        }
+        if json {
+            for f in &reply.flows {
+                println!("{}", serde_json::to_string(f).expect("flows serialise"));
+            }
+        } else {
+            if header {
+                if let Some(why) = &reply.unavailable {
+                    eprintln!("spright: no flow events: {why}");
+                }
+            }
+            print!("{}", meshd::flows::render(&reply.flows, header));
+            if !follow && reply.counts.lost > 0 {
+                eprintln!(
+                    "spright: {} flow events were lost (the ring buffer was full)",
+                    reply.counts.lost
+                );
+            }
+        }
+        header = false;
+        if !follow {
+            return Ok(());
+        }
+        since = reply.seq;
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
