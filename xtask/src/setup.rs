@@ -52,6 +52,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "fonts-dejavu-core",
         "DejaVu Sans, the font of the benchmark pictures (SVG layout, PNG)",
     ),
+    (
+        "clang",
+        "the C SDK's header and ABI test build warning-free and run under ASan/UBSan with clang as well as gcc (shm-csi/sdk/c/tests/c.rs)",
+    ),
 ];
 
 /// PyPI tools: (command, package, why). Installed with pip when the command
