@@ -60,11 +60,23 @@ const PACKAGES: &[(&str, &str)] = &[
 
 /// PyPI tools: (command, package, why). Installed with pip when the command
 /// does not run.
-const PYTHON_TOOLS: &[(&str, &str, &str)] = &[(
-    "kubernetes-validate",
-    "kubernetes-validate",
-    "offline schema validation of manifests/ (e2e_manifests)",
-)];
+const PYTHON_TOOLS: &[(&str, &str, &str)] = &[
+    (
+        "kubernetes-validate",
+        "kubernetes-validate",
+        "offline schema validation of manifests/ (e2e_manifests)",
+    ),
+    (
+        "maturin",
+        "maturin",
+        "builds the Python SDK (shm-csi/sdk/python) in the unit tier",
+    ),
+    (
+        "pytest",
+        "pytest",
+        "runs the Python SDK's tests in the unit tier",
+    ),
+];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";
