@@ -41,7 +41,7 @@ fn main() {
          Description: spright's zero-copy SDK for chained functions (shared-memory pool, descriptors, event-driven stages)\n\
          Version: {version}\n\
          Libs: -L${{libdir}} -lspright_shm\n\
-         Libs.private: -lpthread -ldl -lm\n\
+         Libs.private: -lgcc_s -lutil -lrt -lpthread -lm -ldl\n\
          Cflags: -I${{includedir}}\n"
     );
     fs::write(out.join("spright_shm.pc"), &pc).expect("writing spright_shm.pc");

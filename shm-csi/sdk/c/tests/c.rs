@@ -76,12 +76,15 @@ fn the_header_compiles_without_warnings() {
     )
     .unwrap();
     for cc in COMPILERS.into_iter().filter(|cc| have(cc)) {
-        run(Command::new(cc)
-            .args(WARNINGS)
-            .arg("-fsyntax-only")
-            .arg("-I")
-            .arg(crate_dir().join("include"))
-            .arg(&src));
+        // The header alone, and the README's example function.
+        for file in [src.clone(), crate_dir().join("examples/shout.c")] {
+            run(Command::new(cc)
+                .args(WARNINGS)
+                .arg("-fsyntax-only")
+                .arg("-I")
+                .arg(crate_dir().join("include"))
+                .arg(&file));
+        }
     }
 }
 
