@@ -120,3 +120,8 @@ def test_foreign_files_and_versions(tmp_path: pathlib.Path, pool_path: pathlib.P
     assert f"version {other}," in str(e.value)
     assert f"reads version {spright.POOL_VERSION}" in str(e.value)
     assert spright.pool_version() == spright.POOL_VERSION
+
+
+def test_the_readme_example_compiles() -> None:
+    example = pathlib.Path(__file__).parent.parent / "examples" / "shout.py"
+    compile(example.read_text(), str(example), "exec")
