@@ -36,7 +36,10 @@ usage: cargo xtask <task> [args]
                                      CNI vs spright, interleaved rounds (--reps, --duration,
                                      --connections, --redis-requests); target/bench/apps.*
                          cni         ADD+DEL latency vs the reference bridge plugin
-                         shm         one hop over TCP, sockmap and shared memory, 64 B..1 MiB
+                         shm         one hop over TCP, sockmap and shared memory, 64 B..1 MiB;
+                                     with --lang c,python: one hop to a function written with each
+                                     SDK language next to plain TCP and the Rust SDK, on loopback
+                                     (no root; --rounds, --quick); target/bench/sdk.json
                          webhook     admission reviews over HTTPS from concurrent clients, chain
                                      pods vs pods without the annotation (--reviews, --clients)
   test [TIER...]       set up, build, and run test tiers (default: all, in this order):
@@ -345,6 +348,9 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
+    if args.first().map(String::as_str) == Some("shm") && args.iter().any(|a| a == "--lang") {
+        return pysdk::bench(&args[1..]);
+    }
     let (bin, fixed): (&str, &[&str]) = match args.first().map(String::as_str) {
         Some("datapath") => ("target/release/bench-datapath", &[]),
         Some("chain") => ("target/release/spright-demo", &["--bench"]),

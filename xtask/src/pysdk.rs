@@ -1,4 +1,4 @@
-//! The Python SDK (shm-csi/sdk/python) in the test tiers: a venv with the
+//! The Python SDK (shm-csi/sdk/python) in the test tiers and in `bench shm --lang`: a venv with the
 //! package built from the source, its pytest suite, and lint of its crate
 //! (a workspace of its own, so the workspace's fmt and clippy miss it).
 
@@ -68,4 +68,30 @@ pub(crate) fn lint() -> anyhow::Result<()> {
         bail!("clippy of {MANIFEST} failed ({status})");
     }
     Ok(())
+}
+
+/// `bench shm --lang c,python`: the SDK languages' benchmark
+/// (shm-csi/sdk/c/examples/bench.rs), release builds, unprivileged.
+pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
+    cmd(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "spright-shm-c",
+            "--lib",
+            "--example",
+            "bench",
+        ],
+    )?;
+    let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+    let python;
+    if all.iter().any(|a| a.contains("python")) {
+        python = venv()?;
+        all.extend(["--python", &python]);
+    }
+    crate::step("benchmark shm --lang", || {
+        cmd("target/release/examples/bench", &all)
+    })
 }

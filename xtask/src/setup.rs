@@ -53,6 +53,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "DejaVu Sans, the font of the benchmark pictures (SVG layout, PNG)",
     ),
     (
+        "zlib1g-dev",
+        "zlib's crc32 for the C function of `bench shm --lang c` (the one Python's zlib runs)",
+    ),
+    (
         "clang",
         "the C SDK's header and ABI test build warning-free and run under ASan/UBSan with clang as well as gcc (shm-csi/sdk/c/tests/c.rs)",
     ),
