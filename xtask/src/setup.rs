@@ -60,6 +60,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "clang",
         "the C SDK's header and ABI test build warning-free and run under ASan/UBSan with clang as well as gcc (shm-csi/sdk/c/tests/c.rs)",
     ),
+    (
+        "libclang-rt-14-dev",
+        "clang's ASan/UBSan runtime for that test (clang only recommends it; setup installs without recommends)",
+    ),
 ];
 
 /// PyPI tools: (command, package, why). Installed with pip when the command

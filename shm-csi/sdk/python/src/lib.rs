@@ -463,8 +463,10 @@ fn run_one(
                     .import("traceback")
                     .and_then(|m| m.call_method1("clear_frames", (tb,)));
             }
-            let mut input = input.borrow_mut(py);
-            if input.exports == 0 {
+            // Still exported or in use elsewhere: freed when its object goes.
+            if let Ok(mut input) = input.try_borrow_mut(py)
+                && input.exports == 0
+            {
                 input.inner = None;
             }
             Err(e)
