@@ -40,7 +40,9 @@
 //! its connection closed. When the next stage's connection fails, every
 //! request waiting on it fails: a stage closes the connections that sent
 //! them (their senders see the chain end), the gateway answers each with
-//! `502 Bad Gateway`. The next request connects again.
+//! `502 Bad Gateway`. The next request connects again. A function that can
+//! fail (the C and Python SDKs' callbacks) runs under [`try_stage`]: its
+//! failure frees its payload and ends the loop.
 
 use std::{
     collections::VecDeque,
