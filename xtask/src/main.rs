@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+mod pysdk;
 mod setup;
 
 use std::{
@@ -35,12 +36,16 @@ usage: cargo xtask <task> [args]
                                      CNI vs spright, interleaved rounds (--reps, --duration,
                                      --connections, --redis-requests); target/bench/apps.*
                          cni         ADD+DEL latency vs the reference bridge plugin
-                         shm         one hop over TCP, sockmap and shared memory, 64 B..1 MiB
+                         shm         one hop over TCP, sockmap and shared memory, 64 B..1 MiB;
+                                     with --lang c,python: one hop to a function written with each
+                                     SDK language next to plain TCP and the Rust SDK, on loopback
+                                     (no root; --rounds, --quick); target/bench/sdk.json
                          webhook     admission reviews over HTTPS from concurrent clients, chain
                                      pods vs pods without the annotation (--reviews, --clients)
   test [TIER...]       set up, build, and run test tiers (default: all, in this order):
-                         lint        cargo fmt --check, clippy -D warnings
-                         unit        host unit tests, no privileges
+                         lint        cargo fmt --check, clippy -D warnings (also of the Python SDK's crate)
+                         unit        host unit tests, no privileges; the C SDK's tests (gcc, clang,
+                                     ASan) and the Python SDK's (built into target/python-venv, pytest)
                          privileged  namespaces, cgroups, bpf (tests/tests/privileged_*.rs)
                          e2e         real runtimes: containerd, podman (tests/tests/e2e_*.rs)
   fuzz [--minutes N]   property tests of every parser of outside input (CNI stdin, env and
@@ -188,14 +193,26 @@ fn test(tiers: &[String]) -> anyhow::Result<()> {
                         "-D",
                         "warnings",
                     ],
-                )
+                )?;
+                pysdk::lint()
             })?,
             "unit" => step("unit tests (no privileges)", || {
-                cmd(
-                    "cargo",
-                    &["test", "--workspace", "--exclude", "spright-tests"],
-                )?;
-                cmd("cargo", &["test", "-p", "spright-tests", "--lib", "--bins"])
+                // The Python SDK first: the cross-language test of the C
+                // SDK runs its stages under this venv's python.
+                let python = pysdk::venv()?;
+                println!(
+                    "+ SPRIGHT_PYTHON={python} cargo test --workspace --exclude spright-tests"
+                );
+                let status = Command::new("cargo")
+                    .args(["test", "--workspace", "--exclude", "spright-tests"])
+                    .env("SPRIGHT_PYTHON", &python)
+                    .status()
+                    .context("running cargo test")?;
+                if !status.success() {
+                    bail!("cargo test --workspace failed ({status})");
+                }
+                cmd("cargo", &["test", "-p", "spright-tests", "--lib", "--bins"])?;
+                pysdk::pytest(&python)
             })?,
             "privileged" | "e2e" => {
                 let prefix = if tier == "privileged" {
@@ -331,6 +348,9 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
+    if args.first().map(String::as_str) == Some("shm") && args.iter().any(|a| a == "--lang") {
+        return pysdk::bench(&args[1..]);
+    }
     let (bin, fixed): (&str, &[&str]) = match args.first().map(String::as_str) {
         Some("datapath") => ("target/release/bench-datapath", &[]),
         Some("chain") => ("target/release/spright-demo", &["--bench"]),

@@ -52,15 +52,39 @@ const PACKAGES: &[(&str, &str)] = &[
         "fonts-dejavu-core",
         "DejaVu Sans, the font of the benchmark pictures (SVG layout, PNG)",
     ),
+    (
+        "zlib1g-dev",
+        "zlib's crc32 for the C function of `bench shm --lang c` (the one Python's zlib runs)",
+    ),
+    (
+        "clang",
+        "the C SDK's header and ABI test build warning-free and run under ASan/UBSan with clang as well as gcc (shm-csi/sdk/c/tests/c.rs)",
+    ),
+    (
+        "libclang-rt-14-dev",
+        "clang's ASan/UBSan runtime for that test (clang only recommends it; setup installs without recommends)",
+    ),
 ];
 
 /// PyPI tools: (command, package, why). Installed with pip when the command
 /// does not run.
-const PYTHON_TOOLS: &[(&str, &str, &str)] = &[(
-    "kubernetes-validate",
-    "kubernetes-validate",
-    "offline schema validation of manifests/ (e2e_manifests)",
-)];
+const PYTHON_TOOLS: &[(&str, &str, &str)] = &[
+    (
+        "kubernetes-validate",
+        "kubernetes-validate",
+        "offline schema validation of manifests/ (e2e_manifests)",
+    ),
+    (
+        "maturin",
+        "maturin",
+        "builds the Python SDK (shm-csi/sdk/python) in the unit tier",
+    ),
+    (
+        "pytest",
+        "pytest",
+        "runs the Python SDK's tests in the unit tier",
+    ),
+];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";

@@ -40,7 +40,9 @@
 //! its connection closed. When the next stage's connection fails, every
 //! request waiting on it fails: a stage closes the connections that sent
 //! them (their senders see the chain end), the gateway answers each with
-//! `502 Bad Gateway`. The next request connects again.
+//! `502 Bad Gateway`. The next request connects again. A function that can
+//! fail (the C and Python SDKs' callbacks) runs under [`try_stage`]: its
+//! failure frees its payload and ends the loop.
 
 use std::{
     collections::VecDeque,
@@ -428,6 +430,24 @@ pub fn stage<'p>(
     next: Option<&str>,
     mut f: impl FnMut(Buf<'p>) -> Buf<'p>,
 ) -> io::Result<()> {
+    try_stage(pool, listener, next, |b| Some(f(b)))
+}
+
+/// [`stage`] for a function that can fail, as functions written in other
+/// languages can (an exception, an error code): when `f` returns `None`
+/// (having dropped, and so freed, the buffer it got), the loop stops after
+/// this wake-up's output is written and returns `Ok(())`. The descriptors
+/// of the same batch it did not reach go back to the pool. What the
+/// stopped stage still owed its peers (answers that did not fit the
+/// socket, descriptors in flight to or from it) is what a crash leaks
+/// (see the crate docs).
+pub fn try_stage<'p>(
+    pool: &'p Pool,
+    listener: std::net::TcpListener,
+    next: Option<&str>,
+    mut f: impl FnMut(Buf<'p>) -> Option<Buf<'p>>,
+) -> io::Result<()> {
+    let mut stopped = false;
     let mut r = Reactor::new(listener)?;
     let mut next = next.map(Next::new).transpose()?;
     let mut ups: Slots<'p, Framer> = Slots::new();
@@ -458,6 +478,8 @@ pub fn stage<'p>(
                         close_waiting(reactor, &mut ups, n.fail(reactor, &e));
                     }
                 }
+                // A stopped function runs no more.
+                Token(_) if stopped => {}
                 Token(t) => {
                     let i = t - FIRST;
                     let Some(Conn {
@@ -490,7 +512,11 @@ pub fn stage<'p>(
                                 break;
                             }
                         };
-                        let out = f(buf).into_descriptor();
+                        let Some(out) = f(buf) else {
+                            stopped = true;
+                            break;
+                        };
+                        let out = out.into_descriptor();
                         if let Some(n) = next.as_mut() {
                             if let Err(e) = n.send(reactor, out, (i, serial)) {
                                 release(pool, [out]);
@@ -526,6 +552,9 @@ pub fn stage<'p>(
                 eprintln!("connection {}: {e}", i + FIRST);
                 ups.close(reactor, i);
             }
+        }
+        if stopped {
+            return Ok(());
         }
     }
 }
@@ -966,6 +995,28 @@ mod tests {
         let mut e = body.to_ascii_uppercase();
         e.reverse();
         e
+    }
+
+    #[test]
+    fn a_failing_function_stops_its_stage_and_frees_its_buffer() {
+        let p = pool(16 << 20);
+        let (l, a) = bind();
+        let t = std::thread::spawn(move || {
+            try_stage(p, l, None, |b| (b.first() != Some(&b'!')).then_some(b))
+        });
+        let mut s = StdStream::connect(&a).unwrap();
+        let mut b = p.alloc(3).unwrap();
+        b.copy_from_slice(b"ok.");
+        crate::send(&mut s, b.into_descriptor()).unwrap();
+        let back = p.take(crate::recv(&mut s).unwrap().unwrap()).unwrap();
+        assert_eq!(&back[..], b"ok.");
+        drop(back);
+        let mut b = p.alloc(3).unwrap();
+        b.copy_from_slice(b"!no");
+        crate::send(&mut s, b.into_descriptor()).unwrap();
+        t.join().unwrap().unwrap();
+        assert_eq!(crate::recv(&mut s).unwrap(), None, "the stage closed");
+        all_free(p);
     }
 
     #[test]

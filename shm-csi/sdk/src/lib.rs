@@ -63,7 +63,7 @@ mod respond;
 mod wire;
 pub mod work;
 
-pub use pool::{Buf, CLASS_SIZES, POOL_FILE, Pool, Stats};
+pub use pool::{Buf, CLASS_SIZES, POOL_FILE, POOL_VERSION, Pool, Stats};
 pub use respond::{COPY_LIMIT, ResponseWriter};
 pub use wire::{Descriptor, recv, send};
 
@@ -77,10 +77,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a spright pool (bad magic or version {version})")]
-    NotAPool {
+    #[error("{path} is not a spright pool (bad magic or size)")]
+    NotAPool { path: std::path::PathBuf },
+    /// The pool was formatted by an SDK with another layout version: every
+    /// process of a chain must use SDKs of the same pool version.
+    #[error(
+        "{path} is a spright pool of version {found}, this SDK reads version {expected} (upgrade every function of the chain to one SDK pool version)"
+    )]
+    Version {
         path: std::path::PathBuf,
-        version: u32,
+        found: u32,
+        expected: u32,
     },
     #[error("pool size {size} is too small (at least {min} bytes)")]
     TooSmall { size: u64, min: u64 },

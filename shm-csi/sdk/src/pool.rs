@@ -25,7 +25,10 @@ pub const CLASS_SIZES: [u32; 8] = [
 ];
 
 const MAGIC: u64 = 0x3154_4847_4952_5053; // "SPRIGHT1", little-endian
-const VERSION: u32 = 1;
+/// The layout version this SDK writes and reads (the pool header's version
+/// field); a pool of another version is refused with [`Error::Version`].
+pub const POOL_VERSION: u32 = 1;
+const VERSION: u32 = POOL_VERSION;
 const HEADER: u64 = 8 << 10;
 const CHUNK: u64 = 4 << 20;
 const SLOT_HEADER: u64 = 64;
@@ -111,12 +114,11 @@ impl Pool {
         if fresh {
             format_file(&file, path, size)?;
         }
-        let not_a_pool = |version| Error::NotAPool {
+        let not_a_pool = || Error::NotAPool {
             path: path.to_path_buf(),
-            version,
         };
         if !fresh && (len < HEADER + CHUNK || !(len - HEADER).is_multiple_of(CHUNK)) {
-            return Err(not_a_pool(0));
+            return Err(not_a_pool());
         }
         let map = Mapping::new(&file).map_err(io("map", path))?;
         let pool = Self {
@@ -133,8 +135,15 @@ impl Pool {
         }
         file.unlock().map_err(io("unlock", path))?;
         let version = pool.map.u32_at(H_VERSION).load(Acquire);
-        if pool.map.u64_at(H_MAGIC).load(Acquire) != MAGIC || version != VERSION {
-            return Err(not_a_pool(version));
+        if pool.map.u64_at(H_MAGIC).load(Acquire) != MAGIC {
+            return Err(not_a_pool());
+        }
+        if version != VERSION {
+            return Err(Error::Version {
+                path: path.to_path_buf(),
+                found: version,
+                expected: VERSION,
+            });
         }
         Ok(pool)
     }
@@ -598,6 +607,34 @@ mod tests {
             Pool::open_file(&dir.path().join("y"), 4096).err().unwrap(),
             Error::TooSmall { .. }
         ));
+    }
+
+    #[test]
+    fn refuses_another_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(POOL_FILE);
+        drop(Pool::open_file(&path, HEADER + CHUNK).unwrap());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = usize::try_from(H_VERSION).unwrap();
+        bytes[at..at + 4].copy_from_slice(&7u32.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Pool::open_file(&path, 0).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Version {
+                    found: 7,
+                    expected: VERSION,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("version 7") && msg.contains("version 1"),
+            "{msg}"
+        );
     }
 
     #[test]
