@@ -186,7 +186,7 @@ fn switch_reason(code: u32) -> (&'static str, &'static str) {
     match code {
         flow::SWITCH_PEER_MISSING => (
             "PeerMissing",
-            "the peer socket was not in the sockhash at this end's first message (established before the programs were attached, or the sockhash was full); this direction stays on TCP",
+            "the peer socket was not in the sockhash when this end sent (the peer had closed, was established before the programs were attached, or the sockhash was full); this direction stays on TCP",
         ),
         flow::SWITCH_MEMORY_BOUND => (
             "MemoryBound",
@@ -433,7 +433,7 @@ pub fn render(flows: &[Flow], header: bool) -> String {
     if header {
         let _ = writeln!(
             out,
-            "{:<7} {:<10} {:<32} {:<32} {:<21} {:>10} {:>10}  WHY",
+            "{:<7} {:<10} {:<32} {:<32} {:<23} {:>10} {:>10}  WHY",
             "STATE", "PATH", "FROM", "TO", "VERDICT", "SENT", "RECEIVED"
         );
     }
@@ -463,7 +463,7 @@ pub fn render(flows: &[Flow], header: bool) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<7} {:<10} {:<32} {:<32} {:<21} {:>10} {:>10}  {}",
+            "{:<7} {:<10} {:<32} {:<32} {:<23} {:>10} {:>10}  {}",
             f.state, path, from, to, f.verdict, sent, received, why
         );
     }

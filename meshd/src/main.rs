@@ -98,7 +98,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         flows.clone(),
         snapshot_rx.clone(),
         config.bpffs.clone(),
-        Duration::from_secs(10),
+        Duration::from_secs(5),
     )?;
     let reader = Reader {
         snapshot: snapshot_rx,

@@ -230,6 +230,19 @@ fn privileged_membound_stalled_reader_on_off_tcp() {
         marks.is_empty(),
         "marks of closed sockets remain: {marks:?}"
     );
+    // The switch is the flow's fate in `/v1/flows`: redirected, then the
+    // sender (the client) moved to TCP by the bound.
+    let flows: serde_json::Value =
+        serde_json::from_str(&meshd.get("/v1/flows").expect("flows")).expect("flows JSON");
+    let switched: Vec<&serde_json::Value> = flows["flows"]
+        .as_array()
+        .expect("flows")
+        .iter()
+        .filter(|f| f["switched"]["why"] == "MemoryBound")
+        .collect();
+    assert_eq!(switched.len(), 1, "{flows:#}");
+    assert_eq!(switched[0]["path"], "redirected", "{flows:#}");
+    assert_eq!(switched[0]["switched"]["sender"], "client", "{flows:#}");
     let metrics = meshd.check_metrics().expect("metrics");
     for line in meshd
         .log_text()

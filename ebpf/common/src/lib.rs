@@ -522,7 +522,7 @@ pub mod flow {
     /// node-local backend (`service`, `service_port`).
     pub const TRANSLATED: u32 = 1 << 2;
     /// Switch reason: the peer socket was not in the sockhash when this
-    /// socket sent its first message.
+    /// socket sent (the peer had closed, or was never inserted).
     pub const SWITCH_PEER_MISSING: u32 = 1;
     /// Switch reason: meshd's memory bound moved the socket (reported by
     /// meshd itself).
