@@ -62,6 +62,7 @@ pub mod env {
     pub const RESCAN_SECS: &str = "SPRIGHT_RESCAN_SECS";
     pub const LONELY_POD_SECS: &str = "SPRIGHT_LONELY_POD_SECS";
     pub const FLOW_HISTORY: &str = "SPRIGHT_FLOW_HISTORY";
+    pub const FLOW_EVENTS: &str = "SPRIGHT_FLOW_EVENTS";
     pub const LOG: &str = "SPRIGHT_LOG";
     pub const NO_SELFTEST: &str = "SPRIGHT_NO_SELFTEST";
     pub const SERVICES_DIR: &str = "SPRIGHT_SERVICES_DIR";
@@ -112,6 +113,12 @@ pub struct Config {
     #[arg(long, env = env::FLOW_HISTORY, value_name = "FLOWS", default_value_t = 4096,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub flow_history: u64,
+    /// Flow events from the kernel programs (`/v1/flows`, `spright
+    /// flows`); `false` turns them off node-wide (no ring-buffer writes,
+    /// no per-socket flow state)
+    #[arg(long, env = env::FLOW_EVENTS, value_name = "BOOL", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub flow_events: bool,
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `meshd=debug`)
     #[arg(long, env = env::LOG, value_name = "FILTER", default_value = "info")]
     pub log: String,
@@ -281,6 +288,7 @@ mod tests {
         assert_eq!(c.rescan_secs, 30);
         assert_eq!(c.lonely_pod_secs, 30);
         assert_eq!(c.flow_history, 4096);
+        assert!(c.flow_events);
         assert_eq!(c.memory_bound_bytes, 16 << 20);
         assert_eq!(c.memory_bound_interval_ms, 20);
     }

@@ -503,12 +503,24 @@ pub fn run(
     flows: Arc<Flows>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     bpffs: PathBuf,
+    on: bool,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("flows".into())
         .spawn(move || {
             loop {
-                read(&flows, &snapshot, &bpffs);
+                if on {
+                    read(&flows, &snapshot, &bpffs);
+                } else {
+                    // Kept off, also across a reinstall.
+                    if snapshot.borrow().acceleration.enabled {
+                        if let Err(e) = spright_ebpf::set_flow_events(&bpffs, false) {
+                            debug!(error = %crate::error::chain(&e), "turning flow events off");
+                        }
+                    }
+                    flows.set_unavailable(Some("flow events are off (--flow-events=false)".into()));
+                    std::thread::sleep(Duration::from_secs(5));
+                }
                 std::thread::sleep(Duration::from_secs(1));
             }
         })
@@ -521,6 +533,13 @@ fn read(flows: &Flows, snapshot: &watch::Receiver<Arc<Snapshot>>, bpffs: &Path) 
         return;
     }
     let pin = bpffs.join(spright_ebpf::names::FLOWS);
+    if let Err(e) = spright_ebpf::set_flow_events(bpffs, true) {
+        flows.set_unavailable(Some(format!(
+            "flow events cannot be turned on: {}",
+            crate::error::chain(&e)
+        )));
+        return;
+    }
     let mut reader = match FlowReader::open(bpffs) {
         Ok(r) => r,
         Err(e) => {

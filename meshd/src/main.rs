@@ -93,13 +93,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
         membound.clone(),
         flows.clone(),
     );
-    let _flows = meshd::flows::run(flows.clone(), snapshot_rx.clone(), config.bpffs.clone())?;
-    let _scan = meshd::flows::scan_before_attach(
+    let _flows = meshd::flows::run(
         flows.clone(),
         snapshot_rx.clone(),
         config.bpffs.clone(),
-        Duration::from_secs(5),
+        config.flow_events,
     )?;
+    let _scan = if config.flow_events {
+        Some(meshd::flows::scan_before_attach(
+            flows.clone(),
+            snapshot_rx.clone(),
+            config.bpffs.clone(),
+            Duration::from_secs(5),
+        )?)
+    } else {
+        None
+    };
     let reader = Reader {
         snapshot: snapshot_rx,
         api: api_rx,

@@ -60,15 +60,19 @@ pub enum Mode {
     SprightOff,
     SprightOn,
     SprightSdk,
+    /// Accelerated with meshd's `--flow-events=false`: the cost of the
+    /// flow events is `spright-on` over this.
+    SprightNoflows,
 }
 
 impl Mode {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Reference,
         Self::Sidecar,
         Self::SprightOff,
         Self::SprightOn,
         Self::SprightSdk,
+        Self::SprightNoflows,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +82,7 @@ impl Mode {
             Self::SprightOff => "spright-off",
             Self::SprightOn => "spright-on",
             Self::SprightSdk => "spright-sdk",
+            Self::SprightNoflows => "spright-noflows",
         }
     }
 
@@ -88,6 +93,7 @@ impl Mode {
             Self::SprightOff => "spright, no acceleration",
             Self::SprightOn => "spright, accelerated",
             Self::SprightSdk => "spright + SDK shared memory",
+            Self::SprightNoflows => "spright, accelerated, flow events off",
         }
     }
 
@@ -96,16 +102,22 @@ impl Mode {
             .into_iter()
             .find(|m| m.name() == s)
             .with_context(|| {
-                format!("unknown mode {s:?}; modes: reference, sidecar, spright-off, spright-on, spright-sdk")
+                format!("unknown mode {s:?}; modes: reference, sidecar, spright-off, spright-on, spright-sdk, spright-noflows")
             })
     }
 
     fn spright(self) -> bool {
-        matches!(self, Self::SprightOff | Self::SprightOn | Self::SprightSdk)
+        matches!(
+            self,
+            Self::SprightOff | Self::SprightOn | Self::SprightSdk | Self::SprightNoflows
+        )
     }
 
     fn in_chain(self) -> bool {
-        matches!(self, Self::SprightOn | Self::SprightSdk)
+        matches!(
+            self,
+            Self::SprightOn | Self::SprightSdk | Self::SprightNoflows
+        )
     }
 }
 
@@ -251,7 +263,23 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
             .join(" ")
     ));
     let meshd = if mode.spright() {
-        Some(Meshd::start(&node_placement(&node), &node.state_dir())?)
+        let flags: &[&str] = if mode == Mode::SprightNoflows {
+            &["--flow-events", "false"]
+        } else {
+            &[]
+        };
+        let addr = format!(
+            "127.0.0.1:{}",
+            std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port()
+        );
+        Some(Meshd::start_with(
+            &node_placement(&node),
+            &node.state_dir(),
+            &addr,
+            flags,
+        )?)
     } else {
         None
     };
@@ -1187,6 +1215,20 @@ impl Report {
         ))
     }
 
+    /// The flow events' cost: the accelerated tier's requests/s and p99
+    /// with events on over off, paired round by round, when both ran.
+    pub fn flow_events_cost(&self) -> Option<(Spread, Spread)> {
+        let at = |m: Mode| self.modes.iter().position(|x| *x == m);
+        let (on, off) = (at(Mode::SprightOn)?, at(Mode::SprightNoflows)?);
+        let ratio = |metric: Metric| {
+            Spread::of(&stats::paired_ratios(
+                &self.values(on, metric),
+                &self.values(off, metric),
+            ))
+        };
+        Some((ratio(|o| o.requests_per_s)?, ratio(|o| o.p99_ms)?))
+    }
+
     /// Median and range of the SDK tier's requests/s over the transparent
     /// (accelerated) tier's, paired round by round, when both ran.
     pub fn sdk_over_transparent(&self) -> Option<Spread> {
@@ -1385,6 +1427,14 @@ pub fn markdown(report: &Report) -> String {
             cell(report.spread(j, |o| o.functions_cpu_us_per_request), 0),
             errors,
             other * 100.0
+        );
+    }
+    if let Some((rps, p99)) = report.flow_events_cost() {
+        let _ = writeln!(
+            s,
+            "\nflow events on ÷ off (accelerated tier, paired): {}× the requests/s, {}× the p99",
+            cell(Some(rps), 3),
+            cell(Some(p99), 3)
         );
     }
     if let Some(r) = report.sdk_over_transparent() {
@@ -1803,7 +1853,7 @@ Transfer/sec:     11.26MB
         let boxes2 = plot::svg_check::text_boxes(&plot::svg(&fig2).unwrap()).unwrap();
         assert!(
             boxes2.iter().any(|b| b.text.starts_with(
-                "warning: busy machine, other processes above 10% of the CPU in 1 of 15 measured windows"
+                "warning: busy machine, other processes above 10% of the CPU in 1 of 18 measured windows"
             )),
             "{boxes2:?}"
         );

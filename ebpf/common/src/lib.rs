@@ -60,8 +60,11 @@ pub mod names {
     /// Flow events lost because the ring buffer was full: per-CPU array of
     /// one `u64`.
     pub const FLOWS_LOST: &str = "spr_flowlost_v1";
+    /// Node-wide switches of the programs: an array of one `u32` of
+    /// `CONFIG_*` flags, written by meshd.
+    pub const CONFIG: &str = "spr_config_v1";
     /// Every map that is pinned by name.
-    pub const PINNED_MAPS: [&str; 12] = [
+    pub const PINNED_MAPS: [&str; 13] = [
         SOCKHASH,
         ENDPOINTS,
         CHAIN_ALLOW,
@@ -74,8 +77,13 @@ pub mod names {
         FLOWS,
         FLOW_STATE,
         FLOWS_LOST,
+        CONFIG,
     ];
 }
+
+/// `spr_config_v1` flag: no flow events (no ring-buffer writes and no
+/// per-socket flow state; meshd's `--flow-events=false`).
+pub const CONFIG_NO_FLOW_EVENTS: u32 = 1 << 0;
 
 /// Capacities of the maps.
 pub mod limits {

@@ -6,8 +6,8 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{MapData, PerCpuArray, RingBuf};
-use spright_common::{FlowEvent, names};
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
+use spright_common::{CONFIG_NO_FLOW_EVENTS, FlowEvent, names};
 
 use crate::{Error, pins::from_pin};
 
@@ -66,4 +66,24 @@ impl AsRawFd for FlowReader {
     fn as_raw_fd(&self) -> RawFd {
         self.ring.as_raw_fd()
     }
+}
+
+/// Turns the programs' flow events on or off (`spr_config_v1`). Off, the
+/// programs write no events and keep no per-socket flow state.
+pub fn set_flow_events(bpffs: &Path, on: bool) -> Result<(), Error> {
+    let mut config: Array<MapData, u32> = from_pin(bpffs, names::CONFIG)?;
+    let flags = config
+        .get(&0, 0)
+        .map_err(Error::map("read", names::CONFIG))?;
+    let want = if on {
+        flags & !CONFIG_NO_FLOW_EVENTS
+    } else {
+        flags | CONFIG_NO_FLOW_EVENTS
+    };
+    if want != flags {
+        config
+            .set(0, want, 0)
+            .map_err(Error::map("write", names::CONFIG))?;
+    }
+    Ok(())
 }

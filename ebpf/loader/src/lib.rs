@@ -25,7 +25,7 @@ mod pins;
 mod system;
 
 pub use error::Error;
-pub use flows::FlowReader;
+pub use flows::{FlowReader, set_flow_events};
 pub use install::{Installed, OBJECT, Placement, uninstall};
 pub use maps::{Datapath, addr_of, ip_of};
 pub use pathswitch::PathSwitch;

@@ -6,12 +6,12 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, sk_action::SK_PASS,
     },
     macros::{map, sk_msg, sock_ops},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
     programs::{SkMsgContext, SockOpsContext},
 };
 use spright_common::{
-    AF_INET, AF_INET6, Addr, ChainPair, Counters, EndpointValue, FlowEvent, FlowState, SockKey,
-    Translation, Verdict, flow, limits, remote_port_to_host,
+    AF_INET, AF_INET6, Addr, CONFIG_NO_FLOW_EVENTS, ChainPair, Counters, EndpointValue, FlowEvent,
+    FlowState, SockKey, Translation, Verdict, flow, limits, remote_port_to_host,
 };
 
 // Map names must equal `spright_common::names::*` (checked by the loader's tests).
@@ -47,6 +47,18 @@ static FLOW_STATE: LruHashMap<SockKey, FlowState> = LruHashMap::pinned(limits::M
 /// Flow events the full ring buffer refused.
 #[map(name = "spr_flowlost_v1")]
 static FLOWS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// Node-wide switches (`spright_common::CONFIG_*`), set by meshd.
+#[map(name = "spr_config_v1")]
+static CONFIG: Array<u32> = Array::pinned(1, 0);
+
+/// Whether flow events are on (the default; meshd can turn them off).
+#[inline(always)]
+fn flow_events_on() -> bool {
+    CONFIG
+        .get(0)
+        .is_none_or(|flags| flags & CONFIG_NO_FLOW_EVENTS == 0)
+}
 
 /// `BPF_SOCK_OPS_STATE_CB_FLAG`: call sockops on every TCP state change.
 pub(crate) const STATE_CB_FLAG: u32 = 1 << 2;
@@ -120,7 +132,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
     };
     let verdict = policy(l, r);
     let in_chain = |e: Option<EndpointValue>| e.is_some_and(|e| e.chain_id != 0);
-    if in_chain(l) || in_chain(r) {
+    if (in_chain(l) || in_chain(r)) && flow_events_on() {
         // The connecting socket reports when its pod is recorded here; the
         // accepting one when its client is not (a host process, another
         // node), so every chain-pod connection is reported exactly once.
@@ -331,20 +343,24 @@ fn try_sk_msg(ctx: &SkMsgContext) {
                 c.redirected_msgs += 1;
                 c.redirected_bytes += bytes;
             });
-            if let Some(state) = FLOW_STATE.get_ptr_mut(&own) {
-                // SAFETY: sk_msg runs under the socket's lock, so no other
-                // program updates this socket's entry concurrently.
-                unsafe { (*state).sent_redirected += bytes };
+            if flow_events_on() {
+                if let Some(state) = FLOW_STATE.get_ptr_mut(&own) {
+                    // SAFETY: sk_msg runs under the socket's lock, so no
+                    // other program updates this socket's entry concurrently.
+                    unsafe { (*state).sent_redirected += bytes };
+                }
             }
             return;
         }
         let _ = TCP_ONLY.insert(own, 1, u64::from(BPF_ANY));
-        emit(&FlowEvent {
-            kind: flow::TCP_SWITCH,
-            reason: flow::SWITCH_PEER_MISSING,
-            key: own,
-            ..FlowEvent::default()
-        });
+        if flow_events_on() {
+            emit(&FlowEvent {
+                kind: flow::TCP_SWITCH,
+                reason: flow::SWITCH_PEER_MISSING,
+                key: own,
+                ..FlowEvent::default()
+            });
+        }
     }
     bump(&local, |c| {
         c.fallback_msgs += 1;
