@@ -513,10 +513,12 @@ pub fn run(
                     read(&flows, &snapshot, &bpffs);
                 } else {
                     // Kept off, also across a reinstall.
-                    if snapshot.borrow().acceleration.enabled {
-                        if let Err(e) = spright_ebpf::set_flow_events(&bpffs, false) {
-                            debug!(error = %crate::error::chain(&e), "turning flow events off");
-                        }
+                    let enabled = snapshot.borrow().acceleration.enabled;
+                    if let Err(e) = enabled
+                        .then(|| spright_ebpf::set_flow_events(&bpffs, false))
+                        .transpose()
+                    {
+                        debug!(error = %crate::error::chain(&e), "turning flow events off");
                     }
                     flows.set_unavailable(Some("flow events are off (--flow-events=false)".into()));
                     std::thread::sleep(Duration::from_secs(5));

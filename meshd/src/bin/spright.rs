@@ -308,10 +308,8 @@ fn flows(addr: &str, pod: Option<&str>, follow: bool, json: bool) -> Result<(), 
                 println!("{}", serde_json::to_string(f).expect("flows serialise"));
             }
         } else {
-            if header {
-                if let Some(why) = &reply.unavailable {
-                    eprintln!("spright: no flow events: {why}");
-                }
+            if let Some(why) = reply.unavailable.as_ref().filter(|_| header) {
+                eprintln!("spright: no flow events: {why}");
             }
             print!("{}", meshd::flows::render(&reply.flows, header));
             if !follow && reply.counts.lost > 0 {
