@@ -12,6 +12,12 @@
 //! On the host this crate builds to an empty binary so that workspace-wide
 //! commands work; the real object is built by `ebpf/loader`'s build script.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// `atomic_xadd` for the memory bound's switch counter (programs.rs).
+#![cfg_attr(
+    target_arch = "bpf",
+    feature(core_intrinsics),
+    allow(internal_features)
+)]
 
 #[cfg(target_arch = "bpf")]
 mod programs;
