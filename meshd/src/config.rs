@@ -288,6 +288,8 @@ mod tests {
     fn memory_bound_flags_parse_and_name_themselves_on_error() {
         let c = parse(&["--memory-bound-bytes", "off"]).unwrap();
         assert_eq!(c.memory_bound_bytes, 0);
+        assert!(!c.memory_bound_poll);
+        assert!(parse(&["--memory-bound-poll"]).unwrap().memory_bound_poll);
         let c = parse(&[
             "--memory-bound-bytes",
             "4M",

@@ -487,6 +487,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_summary_says_who_enforces_the_bound() {
+        let r = Report {
+            limit_bytes: 16 << 20,
+            mode: Mode::Kernel,
+            interval_ms: 0,
+            switches: 2,
+            polls: 0,
+            skipped_polls: 0,
+            largest_queue_bytes: 0,
+            last_switch_queue_bytes: 0,
+            error: None,
+        };
+        assert_eq!(
+            r.summary(),
+            "memory bound: 16384 KiB per connection, enforced by sk_msg at each send; 2 sender(s) moved to TCP"
+        );
+        let polled = Report {
+            mode: Mode::Poll,
+            interval_ms: 20,
+            ..r.clone()
+        };
+        assert!(polled.summary().contains("checked by meshd every 20 ms"));
+        // A /status from a meshd that predates the mode reads as "off"
+        // rather than failing.
+        let old: Report = serde_json::from_value(serde_json::json!({
+            "limit_bytes": 0, "interval_ms": 20, "switches": 0, "polls": 0,
+            "largest_queue_bytes": 0, "last_switch_queue_bytes": 0
+        }))
+        .expect("old report");
+        assert_eq!(old.mode, Mode::Off);
+        assert_eq!(
+            serde_json::to_value(&r).expect("json")["mode"],
+            serde_json::json!("kernel")
+        );
+    }
+
+    #[test]
     fn the_gate_skips_only_while_no_receiver_can_have_reached_the_limit() {
         const MIB: u64 = 1 << 20;
         let mut g = Gate::default();
