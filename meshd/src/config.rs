@@ -72,6 +72,7 @@ pub mod env {
     pub const KUBECONFIG: &str = "KUBECONFIG";
     pub const MEMORY_BOUND_BYTES: &str = "SPRIGHT_MEMORY_BOUND_BYTES";
     pub const MEMORY_BOUND_INTERVAL_MS: &str = "SPRIGHT_MEMORY_BOUND_INTERVAL_MS";
+    pub const MEMORY_BOUND_POLL: &str = "SPRIGHT_MEMORY_BOUND_POLL";
 }
 
 /// spright's node agent.
@@ -153,8 +154,13 @@ pub struct Config {
     #[arg(long, env = env::MEMORY_BOUND_BYTES, value_name = "BYTES",
           default_value = DEFAULT_MEMORY_BOUND, value_parser = parse_limit)]
     pub memory_bound_bytes: u64,
-    /// Milliseconds between two checks of the memory bound; the overshoot
-    /// past the limit is at most the sender's rate times this interval
+    /// Enforce the memory bound by polling even where the sk_msg program
+    /// could enforce it at each send (for comparison; see membound.rs)
+    #[arg(long, env = env::MEMORY_BOUND_POLL)]
+    pub memory_bound_poll: bool,
+    /// Milliseconds between two checks of the memory bound when meshd
+    /// polls; the overshoot past the limit is at most the sender's rate
+    /// times this interval
     #[arg(long, env = env::MEMORY_BOUND_INTERVAL_MS, value_name = "MS",
           default_value_t = DEFAULT_MEMORY_BOUND_INTERVAL_MS,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
@@ -297,6 +303,8 @@ mod tests {
     fn memory_bound_flags_parse_and_name_themselves_on_error() {
         let c = parse(&["--memory-bound-bytes", "off"]).unwrap();
         assert_eq!(c.memory_bound_bytes, 0);
+        assert!(!c.memory_bound_poll);
+        assert!(parse(&["--memory-bound-poll"]).unwrap().memory_bound_poll);
         let c = parse(&[
             "--memory-bound-bytes",
             "4M",

@@ -2,9 +2,19 @@
 //!
 //! A message redirected into a socket is queued on the receiver's psock and
 //! charged to its `sk_rmem_alloc`, but `SO_RCVBUF` is never checked, so a pod
-//! that never reads lets its peer queue memory without limit. sk_msg cannot
-//! refuse a message (`SK_DROP` fails the sender's `sendmsg`) and never sees
-//! the receiver's reads, so the bound lives here:
+//! that never reads lets its peer queue memory without limit.
+//!
+//! **Kernel bound** (chosen at start when the attached sk_msg program can
+//! read the receiver's `sk_rmem_alloc`: the loader found what it needs in
+//! the kernel's BTF and the verifier accepted the program with it): meshd
+//! only writes the limit into `spr_bound_v1`. After each redirect sk_msg
+//! reads the receiver's memory and, when this message takes it past the
+//! limit, puts the sender into `spr_tcponly_v1`: the same switch as below,
+//! at the moment of the send, so the receiver holds at most the limit plus
+//! one message. No thread, no poll.
+//!
+//! **Poll** (older kernels, no BTF): sk_msg never sees the receiver's
+//! reads, so the bound lives here:
 //!
 //! every `--memory-bound-interval-ms` (once enough bytes were redirected
 //! since the last check for a receiver to have reached the limit: `Gate`),
@@ -34,7 +44,7 @@ use std::{
 };
 
 use serde::Serialize;
-use spright_ebpf::{PathSwitch, SockKey};
+use spright_ebpf::{KernelBound, PathSwitch, SockKey};
 use tracing::{info, warn};
 
 use crate::{
@@ -43,9 +53,25 @@ use crate::{
     sock_diag::{DiagSocket, SockDiag},
 };
 
+/// Who enforces the bound, chosen once at start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// `--memory-bound-bytes off`.
+    #[default]
+    Off,
+    /// The sk_msg program, at each send (`spr_bound_v1`).
+    Kernel,
+    /// meshd's sock_diag poll, every `--memory-bound-interval-ms`.
+    Poll,
+}
+
 /// Counters of the bound, shared by the poller and the status view.
 #[derive(Debug, Default)]
 pub struct Stats {
+    mode: Mutex<Mode>,
+    /// With [`Mode::Kernel`]: the bound's map, for its counters.
+    kernel: Mutex<Option<KernelBound>>,
     switches: AtomicU64,
     polls: AtomicU64,
     skipped: AtomicU64,
@@ -59,8 +85,14 @@ pub struct Stats {
 pub struct Report {
     /// 0 when the bound is off.
     pub limit_bytes: u64,
+    /// Who enforces it: `kernel` (sk_msg, at each send), `poll` (meshd,
+    /// every `interval_ms`) or `off`.
+    #[serde(default)]
+    pub mode: Mode,
     pub interval_ms: u64,
-    /// Connection directions moved from the redirect path to TCP.
+    /// Connection directions moved from the redirect path to TCP (by the
+    /// kernel bound: since the datapath was installed; by the poll: since
+    /// meshd started).
     pub switches: u64,
     /// Polls that dumped the chain pods' sockets.
     pub polls: u64,
@@ -71,7 +103,8 @@ pub struct Report {
     /// Largest receive memory of a chain pod's socket at the last poll.
     pub largest_queue_bytes: u64,
     /// The receiver's memory when the last switch was made: the limit plus
-    /// the overshoot that one polling delay allowed.
+    /// one message (kernel) or plus the overshoot that one polling delay
+    /// allowed (poll).
     pub last_switch_queue_bytes: u64,
     /// Why the last poll failed, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -84,8 +117,19 @@ impl Report {
         if self.limit_bytes == 0 {
             return "memory bound: off".into();
         }
+        if self.mode == Mode::Kernel {
+            return format!(
+                "memory bound: {} KiB per connection, enforced by sk_msg at each send; {} sender(s) moved to TCP{}",
+                self.limit_bytes >> 10,
+                self.switches,
+                self.error
+                    .as_ref()
+                    .map(|e| format!("; {e}"))
+                    .unwrap_or_default()
+            );
+        }
         format!(
-            "memory bound: {} KiB per connection, checked every {} ms; {} sender(s) moved to TCP; largest queue {} KiB{}",
+            "memory bound: {} KiB per connection, checked by meshd every {} ms; {} sender(s) moved to TCP; largest queue {} KiB{}",
             self.limit_bytes >> 10,
             self.interval_ms,
             self.switches,
@@ -100,8 +144,48 @@ impl Report {
 
 impl Stats {
     pub fn report(&self, limit_bytes: u64, interval_ms: u64) -> Report {
+        let mode = *self.mode.lock().expect("stats lock");
+        if mode == Mode::Kernel {
+            let kernel = self.kernel.lock().expect("stats lock");
+            let read = kernel.as_ref().map(|k| {
+                (
+                    k.switches(),
+                    k.last_switch_bytes(),
+                    k.limit().map(|l| l == limit_bytes),
+                )
+            });
+            let mut r = Report {
+                limit_bytes,
+                mode,
+                interval_ms: 0,
+                switches: 0,
+                polls: 0,
+                skipped_polls: 0,
+                largest_queue_bytes: 0,
+                last_switch_queue_bytes: 0,
+                error: None,
+            };
+            match read {
+                Some((Ok(switches), Ok(last), Ok(true))) => {
+                    r.switches = switches;
+                    r.last_switch_queue_bytes = last;
+                }
+                Some((Ok(_), Ok(_), Ok(false))) => {
+                    r.error = Some(
+                        "the limit in spr_bound_v1 is not meshd's (changed by someone else)".into(),
+                    );
+                }
+                Some((a, b, c)) => {
+                    let e = a.err().or(b.err()).or(c.err());
+                    r.error = e.map(|e| crate::error::chain(&e));
+                }
+                None => r.error = Some("the bound's map is not open".into()),
+            }
+            return r;
+        }
         Report {
             limit_bytes,
+            mode,
             interval_ms,
             switches: self.switches.load(Ordering::Relaxed),
             polls: self.polls.load(Ordering::Relaxed),
@@ -138,15 +222,48 @@ pub fn spawn(
         Duration::from_millis(config.memory_bound_interval_ms),
         config.bpffs.clone(),
     );
+    // The kernel bound when the attached sk_msg program can enforce it:
+    // its limit is the one of the meshd that started last (0 turns it off).
+    let kernel = match KernelBound::open(&bpffs) {
+        Ok(Some(mut k)) if config.memory_bound_poll => {
+            if let Err(e) = k.set_limit(0) {
+                warn!(error = %crate::error::chain(&e), "memory bound: cannot turn the kernel's off");
+            }
+            None
+        }
+        Ok(Some(mut k)) => match k.set_limit(limit) {
+            Ok(()) => Some(k),
+            Err(e) => {
+                warn!(error = %crate::error::chain(&e), "memory bound: cannot set the kernel's limit");
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            info!(error = %crate::error::chain(&e), "memory bound: no kernel bound in this datapath");
+            None
+        }
+    };
     if limit == 0 {
         info!("memory bound off");
+        return None;
+    }
+    if let Some(k) = kernel {
+        info!(
+            limit_bytes = limit,
+            rmem_offset = k.rmem_offset().unwrap_or_default(),
+            "memory bound on, enforced by sk_msg at each send"
+        );
+        *stats.mode.lock().expect("stats lock") = Mode::Kernel;
+        *stats.kernel.lock().expect("stats lock") = Some(k);
         return None;
     }
     info!(
         limit_bytes = limit,
         interval_ms = interval.as_millis(),
-        "memory bound on"
+        "memory bound on, checked by polling"
     );
+    *stats.mode.lock().expect("stats lock") = Mode::Poll;
     let spawned = std::thread::Builder::new()
         .name("membound".into())
         .spawn(move || {
@@ -377,6 +494,43 @@ const LOOKUPS_MAX: usize = 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_summary_says_who_enforces_the_bound() {
+        let r = Report {
+            limit_bytes: 16 << 20,
+            mode: Mode::Kernel,
+            interval_ms: 0,
+            switches: 2,
+            polls: 0,
+            skipped_polls: 0,
+            largest_queue_bytes: 0,
+            last_switch_queue_bytes: 0,
+            error: None,
+        };
+        assert_eq!(
+            r.summary(),
+            "memory bound: 16384 KiB per connection, enforced by sk_msg at each send; 2 sender(s) moved to TCP"
+        );
+        let polled = Report {
+            mode: Mode::Poll,
+            interval_ms: 20,
+            ..r.clone()
+        };
+        assert!(polled.summary().contains("checked by meshd every 20 ms"));
+        // A /status from a meshd that predates the mode reads as "off"
+        // rather than failing.
+        let old: Report = serde_json::from_value(serde_json::json!({
+            "limit_bytes": 0, "interval_ms": 20, "switches": 0, "polls": 0,
+            "largest_queue_bytes": 0, "last_switch_queue_bytes": 0
+        }))
+        .expect("old report");
+        assert_eq!(old.mode, Mode::Off);
+        assert_eq!(
+            serde_json::to_value(&r).expect("json")["mode"],
+            serde_json::json!("kernel")
+        );
+    }
 
     #[test]
     fn the_gate_skips_only_while_no_receiver_can_have_reached_the_limit() {

@@ -23,6 +23,16 @@ pub mod names {
     /// Sockets that must stay on the TCP path for the rest of their life:
     /// [`super::SockKey`] → `u32`. LRU, so entries of closed sockets age out.
     pub const TCP_ONLY: &str = "spr_tcponly_v1";
+    /// The kernel memory bound: `u64` array, see [`super::bound`].
+    pub const BOUND: &str = "spr_bound_v1";
+    /// Read-only global of the sk_msg program: offset of
+    /// `sk_backlog.rmem_alloc` in `struct sock` on the running kernel (from
+    /// its BTF), set by the loader; 0 when unknown, which turns the kernel
+    /// bound off.
+    pub const RMEM_OFFSET_GLOBAL: &str = "SPR_RMEM_OFF";
+    /// Read-only global of the sk_msg program: offset of `sk_redir` in the
+    /// kernel's `struct sk_msg`, like [`RMEM_OFFSET_GLOBAL`].
+    pub const REDIR_OFFSET_GLOBAL: &str = "SPR_REDIR_OFF";
     /// The sockops program (function name in the object).
     pub const SOCKOPS_PROG: &str = "spright_sockops";
     /// The sk_msg program (function name in the object).
@@ -64,7 +74,7 @@ pub mod names {
     /// `CONFIG_*` flags, written by meshd.
     pub const CONFIG: &str = "spr_config_v1";
     /// Every map that is pinned by name.
-    pub const PINNED_MAPS: [&str; 13] = [
+    pub const PINNED_MAPS: [&str; 14] = [
         SOCKHASH,
         ENDPOINTS,
         CHAIN_ALLOW,
@@ -78,12 +88,36 @@ pub mod names {
         FLOW_STATE,
         FLOWS_LOST,
         CONFIG,
+        BOUND,
     ];
 }
 
 /// `spr_config_v1` flag: no flow events (no ring-buffer writes and no
 /// per-socket flow state; meshd's `--flow-events=false`).
 pub const CONFIG_NO_FLOW_EVENTS: u32 = 1 << 0;
+
+/// Slots of the [`names::BOUND`] array.
+pub mod bound {
+    /// The limit in bytes of a receiver's queued memory (`sk_rmem_alloc`)
+    /// past which sk_msg sends a connection's messages over TCP instead of
+    /// redirecting them; 0 = no kernel bound. Written by meshd.
+    pub const LIMIT: u32 = 0;
+    /// The receiver's queued memory when sk_msg last switched a connection.
+    pub const LAST_SWITCH_BYTES: u32 = 1;
+    /// The offset the attached sk_msg program was loaded with
+    /// ([`super::names::RMEM_OFFSET_GLOBAL`]), written by the loader when it
+    /// attaches it: 0 means that program cannot enforce the bound.
+    pub const RMEM_OFFSET: u32 = 2;
+    /// Connections sk_msg moved to TCP (atomic; all endpoints, including
+    /// those whose counters were since removed).
+    pub const SWITCHES: u32 = 3;
+    /// Number of slots.
+    pub const SLOTS: u32 = 4;
+    /// The helper id the sk_msg program calls in place of the kfunc
+    /// `bpf_cast_to_kern_ctx`; the loader rewrites each such call into a
+    /// kfunc call (aya has no kfunc relocations). Never a real helper id.
+    pub const KERN_CTX_PLACEHOLDER: u32 = 0x5350_4b31;
+}
 
 /// Capacities of the maps.
 pub mod limits {
@@ -486,7 +520,11 @@ pub struct Counters {
     pub fallback_bytes: u64,
     /// Sockets of this endpoint inserted into the sockhash.
     pub accelerated_socks: u64,
-    pub reserved: [u64; 3],
+    /// Connections of this endpoint that sk_msg moved to the TCP path
+    /// because the receiver already held more than the memory bound
+    /// ([`names::BOUND`]). Took the place of `reserved[0]`: same layout.
+    pub bound_switches: u64,
+    pub reserved: [u64; 2],
 }
 
 impl Counters {
@@ -499,7 +537,8 @@ impl Counters {
             fallback_msgs: self.fallback_msgs + o.fallback_msgs,
             fallback_bytes: self.fallback_bytes + o.fallback_bytes,
             accelerated_socks: self.accelerated_socks + o.accelerated_socks,
-            reserved: [0; 3],
+            bound_switches: self.bound_switches + o.bound_switches,
+            reserved: [0; 2],
         }
     }
 }
@@ -532,8 +571,8 @@ pub mod flow {
     /// Switch reason: the peer socket was not in the sockhash when this
     /// socket sent (the peer had closed, or was never inserted).
     pub const SWITCH_PEER_MISSING: u32 = 1;
-    /// Switch reason: meshd's memory bound moved the socket (reported by
-    /// meshd itself).
+    /// Switch reason: the memory bound moved the socket (sk_msg reports
+    /// it; with meshd's poll instead, meshd does).
     pub const SWITCH_MEMORY_BOUND: u32 = 2;
     /// Not a kernel event: meshd found an established connection between
     /// two pods the policy would redirect that never passed sockops (it was

@@ -13,14 +13,14 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{MapData, SockHash},
+    maps::{Array, MapData, SockHash},
     programs::{
         CgroupAttachMode, CgroupSockAddr, Program, ProgramError, SkMsg, SockOps,
         links::{FdLink, PinnedLink, ProgAttachLink},
     },
 };
 use nix::fcntl::Flock;
-use spright_common::{SockKey, names};
+use spright_common::{SockKey, bound, names};
 
 use crate::{
     Datapath, Error,
@@ -113,8 +113,8 @@ impl Datapath {
     }
 
     fn install(placement: &Placement) -> Result<Self, Error> {
-        let mut ebpf = load(&placement.bpffs)?;
-        Self::attach_loaded(&mut ebpf, placement)
+        let mut loaded = load(&placement.bpffs)?;
+        Self::attach_loaded(&mut loaded, placement)
     }
 
     /// Like [`Datapath::ensure`], and when the pinned programs are not this
@@ -130,13 +130,13 @@ impl Datapath {
             SwapStart::Fresh(dp) => return Ok((dp, Installed::Fresh)),
             SwapStart::Locked(lock) => lock,
         };
-        let mut ebpf = load(&placement.bpffs)?;
-        if pinned_programs_match(&mut ebpf, &placement.bpffs)? {
+        let mut loaded = load(&placement.bpffs)?;
+        if pinned_programs_match(&mut loaded.ebpf, &placement.bpffs)? {
             return Ok((Self::adopt(&placement.bpffs)?, Installed::Adopted));
         }
         check_cgroup2(&placement.cgroup)?;
         Ok((
-            Self::attach_loaded(&mut ebpf, placement)?,
+            Self::attach_loaded(&mut loaded, placement)?,
             Installed::Upgraded,
         ))
     }
@@ -149,8 +149,8 @@ impl Datapath {
             SwapStart::Locked(lock) => lock,
         };
         check_cgroup2(&placement.cgroup)?;
-        let mut ebpf = load(&placement.bpffs)?;
-        Self::attach_loaded(&mut ebpf, placement)
+        let mut loaded = load(&placement.bpffs)?;
+        Self::attach_loaded(&mut loaded, placement)
     }
 
     /// The common start of [`Datapath::ensure_current`] and
@@ -166,10 +166,20 @@ impl Datapath {
         Ok(SwapStart::Locked(lock_pin_dir(&placement.bpffs)?))
     }
 
-    /// Attaches and pins the programs of a loaded object, then takes its maps.
-    fn attach_loaded(ebpf: &mut aya::Ebpf, placement: &Placement) -> Result<Self, Error> {
-        attach_and_pin(ebpf, placement)?;
-        Self::from_loaded(ebpf)
+    /// Attaches and pins the programs of a loaded object, records which
+    /// memory bound its sk_msg program can enforce, then takes its maps.
+    fn attach_loaded(loaded: &mut Loaded, placement: &Placement) -> Result<Self, Error> {
+        attach_and_pin(&mut loaded.ebpf, placement)?;
+        let mut bound: Array<&mut MapData, u64> = loaded
+            .ebpf
+            .map_mut(names::BOUND)
+            .ok_or(Error::MissingMap { name: names::BOUND })?
+            .try_into()
+            .map_err(Error::map("open", names::BOUND))?;
+        bound
+            .set(bound::RMEM_OFFSET, u64::from(loaded.rmem_offset), 0)
+            .map_err(Error::map("write", names::BOUND))?;
+        Self::from_loaded(&mut loaded.ebpf)
     }
 }
 
@@ -192,12 +202,66 @@ pub fn uninstall(bpffs: &Path) -> Result<(), Error> {
 }
 
 /// Parses the object with its maps pinned by name in `dir` (existing pins
-/// are reused, so maps and their entries survive reloads).
-fn load(dir: &Path) -> Result<aya::Ebpf, Error> {
-    EbpfLoader::new()
-        .default_map_pin_directory(dir)
-        .load(OBJECT)
-        .map_err(|e| Error::Load(Box::new(e)))
+/// are reused, so maps and their entries survive reloads) and loads its
+/// programs into the kernel.
+///
+/// The sk_msg program gets what its memory bound needs from this kernel's
+/// BTF (`crate::btf`: two field offsets, the kfunc id). Should the verifier
+/// refuse the program with them (a kernel without `bpf_cast_to_kern_ctx`
+/// for sk_msg or BTF-typed loads), the object is loaded again without: the
+/// bound is then left to meshd's poll, never the datapath.
+fn load(dir: &Path) -> Result<Loaded, Error> {
+    let btf = crate::btf::kernel_bound_btf(Path::new(crate::btf::VMLINUX_BTF));
+    let with = |btf: Option<crate::btf::KernelBoundBtf>| -> Result<Loaded, Error> {
+        let (object, rmem, redir) = match btf {
+            Some(k) => (with_kfunc(k.kern_ctx_kfunc), k.rmem_offset, k.redir_offset),
+            None => (OBJECT.to_vec(), 0, 0),
+        };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .override_global(names::RMEM_OFFSET_GLOBAL, &rmem, true)
+            .override_global(names::REDIR_OFFSET_GLOBAL, &redir, true)
+            .load(&object)
+            .map_err(|e| Error::Load(Box::new(e)))?;
+        load_programs(&mut ebpf)?;
+        Ok(Loaded {
+            ebpf,
+            rmem_offset: rmem,
+        })
+    };
+    match with(btf) {
+        Err(_) if btf.is_some() => with(None),
+        r => r,
+    }
+}
+
+/// The object with every call of the placeholder helper
+/// (`bound::KERN_CTX_PLACEHOLDER`) turned into a call of the kfunc with BTF
+/// id `kfunc`: `BPF_JMP|BPF_CALL` (0x85) with source register
+/// `BPF_PSEUDO_KFUNC_CALL` (2) and the id as immediate.
+fn with_kfunc(kfunc: u32) -> Vec<u8> {
+    let mut object = OBJECT.to_vec();
+    let mut from = [0x85, 0, 0, 0, 0, 0, 0, 0];
+    from[4..].copy_from_slice(&bound::KERN_CTX_PLACEHOLDER.to_le_bytes());
+    let mut to = [0x85, 0x20, 0, 0, 0, 0, 0, 0];
+    to[4..].copy_from_slice(&kfunc.to_le_bytes());
+    let mut i = 0;
+    while i + 8 <= object.len() {
+        if object[i..i + 8] == from {
+            object[i..i + 8].copy_from_slice(&to);
+            i += 8;
+        } else {
+            i += 1;
+        }
+    }
+    object
+}
+
+/// A parsed object with its programs loaded.
+struct Loaded {
+    ebpf: aya::Ebpf,
+    /// The offset its sk_msg program got (0: no kernel memory bound).
+    rmem_offset: u32,
 }
 
 /// The program `name` of the loaded object, as its type `T`.

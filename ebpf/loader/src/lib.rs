@@ -11,11 +11,14 @@
 //!
 //! Modules, along aya's lines: `install` (install, adopt, upgrade,
 //! uninstall), `maps` (typed map access), `pins` (the pin directory),
-//! `system` (bpffs and cgroup v2 checks), `error`, and `pathswitch` (meshd's
-//! memory bound), `flows` (the flow events' ring buffer).
+//! `system` (bpffs and cgroup v2 checks), `error`, `pathswitch` (the memory
+//! bound: meshd's switch and the kernel's), `btf` (the kernel field
+//! offsets the kernel bound reads) and `flows` (the flow events' ring
+//! buffer).
 
 #![forbid(unsafe_code)]
 
+mod btf;
 mod error;
 mod flows;
 mod install;
@@ -24,11 +27,12 @@ mod pathswitch;
 mod pins;
 mod system;
 
+pub use btf::{KernelBoundBtf, VMLINUX_BTF, kernel_bound_btf, rmem_alloc_offset};
 pub use error::Error;
 pub use flows::{FlowReader, set_flow_events};
 pub use install::{Installed, OBJECT, Placement, uninstall};
 pub use maps::{Datapath, addr_of, ip_of};
-pub use pathswitch::PathSwitch;
+pub use pathswitch::{KernelBound, PathSwitch};
 pub use pins::DEFAULT_BPFFS_DIR;
 pub use spright_common::{
     Addr, Backend, ChainPair, Counters, ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, FlowEvent,

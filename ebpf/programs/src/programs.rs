@@ -1,4 +1,8 @@
-use core::ptr::{addr_of, read_volatile};
+use core::{
+    ffi::c_void,
+    intrinsics::AtomicOrdering,
+    ptr::{addr_of, read_volatile},
+};
 
 use aya_ebpf::{
     bindings::{
@@ -11,7 +15,7 @@ use aya_ebpf::{
 };
 use spright_common::{
     AF_INET, AF_INET6, Addr, CONFIG_NO_FLOW_EVENTS, ChainPair, Counters, EndpointValue, FlowEvent,
-    FlowState, SockKey, Translation, Verdict, flow, limits, remote_port_to_host,
+    FlowState, SockKey, Translation, Verdict, bound, flow, limits, remote_port_to_host,
 };
 
 // Map names must equal `spright_common::names::*` (checked by the loader's tests).
@@ -59,6 +63,25 @@ fn flow_events_on() -> bool {
         .get(0)
         .is_none_or(|flags| flags & CONFIG_NO_FLOW_EVENTS == 0)
 }
+
+/// The kernel memory bound: [`bound::LIMIT`] (written by meshd) and
+/// [`bound::LAST_SWITCH_BYTES`].
+#[map(name = "spr_bound_v1")]
+static BOUND: Array<u64> = Array::pinned(bound::SLOTS, 0);
+
+/// Offset of `sk_backlog.rmem_alloc` (the receiver's queued memory) in the
+/// kernel's `struct sock`, set at load time from the running kernel's
+/// BTF (`spright_common::names::RMEM_OFFSET_GLOBAL`); 0 = unknown, no
+/// kernel bound. A read-only global: the verifier sees its value as a
+/// constant, so `tcp_sock + offset` is a fixed-offset BTF access it can
+/// check against the kernel's type (aya-ebpf has no CO-RE).
+#[unsafe(no_mangle)]
+static SPR_RMEM_OFF: u32 = 0;
+
+/// Offset of `sk_redir` (the socket a message is redirected to) in the
+/// kernel's `struct sk_msg`, set like `SPR_RMEM_OFF`; 0 = unknown.
+#[unsafe(no_mangle)]
+static SPR_REDIR_OFF: u32 = 0;
 
 /// `BPF_SOCK_OPS_STATE_CB_FLAG`: call sockops on every TCP state change.
 pub(crate) const STATE_CB_FLAG: u32 = 1 << 2;
@@ -338,34 +361,116 @@ fn try_sk_msg(ctx: &SkMsgContext) {
     // of this socket went the TCP way, all later ones do too.
     if TCP_ONLY.get_ptr(own).is_none() {
         let mut peer = own.reversed();
-        if SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        if SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) != i64::from(SK_PASS) {
+            let _ = TCP_ONLY.insert(own, 1, u64::from(BPF_ANY));
             bump(&local, |c| {
-                c.redirected_msgs += 1;
-                c.redirected_bytes += bytes;
+                c.fallback_msgs += 1;
+                c.fallback_bytes += bytes;
             });
             if flow_events_on() {
-                if let Some(state) = FLOW_STATE.get_ptr_mut(&own) {
-                    // SAFETY: sk_msg runs under the socket's lock, so no
-                    // other program updates this socket's entry concurrently.
-                    unsafe { (*state).sent_redirected += bytes };
-                }
+                emit(&FlowEvent {
+                    kind: flow::TCP_SWITCH,
+                    reason: flow::SWITCH_PEER_MISSING,
+                    key: own,
+                    ..FlowEvent::default()
+                });
             }
             return;
         }
-        let _ = TCP_ONLY.insert(own, 1, u64::from(BPF_ANY));
-        if flow_events_on() {
-            emit(&FlowEvent {
-                kind: flow::TCP_SWITCH,
-                reason: flow::SWITCH_PEER_MISSING,
-                key: own,
-                ..FlowEvent::default()
-            });
+        bump(&local, |c| {
+            c.redirected_msgs += 1;
+            c.redirected_bytes += bytes;
+        });
+        let flows = flow_events_on();
+        if flows {
+            if let Some(state) = FLOW_STATE.get_ptr_mut(&own) {
+                // SAFETY: sk_msg runs under the socket's lock, so no other
+                // program updates this socket's entry concurrently.
+                unsafe { (*state).sent_redirected += bytes };
+            }
         }
+        if let Some(queued) = redirected_over_bound(ctx, bytes) {
+            // The kernel bound: this message takes the receiver past the
+            // limit, so it is the connection's last redirected one. The
+            // same switch as meshd's poll: every later message takes the
+            // TCP path, after everything already redirected.
+            let _ = TCP_ONLY.insert(own, 1, u64::from(BPF_ANY));
+            if let Some(slot) = BOUND.get_ptr_mut(bound::LAST_SWITCH_BYTES) {
+                // SAFETY: an array slot; a racing store only loses a statistic.
+                unsafe { *slot = queued };
+            }
+            if let Some(slot) = BOUND.get_ptr_mut(bound::SWITCHES) {
+                // An atomic add (BPF_ATOMIC): core's AtomicU64 offers no
+                // fetch_add on bpf, but LLVM lowers the intrinsic to one
+                // instruction the verifier accepts on map values.
+                // SAFETY: an aligned array slot, only ever updated atomically.
+                unsafe {
+                    core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1);
+                }
+            }
+            bump(&local, |c| c.bound_switches += 1);
+            if flows {
+                emit(&FlowEvent {
+                    kind: flow::TCP_SWITCH,
+                    reason: flow::SWITCH_MEMORY_BOUND,
+                    key: own,
+                    ..FlowEvent::default()
+                });
+            }
+        }
+        return;
     }
     bump(&local, |c| {
         c.fallback_msgs += 1;
         c.fallback_bytes += bytes;
     });
+}
+
+/// Whether the receiver this message was just redirected to will hold more
+/// than the bound once the message is queued: its `sk_rmem_alloc` (which
+/// every redirected message is charged to until read) plus `size`. Returns
+/// that memory when over.
+///
+/// The receiver is `sk_redir` of the kernel's `struct sk_msg`, set by the
+/// redirect helper. The program reaches it through `bpf_cast_to_kern_ctx`
+/// (a kfunc: the call below is a placeholder helper id the loader rewrites,
+/// aya has no kfunc relocations) and reads both fields at offsets the loader
+/// took from the kernel's BTF. (A sockhash lookup would give the peer
+/// before the redirect, but it returns a referenced socket and sk_msg may
+/// not call `bpf_sk_release` on kernel 6.18: see docs/RELIABILITY.md.)
+#[inline(always)]
+fn redirected_over_bound(ctx: &SkMsgContext, size: u64) -> Option<u64> {
+    // SAFETY: read-only globals (see `SPR_RMEM_OFF`).
+    let (rmem_off, redir_off) = unsafe {
+        (
+            read_volatile(addr_of!(SPR_RMEM_OFF)),
+            read_volatile(addr_of!(SPR_REDIR_OFF)),
+        )
+    };
+    if rmem_off == 0 || redir_off == 0 {
+        return None;
+    }
+    let limit = BOUND.get(bound::LIMIT).copied().unwrap_or(0);
+    if limit == 0 {
+        return None;
+    }
+    // SAFETY: the kfunc takes the context pointer as the kernel handed it
+    // and returns the kernel's view of it; the loads are BTF-typed (the
+    // verifier checks them against the kernel's types, a NULL `sk_redir`
+    // reads 0).
+    let queued = unsafe {
+        let cast: unsafe extern "C" fn(*mut c_void) -> *mut u8 =
+            core::mem::transmute(bound::KERN_CTX_PLACEHOLDER as usize);
+        let kmsg = cast(ctx.msg.cast());
+        let peer = read_volatile(kmsg.add(redir_off as usize).cast::<*const u8>());
+        if peer.is_null() {
+            return None;
+        }
+        u64::from(read_volatile(peer.add(rmem_off as usize).cast::<u32>()))
+    };
+    // A receiver with nothing queued takes any one message (so a single
+    // message larger than the limit does not switch a reader that keeps up).
+    (queued > 0 && queued + size > limit).then_some(queued + size)
 }
 
 /// Both ends of a socket as map keys, from the context's address fields.
