@@ -78,6 +78,10 @@ pub mod env {
 /// spright's node agent.
 #[derive(Clone, Debug, Parser, Serialize)]
 #[command(name = "meshd", version, about)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "each bool is one on/off command-line flag"
+)]
 pub struct Config {
     /// cgroup v2 directory the programs attach to [default: kubelet's pod cgroup, the first of `<cgroup2>/kubepods.slice`, `<cgroup2>/kubepods`, `<cgroup2>/kubelet.slice/kubelet-kubepods.slice`; never the cgroup v2 root]
     #[arg(long, env = env::CGROUP, value_name = "DIR")]

@@ -292,15 +292,15 @@ fn privileged_membound_stalled_reader_on_off_tcp() {
     // sender (the client) moved to TCP by the bound.
     let flows: serde_json::Value =
         serde_json::from_str(&meshd.get("/v1/flows").expect("flows")).expect("flows JSON");
-    let switched: Vec<&serde_json::Value> = flows["flows"]
+    let bound_flows: Vec<&serde_json::Value> = flows["flows"]
         .as_array()
         .expect("flows")
         .iter()
         .filter(|f| f["switched"]["why"] == "MemoryBound")
         .collect();
-    assert_eq!(switched.len(), 1, "{flows:#}");
-    assert_eq!(switched[0]["path"], "redirected", "{flows:#}");
-    assert_eq!(switched[0]["switched"]["sender"], "client", "{flows:#}");
+    assert_eq!(bound_flows.len(), 1, "{flows:#}");
+    assert_eq!(bound_flows[0]["path"], "redirected", "{flows:#}");
+    assert_eq!(bound_flows[0]["switched"]["sender"], "client", "{flows:#}");
     let metrics = meshd.check_metrics().expect("metrics");
     // A reader that keeps up is never switched, however much it receives.
     let (switches, tcp_bytes, redirected) = node.reading(&meshd, PORT + 4);
