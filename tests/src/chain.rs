@@ -63,16 +63,20 @@ pub enum Mode {
     /// Accelerated with meshd's `--flow-events=false`: the cost of the
     /// flow events is `spright-on` over this.
     SprightNoflows,
+    /// Accelerated with meshd's `--memory-bound-bytes off`: the cost of
+    /// the memory bound is `spright-on` over this.
+    SprightNobound,
 }
 
 impl Mode {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Reference,
         Self::Sidecar,
         Self::SprightOff,
         Self::SprightOn,
         Self::SprightSdk,
         Self::SprightNoflows,
+        Self::SprightNobound,
     ];
 
     pub fn name(self) -> &'static str {
@@ -83,6 +87,7 @@ impl Mode {
             Self::SprightOn => "spright-on",
             Self::SprightSdk => "spright-sdk",
             Self::SprightNoflows => "spright-noflows",
+            Self::SprightNobound => "spright-nobound",
         }
     }
 
@@ -94,6 +99,7 @@ impl Mode {
             Self::SprightOn => "spright, accelerated",
             Self::SprightSdk => "spright + SDK shared memory",
             Self::SprightNoflows => "spright, accelerated, flow events off",
+            Self::SprightNobound => "spright, accelerated, memory bound off",
         }
     }
 
@@ -102,21 +108,25 @@ impl Mode {
             .into_iter()
             .find(|m| m.name() == s)
             .with_context(|| {
-                format!("unknown mode {s:?}; modes: reference, sidecar, spright-off, spright-on, spright-sdk, spright-noflows")
+                format!("unknown mode {s:?}; modes: reference, sidecar, spright-off, spright-on, spright-sdk, spright-noflows, spright-nobound")
             })
     }
 
     fn spright(self) -> bool {
         matches!(
             self,
-            Self::SprightOff | Self::SprightOn | Self::SprightSdk | Self::SprightNoflows
+            Self::SprightOff
+                | Self::SprightOn
+                | Self::SprightSdk
+                | Self::SprightNoflows
+                | Self::SprightNobound
         )
     }
 
     fn in_chain(self) -> bool {
         matches!(
             self,
-            Self::SprightOn | Self::SprightSdk | Self::SprightNoflows
+            Self::SprightOn | Self::SprightSdk | Self::SprightNoflows | Self::SprightNobound
         )
     }
 }
@@ -263,10 +273,10 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
             .join(" ")
     ));
     let meshd = if mode.spright() {
-        let flags: &[&str] = if mode == Mode::SprightNoflows {
-            &["--flow-events", "false"]
-        } else {
-            &[]
+        let flags: &[&str] = match mode {
+            Mode::SprightNoflows => &["--flow-events", "false"],
+            Mode::SprightNobound => &["--memory-bound-bytes", "off"],
+            _ => &[],
         };
         let addr = format!(
             "127.0.0.1:{}",
@@ -1215,11 +1225,12 @@ impl Report {
         ))
     }
 
-    /// The flow events' cost: the accelerated tier's requests/s and p99
-    /// with events on over off, paired round by round, when both ran.
-    pub fn flow_events_cost(&self) -> Option<(Spread, Spread)> {
+    /// The cost of a feature the `off` mode turns off: the accelerated
+    /// tier's requests/s and p99 with it on over off, paired round by
+    /// round, when both ran.
+    pub fn feature_cost(&self, off: Mode) -> Option<(Spread, Spread)> {
         let at = |m: Mode| self.modes.iter().position(|x| *x == m);
-        let (on, off) = (at(Mode::SprightOn)?, at(Mode::SprightNoflows)?);
+        let (on, off) = (at(Mode::SprightOn)?, at(off)?);
         let ratio = |metric: Metric| {
             Spread::of(&stats::paired_ratios(
                 &self.values(on, metric),
@@ -1429,13 +1440,18 @@ pub fn markdown(report: &Report) -> String {
             other * 100.0
         );
     }
-    if let Some((rps, p99)) = report.flow_events_cost() {
-        let _ = writeln!(
-            s,
-            "\nflow events on ÷ off (accelerated tier, paired): {}× the requests/s, {}× the p99",
-            cell(Some(rps), 3),
-            cell(Some(p99), 3)
-        );
+    for (off, feature) in [
+        (Mode::SprightNoflows, "flow events"),
+        (Mode::SprightNobound, "memory bound"),
+    ] {
+        if let Some((rps, p99)) = report.feature_cost(off) {
+            let _ = writeln!(
+                s,
+                "\n{feature} on ÷ off (accelerated tier, paired): {}× the requests/s, {}× the p99",
+                cell(Some(rps), 3),
+                cell(Some(p99), 3)
+            );
+        }
     }
     if let Some(r) = report.sdk_over_transparent() {
         let _ = writeln!(
@@ -1853,7 +1869,7 @@ Transfer/sec:     11.26MB
         let boxes2 = plot::svg_check::text_boxes(&plot::svg(&fig2).unwrap()).unwrap();
         assert!(
             boxes2.iter().any(|b| b.text.starts_with(
-                "warning: busy machine, other processes above 10% of the CPU in 1 of 18 measured windows"
+                "warning: busy machine, other processes above 10% of the CPU in 1 of 21 measured windows"
             )),
             "{boxes2:?}"
         );
