@@ -409,8 +409,12 @@ fn privileged_membound_poll_fallback() {
     drop(meshd);
     assert_eq!(on.switches, 1, "{on:?}");
     assert!(on.at_switch > 16 * MIB && on.fallback_bytes > 0, "{on:?}");
+    // The poll's bound is the limit plus what the sender queues between a
+    // poll's reading and the switch (rate × interval: 78–138 MiB measured
+    // at 16 MiB), so only "it stops" is asserted: far below what the same
+    // stalled reader queues with the bound off (the test's 1 GiB cap).
     assert!(
-        on.receiver_r < on.at_switch + 32 * MIB,
+        on.receiver_r < 384 * MIB,
         "the receiver's memory kept growing after the switch: {on:?}"
     );
 }
