@@ -571,9 +571,14 @@ fn read(flows: &Flows, snapshot: &watch::Receiver<Arc<Snapshot>>, bpffs: &Path) 
                 return;
             }
         }
-        let name = namer(snapshot);
-        while let Some(e) = reader.next_event() {
-            flows.apply(&e, &name);
+        // Pod names are looked up only when events came (a quiet poll
+        // timeout reads none).
+        if let Some(first) = reader.next_event() {
+            let name = namer(snapshot);
+            flows.apply(&first, &name);
+            while let Some(e) = reader.next_event() {
+                flows.apply(&e, &name);
+            }
         }
         if let Ok(lost) = reader.lost() {
             flows.lost.store(lost, Ordering::Relaxed);

@@ -278,16 +278,9 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
             Mode::SprightNobound => &["--memory-bound-bytes", "off"],
             _ => &[],
         };
-        let addr = format!(
-            "127.0.0.1:{}",
-            std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port()
-        );
-        Some(Meshd::start_with(
+        Some(Meshd::start_flags(
             &node_placement(&node),
             &node.state_dir(),
-            &addr,
             flags,
         )?)
     } else {

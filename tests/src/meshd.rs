@@ -28,8 +28,17 @@ impl Meshd {
 
     /// Starts meshd on a free loopback port and waits until it is ready.
     pub fn start(placement: &spright_ebpf::Placement, state_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_flags(placement, state_dir, &[])
+    }
+
+    /// Starts meshd on a free loopback port with extra flags.
+    pub fn start_flags(
+        placement: &spright_ebpf::Placement,
+        state_dir: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        Self::start_on(placement, state_dir, &format!("127.0.0.1:{port}"))
+        Self::start_with(placement, state_dir, &format!("127.0.0.1:{port}"), extra)
     }
 
     /// Starts meshd on `addr` (e.g. to restart it where it was).
