@@ -248,6 +248,22 @@ impl Drop for Podman {
     }
 }
 
+/// Free space and inodes of the file systems holding `paths` (`df`), for
+/// errors from tools that hide why a write failed.
+pub fn disk_report(paths: &[&Path]) -> String {
+    let out = Command::new("df")
+        .args(["-h", "--output=target,size,avail,iavail"])
+        .args(paths)
+        .output();
+    match out {
+        Ok(o) => format!(
+            "disk at the time: {}",
+            String::from_utf8_lossy(&o.stdout).trim().replace('\n', "; ")
+        ),
+        Err(e) => format!("df failed: {e}"),
+    }
+}
+
 /// stdout of a finished command, or an error with its stderr.
 pub fn check(out: &Output, what: &str) -> anyhow::Result<String> {
     if !out.status.success() {

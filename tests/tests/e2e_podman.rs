@@ -301,18 +301,34 @@ fn e2e_image_runs_meshd_and_installs_the_cni() {
         "podman --root {d}/root --runroot {d}/runroot",
         d = s.podman.dir.display()
     );
-    let out = std::process::Command::new(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/image/build.sh"),
-    )
-    .env("PROFILE", bin_dir.file_name().unwrap())
-    .env("TARGET", bin_dir.parent().unwrap())
-    .env("PODMAN", &podman_cmd)
-    .env("CONTAINERS_CONF", s.podman.dir.join("containers.conf"))
-    .env("CONTAINERS_STORAGE_CONF", s.podman.dir.join("storage.conf"))
-    .env("TMPDIR", s.base.dir.path())
-    .output()
-    .unwrap();
-    let built = runtime::check(&out, "manifests/image/build.sh").unwrap();
+    let build = || {
+        let out = std::process::Command::new(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/image/build.sh"),
+        )
+        .env("PROFILE", bin_dir.file_name().unwrap())
+        .env("TARGET", bin_dir.parent().unwrap())
+        .env("PODMAN", &podman_cmd)
+        .env("CONTAINERS_CONF", s.podman.dir.join("containers.conf"))
+        .env("CONTAINERS_STORAGE_CONF", s.podman.dir.join("storage.conf"))
+        .env("TMPDIR", s.base.dir.path())
+        .output()
+        .unwrap();
+        runtime::check(&out, "manifests/image/build.sh")
+    };
+    // podman's commit streams each layer through a pipe into a file and
+    // reports any failure of that copy (a full disk included) only as
+    // "read/write on closed pipe". One CI run saw it once; so the build is
+    // tried a second time, and a second failure says how much disk there was.
+    let built = build()
+        .or_else(|e| {
+            let disk = runtime::disk_report(&[s.base.dir.path(), &s.podman.dir]);
+            if !format!("{e:#}").contains("closed pipe") {
+                return Err(e.context(disk));
+            }
+            eprintln!("image build failed once, trying again ({disk}): {e:#}");
+            build().map_err(|e| e.context(runtime::disk_report(&[s.base.dir.path(), &s.podman.dir])))
+        })
+        .unwrap();
     assert_eq!(built.trim(), image);
 
     // `spright install-cni --once` from the image, as the DaemonSet's init
