@@ -76,6 +76,18 @@ pub const ANNOTATION_PLACEMENT: &str = "spright.dev/placement";
 pub const LABEL_CHAIN: &str = "spright.dev/chain";
 /// Where spright-webhook mounts the shared-memory volume by default.
 pub const DEFAULT_SHM_PATH: &str = "/dev/shm/spright";
+/// Pod annotation opting a chain pod in to the preload shim (`"true"`):
+/// spright-webhook mounts the node's copy of `libspright_preload.so` into
+/// every container and sets `LD_PRELOAD`, and meshd checks that the pod's
+/// processes loaded it (docs/RELIABILITY.md, "Preload shim").
+pub const ANNOTATION_PRELOAD: &str = "spright.dev/preload";
+/// The preload shim's file name.
+pub const PRELOAD_SHIM: &str = "libspright_preload.so";
+/// Where meshd publishes the shim under its state directory (on the host:
+/// `/var/lib/spright/preload/`), for spright-webhook's hostPath volume.
+pub const PRELOAD_DIR: &str = "preload";
+/// Where spright-webhook mounts that directory in a container.
+pub const PRELOAD_MOUNT: &str = "/opt/spright/preload";
 /// CNI spec versions spright-cni speaks, oldest first. install-cni chains
 /// spright only into conflists of one of these versions.
 pub const CNI_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];

@@ -224,6 +224,7 @@ mod tests {
                 chain: chain.map(str::to_owned),
                 function: None,
                 redirect: true,
+                preload: false,
             },
             terminating: false,
         }

@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ANNOTATION_CHAIN, ANNOTATION_FUNCTION, ANNOTATION_REDIRECT, Error, validate_chain};
+use crate::{
+    ANNOTATION_CHAIN, ANNOTATION_FUNCTION, ANNOTATION_PRELOAD, ANNOTATION_REDIRECT, Error,
+    validate_chain,
+};
 
 /// What a pod's annotations ask of spright.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,6 +22,10 @@ pub struct Annotated {
     pub function: Option<String>,
     /// `false` when `spright.dev/redirect` is `off` (any case).
     pub redirect: bool,
+    /// `spright.dev/preload` is `true` (any case): the pod opted in to the
+    /// preload shim.
+    #[serde(default)]
+    pub preload: bool,
 }
 
 impl Annotated {
@@ -34,6 +41,7 @@ impl Annotated {
             chain,
             function: present(ANNOTATION_FUNCTION),
             redirect: !get(ANNOTATION_REDIRECT).is_some_and(|v| v.eq_ignore_ascii_case("off")),
+            preload: get(ANNOTATION_PRELOAD).is_some_and(|v| v.eq_ignore_ascii_case("true")),
         })
     }
 }

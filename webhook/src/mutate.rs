@@ -9,6 +9,11 @@
 //!   [`VOLUME_NAME`], mounted at `/dev/shm/spright` (or
 //!   `spright.dev/shm-path`) in every container and in the init containers
 //!   `spright.dev/shm-containers` names;
+//! - with `spright.dev/preload: "true"`, the node's copy of the preload
+//!   shim: a read-only hostPath volume [`PRELOAD_VOLUME`] of meshd's
+//!   `/var/lib/spright/preload` mounted at `/opt/spright/preload` in every
+//!   container, whose `LD_PRELOAD` gets the shim (added, or appended to the
+//!   container's own value);
 //! - a pod affinity to the chain's pods in the namespace on one node
 //!   (`kubernetes.io/hostname`): preferred (weight 100) by default,
 //!   required with `spright.dev/placement: required`, none with `none`.
@@ -23,22 +28,28 @@ use std::collections::BTreeMap;
 use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation, jsonptr::PointerBuf};
 use k8s_openapi::{
     api::core::v1::{
-        Affinity, CSIVolumeSource, Container, Pod, PodAffinity, PodAffinityTerm, PodSpec, Volume,
-        VolumeMount, WeightedPodAffinityTerm,
+        Affinity, CSIVolumeSource, Container, EnvVar, HostPathVolumeSource, Pod, PodAffinity,
+        PodAffinityTerm, PodSpec, Volume, VolumeMount, WeightedPodAffinityTerm,
     },
     apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
 use spright_endpoint::{
-    ANNOTATION_CHAIN, ANNOTATION_PLACEMENT, ANNOTATION_SHM, ANNOTATION_SHM_CONTAINERS,
-    ANNOTATION_SHM_PATH, Annotated, DEFAULT_SHM_PATH, LABEL_CHAIN,
+    ANNOTATION_CHAIN, ANNOTATION_PLACEMENT, ANNOTATION_PRELOAD, ANNOTATION_SHM,
+    ANNOTATION_SHM_CONTAINERS, ANNOTATION_SHM_PATH, Annotated, DEFAULT_SHM_PATH, LABEL_CHAIN,
+    PRELOAD_MOUNT, PRELOAD_SHIM,
 };
 
 use crate::review::{AdmissionRequest, AdmissionResponse, AdmissionReview, GroupVersionKind};
 
 /// Name of the volume the webhook adds.
 pub const VOLUME_NAME: &str = "spright-shm";
+/// Name of the preload shim's volume.
+pub const PRELOAD_VOLUME: &str = "spright-preload";
+/// Where meshd publishes the shim on each node (its default state
+/// directory's `preload/`).
+pub const PRELOAD_HOST_DIR: &str = "/var/lib/spright/preload";
 /// The CSI driver of the chain's shared memory (shm-csi's own name).
 pub const CSI_DRIVER: &str = shm_csi::service::DRIVER_NAME;
 /// Node-level co-location.
@@ -73,6 +84,8 @@ pub struct Wanted {
     pub chain: String,
     pub shm: Option<Shm>,
     pub placement: Placement,
+    /// `spright.dev/preload: "true"`.
+    pub preload: bool,
 }
 
 /// Why a Pod is refused. The message names the annotation (or the part of
@@ -134,6 +147,18 @@ pub fn wanted(annotations: &BTreeMap<String, String>) -> Result<Option<Wanted>, 
             ));
         }
     };
+    let preload = match get(ANNOTATION_PRELOAD) {
+        None => false,
+        Some(v) if v.eq_ignore_ascii_case("true") => true,
+        Some(v) if v.eq_ignore_ascii_case("false") => false,
+        Some(v) => {
+            return Err(Refusal::bad(
+                ANNOTATION_PRELOAD,
+                v,
+                "is not \"true\" or \"false\"",
+            ));
+        }
+    };
     let size = match get(ANNOTATION_SHM) {
         None | Some("false") => None,
         Some("true") => Some(None),
@@ -171,6 +196,7 @@ pub fn wanted(annotations: &BTreeMap<String, String>) -> Result<Option<Wanted>, 
             init_containers,
         }),
         placement,
+        preload,
     }))
 }
 
@@ -205,6 +231,9 @@ pub fn mutate_pod(object: &Value) -> Result<Option<Patch>, Refusal> {
         volume(spec, &want.chain, shm, &mut ops)?;
     }
     check_foreign_volumes(spec, &want.chain)?;
+    if want.preload {
+        preload(spec, &mut ops)?;
+    }
     affinity(spec, &want, &mut ops);
     Ok(Some(Patch(ops)))
 }
@@ -439,6 +468,120 @@ fn volume(
     Ok(())
 }
 
+/// The preload shim's volume, its mount and `LD_PRELOAD` in every (regular)
+/// container.
+fn preload(spec: &PodSpec, ops: &mut Vec<PatchOperation>) -> Result<(), Refusal> {
+    let conflict = |why: String| Refusal::Conflict {
+        annotation: ANNOTATION_PRELOAD,
+        why,
+    };
+    let volumes = spec.volumes.as_deref().unwrap_or_default();
+    match volumes.iter().find(|v| v.name == PRELOAD_VOLUME) {
+        Some(v)
+            if v.host_path
+                .as_ref()
+                .is_some_and(|h| h.path == PRELOAD_HOST_DIR) => {}
+        Some(_) => {
+            return Err(conflict(format!(
+                "the Pod already has a volume named {PRELOAD_VOLUME:?} that is not the hostPath {PRELOAD_HOST_DIR}"
+            )));
+        }
+        None => {
+            let v = Volume {
+                name: PRELOAD_VOLUME.to_owned(),
+                host_path: Some(HostPathVolumeSource {
+                    path: PRELOAD_HOST_DIR.to_owned(),
+                    type_: Some("Directory".to_owned()),
+                }),
+                ..Volume::default()
+            };
+            match &spec.volumes {
+                None => add(ops, &["spec", "volumes"], json!([to_value(&v)])),
+                Some(_) => add(ops, &["spec", "volumes", "-"], to_value(&v)),
+            }
+        }
+    }
+    let mount = VolumeMount {
+        name: PRELOAD_VOLUME.to_owned(),
+        mount_path: PRELOAD_MOUNT.to_owned(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    };
+    let shim = format!("{PRELOAD_MOUNT}/{PRELOAD_SHIM}");
+    for (i, c) in spec.containers.iter().enumerate() {
+        let index = i.to_string();
+        let mounts = c.volume_mounts.as_deref().unwrap_or_default();
+        if !mounts.iter().any(|m| m.name == PRELOAD_VOLUME) {
+            if let Some(m) = mounts.iter().find(|m| m.mount_path == PRELOAD_MOUNT) {
+                return Err(conflict(format!(
+                    "container {:?} already mounts volume {:?} at {PRELOAD_MOUNT}",
+                    c.name, m.name
+                )));
+            }
+            match &c.volume_mounts {
+                None => add(
+                    ops,
+                    &["spec", "containers", &index, "volumeMounts"],
+                    json!([to_value(&mount)]),
+                ),
+                Some(_) => add(
+                    ops,
+                    &["spec", "containers", &index, "volumeMounts", "-"],
+                    to_value(&mount),
+                ),
+            }
+        }
+        let env = c.env.as_deref().unwrap_or_default();
+        match env.iter().position(|e| e.name == "LD_PRELOAD") {
+            None => {
+                let var = EnvVar {
+                    name: "LD_PRELOAD".to_owned(),
+                    value: Some(shim.clone()),
+                    value_from: None,
+                };
+                match &c.env {
+                    None => add(
+                        ops,
+                        &["spec", "containers", &index, "env"],
+                        json!([to_value(&var)]),
+                    ),
+                    Some(_) => add(
+                        ops,
+                        &["spec", "containers", &index, "env", "-"],
+                        to_value(&var),
+                    ),
+                }
+            }
+            Some(k) if env[k].value_from.is_some() => {
+                return Err(conflict(format!(
+                    "container {:?} takes LD_PRELOAD from valueFrom, which spright cannot add the shim to",
+                    c.name
+                )));
+            }
+            Some(k) => {
+                let own = env[k].value.as_deref().unwrap_or_default();
+                if own.split([' ', ':']).any(|p| p == shim) {
+                    continue;
+                }
+                // The container's own libraries first; the loader reads
+                // spaces and colons alike.
+                let value = if own.trim().is_empty() {
+                    shim.clone()
+                } else {
+                    format!("{own}:{shim}")
+                };
+                // `add` on an object member sets it, present or not.
+                add(
+                    ops,
+                    &["spec", "containers", &index, "env", &k.to_string(), "value"],
+                    json!(value),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The term that selects the chain's pods in the Pod's namespace on the
 /// same node.
 pub fn chain_term(chain: &str) -> PodAffinityTerm {
@@ -571,6 +714,90 @@ mod tests {
         // somebody else's business.
         let odd = pod(&json!({ "other": "x" }), &json!({ "containers": "weird" }));
         assert_eq!(mutate_pod(&odd).unwrap(), None);
+    }
+
+    #[test]
+    fn preload_mounts_the_nodes_shim_and_sets_ld_preload_in_every_container() {
+        let ann = json!({ "spright.dev/chain": "demo", "spright.dev/preload": "true" });
+        let spec = json!({
+            "initContainers": [{ "name": "setup", "image": "busybox:1.36" }],
+            "containers": [
+                { "name": "plain", "image": "app:1" },
+                { "name": "own", "image": "app:1",
+                  "env": [{ "name": "A", "value": "1" }, { "name": "LD_PRELOAD", "value": "/lib/libjemalloc.so" }],
+                  "volumeMounts": [{ "name": "data", "mountPath": "/data" }] },
+            ],
+            "volumes": [{ "name": "data", "emptyDir": {} }],
+        });
+        let out = settled(&pod(&ann, &spec));
+        let shim = "/opt/spright/preload/libspright_preload.so";
+        assert_eq!(
+            out["spec"]["volumes"][1],
+            json!({ "name": "spright-preload",
+                    "hostPath": { "path": "/var/lib/spright/preload", "type": "Directory" } })
+        );
+        let mount = json!({ "name": "spright-preload", "mountPath": "/opt/spright/preload", "readOnly": true });
+        let plain = &out["spec"]["containers"][0];
+        assert_eq!(plain["volumeMounts"], json!([mount]));
+        assert_eq!(
+            plain["env"],
+            json!([{ "name": "LD_PRELOAD", "value": shim }])
+        );
+        let own = &out["spec"]["containers"][1];
+        assert_eq!(own["volumeMounts"][1], mount);
+        assert_eq!(
+            own["env"][1],
+            json!({ "name": "LD_PRELOAD", "value": format!("/lib/libjemalloc.so:{shim}") })
+        );
+        assert!(
+            out["spec"]["initContainers"][0]["env"].is_null(),
+            "init containers serve no traffic: {out:#}"
+        );
+        // "false", or no annotation: nothing of the shim.
+        for off in [
+            json!({ "spright.dev/chain": "demo", "spright.dev/preload": "False" }),
+            json!({ "spright.dev/chain": "demo" }),
+        ] {
+            let out = settled(&pod(&off, &one_container()));
+            assert!(out["spec"]["containers"][0]["env"].is_null(), "{out:#}");
+        }
+    }
+
+    #[test]
+    fn preload_conflicts_are_refused_naming_the_annotation() {
+        let ann = json!({ "spright.dev/chain": "demo", "spright.dev/preload": "true" });
+        let cases = [
+            (
+                json!({ "containers": [{ "name": "m", "image": "a",
+                    "env": [{ "name": "LD_PRELOAD", "valueFrom": { "configMapKeyRef": { "name": "c", "key": "k" } } }] }] }),
+                "valueFrom",
+            ),
+            (
+                json!({ "containers": [{ "name": "m", "image": "a" }],
+                        "volumes": [{ "name": "spright-preload", "emptyDir": {} }] }),
+                "not the hostPath",
+            ),
+            (
+                json!({ "containers": [{ "name": "m", "image": "a",
+                    "volumeMounts": [{ "name": "x", "mountPath": "/opt/spright/preload" }] }],
+                        "volumes": [{ "name": "x", "emptyDir": {} }] }),
+                "already mounts",
+            ),
+        ];
+        for (spec, why) in cases {
+            let e = mutate_pod(&pod(&ann, &spec)).unwrap_err().to_string();
+            assert!(e.contains("spright.dev/preload") && e.contains(why), "{e}");
+        }
+        let e = mutate_pod(&pod(
+            &json!({ "spright.dev/chain": "demo", "spright.dev/preload": "yes" }),
+            &one_container(),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("spright.dev/preload") && e.contains("\"yes\""),
+            "{e}"
+        );
     }
 
     #[test]
