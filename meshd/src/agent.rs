@@ -106,6 +106,16 @@ impl Agent {
         info!(verdict = %selftest.verdict, trials = selftest.trials, eagain_trials = selftest.eagain_trials,
               detail = ?selftest.detail, "self-test: blocking recv() EAGAIN on the redirect path");
         publish_selftest(&config.state_dir, &selftest);
+        match crate::preload::publish(&config.preload_shim, &config.state_dir) {
+            Ok(Some(at)) => {
+                info!(at = %at.display(), "published the preload shim for spright.dev/preload pods");
+            }
+            Ok(None) => info!(shim = %config.preload_shim.display(),
+                              "no preload shim to publish (--preload-shim): spright.dev/preload pods find none"),
+            Err(e) => {
+                warn!(shim = %config.preload_shim.display(), error = %e, "publishing the preload shim");
+            }
+        }
         Self {
             config,
             dp,

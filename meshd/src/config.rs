@@ -52,6 +52,20 @@ pub enum Mode {
     Off,
 }
 
+/// When meshd checks that pods opted in to the preload shim loaded it,
+/// from `--preload-check`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PreloadCheck {
+    /// Only when the self-test found this kernel `affected` (where the shim
+    /// is needed).
+    Auto,
+    /// Whatever the self-test said.
+    Always,
+    /// Never.
+    Off,
+}
+
 /// Environment twins of the flags.
 pub mod env {
     pub const CGROUP: &str = "SPRIGHT_CGROUP";
@@ -73,7 +87,13 @@ pub mod env {
     pub const MEMORY_BOUND_BYTES: &str = "SPRIGHT_MEMORY_BOUND_BYTES";
     pub const MEMORY_BOUND_INTERVAL_MS: &str = "SPRIGHT_MEMORY_BOUND_INTERVAL_MS";
     pub const MEMORY_BOUND_POLL: &str = "SPRIGHT_MEMORY_BOUND_POLL";
+    pub const PRELOAD_SHIM: &str = "SPRIGHT_PRELOAD_SHIM";
+    pub const PRELOAD_CHECK: &str = "SPRIGHT_PRELOAD_CHECK";
+    pub const HOST_PROC: &str = "SPRIGHT_HOST_PROC";
 }
+
+/// Where the node image carries the preload shim.
+pub const DEFAULT_PRELOAD_SHIM: &str = "/usr/local/lib/spright/libspright_preload.so";
 
 /// spright's node agent.
 #[derive(Clone, Debug, Parser, Serialize)]
@@ -169,6 +189,20 @@ pub struct Config {
           default_value_t = DEFAULT_MEMORY_BOUND_INTERVAL_MS,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub memory_bound_interval_ms: u64,
+    /// The preload shim meshd publishes to `<state-dir>/preload/` at start,
+    /// where spright-webhook's volume for `spright.dev/preload` pods finds
+    /// it (a missing file is logged; see preload.rs)
+    #[arg(long, env = env::PRELOAD_SHIM, value_name = "FILE", default_value = DEFAULT_PRELOAD_SHIM)]
+    pub preload_shim: PathBuf,
+    /// When to check that the processes of pods with `spright.dev/preload:
+    /// "true"` loaded the shim, with a Warning event on each pod whose
+    /// program cannot (with the API and --node-name)
+    #[arg(long, env = env::PRELOAD_CHECK, value_name = "WHEN", value_enum, default_value = "auto")]
+    pub preload_check: PreloadCheck,
+    /// The host's /proc (the DaemonSet mounts it at /host/proc): where the
+    /// preload check finds the pods' processes
+    #[arg(long, env = env::HOST_PROC, value_name = "DIR", default_value = "/proc")]
+    pub host_proc: PathBuf,
     /// Print the effective configuration as JSON and exit
     #[arg(long)]
     #[serde(skip)]

@@ -9,6 +9,12 @@
 //!   scheduler spread over nodes (`spright.dev/placement`).
 //! - `RedirectOptedOut` (Normal): the pod is in a chain with
 //!   `spright.dev/redirect: off`, so its connections stay on TCP.
+//! - `PreloadShimNotLoaded` (Warning): the pod opted in to the preload shim
+//!   (`spright.dev/preload: "true"`), but a process whose `LD_PRELOAD`
+//!   names it did not load it (a static or musl program, the file missing:
+//!   preload.rs), on a node whose self-test found blocking reads on the
+//!   redirect path `affected` (`--preload-check always`: on any node).
+//!   Checked every 5 s.
 //!
 //! Each is published once while its condition holds (again if it clears
 //! and comes back), through kube-rs' event recorder (`events.k8s.io/v1`,
@@ -17,6 +23,8 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -28,12 +36,15 @@ use kube::{
 use spright_endpoint::{ANNOTATION_CHAIN, ANNOTATION_PLACEMENT, ANNOTATION_REDIRECT, PodInfo};
 use tracing::{info, warn};
 
-use crate::kube_source::Published;
+use crate::{config::PreloadCheck, kube_source::Published, snapshot::Snapshot};
 
 /// Reason of the event for a pod alone in its chain on this node.
 pub const NO_LOCAL_PEER: &str = "ChainHasNoLocalPeer";
 /// Reason of the event for a chain pod that opted out of the redirect.
 pub const OPTED_OUT: &str = "RedirectOptedOut";
+/// Reason of the event for a pod whose processes did not load the preload
+/// shim it opted in to.
+pub const PRELOAD_NOT_LOADED: &str = "PreloadShimNotLoaded";
 /// The events' reporting controller.
 pub const CONTROLLER: &str = "spright-meshd";
 
@@ -108,6 +119,58 @@ pub fn notices<'a>(pods: impl Iterator<Item = &'a PodInfo>, node: &str) -> Vec<N
     out
 }
 
+/// The preload events the pods of `node` call for now: each chain pod with
+/// `spright.dev/preload: "true"` and a record in `snap` (its network
+/// namespace) whose processes, found under `host_proc`, did not load the
+/// shim. None when `check` says not to look on this node.
+pub fn preload_notices<'a>(
+    pods: impl Iterator<Item = &'a PodInfo>,
+    node: &str,
+    snap: &Snapshot,
+    check: PreloadCheck,
+    host_proc: &Path,
+) -> Vec<Notice> {
+    let verdict = snap
+        .selftest
+        .as_ref()
+        .map_or("not run", |r| r.verdict.as_str());
+    match check {
+        PreloadCheck::Off => return Vec::new(),
+        PreloadCheck::Auto if verdict != "affected" => return Vec::new(),
+        PreloadCheck::Auto | PreloadCheck::Always => {}
+    }
+    let mut out = Vec::new();
+    for p in pods.filter(|p| {
+        !p.terminating
+            && p.node_name.as_deref() == Some(node)
+            && p.annotated.chain.is_some()
+            && p.annotated.preload
+    }) {
+        let netns = snap.records.iter().find(|r| {
+            r.pod.namespace == p.namespace
+                && r.pod.name == p.name
+                && Path::new(&r.netns).is_absolute()
+        });
+        let Some(record) = netns else { continue };
+        match crate::preload::unloaded(host_proc, Path::new(&record.netns)) {
+            Ok(u) if u.is_empty() => {}
+            Ok(u) => out.push(Notice {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                uid: p.uid.clone(),
+                reason: PRELOAD_NOT_LOADED,
+                warning: true,
+                note: crate::preload::note(&u, verdict),
+            }),
+            // The pod's namespace went away meanwhile.
+            Err(e) => {
+                tracing::debug!(pod = %p.key(), error = %e, "preload check");
+            }
+        }
+    }
+    out
+}
+
 /// What is due: the notices whose condition has held long enough and that
 /// were not published yet. Keeps the bookkeeping of when each began.
 #[derive(Debug, Default)]
@@ -158,7 +221,9 @@ pub async fn run(
     client: Client,
     node: String,
     mut api: tokio::sync::watch::Receiver<Published>,
+    snapshot: tokio::sync::watch::Receiver<Arc<Snapshot>>,
     lonely_after: Duration,
+    preload: (PreloadCheck, PathBuf),
 ) {
     let recorder = Recorder::new(
         client,
@@ -169,6 +234,9 @@ pub async fn run(
     );
     let mut schedule = Schedule::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The preload check reads /proc: every 5 ticks, kept in between.
+    let mut preloads: Vec<Notice> = Vec::new();
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             changed = api.changed() => if changed.is_err() { return },
@@ -180,7 +248,19 @@ pub async fn run(
         if !objects.synced() {
             continue;
         }
-        let due = schedule.due(notices(objects.pods(), &node), Instant::now(), lonely_after);
+        if ticks.is_multiple_of(5) && preload.0 != PreloadCheck::Off {
+            let snap = snapshot.borrow().clone();
+            let (objects, node, preload) = (objects.clone(), node.clone(), preload.clone());
+            let found = tokio::task::spawn_blocking(move || {
+                preload_notices(objects.pods(), &node, &snap, preload.0, &preload.1)
+            })
+            .await;
+            preloads = found.unwrap_or_default();
+        }
+        ticks += 1;
+        let mut current = notices(objects.pods(), &node);
+        current.extend(preloads.iter().cloned());
+        let due = schedule.due(current, Instant::now(), lonely_after);
         for n in due {
             let event = Event {
                 type_: if n.warning {
@@ -229,6 +309,7 @@ mod tests {
                 chain: chain.map(str::to_owned),
                 function: None,
                 redirect,
+                preload: false,
             },
             terminating: false,
         }
@@ -267,6 +348,40 @@ mod tests {
             "{}",
             n[0].note
         );
+    }
+
+    #[test]
+    fn the_preload_check_runs_where_the_self_test_asks_for_it() {
+        let mut p = pod("p", "n1", Some("c"), true);
+        p.annotated.preload = true;
+        let verdict = |v: &str| Snapshot {
+            selftest: Some(crate::selftest::Report {
+                verdict: v.into(),
+                ..crate::selftest::Report::default()
+            }),
+            ..Snapshot::default()
+        };
+        let proc_root = Path::new("/nonexistent-proc");
+        // Not affected: auto does not look (an unreadable /proc would show).
+        for check in [PreloadCheck::Auto, PreloadCheck::Off] {
+            let n = preload_notices(
+                [&p].into_iter(),
+                "n1",
+                &verdict("not-affected"),
+                check,
+                proc_root,
+            );
+            assert!(n.is_empty());
+        }
+        // Affected, but the pod has no record on this node yet: nothing.
+        let n = preload_notices(
+            [&p].into_iter(),
+            "n1",
+            &verdict("affected"),
+            PreloadCheck::Auto,
+            proc_root,
+        );
+        assert!(n.is_empty());
     }
 
     #[test]

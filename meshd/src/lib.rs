@@ -18,6 +18,7 @@ pub mod kube_source;
 pub mod membound;
 pub mod metrics;
 pub mod pod_network;
+pub mod preload;
 pub mod selftest;
 pub mod services;
 pub mod snapshot;

@@ -139,6 +139,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let node = config.node_name.clone();
         let watch_nodes = config.manages_pod_network();
         let lonely_secs = config.lonely_pod_secs;
+        let snapshot_events = reader.snapshot.clone();
+        let preload = (config.preload_check, config.host_proc.clone());
         async move {
             match kube {
                 Some(client) => {
@@ -149,7 +151,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
                             client.clone(),
                             node,
                             api_tx.subscribe(),
+                            snapshot_events,
                             Duration::from_secs(lonely_secs),
+                            preload,
                         ));
                     }
                     meshd::kube_source::run(client, node, watch_nodes, api_tx, trigger).await;

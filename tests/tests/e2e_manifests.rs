@@ -427,6 +427,14 @@ fn meshd_env_and_mounts_match_what_meshd_reads() {
     );
     assert!(mounted_same(spec, meshd, cm["state-dir"].as_str().unwrap()).is_some());
     assert!(mounted_same(spec, meshd, "/sys/fs/cgroup").is_some());
+    // The preload check reads the host's processes where meshd looks.
+    let host_proc = cm["host-proc"].as_str().unwrap();
+    assert_eq!(effective["host_proc"], host_proc);
+    assert_eq!(
+        host_mounts(spec, meshd).get(host_proc).map(|m| m.0.as_str()),
+        Some("/proc"),
+        "meshd must see the host's /proc at {host_proc}"
+    );
     assert_eq!(meshd["securityContext"]["privileged"], true);
 
     // Prometheus finds the metrics-only listener: the named port and the
