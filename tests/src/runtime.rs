@@ -258,7 +258,9 @@ pub fn disk_report(paths: &[&Path]) -> String {
     match out {
         Ok(o) => format!(
             "disk at the time: {}",
-            String::from_utf8_lossy(&o.stdout).trim().replace('\n', "; ")
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .replace('\n', "; ")
         ),
         Err(e) => format!("df failed: {e}"),
     }

@@ -301,7 +301,7 @@ fn e2e_image_runs_meshd_and_installs_the_cni() {
         "podman --root {d}/root --runroot {d}/runroot",
         d = s.podman.dir.display()
     );
-    let build = || {
+    let build_image = || {
         let out = std::process::Command::new(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/image/build.sh"),
         )
@@ -319,14 +319,15 @@ fn e2e_image_runs_meshd_and_installs_the_cni() {
     // reports any failure of that copy (a full disk included) only as
     // "read/write on closed pipe". One CI run saw it once; so the build is
     // tried a second time, and a second failure says how much disk there was.
-    let built = build()
+    let built = build_image()
         .or_else(|e| {
             let disk = runtime::disk_report(&[s.base.dir.path(), &s.podman.dir]);
             if !format!("{e:#}").contains("closed pipe") {
                 return Err(e.context(disk));
             }
             eprintln!("image build failed once, trying again ({disk}): {e:#}");
-            build().map_err(|e| e.context(runtime::disk_report(&[s.base.dir.path(), &s.podman.dir])))
+            build_image()
+                .map_err(|e| e.context(runtime::disk_report(&[s.base.dir.path(), &s.podman.dir])))
         })
         .unwrap();
     assert_eq!(built.trim(), image);

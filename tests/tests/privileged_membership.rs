@@ -388,3 +388,146 @@ fn privileged_membership_events_name_what_the_owner_must_fix() {
         "{note}"
     );
 }
+
+/// Processes started in pod `ns` (by path), killed by pid when dropped.
+struct PodProcs(Vec<std::process::Child>);
+
+impl PodProcs {
+    fn spawn(&mut self, netns: &str, ld_preload: &str, program: &[&str]) {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", netns, "env"])
+            .arg(format!("LD_PRELOAD={ld_preload}"))
+            .args(program)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("pod process");
+        self.0.push(child);
+    }
+}
+
+impl Drop for PodProcs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The preload shim's Warning event, from real processes in pod network
+/// namespaces: a statically linked program (busybox) and a program whose
+/// `LD_PRELOAD` names a shim missing from its file system each put a
+/// `PreloadShimNotLoaded` event on their pod, naming the process and why;
+/// a glibc program that loaded the shim gets none, and nothing is published
+/// twice. meshd also publishes the shim for spright-webhook's volume.
+#[test]
+fn privileged_preload_event_names_the_program_that_cannot_load_the_shim() {
+    if !privileged::require("privileged_preload_event_names_the_program_that_cannot_load_the_shim")
+    {
+        return;
+    }
+    let mut sb = Sandbox::new("pl").expect("sandbox");
+    let state = tempfile::tempdir().expect("state dir");
+    let api = FakeApi::start().expect("API stand-in");
+    for i in 0..3 {
+        sb.add_pod().expect("pod");
+        sb.record_pod(state.path(), i, Some("c")).expect("record");
+        api.apply(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": format!("pod{i}"), "namespace": "default", "uid": format!("u{i}"),
+                          "annotations": { "spright.dev/chain": "c", "spright.dev/preload": "true" } },
+            "spec": { "nodeName": "node-a", "containers": [{ "name": "f", "image": "x" }] },
+        }));
+    }
+    let shim = spright_tests::sandbox::workspace_bin("libspright_preload.so");
+    assert!(
+        shim.exists(),
+        "{} not built (cargo build --workspace)",
+        shim.display()
+    );
+    let shim_s = shim.to_str().unwrap();
+    let mut procs = PodProcs(Vec::new());
+    let ns = |i: usize| sb.pods[i].ns.name.clone();
+    procs.spawn(&ns(0), shim_s, &["/bin/busybox", "sleep", "600"]);
+    procs.spawn(&ns(1), shim_s, &["sleep", "600"]);
+    procs.spawn(
+        &ns(2),
+        "/nonexistent/libspright_preload.so",
+        &["sleep", "600"],
+    );
+    let kubeconfig = api.kubeconfig(state.path()).expect("kubeconfig");
+    let meshd = Meshd::start_with(
+        &sb.placement(),
+        state.path(),
+        &free_addr(),
+        &[
+            "--no-selftest",
+            "--kubernetes",
+            "on",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--node-name",
+            "node-a",
+            "--preload-check",
+            "always",
+            "--preload-shim",
+            shim_s,
+        ],
+    )
+    .expect("meshd");
+    let published = state.path().join("preload/libspright_preload.so");
+    assert_eq!(
+        std::fs::read(&published).expect("meshd published the shim"),
+        std::fs::read(&shim).unwrap()
+    );
+    let preload_events = || -> Vec<Value> {
+        api.events()
+            .into_iter()
+            .filter(|e| e["reason"] == "PreloadShimNotLoaded")
+            .collect()
+    };
+    let deadline = Instant::now() + T;
+    while preload_events().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "events {:#?}\n{}",
+            api.events(),
+            meshd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Another round of the check (every 5 s): nothing new.
+    std::thread::sleep(Duration::from_secs(6));
+    let events = preload_events();
+    let mut pods: Vec<&str> = events
+        .iter()
+        .map(|e| e["regarding"]["name"].as_str().unwrap())
+        .collect();
+    pods.sort_unstable();
+    assert_eq!(pods, ["pod0", "pod2"], "{events:#?}\n{}", meshd.log_text());
+    let note = |pod: &str| {
+        let e = events
+            .iter()
+            .find(|e| e["regarding"]["name"] == pod)
+            .unwrap();
+        assert_eq!(e["type"], "Warning");
+        assert_eq!(e["regarding"]["namespace"], "default");
+        e["note"].as_str().unwrap().to_owned()
+    };
+    let busybox = procs.0[0].id();
+    let n0 = note("pod0");
+    assert!(
+        n0.contains(&format!(
+            "(pid {busybox}): the program is statically linked"
+        )),
+        "{n0}"
+    );
+    let n2 = note("pod2");
+    assert!(
+        n2.contains("/nonexistent/libspright_preload.so does not exist in the container"),
+        "{n2}"
+    );
+    drop(procs);
+}
