@@ -431,7 +431,9 @@ fn meshd_env_and_mounts_match_what_meshd_reads() {
     let host_proc = cm["host-proc"].as_str().unwrap();
     assert_eq!(effective["host_proc"], host_proc);
     assert_eq!(
-        host_mounts(spec, meshd).get(host_proc).map(|m| m.0.as_str()),
+        host_mounts(spec, meshd)
+            .get(host_proc)
+            .map(|m| m.0.as_str()),
         Some("/proc"),
         "meshd must see the host's /proc at {host_proc}"
     );

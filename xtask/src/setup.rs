@@ -61,6 +61,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "the C SDK's header and ABI test build warning-free and run under ASan/UBSan with clang as well as gcc (shm-csi/sdk/c/tests/c.rs)",
     ),
     (
+        "pkgconf",
+        "pkg-config: the C SDK's install test builds a function with `pkg-config --cflags --libs spright_shm`",
+    ),
+    (
         "libclang-rt-14-dev",
         "clang's ASan/UBSan runtime for that test (clang only recommends it; setup installs without recommends)",
     ),

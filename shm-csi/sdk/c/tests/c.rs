@@ -117,3 +117,96 @@ fn every_call_and_every_error_under_sanitizers() {
             .env("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1"));
     }
 }
+
+/// install.sh as a user runs it: into a prefix, then a function (the
+/// example) built with nothing but `pkg-config --cflags --libs spright_shm`
+/// and run against the installed library. Bad options are refused with
+/// the usage, and nothing is installed without the built library.
+#[test]
+fn install_sh_gives_a_prefix_that_pkg_config_builds_against() {
+    if !have("pkg-config") || !have("gcc") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = tmp.path().join("usr");
+    let script = crate_dir().join("install.sh");
+    let from = lib_dir();
+    let install = |args: &[&std::ffi::OsStr]| Command::new(&script).args(args).output().unwrap();
+    let out = install(&[
+        "--prefix".as_ref(),
+        prefix.as_os_str(),
+        "--from".as_ref(),
+        from.as_os_str(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    for f in [
+        "include/spright_shm.h",
+        "lib/libspright_shm.so",
+        "lib/libspright_shm.a",
+        "lib/pkgconfig/spright_shm.pc",
+    ] {
+        assert!(prefix.join(f).is_file(), "{f} not installed");
+        assert!(
+            listed.contains(&prefix.join(f).display().to_string()),
+            "{listed}"
+        );
+    }
+    let pc = Command::new("pkg-config")
+        .args(["--cflags", "--libs", "spright_shm"])
+        .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig"))
+        .output()
+        .unwrap();
+    assert!(
+        pc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pc.stderr)
+    );
+    let flags = String::from_utf8_lossy(&pc.stdout).into_owned();
+    assert!(
+        flags.contains(&format!("-I{}", prefix.join("include").display())),
+        "{flags}"
+    );
+    let exe = tmp.path().join("shout");
+    run(Command::new("gcc")
+        .args(WARNINGS)
+        .arg(crate_dir().join("examples/shout.c"))
+        .args(flags.split_whitespace())
+        .arg("-o")
+        .arg(&exe));
+    // It runs on the installed library: no chain region here, so it says
+    // why and stops.
+    let ran = Command::new(&exe)
+        .env("LD_LIBRARY_PATH", prefix.join("lib"))
+        .output()
+        .unwrap();
+    assert_eq!(ran.status.code(), Some(1), "{ran:?}");
+    assert!(!ran.stderr.is_empty(), "{ran:?}");
+
+    // Refusals: a bad option, a relative prefix, no built library.
+    let bad = install(&["--prefx".as_ref(), "/x".as_ref()]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown option --prefx"));
+    let relative = install(&["--prefix".as_ref(), "usr".as_ref()]);
+    assert_eq!(relative.status.code(), Some(2));
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let unbuilt = install(&[
+        "--prefix".as_ref(),
+        tmp.path().join("other").as_os_str(),
+        "--from".as_ref(),
+        empty.as_os_str(),
+    ]);
+    assert_eq!(unbuilt.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&unbuilt.stderr).contains("cargo build --release -p spright-shm-c")
+    );
+    assert!(
+        !tmp.path().join("other").exists(),
+        "nothing installed without the library"
+    );
+}
