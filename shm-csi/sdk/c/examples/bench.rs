@@ -19,11 +19,13 @@
 //! Each server is its own process. Rounds run every path at every size, the
 //! order rotated round to round; a path's latency is the median over rounds
 //! of its per-round p50, and its ratios are the medians of its per-round
-//! ratios to the same round's `tcp` and `rust`. Not pinned to CPUs: on a
-//! shared machine, compare the ratios, not the absolute numbers.
+//! ratios to the same round's `tcp` and `rust`. The client runs pinned to
+//! one CPU and every server to another (`--cpus CLIENT,SERVER`, default
+//! `0,1`; `--cpus none` leaves placement to the scheduler), so each path
+//! gets the same two CPUs.
 //!
 //! ```text
-//! bench [--lang c,python] [--python PY] [--rounds N] [--quick]
+//! bench [--lang c,python] [--python PY] [--rounds N] [--quick] [--cpus C,S|none]
 //! bench serve tcp|rust POOL          (a server; prints its port)
 //! ```
 
@@ -52,6 +54,7 @@ fn main() -> Result<()> {
     let mut python = None;
     let mut rounds = 3;
     let mut quick = false;
+    let mut cpus = Some((0, 1));
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -67,6 +70,17 @@ fn main() -> Result<()> {
             "--python" => python = Some(it.next().ok_or("--python needs a path")?.clone()),
             "--rounds" => rounds = it.next().ok_or("--rounds needs N")?.parse()?,
             "--quick" => quick = true,
+            "--cpus" => {
+                let v = it.next().ok_or("--cpus needs CLIENT,SERVER or none")?;
+                cpus = match v.split_once(',') {
+                    _ if v == "none" => None,
+                    Some((c, s)) => Some((
+                        c.parse().map_err(|e| format!("--cpus {v}: {e}"))?,
+                        s.parse().map_err(|e| format!("--cpus {v}: {e}"))?,
+                    )),
+                    None => return Err(format!("--cpus {v}: CLIENT,SERVER or none").into()),
+                };
+            }
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -84,15 +98,41 @@ fn main() -> Result<()> {
     let pool = Pool::open_file(&pool_path, POOL_SIZE)?;
     let pool_s = pool_path.to_str().ok_or("utf-8 path")?;
     let me = std::env::current_exe()?;
+    let server_cpu = if let Some((client, server)) = cpus {
+        let n = std::thread::available_parallelism()?.get();
+        if client == server || client >= n || server >= n {
+            return Err(format!(
+                "--cpus {client},{server}: two different CPUs below {n} (or --cpus none)"
+            )
+            .into());
+        }
+        let mut set = nix::sched::CpuSet::new();
+        set.set(client)?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+        println!("pinned: the client to CPU {client}, every server to CPU {server}");
+        Some(server)
+    } else {
+        println!("not pinned (--cpus none): compare the ratios, not the absolute numbers");
+        None
+    };
+    // A server's command, under `taskset` when pinned.
+    let cmd = |program: &Path| match server_cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpu.to_string()).arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
 
     let mut servers: Vec<(String, Server)> = vec![
         (
             "tcp".into(),
-            Server::start(Command::new(&me).args(["serve", "tcp", pool_s]))?,
+            Server::start(cmd(&me).args(["serve", "tcp", pool_s]))?,
         ),
         (
             "rust".into(),
-            Server::start(Command::new(&me).args(["serve", "rust", pool_s]))?,
+            Server::start(cmd(&me).args(["serve", "rust", pool_s]))?,
         ),
     ];
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -100,11 +140,11 @@ fn main() -> Result<()> {
         let server = if lang == "c" {
             let exe = dir.path().join("bench_stage");
             compile_c_stage(here, &me, &exe)?;
-            Server::start(Command::new(&exe).arg(pool_s))?
+            Server::start(cmd(&exe).arg(pool_s))?
         } else {
             let py = python.clone().unwrap_or_else(|| "python3".into());
             Server::start(
-                Command::new(py)
+                cmd(Path::new(&py))
                     .arg(here.join("examples/bench_stage.py"))
                     .arg(pool_s),
             )?
