@@ -139,36 +139,48 @@ pub fn preload_notices<'a>(
         PreloadCheck::Auto if verdict != "affected" => return Vec::new(),
         PreloadCheck::Auto | PreloadCheck::Always => {}
     }
-    let mut out = Vec::new();
-    for p in pods.filter(|p| {
-        !p.terminating
-            && p.node_name.as_deref() == Some(node)
-            && p.annotated.chain.is_some()
-            && p.annotated.preload
-    }) {
-        let netns = snap.records.iter().find(|r| {
-            r.pod.namespace == p.namespace
-                && r.pod.name == p.name
-                && Path::new(&r.netns).is_absolute()
-        });
-        let Some(record) = netns else { continue };
-        match crate::preload::unloaded(host_proc, Path::new(&record.netns)) {
-            Ok(u) if u.is_empty() => {}
-            Ok(u) => out.push(Notice {
+    // Each opted-in pod of this node with its recorded network namespace.
+    let opted: Vec<(&PodInfo, &Path)> = pods
+        .filter(|p| {
+            !p.terminating
+                && p.node_name.as_deref() == Some(node)
+                && p.annotated.chain.is_some()
+                && p.annotated.preload
+        })
+        .filter_map(|p| {
+            let r = snap.records.iter().find(|r| {
+                r.pod.namespace == p.namespace
+                    && r.pod.name == p.name
+                    && Path::new(&r.netns).is_absolute()
+            })?;
+            Some((p, Path::new(r.netns.as_str())))
+        })
+        .collect();
+    if opted.is_empty() {
+        return Vec::new();
+    }
+    let netns: Vec<&Path> = opted.iter().map(|(_, n)| *n).collect();
+    let found = match crate::preload::unloaded(host_proc, &netns) {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(host_proc = %host_proc.display(), error = %e, "preload check: cannot read the host's processes");
+            return Vec::new();
+        }
+    };
+    opted
+        .into_iter()
+        .filter_map(|(p, n)| {
+            let u = found.get(n).filter(|u| !u.is_empty())?;
+            Some(Notice {
                 namespace: p.namespace.clone(),
                 name: p.name.clone(),
                 uid: p.uid.clone(),
                 reason: PRELOAD_NOT_LOADED,
                 warning: true,
-                note: crate::preload::note(&u, verdict),
-            }),
-            // The pod's namespace went away meanwhile.
-            Err(e) => {
-                tracing::debug!(pod = %p.key(), error = %e, "preload check");
-            }
-        }
-    }
-    out
+                note: crate::preload::note(u, verdict),
+            })
+        })
+        .collect()
 }
 
 /// What is due: the notices whose condition has held long enough and that

@@ -18,6 +18,7 @@
 //!   events.rs turns each such pod into a Warning event.
 
 use std::{
+    collections::HashMap,
     fs,
     io::{self, Read as _},
     os::unix::fs::MetadataExt as _,
@@ -90,14 +91,24 @@ pub struct Unloaded {
     pub cause: Cause,
 }
 
-/// The processes in network namespace `netns` (a path to its nsfs file)
-/// whose `LD_PRELOAD` names the shim and whose memory maps lack it, found
-/// under `proc_root` (the host's `/proc`). Processes that end during the
-/// scan, or that never asked for the shim (the pod's pause process), are
-/// not reported.
-pub fn unloaded(proc_root: &Path, netns: &Path) -> io::Result<Vec<Unloaded>> {
-    let want = fs::metadata(netns)?;
-    let mut out = Vec::new();
+/// For each network namespace of `netns` (paths to nsfs files), the
+/// processes in it whose `LD_PRELOAD` names the shim and whose memory maps
+/// lack it, found in one pass over `proc_root` (the host's `/proc`).
+/// Processes that end during the scan, or that never asked for the shim
+/// (the pod's pause process), are not reported; a namespace that is gone is
+/// left out of the answer.
+pub fn unloaded(proc_root: &Path, netns: &[&Path]) -> io::Result<HashMap<PathBuf, Vec<Unloaded>>> {
+    let wanted: HashMap<(u64, u64), &Path> = netns
+        .iter()
+        .filter_map(|p| fs::metadata(p).ok().map(|m| ((m.dev(), m.ino()), *p)))
+        .collect();
+    let mut out: HashMap<PathBuf, Vec<Unloaded>> = wanted
+        .values()
+        .map(|p| (p.to_path_buf(), Vec::new()))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(out);
+    }
     for entry in fs::read_dir(proc_root)? {
         let entry = entry?;
         let Some(pid) = entry
@@ -109,47 +120,52 @@ pub fn unloaded(proc_root: &Path, netns: &Path) -> io::Result<Vec<Unloaded>> {
         };
         let dir = entry.path();
         // Errors below: the process ended, or is not ours to read.
-        match fs::metadata(dir.join("ns/net")) {
-            Ok(m) if m.dev() == want.dev() && m.ino() == want.ino() => {}
-            _ => continue,
+        let Some(ns) = fs::metadata(dir.join("ns/net"))
+            .ok()
+            .and_then(|m| wanted.get(&(m.dev(), m.ino())))
+        else {
+            continue;
+        };
+        if let Some(u) = check(pid, &dir) {
+            out.entry(ns.to_path_buf()).or_default().push(u);
         }
-        let Ok(environ) = fs::read(dir.join("environ")) else {
-            continue;
-        };
-        let Some(path) = asked_for(&environ) else {
-            continue;
-        };
-        let Ok(maps) = fs::read_to_string(dir.join("maps")) else {
-            continue;
-        };
-        if maps
-            .lines()
-            .any(|l| l.ends_with(&format!("/{PRELOAD_SHIM}")))
-        {
-            continue;
-        }
-        let cause = match interpreter(&dir.join("exe")) {
-            Ok(None) => Cause::Static,
-            Ok(Some(interp)) => {
-                if !dir.join("root").join(path.trim_start_matches('/')).exists() {
-                    Cause::Missing(path)
-                } else if interp.contains("musl") {
-                    Cause::Musl(interp)
-                } else {
-                    Cause::Refused(interp)
-                }
-            }
-            Err(_) => continue,
-        };
-        let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        out.push(Unloaded {
-            pid,
-            comm: comm.trim().to_owned(),
-            cause,
-        });
     }
-    out.sort_by_key(|u| u.pid);
+    for v in out.values_mut() {
+        v.sort_by_key(|u| u.pid);
+    }
     Ok(out)
+}
+
+/// Process `pid` (its `/proc` directory `dir`), when it asked for the shim
+/// and did not load it.
+fn check(pid: u32, dir: &Path) -> Option<Unloaded> {
+    let environ = fs::read(dir.join("environ")).ok()?;
+    let path = asked_for(&environ)?;
+    let maps = fs::read_to_string(dir.join("maps")).ok()?;
+    if maps
+        .lines()
+        .any(|l| l.ends_with(&format!("/{PRELOAD_SHIM}")))
+    {
+        return None;
+    }
+    let cause = match interpreter(&dir.join("exe")).ok()? {
+        None => Cause::Static,
+        Some(interp) => {
+            if !dir.join("root").join(path.trim_start_matches('/')).exists() {
+                Cause::Missing(path)
+            } else if interp.contains("musl") {
+                Cause::Musl(interp)
+            } else {
+                Cause::Refused(interp)
+            }
+        }
+    };
+    let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default();
+    Some(Unloaded {
+        pid,
+        comm: comm.trim().to_owned(),
+        cause,
+    })
 }
 
 /// The shim's path in an `environ` block (NUL-separated `KEY=value`), when
