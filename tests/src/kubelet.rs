@@ -19,9 +19,16 @@
 //! 3. `RunPodSandbox` with the pod's metadata, labels and annotations (so
 //!    containerd passes the annotations to spright-cni);
 //! 4. `CreateContainer` / `StartContainer` per container, with its volume
-//!    mounts pointing at the published targets;
+//!    mounts pointing at the published targets (and at a `hostPath`
+//!    volume's directory, which with `type: Directory` must exist, or the
+//!    pod fails to start as kubelet's FailedMount) and its literal `env`
+//!    values;
 //! 5. on delete: containers stopped, sandbox stopped (CNI DEL) and removed,
 //!    then `NodeUnpublishVolume`, then the Pod object goes.
+//!
+//! A `hostPath` under a prefix given to [`Kubelet::map_host_path`] is taken
+//! from the test's directory instead of the machine's (`/var/lib/spright`
+//! of the simulated node is the test's state directory).
 //!
 //! What is not kubelet's: images. No registry is reachable, so every
 //! container runs the locally imported busybox image as an HTTP server
@@ -364,6 +371,8 @@ pub struct Kubelet {
     /// Pods go below `/<cgroup_root>/<pod uid>` (the test's cgroup).
     cgroup_root: String,
     log_root: PathBuf,
+    /// hostPath prefixes of the simulated node: (node path, test path).
+    host_paths: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Kubelet {
@@ -391,7 +400,26 @@ impl Kubelet {
             root: root.clone(),
             cgroup_root: node.base.name.clone(),
             log_root: root.join("logs"),
+            host_paths: Vec::new(),
         })
+    }
+
+    /// hostPath volumes under `node_path` on the simulated node are at
+    /// `test_path` (the same relative path below it).
+    pub fn map_host_path(&mut self, node_path: &Path, test_path: &Path) {
+        self.host_paths
+            .push((node_path.to_owned(), test_path.to_owned()));
+    }
+
+    /// Where a `hostPath` volume's `path` is on this machine.
+    fn host_path(&self, path: &str) -> PathBuf {
+        let path = Path::new(path);
+        for (node, test) in &self.host_paths {
+            if let Ok(rest) = path.strip_prefix(node) {
+                return test.join(rest);
+            }
+        }
+        path.to_owned()
     }
 
     /// The Pod object appears (the API stand-in: meshd's pods directory).
@@ -482,6 +510,24 @@ impl Kubelet {
         volumes: Vec<(String, PathBuf)>,
     ) -> Result<RunningPod, PodError> {
         let (ns, name, uid) = identity(pod)?;
+        // hostPath volumes: their directory, checked as kubelet checks
+        // `type: Directory` before the sandbox.
+        let mut host_dirs: HashMap<String, PathBuf> = HashMap::new();
+        for v in pod["spec"]["volumes"].as_array().into_iter().flatten() {
+            let (Some(vol), Some(path)) = (v["name"].as_str(), v["hostPath"]["path"].as_str())
+            else {
+                continue;
+            };
+            let dir = self.host_path(path);
+            let kind = v["hostPath"]["type"].as_str().unwrap_or_default();
+            if kind == "Directory" && !dir.is_dir() {
+                return Err(anyhow::anyhow!(
+                    "FailedMount: volume {vol}: hostPath type check failed: {path} is not a directory"
+                )
+                .into());
+            }
+            host_dirs.insert(vol.to_owned(), dir);
+        }
         let strings = |v: &Value| -> HashMap<String, String> {
             v.as_object()
                 .into_iter()
@@ -526,12 +572,29 @@ impl Kubelet {
                 .filter_map(|m| {
                     let vol = m["name"].as_str()?;
                     let id = ephemeral_volume_id(&uid, vol);
-                    let (_, target) = volumes.iter().find(|(v, _)| *v == id)?;
+                    let host = match volumes.iter().find(|(v, _)| *v == id) {
+                        Some((_, target)) => target.clone(),
+                        None => host_dirs.get(vol)?.clone(),
+                    };
                     Some(cri::Mount {
                         container_path: m["mountPath"].as_str()?.to_owned(),
-                        host_path: target.display().to_string(),
+                        host_path: host.display().to_string(),
                         readonly: m["readOnly"].as_bool().unwrap_or(false),
                         ..Default::default()
+                    })
+                })
+                .collect()
+        };
+        // Literal values only (no valueFrom: there is no API to resolve it).
+        let envs_of = |c: &Value| -> Vec<cri::KeyValue> {
+            c["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    Some(cri::KeyValue {
+                        key: e["name"].as_str()?.to_owned(),
+                        value: e["value"].as_str()?.to_owned(),
                     })
                 })
                 .collect()
@@ -559,6 +622,7 @@ impl Kubelet {
                         .to_vec(),
                     log_path: format!("{cname}/0.log"),
                     mounts: mounts_of(c),
+                    envs: envs_of(c),
                     labels: strings(&pod["metadata"]["labels"]),
                     linux: Some(cri::LinuxContainerConfig {
                         security_context: Some(cri::LinuxContainerSecurityContext {
@@ -675,6 +739,9 @@ impl Kubelet {
     /// `NodeUnpublishVolume` for each volume; kubelet then removes the
     /// pod's volume directories.
     pub fn unpublish_volumes(&self, volumes: &[(String, PathBuf)]) -> anyhow::Result<()> {
+        if volumes.is_empty() {
+            return Ok(());
+        }
         let mut client = CsiClient::connect(&self.csi_socket)?;
         for (id, target) in volumes {
             client

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use serde_json::json;
 use spright_tests::{
+    kubeapi::FakeApi,
     kubelet::{Cni, CriNode, Kubelet, PodError, RunningPod, pods_from_manifest},
     meshd::Meshd,
     runtime::{self, redirected},
@@ -21,6 +22,7 @@ const NODE: &str = "test-node";
 const NETWORK: &str = "spright";
 const SUBNET: &str = "10.213.43.0/24";
 const CHAINED_SUBNET: &str = "10.213.44.0/24";
+const PRELOAD_SUBNET: &str = "10.213.45.0/24";
 const EXAMPLE: &str = include_str!("../../manifests/example-chain.yaml");
 
 /// A pod outside the chain, and one that asks for the chain's volume
@@ -333,4 +335,137 @@ fn example_chain(tag: &str, cni: Cni<'_>) {
             assert!(!Path::new(ns).exists(), "netns {ns} of {} left", p.name);
         }
     }
+}
+
+/// `spright.dev/preload: "true"` end to end: the webhook's patch (a hostPath
+/// volume of the node's shim directory, `LD_PRELOAD` in the container), the
+/// kubelet stand-in mounting it, containerd running the container with that
+/// environment, meshd having published the shim there, then finding that
+/// the container's program (busybox's httpd, statically linked) did not
+/// load it: a `PreloadShimNotLoaded` Warning on the Pod through the API
+/// stand-in, naming the process. The simulated node's `/var/lib/spright`
+/// is the test's state directory (`Kubelet::map_host_path`).
+#[test]
+fn e2e_kubelet_preload_pod_whose_program_cannot_load_the_shim_gets_an_event() {
+    if !runtime::require_tools(
+        "e2e_kubelet_preload_pod_whose_program_cannot_load_the_shim_gets_an_event",
+        TOOLS,
+    ) {
+        return;
+    }
+    let node = CriNode::new(
+        "kp",
+        Cni::Spright {
+            network: NETWORK,
+            subnet: PRELOAD_SUBNET,
+        },
+    )
+    .unwrap();
+    let mounts = MountDir::new().unwrap();
+    let state = node.state_dir();
+    let pods_dir = state.join("pods");
+    std::fs::create_dir_all(&pods_dir).unwrap();
+    let placement = spright_ebpf::Placement {
+        cgroup: node.base.cgroup.path.clone(),
+        bpffs: node.base.pins.path.clone(),
+    };
+    let api = FakeApi::start().unwrap();
+    let kubeconfig = api.kubeconfig(node.base.dir.path()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let shim = spright_tests::sandbox::workspace_bin("libspright_preload.so");
+    let meshd = Meshd::start_with(
+        &placement,
+        &state,
+        &format!("127.0.0.1:{port}"),
+        &[
+            "--node-name",
+            NODE,
+            "--kubernetes",
+            "on",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--preload-check",
+            "always",
+            "--preload-shim",
+            shim.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let mut kubelet = Kubelet::new(
+        &node,
+        &mounts.path().join("kubelet"),
+        &mounts.path().join("no-csi.sock"),
+        &pods_dir,
+    )
+    .unwrap();
+    kubelet.map_host_path(Path::new("/var/lib/spright"), &state);
+
+    let written = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "fn-static", "namespace": "spright-demo",
+                      "uid": spright_tests::kubelet::new_uid(),
+                      "annotations": { "spright.dev/chain": "pl", "spright.dev/preload": "true" } },
+        "spec": { "nodeName": NODE, "containers": [{
+            "name": "main", "image": "registry.k8s.io/e2e-test-images/agnhost:2.53",
+            "ports": [{ "containerPort": 8080 }] }] },
+    });
+    let pod = spright_webhook::patched(&written).unwrap();
+    assert_eq!(
+        pod["spec"]["containers"][0]["env"],
+        json!([{ "name": "LD_PRELOAD", "value": "/opt/spright/preload/libspright_preload.so" }])
+    );
+    api.apply(pod.clone());
+    let running = kubelet.run_pod(&pod).unwrap_or_else(|e| {
+        panic!(
+            "{e}
+{}",
+            meshd.log_text()
+        )
+    });
+    if let Some(ns) = &running.netns {
+        node.pod_netns.0.borrow_mut().push(ns.into());
+    }
+    // The shim meshd published is in the container, where LD_PRELOAD points.
+    let (code, _) = kubelet
+        .exec(
+            &running,
+            &[
+                "sh",
+                "-c",
+                "test -s /opt/spright/preload/libspright_preload.so",
+            ],
+        )
+        .unwrap();
+    assert_eq!(code, 0, "the shim is not mounted in the container");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
+    let event = loop {
+        if let Some(e) = api
+            .events()
+            .into_iter()
+            .find(|e| e["reason"] == "PreloadShimNotLoaded")
+        {
+            break e;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no PreloadShimNotLoaded event: {:#?}\n{}",
+            api.events(),
+            meshd.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["regarding"]["name"], "fn-static");
+    assert_eq!(event["regarding"]["uid"], pod["metadata"]["uid"]);
+    let why = event["note"].as_str().unwrap();
+    assert!(
+        why.contains("httpd (pid ") && why.contains("statically linked"),
+        "{why}"
+    );
+    kubelet.delete_pod(&running).unwrap();
 }
