@@ -427,6 +427,16 @@ fn meshd_env_and_mounts_match_what_meshd_reads() {
     );
     assert!(mounted_same(spec, meshd, cm["state-dir"].as_str().unwrap()).is_some());
     assert!(mounted_same(spec, meshd, "/sys/fs/cgroup").is_some());
+    // spright-webhook's hostPath for spright.dev/preload pods is where this
+    // meshd publishes the shim.
+    assert_eq!(
+        spright_webhook::mutate::PRELOAD_HOST_DIR,
+        format!(
+            "{}/{}",
+            cm["state-dir"].as_str().unwrap(),
+            spright_endpoint::PRELOAD_DIR
+        )
+    );
     // The preload check reads the host's processes where meshd looks.
     let host_proc = cm["host-proc"].as_str().unwrap();
     assert_eq!(effective["host_proc"], host_proc);
