@@ -192,8 +192,8 @@ impl Spec {
         self.sdk_langs.iter().any(|&l| l != Lang::Rust)
     }
 
-    /// A mode's name in tables and pictures: the SDK chain's with its
-    /// languages when they are mixed, `spright-sdk (rust,c,python,rust)`.
+    /// A mode's name, the SDK chain's with its languages when they are
+    /// mixed: `spright-sdk (rust,c,python,rust)`.
     pub fn mode_name(&self, mode: Mode) -> String {
         self.with_langs(mode, mode.name())
     }

@@ -127,6 +127,10 @@ fn run() -> anyhow::Result<()> {
         ],
     };
     anyhow::ensure!(args.is_empty(), "unexpected arguments: {args:?}");
+    anyhow::ensure!(
+        spec.sdk_langs.is_empty() || modes.contains(&Mode::SprightSdk),
+        "--sdk-langs writes the spright-sdk mode's functions, which --modes leaves out"
+    );
     spec.validate()?;
     for &payload in &payloads {
         Spec {
