@@ -12,6 +12,7 @@ use std::{
 use spright_tests::{
     chain, privileged,
     sandbox::workspace_bin,
+    sdk_lang::Lang,
     shm_csi::{MountDir, ShmCsi, ephemeral_publish},
 };
 
@@ -359,7 +360,6 @@ fn privileged_sdk_mixed_language_chain() {
         );
         return;
     }
-    use spright_tests::sdk_lang::Lang;
     for payload in [64, 1 << 20] {
         let spec = chain::Spec {
             length: 4,
