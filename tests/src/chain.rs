@@ -44,6 +44,7 @@ use crate::{
     meshd::Meshd,
     plot,
     sandbox::{Cgroup, Peer, workspace_bin},
+    sdk_lang::{self, Lang},
     stats::{self, Spread},
 };
 
@@ -149,6 +150,11 @@ pub struct Spec {
     /// with kube-proxy's DNAT emulated in the node (iptables), instead of
     /// by pod address.
     pub services: bool,
+    /// The `spright-sdk` chain's languages, position by position (missing
+    /// positions, and all of them when empty, are Rust; position 0, the
+    /// gateway, is always Rust). Other modes ignore it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sdk_langs: Vec<Lang>,
 }
 
 impl Spec {
@@ -178,7 +184,34 @@ impl Spec {
             "--work must be 0 to 1000 rounds, got {}",
             self.work
         );
-        Ok(())
+        sdk_lang::validate(&self.sdk_langs, self.length)
+    }
+
+    /// Whether the SDK chain has a function that is not Rust.
+    pub fn mixed_sdk(&self) -> bool {
+        self.sdk_langs.iter().any(|&l| l != Lang::Rust)
+    }
+
+    /// A mode's name, the SDK chain's with its languages when they are
+    /// mixed: `spright-sdk (rust,c,python,rust)`.
+    pub fn mode_name(&self, mode: Mode) -> String {
+        self.with_langs(mode, mode.name())
+    }
+
+    /// [`Mode::describe`], with the SDK chain's languages when mixed.
+    pub fn mode_describe(&self, mode: Mode) -> String {
+        self.with_langs(mode, mode.describe())
+    }
+
+    fn with_langs(&self, mode: Mode, name: &str) -> String {
+        if mode == Mode::SprightSdk && self.mixed_sdk() {
+            format!(
+                "{name} ({})",
+                sdk_lang::describe(&self.sdk_langs, self.length)
+            )
+        } else {
+            name.to_owned()
+        }
     }
 }
 
@@ -313,6 +346,21 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
             .collect()
     };
 
+    // The SDK chain's program per position, in its language.
+    let programs: Vec<Vec<String>> = if shm.is_some() {
+        let programs = (0..n)
+            .map(|i| sdk_lang::program(sdk_lang::at(&spec.sdk_langs, i), i))
+            .collect::<anyhow::Result<_>>()?;
+        progress(&format!(
+            "{}: functions in {}",
+            mode.name(),
+            sdk_lang::describe(&spec.sdk_langs, n)
+        ));
+        programs
+    } else {
+        Vec::new()
+    };
+
     // Functions, last first so each can name the next.
     let mut procs: Vec<Peer> = Vec::new();
     for i in (0..n).rev() {
@@ -324,7 +372,7 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
                 p.index,
                 &cgroup_path,
                 &fn_cpu,
-                &sdk_args(i, next.as_deref(), &shm.targets[i], spec.work),
+                &sdk_args(&programs[i], next.as_deref(), &shm.targets[i], spec.work),
             )?);
             continue;
         }
@@ -359,6 +407,20 @@ pub fn run(spec: &Spec, mode: Mode, progress: &mut dyn FnMut(&str)) -> anyhow::R
     }
     for p in &procs {
         ensure!(p.line(T)? == "ready", "a function did not start");
+    }
+    // Every SDK function, whatever its language, says where it listens
+    // once its pool is open (they were started last first).
+    if shm.is_some() {
+        for (k, p) in procs.iter().enumerate() {
+            let i = n - 1 - k;
+            let lang = sdk_lang::at(&spec.sdk_langs, i);
+            let line = p.line(T)?;
+            ensure!(
+                line.starts_with("listening "),
+                "fn-{i} ({lang}) printed {line:?}, not `listening ADDR`"
+            );
+            progress(&format!("{}: fn-{i} ({lang}) {line}", mode.name()));
+        }
     }
     for p in &pods[..n] {
         wait_listening(&node, p.index, PORT)?;
@@ -785,22 +847,12 @@ impl Shm {
     }
 }
 
-/// The arguments of the SDK example chain's function at `position`
-/// (gateway first, then stages).
-fn sdk_args(position: usize, next: Option<&str>, region: &Path, work: u32) -> Vec<String> {
-    let listen = format!("0.0.0.0:{PORT}");
-    // The same work as `spright-fn` does, and no other transform.
-    let mut args = if position == 0 {
-        vec!["gateway".to_owned(), "--listen".into(), listen]
-    } else {
-        vec![
-            "stage".to_owned(),
-            "--listen".into(),
-            listen,
-            "--op".into(),
-            "none".into(),
-        ]
-    };
+/// The command line of the SDK example chain's function at `position`
+/// (gateway first, then stages): its language's program
+/// ([`sdk_lang::program`]), then the flags every language takes.
+fn sdk_args(program: &[String], next: Option<&str>, region: &Path, work: u32) -> Vec<String> {
+    let mut args = program.to_vec();
+    args.extend(["--listen".into(), format!("0.0.0.0:{PORT}")]);
     args.extend(["--work".into(), work.to_string()]);
     if let Some(next) = next {
         args.extend(["--next".into(), next.to_owned()]);
@@ -809,8 +861,8 @@ fn sdk_args(position: usize, next: Option<&str>, region: &Path, work: u32) -> Ve
     args
 }
 
-/// One function of the SDK's example chain (`args` from [`sdk_args`]), in
-/// the pod's cgroup and netns, pinned to `cpu`.
+/// One function of the SDK's example chain (its command line from
+/// [`sdk_args`]), in the pod's cgroup and netns, pinned to `cpu`.
 fn sdk_function(
     node: &Node,
     index: usize,
@@ -820,10 +872,9 @@ fn sdk_function(
 ) -> anyhow::Result<Peer> {
     let mut cmd = Command::new("sh");
     cmd.arg("-c").arg(format!(
-        "echo $$ > {}/cgroup.procs && echo ready && exec taskset -c {cpu} ip netns exec {} {} {}",
+        "echo $$ > {}/cgroup.procs && echo ready && exec taskset -c {cpu} ip netns exec {} {}",
         cgroup.display(),
         node.pods[index].name,
-        workspace_bin("spright-shm-chain").display(),
         args.join(" ")
     ));
     Peer::spawn_group(cmd)
@@ -1419,7 +1470,7 @@ pub fn markdown(report: &Report) -> String {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}% |",
-            mode.describe(),
+            spec.mode_describe(*mode),
             cell(report.spread(j, |o| o.requests_per_s), 0),
             ratio(|o| o.requests_per_s),
             cell(report.spread(j, |o| o.p50_ms), 2),
@@ -1499,6 +1550,13 @@ pub fn sweep_markdown(reports: &[Report]) -> String {
             if r.rounds.len() == 1 { "" } else { "s" },
             r.spec.seconds
         );
+        if r.spec.mixed_sdk() {
+            let _ = writeln!(
+                s,
+                "SDK chain's functions: {}\n",
+                sdk_lang::describe(&r.spec.sdk_langs, r.spec.length)
+            );
+        }
     }
     let _ = writeln!(
         s,
@@ -1607,6 +1665,16 @@ pub fn figure(report: &Report, title: &str) -> plot::Figure {
             ),
         ]
         .into_iter()
+        // The bars' labels stay short: a mixed SDK chain's languages go
+        // here.
+        .chain(
+            (report.modes.contains(&Mode::SprightSdk) && report.spec.mixed_sdk()).then(|| {
+                format!(
+                    "spright-sdk: the SDK chain's functions in {}",
+                    sdk_lang::describe(&report.spec.sdk_langs, report.spec.length)
+                )
+            }),
+        )
         .chain(report.busy().map(|b| {
             format!(
                 "warning: busy machine, other processes above {:.0}% of the CPU in {b}",
@@ -1676,6 +1744,7 @@ Transfer/sec:     11.26MB
             seconds: 5,
             work: 1,
             services: false,
+            sdk_langs: Vec::new(),
         };
         ok.validate().unwrap();
         for bad in [
@@ -1693,6 +1762,14 @@ Transfer/sec:     11.26MB
             },
             Spec {
                 work: 1001,
+                ..ok.clone()
+            },
+            Spec {
+                sdk_langs: vec![Lang::Python, Lang::Rust],
+                ..ok.clone()
+            },
+            Spec {
+                sdk_langs: vec![Lang::Rust; 5],
                 ..ok.clone()
             },
         ] {
@@ -1818,6 +1895,44 @@ Transfer/sec:     11.26MB
             assert!(md.contains(&format!("| {} |", m.describe())), "{md}");
         }
         assert!(md.contains("3 rounds of 10 s per mode"), "{md}");
+    }
+
+    /// A mixed-language SDK chain is named with its languages in the
+    /// table, the picture and the JSON; an all-Rust one as before, and the
+    /// JSON without the field (older reports read as all Rust).
+    #[test]
+    fn mixed_sdk_chain_is_named_with_its_languages() {
+        let mut r = fixture();
+        assert!(r.spec.sdk_langs.is_empty());
+        assert!(!serde_json::to_string(&r).unwrap().contains("sdk_langs"));
+        r.spec.sdk_langs = vec![Lang::Rust, Lang::C, Lang::Python];
+        let md = markdown(&r);
+        assert!(
+            md.contains("| spright + SDK shared memory (rust,c,python,rust) |"),
+            "{md}"
+        );
+        assert!(md.contains("| spright, accelerated |"), "{md}");
+        assert_eq!(
+            r.spec.mode_name(Mode::SprightSdk),
+            "spright-sdk (rust,c,python,rust)"
+        );
+        assert_eq!(r.spec.mode_name(Mode::SprightOn), "spright-on");
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            json.contains(r#""sdk_langs":["rust","c","python"]"#),
+            "{json}"
+        );
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.spec.sdk_langs, r.spec.sdk_langs);
+        let fig = figure(&r, "spright chain benchmark");
+        let boxes = plot::svg_check::text_boxes(&plot::svg(&fig).unwrap()).unwrap();
+        assert!(
+            boxes
+                .iter()
+                .any(|b| b.text == "spright-sdk: the SDK chain's functions in rust,c,python,rust"),
+            "{boxes:?}"
+        );
+        plot::svg_check::assert_readable(&fig, &boxes);
     }
 
     /// The picture of the fixture: well-formed XML, every text inside the

@@ -26,6 +26,7 @@ pub mod procgroup;
 pub mod runtime;
 pub mod sandbox;
 pub mod scenario;
+pub mod sdk_lang;
 pub mod services;
 pub mod shm_csi;
 pub mod soak;

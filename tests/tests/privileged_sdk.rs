@@ -12,6 +12,7 @@ use std::{
 use spright_tests::{
     chain, privileged,
     sandbox::workspace_bin,
+    sdk_lang::Lang,
     shm_csi::{MountDir, ShmCsi, ephemeral_publish},
 };
 
@@ -318,9 +319,75 @@ fn privileged_sdk_event_chain_through_the_redirect() {
             seconds: 2,
             work: 1,
             services: false,
+            sdk_langs: Vec::new(),
         };
         let o = chain::run(&spec, chain::Mode::SprightSdk, &mut |l| eprintln!("  {l}"))
             .unwrap_or_else(|e| panic!("{payload} B: {e:#}"));
+        assert!(o.requests > 0, "{payload} B: no request finished: {o:?}");
+        assert_eq!(o.errors, 0, "{payload} B: failed requests: {o:?}");
+        assert!(
+            o.redirected_bytes > 0,
+            "{payload} B: no descriptor went socket to socket: {o:?}"
+        );
+    }
+}
+
+/// The demo's mixed-language SDK chain (`spright-demo --sdk-langs
+/// rust,c,python`): the Rust gateway, the C chain stage
+/// (shm-csi/sdk/c/examples/chain_stage.c, compiled against the built
+/// libspright_shm.so), the Python one (shm-csi/sdk/python/examples/
+/// chain_stage.py under `$SPRIGHT_PYTHON`) and a Rust stage, in four pods
+/// of one chain, every function doing the same work. At the smallest and
+/// the largest body: every function started as its language's program, no
+/// request failed, the outsider's answer is checked byte by byte (inside
+/// `chain::run`: every function upper-cases), and descriptors crossed
+/// redirected sockets. Needs `$SPRIGHT_PYTHON` (cargo xtask test sets it):
+/// skipped without it, a failure under `CI=true`.
+#[test]
+fn privileged_sdk_mixed_language_chain() {
+    if !privileged::require("privileged_sdk_mixed_language_chain") {
+        return;
+    }
+    if std::env::var_os("SPRIGHT_PYTHON").is_none() {
+        assert!(
+            !privileged::in_ci(),
+            "SPRIGHT_PYTHON (a python with the spright package) is not set on CI; \
+             cargo xtask test privileged sets it"
+        );
+        eprintln!(
+            "SKIPPED privileged_sdk_mixed_language_chain: SPRIGHT_PYTHON is not set \
+             (a python with the spright package: cargo xtask test privileged sets it)"
+        );
+        return;
+    }
+    for payload in [64, 1 << 20] {
+        let spec = chain::Spec {
+            length: 4,
+            payload,
+            connections: 4,
+            seconds: 2,
+            work: 1,
+            services: false,
+            sdk_langs: vec![Lang::Rust, Lang::C, Lang::Python],
+        };
+        let mut lines = Vec::new();
+        let o = chain::run(&spec, chain::Mode::SprightSdk, &mut |l| {
+            eprintln!("  {l}");
+            lines.push(l.to_owned());
+        })
+        .unwrap_or_else(|e| panic!("{payload} B: {e:#}"));
+        for want in [
+            "functions in rust,c,python,rust",
+            "fn-0 (rust) listening",
+            "fn-1 (c) listening",
+            "fn-2 (python) listening",
+            "fn-3 (rust) listening",
+        ] {
+            assert!(
+                lines.iter().any(|l| l.contains(want)),
+                "{payload} B: no {want:?} in {lines:#?}"
+            );
+        }
         assert!(o.requests > 0, "{payload} B: no request finished: {o:?}");
         assert_eq!(o.errors, 0, "{payload} B: failed requests: {o:?}");
         assert!(

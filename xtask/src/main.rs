@@ -22,7 +22,9 @@ usage: cargo xtask <task> [args]
 
   demo [ARGS]          set up, build (release), and run the demo: a 4-function HTTP chain on a
                        simulated node, on the reference bridge CNI and on spright (needs root;
-                       ARGS go to spright-demo, e.g. --duration 10 --payload 65536)
+                       ARGS go to spright-demo, e.g. --duration 10 --payload 65536;
+                       --sdk-langs rust,c,python writes the SDK chain's stages in C and
+                       Python too, and builds the C library and the Python venv for them)
   bench NAME [ARGS]    release benchmarks, each against a baseline measured in the same run:
                          datapath    pod-to-pod RTT and throughput, 64 B..1 MiB
                          chain       the demo's chain incl. a sidecar baseline (--reps, default 3
@@ -225,12 +227,31 @@ fn test(tiers: &[String]) -> anyhow::Result<()> {
                     println!("==> {tier}: no test files tests/tests/{prefix}*.rs yet");
                     continue;
                 }
+                // The SDK's mixed-language chain (privileged_sdk) runs its
+                // Python stage under this venv's python.
+                let python = if tier == "privileged" {
+                    pysdk::venv()?
+                } else {
+                    String::new()
+                };
                 step(&format!("{tier} tests ({})", targets.join(", ")), || {
                     let mut args = vec!["test", "-p", "spright-tests"];
                     for t in &targets {
                         args.extend(["--test", t.as_str()]);
                     }
-                    cmd("cargo", &args)
+                    let mut test = Command::new("cargo");
+                    test.args(&args);
+                    if python.is_empty() {
+                        println!("+ cargo {}", args.join(" "));
+                    } else {
+                        println!("+ SPRIGHT_PYTHON={python} cargo {}", args.join(" "));
+                        test.env("SPRIGHT_PYTHON", &python);
+                    }
+                    let status = test.status().context("running cargo test")?;
+                    if !status.success() {
+                        bail!("cargo {} failed ({status})", args.join(" "));
+                    }
+                    Ok(())
                 })?;
             }
             _ => unreachable!("tiers are validated above"),
@@ -340,10 +361,48 @@ fn build_release() -> anyhow::Result<()> {
 
 fn demo(args: &[String]) -> anyhow::Result<()> {
     build_release()?;
+    // `--sdk-langs rust,c,python`: the SDK chain's C stage links the C
+    // SDK's library, its Python stage runs in the venv with the package.
+    let langs = args
+        .iter()
+        .position(|a| a == "--sdk-langs")
+        .and_then(|i| args.get(i + 1))
+        .map_or("", String::as_str);
+    let names = |l: &str| langs.split(',').any(|x| x.trim() == l);
+    if names("c") {
+        step("build (release): the C SDK's library", || {
+            cmd(
+                "cargo",
+                &["build", "--release", "-p", "spright-shm-c", "--lib"],
+            )
+        })?;
+    }
+    let python = if names("python") {
+        Some(step("the Python SDK in target/python-venv", pysdk::venv)?)
+    } else {
+        None
+    };
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     step(
         "demo: a chain of unmodified HTTP functions on a simulated node",
-        || cmd("target/release/spright-demo", &args),
+        || match &python {
+            Some(python) => {
+                println!(
+                    "+ SPRIGHT_PYTHON={python} target/release/spright-demo {}",
+                    args.join(" ")
+                );
+                let status = Command::new("target/release/spright-demo")
+                    .args(&args)
+                    .env("SPRIGHT_PYTHON", python)
+                    .status()
+                    .context("running target/release/spright-demo")?;
+                if !status.success() {
+                    bail!("spright-demo failed ({status})");
+                }
+                Ok(())
+            }
+            None => cmd("target/release/spright-demo", &args),
+        },
     )
 }
 

@@ -7,7 +7,18 @@
 //! spright-demo [--bench] [--modes reference,sidecar,spright-off,spright-on,spright-sdk]
 //!              [--length 4] [--payload 1024 | --payloads 64,1024,65536,1048576]
 //!              [--connections 8] [--duration 3] [--work 1] [--reps 2] [--services]
+//!              [--sdk-langs rust,c,python]
 //! ```
+//!
+//! `--sdk-langs` writes the `spright-sdk` chain's functions in the SDK's
+//! languages, position by position (rust, c or python; missing positions
+//! are Rust; position 0 is the gateway, which only Rust has): the C stage
+//! is shm-csi/sdk/c/examples/chain_stage.c, compiled against the built
+//! `libspright_shm.so`, the Python one shm-csi/sdk/python/examples/
+//! chain_stage.py under `$SPRIGHT_PYTHON` (`cargo xtask demo` builds both
+//! and sets it). Each does the same work as the Rust stages; the table
+//! names the row with the languages, `spright + SDK shared memory
+//! (rust,c,python,rust)`.
 //!
 //! `--payloads` runs the whole comparison once per body size and ends with
 //! one table of the tiers side by side, size by size: the SDK's
@@ -42,6 +53,7 @@ use spright_tests::{
     chain::{self, Mode, Report, Spec},
     plot,
     pod::{take_num, take_opt},
+    sdk_lang::Lang,
     stats,
 };
 
@@ -96,6 +108,10 @@ fn run() -> anyhow::Result<()> {
         seconds: take_num(&mut args, "--duration", if bench { 10 } else { 3 })?,
         work: u32::try_from(take_num(&mut args, "--work", 1)?)?,
         services,
+        sdk_langs: match take_opt(&mut args, "--sdk-langs")? {
+            Some(list) => Lang::parse_list(&list)?,
+            None => Vec::new(),
+        },
     };
     let modes: Vec<Mode> = match take_opt(&mut args, "--modes")? {
         Some(list) => list
@@ -111,6 +127,10 @@ fn run() -> anyhow::Result<()> {
         ],
     };
     anyhow::ensure!(args.is_empty(), "unexpected arguments: {args:?}");
+    anyhow::ensure!(
+        spec.sdk_langs.is_empty() || modes.contains(&Mode::SprightSdk),
+        "--sdk-langs writes the spright-sdk mode's functions, which --modes leaves out"
+    );
     spec.validate()?;
     for &payload in &payloads {
         Spec {
@@ -175,7 +195,7 @@ fn measure(spec: Spec, modes: &[Mode], reps: usize) -> anyhow::Result<Report> {
         println!(
             "\n[round {}/{reps}, run {done}/{total}] {}",
             round + 1,
-            mode.describe()
+            spec.mode_describe(mode)
         );
         let o = chain::run(&spec, mode, &mut |l| println!("  {l}"))?;
         println!(

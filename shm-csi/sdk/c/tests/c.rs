@@ -76,8 +76,13 @@ fn the_header_compiles_without_warnings() {
     )
     .unwrap();
     for cc in COMPILERS.into_iter().filter(|cc| have(cc)) {
-        // The header alone, and the README's example function.
-        for file in [src.clone(), crate_dir().join("examples/shout.c")] {
+        // The header alone, the README's example function and the demo
+        // chain's C stage.
+        for file in [
+            src.clone(),
+            crate_dir().join("examples/shout.c"),
+            crate_dir().join("examples/chain_stage.c"),
+        ] {
             run(Command::new(cc)
                 .args(WARNINGS)
                 .arg("-fsyntax-only")

@@ -194,3 +194,133 @@ fn rust_c_python_rust() {
     drop(client);
     c_child.0.kill().unwrap();
 }
+
+/// Starts a chain stage (`chain_stage.c` / `chain_stage.py`), which prints
+/// `listening ADDR` as `spright-shm-chain` does.
+fn start_chain_stage(cmd: &mut Command) -> (Reaped, String) {
+    let mut child = Reaped(
+        cmd.stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{cmd:?}: {e}")),
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("{cmd:?} printed {line:?}, not `listening ADDR`"))
+        .to_owned();
+    (child, addr)
+}
+
+/// The demo's C and Python chain stages (examples/chain_stage.c,
+/// ../python/examples/chain_stage.py) do exactly the Rust stages' work on
+/// the payload in place: `spright_shm::work::apply` (FNV-1a rounds, then
+/// ASCII upper case; nothing with `--work 0`), as the last stage of a chain
+/// (answering the sender), with bytes of every value and sizes up to the
+/// largest class. Their usage errors are clear.
+#[test]
+fn chain_stages_do_the_rust_work() {
+    let Some(python) = std::env::var_os("SPRIGHT_PYTHON") else {
+        assert!(
+            !on_ci(),
+            "SPRIGHT_PYTHON is not set on CI (cargo xtask test unit sets it)"
+        );
+        eprintln!("skipping: SPRIGHT_PYTHON (a python with spright installed) is not set");
+        return;
+    };
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    if Command::new(&cc).arg("--version").output().is_err() {
+        assert!(!on_ci(), "{cc} is missing on CI");
+        eprintln!("skipping: no C compiler ({cc})");
+        return;
+    }
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let deps = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let c_stage = dir.path().join("chain_stage");
+    let out = Command::new(&cc)
+        .args(["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(here.join("include"))
+        .arg(here.join("examples/chain_stage.c"))
+        .arg(deps.join("libspright_shm.a"))
+        .args(["-lpthread", "-ldl", "-lm", "-lgcc_s", "-o"])
+        .arg(&c_stage)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let py_stage = here.join("../python/examples/chain_stage.py");
+
+    let pool_path = dir.path().join(spright_shm::POOL_FILE);
+    let pool = Pool::open_file(&pool_path, (8 << 10) + (8 << 22)).unwrap();
+    for work in [0_u32, 3] {
+        let w = work.to_string();
+        let common = [
+            "--listen",
+            "127.0.0.1:0",
+            "--region",
+            pool_path.to_str().unwrap(),
+            "--work",
+            &w,
+        ];
+        let c = start_chain_stage(Command::new(&c_stage).args(common));
+        let py = start_chain_stage(Command::new(&python).arg(&py_stage).args(common));
+        for (lang, (_child, addr)) in [("c", &c), ("python", &py)] {
+            let mut conn = TcpStream::connect(addr).unwrap();
+            for (i, n) in [64, 4096, 1 << 20].into_iter().enumerate() {
+                // Every byte value, the lower-case letters among them.
+                let mut data = payload(n, 0x51ed + i as u64);
+                data[..26].copy_from_slice(b"the quick brown fox jumps ");
+                let back = round_trip(&pool, &mut conn, &data).expect("an answer");
+                let mut want = data.clone();
+                spright_shm::work::apply(&mut want, work);
+                assert!(
+                    back == want,
+                    "{lang} stage, --work {work}, {n} B: not spright_shm::work::apply's result"
+                );
+            }
+        }
+    }
+    let s = pool.stats();
+    assert_eq!(s.free, s.carved, "nothing held: {s:?}");
+
+    // Usage errors name what is wrong, with the usage, and exit 2.
+    for (args, want) in [
+        (&["--listen", "127.0.0.1:0"][..], "--region is required"),
+        (
+            &["--region", "x", "--bogus", "1"][..],
+            "unknown flag --bogus",
+        ),
+        (
+            &["--listen", "127.0.0.1:0", "--region", "x", "--work", "-1"][..],
+            "--work",
+        ),
+        (&["--listen"][..], "--listen"),
+    ] {
+        for (lang, cmd) in [
+            ("c", Command::new(&c_stage).args(args).output()),
+            (
+                "python",
+                Command::new(&python).arg(&py_stage).args(args).output(),
+            ),
+        ] {
+            let out = cmd.unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{lang} {args:?}: {err}");
+            assert!(
+                err.contains(want) && err.contains("usage"),
+                "{lang} {args:?}: {err}"
+            );
+        }
+    }
+}
