@@ -121,8 +121,16 @@ fn e2e_kubelet_runs_the_example_chain_chained_after_the_bridge() {
     );
 }
 
-fn example_chain(tag: &str, cni: Cni<'_>) {
-    let node = CriNode::new(tag, cni).unwrap();
+/// The node's mount guard, state directory, pods directory (meshd's file
+/// twin of the API's Pods) and where the datapath attaches.
+fn node_dirs(
+    node: &CriNode,
+) -> (
+    MountDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    spright_ebpf::Placement,
+) {
     let mounts = MountDir::new().unwrap();
     let state = node.state_dir();
     let pods_dir = state.join("pods");
@@ -131,12 +139,23 @@ fn example_chain(tag: &str, cni: Cni<'_>) {
         cgroup: node.base.cgroup.path.clone(),
         bpffs: node.base.pins.path.clone(),
     };
+    (mounts, state, pods_dir, placement)
+}
+
+/// A free loopback address for meshd's API.
+fn free_addr() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let addr = format!("127.0.0.1:{port}");
+    format!("127.0.0.1:{port}")
+}
+
+fn example_chain(tag: &str, cni: Cni<'_>) {
+    let node = CriNode::new(tag, cni).unwrap();
+    let (mounts, state, pods_dir, placement) = node_dirs(&node);
+    let addr = free_addr();
     let meshd_flags = ["--node-name", NODE];
     let mut meshd = Meshd::start_with(&placement, &state, &addr, &meshd_flags).unwrap();
     let csi = ShmCsi::start(&mounts.path().join("csi"), &addr, &[]).unwrap();
@@ -361,26 +380,14 @@ fn e2e_kubelet_preload_pod_whose_program_cannot_load_the_shim_gets_an_event() {
         },
     )
     .unwrap();
-    let mounts = MountDir::new().unwrap();
-    let state = node.state_dir();
-    let pods_dir = state.join("pods");
-    std::fs::create_dir_all(&pods_dir).unwrap();
-    let placement = spright_ebpf::Placement {
-        cgroup: node.base.cgroup.path.clone(),
-        bpffs: node.base.pins.path.clone(),
-    };
+    let (mounts, state, pods_dir, placement) = node_dirs(&node);
     let api = FakeApi::start().unwrap();
     let kubeconfig = api.kubeconfig(node.base.dir.path()).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let shim = spright_tests::sandbox::workspace_bin("libspright_preload.so");
     let meshd = Meshd::start_with(
         &placement,
         &state,
-        &format!("127.0.0.1:{port}"),
+        &free_addr(),
         &[
             "--node-name",
             NODE,

@@ -14,7 +14,7 @@ use std::{
     hash::{DefaultHasher, Hasher},
     io::{BufRead, BufReader},
     net::{TcpListener, TcpStream},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
 };
@@ -77,6 +77,52 @@ fn start(cmd: &mut Command) -> (Reaped, String) {
 }
 
 /// Sends `data` into the chain and returns the answer (None: the chain closed).
+/// The python with `spright` installed (`SPRIGHT_PYTHON`) and the C
+/// compiler (`CC`, default `cc`); `None` (skip) when either is missing,
+/// which fails on CI.
+fn tools() -> Option<(std::ffi::OsString, String)> {
+    let Some(python) = std::env::var_os("SPRIGHT_PYTHON") else {
+        assert!(
+            !on_ci(),
+            "SPRIGHT_PYTHON is not set on CI (cargo xtask test unit sets it)"
+        );
+        eprintln!("skipping: SPRIGHT_PYTHON (a python with spright installed) is not set");
+        return None;
+    };
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    if Command::new(&cc).arg("--version").output().is_err() {
+        assert!(!on_ci(), "{cc} is missing on CI");
+        eprintln!("skipping: no C compiler ({cc})");
+        return None;
+    }
+    Some((python, cc))
+}
+
+/// Compiles the C stage `src` to `exe`, warning-free, statically linked
+/// with the library `cargo test` built next to this test.
+fn compile(cc: &str, src: &Path, exe: &Path) -> PathBuf {
+    let deps = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let out = Command::new(cc)
+        .args(["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("include"))
+        .arg(src)
+        .arg(deps.join("libspright_shm.a"))
+        .args(["-lpthread", "-ldl", "-lm", "-lgcc_s", "-o"])
+        .arg(exe)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe.to_owned()
+}
+
 fn round_trip(pool: &Pool, c: &mut TcpStream, data: &[u8]) -> Option<Vec<u8>> {
     let mut b = pool.alloc(data.len()).unwrap();
     b.copy_from_slice(data);
@@ -87,44 +133,13 @@ fn round_trip(pool: &Pool, c: &mut TcpStream, data: &[u8]) -> Option<Vec<u8>> {
 
 #[test]
 fn rust_c_python_rust() {
-    let Some(python) = std::env::var_os("SPRIGHT_PYTHON") else {
-        assert!(
-            !on_ci(),
-            "SPRIGHT_PYTHON is not set on CI (cargo xtask test unit sets it)"
-        );
-        eprintln!("skipping: SPRIGHT_PYTHON (a python with spright installed) is not set");
+    let Some((python, cc)) = tools() else {
         return;
     };
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    if Command::new(&cc).arg("--version").output().is_err() {
-        assert!(!on_ci(), "{cc} is missing on CI");
-        eprintln!("skipping: no C compiler ({cc})");
-        return;
-    }
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
 
-    // The C stage, linked with the library `cargo test` built next to us.
-    let deps = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let c_stage = dir.path().join("stage");
-    let out = Command::new(&cc)
-        .args(["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-I"])
-        .arg(here.join("include"))
-        .arg(here.join("tests/stage.c"))
-        .arg(deps.join("libspright_shm.a"))
-        .args(["-lpthread", "-ldl", "-lm", "-lgcc_s", "-o"])
-        .arg(&c_stage)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let c_stage = compile(&cc, &here.join("tests/stage.c"), &dir.path().join("stage"));
 
     let pool_path = dir.path().join(spright_shm::POOL_FILE);
     // 32 chunks of 4 MiB: room for every class the payloads use.
@@ -223,41 +238,15 @@ fn start_chain_stage(cmd: &mut Command) -> (Reaped, String) {
 /// largest class. Their usage errors are clear.
 #[test]
 fn chain_stages_do_the_rust_work() {
-    let Some(python) = std::env::var_os("SPRIGHT_PYTHON") else {
-        assert!(
-            !on_ci(),
-            "SPRIGHT_PYTHON is not set on CI (cargo xtask test unit sets it)"
-        );
-        eprintln!("skipping: SPRIGHT_PYTHON (a python with spright installed) is not set");
+    let Some((python, cc)) = tools() else {
         return;
     };
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    if Command::new(&cc).arg("--version").output().is_err() {
-        assert!(!on_ci(), "{cc} is missing on CI");
-        eprintln!("skipping: no C compiler ({cc})");
-        return;
-    }
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
-    let deps = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let c_stage = dir.path().join("chain_stage");
-    let out = Command::new(&cc)
-        .args(["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-I"])
-        .arg(here.join("include"))
-        .arg(here.join("examples/chain_stage.c"))
-        .arg(deps.join("libspright_shm.a"))
-        .args(["-lpthread", "-ldl", "-lm", "-lgcc_s", "-o"])
-        .arg(&c_stage)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let c_stage = compile(
+        &cc,
+        &here.join("examples/chain_stage.c"),
+        &dir.path().join("chain_stage"),
     );
     let py_stage = here.join("../python/examples/chain_stage.py");
 
