@@ -48,6 +48,23 @@ fn free_addr() -> String {
     format!("127.0.0.1:{port}")
 }
 
+/// meshd of node `node-a` watching the API stand-in (no self-test), with
+/// `extra` flags.
+fn meshd_of_node_a(sb: &Sandbox, state: &std::path::Path, api: &FakeApi, extra: &[&str]) -> Meshd {
+    let kubeconfig = api.kubeconfig(state).expect("kubeconfig");
+    let mut flags = vec![
+        "--no-selftest",
+        "--kubernetes",
+        "on",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--node-name",
+        "node-a",
+    ];
+    flags.extend_from_slice(extra);
+    Meshd::start_with(&sb.placement(), state, &free_addr(), &flags).expect("meshd")
+}
+
 #[test]
 fn privileged_membership_publish_before_add_follows_the_pod() {
     if !privileged::require("privileged_membership_publish_before_add_follows_the_pod") {
@@ -318,24 +335,7 @@ fn privileged_membership_events_name_what_the_owner_must_fix() {
     api.apply(out);
     // Alone on node-a, but node-a's meshd does not speak for node-b.
     api.apply(pod("far", "u-far", "node-b", Some("far")));
-    let kubeconfig = api.kubeconfig(state.path()).expect("kubeconfig");
-    let meshd = Meshd::start_with(
-        &sb.placement(),
-        state.path(),
-        &free_addr(),
-        &[
-            "--no-selftest",
-            "--kubernetes",
-            "on",
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-            "--node-name",
-            "node-a",
-            "--lonely-pod-secs",
-            "3",
-        ],
-    )
-    .expect("meshd");
+    let meshd = meshd_of_node_a(&sb, state.path(), &api, &["--lonely-pod-secs", "3"]);
     // The first pod of a new chain: gets a peer before its wait is over.
     api.apply(pod("first", "u-first", "node-a", Some("late")));
     std::thread::sleep(Duration::from_secs(1));
@@ -457,26 +457,12 @@ fn privileged_preload_event_names_the_program_that_cannot_load_the_shim() {
         "/nonexistent/libspright_preload.so",
         &["sleep", "600"],
     );
-    let kubeconfig = api.kubeconfig(state.path()).expect("kubeconfig");
-    let meshd = Meshd::start_with(
-        &sb.placement(),
+    let meshd = meshd_of_node_a(
+        &sb,
         state.path(),
-        &free_addr(),
-        &[
-            "--no-selftest",
-            "--kubernetes",
-            "on",
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-            "--node-name",
-            "node-a",
-            "--preload-check",
-            "always",
-            "--preload-shim",
-            shim_s,
-        ],
-    )
-    .expect("meshd");
+        &api,
+        &["--preload-check", "always", "--preload-shim", shim_s],
+    );
     let published = state.path().join("preload/libspright_preload.so");
     assert_eq!(
         std::fs::read(&published).expect("meshd published the shim"),

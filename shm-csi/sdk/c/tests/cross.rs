@@ -58,8 +58,8 @@ impl Drop for Reaped {
     }
 }
 
-/// Starts a stage process and reads the port it prints.
-fn start(cmd: &mut Command) -> (Reaped, String) {
+/// Starts a stage process and reads the first line it prints.
+fn start_line(cmd: &mut Command) -> (Reaped, String) {
     let mut child = Reaped(
         cmd.stdout(Stdio::piped())
             .spawn()
@@ -69,14 +69,18 @@ fn start(cmd: &mut Command) -> (Reaped, String) {
     BufReader::new(child.0.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
+    (child, line.trim().to_owned())
+}
+
+/// Starts a stage process and reads the port it prints.
+fn start(cmd: &mut Command) -> (Reaped, String) {
+    let (child, line) = start_line(cmd);
     let port: u16 = line
-        .trim()
         .parse()
         .unwrap_or_else(|_| panic!("{cmd:?} printed {line:?}, not its port"));
     (child, format!("127.0.0.1:{port}"))
 }
 
-/// Sends `data` into the chain and returns the answer (None: the chain closed).
 /// The python with `spright` installed (`SPRIGHT_PYTHON`) and the C
 /// compiler (`CC`, default `cc`); `None` (skip) when either is missing,
 /// which fails on CI.
@@ -123,6 +127,7 @@ fn compile(cc: &str, src: &Path, exe: &Path) -> PathBuf {
     exe.to_owned()
 }
 
+/// Sends `data` into the chain and returns the answer (None: the chain closed).
 fn round_trip(pool: &Pool, c: &mut TcpStream, data: &[u8]) -> Option<Vec<u8>> {
     let mut b = pool.alloc(data.len()).unwrap();
     b.copy_from_slice(data);
@@ -213,17 +218,8 @@ fn rust_c_python_rust() {
 /// Starts a chain stage (`chain_stage.c` / `chain_stage.py`), which prints
 /// `listening ADDR` as `spright-shm-chain` does.
 fn start_chain_stage(cmd: &mut Command) -> (Reaped, String) {
-    let mut child = Reaped(
-        cmd.stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{cmd:?}: {e}")),
-    );
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (child, line) = start_line(cmd);
     let addr = line
-        .trim()
         .strip_prefix("listening ")
         .unwrap_or_else(|| panic!("{cmd:?} printed {line:?}, not `listening ADDR`"))
         .to_owned();
