@@ -331,6 +331,18 @@ fn add(ops: &mut Vec<PatchOperation>, path: &[&str], value: Value) {
     }));
 }
 
+/// Appends `value` to the list at `path`, or adds the list with it when the
+/// object has none yet (`present` false).
+fn append(ops: &mut Vec<PatchOperation>, path: &[&str], present: bool, value: Value) {
+    if present {
+        let mut end = path.to_vec();
+        end.push("-");
+        add(ops, &end, value);
+    } else {
+        add(ops, path, json!([value]));
+    }
+}
+
 fn to_value<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).expect("Kubernetes types serialize")
 }
@@ -418,10 +430,12 @@ fn volume(
             }),
             ..Volume::default()
         };
-        match &spec.volumes {
-            None => add(ops, &["spec", "volumes"], json!([to_value(&v)])),
-            Some(_) => add(ops, &["spec", "volumes", "-"], to_value(&v)),
-        }
+        append(
+            ops,
+            &["spec", "volumes"],
+            spec.volumes.is_some(),
+            to_value(&v),
+        );
     }
     let mount = VolumeMount {
         name: VOLUME_NAME.to_owned(),
@@ -451,18 +465,12 @@ fn volume(
                 });
             }
             let index = i.to_string();
-            match &c.volume_mounts {
-                None => add(
-                    ops,
-                    &["spec", field, &index, "volumeMounts"],
-                    json!([to_value(&mount)]),
-                ),
-                Some(_) => add(
-                    ops,
-                    &["spec", field, &index, "volumeMounts", "-"],
-                    to_value(&mount),
-                ),
-            }
+            append(
+                ops,
+                &["spec", field, &index, "volumeMounts"],
+                c.volume_mounts.is_some(),
+                to_value(&mount),
+            );
         }
     }
     Ok(())
@@ -495,10 +503,12 @@ fn preload(spec: &PodSpec, ops: &mut Vec<PatchOperation>) -> Result<(), Refusal>
                 }),
                 ..Volume::default()
             };
-            match &spec.volumes {
-                None => add(ops, &["spec", "volumes"], json!([to_value(&v)])),
-                Some(_) => add(ops, &["spec", "volumes", "-"], to_value(&v)),
-            }
+            append(
+                ops,
+                &["spec", "volumes"],
+                spec.volumes.is_some(),
+                to_value(&v),
+            );
         }
     }
     let mount = VolumeMount {
@@ -518,18 +528,12 @@ fn preload(spec: &PodSpec, ops: &mut Vec<PatchOperation>) -> Result<(), Refusal>
                     c.name, m.name
                 )));
             }
-            match &c.volume_mounts {
-                None => add(
-                    ops,
-                    &["spec", "containers", &index, "volumeMounts"],
-                    json!([to_value(&mount)]),
-                ),
-                Some(_) => add(
-                    ops,
-                    &["spec", "containers", &index, "volumeMounts", "-"],
-                    to_value(&mount),
-                ),
-            }
+            append(
+                ops,
+                &["spec", "containers", &index, "volumeMounts"],
+                c.volume_mounts.is_some(),
+                to_value(&mount),
+            );
         }
         let env = c.env.as_deref().unwrap_or_default();
         match env.iter().position(|e| e.name == "LD_PRELOAD") {
@@ -539,18 +543,12 @@ fn preload(spec: &PodSpec, ops: &mut Vec<PatchOperation>) -> Result<(), Refusal>
                     value: Some(shim.clone()),
                     value_from: None,
                 };
-                match &c.env {
-                    None => add(
-                        ops,
-                        &["spec", "containers", &index, "env"],
-                        json!([to_value(&var)]),
-                    ),
-                    Some(_) => add(
-                        ops,
-                        &["spec", "containers", &index, "env", "-"],
-                        to_value(&var),
-                    ),
-                }
+                append(
+                    ops,
+                    &["spec", "containers", &index, "env"],
+                    c.env.is_some(),
+                    to_value(&var),
+                );
             }
             Some(k) if env[k].value_from.is_some() => {
                 return Err(conflict(format!(
