@@ -73,8 +73,29 @@ pub mod names {
     /// Node-wide switches of the programs: an array of one `u32` of
     /// `CONFIG_*` flags, written by meshd.
     pub const CONFIG: &str = "spr_config_v1";
+    /// The splice guard (cgroup LSM `file_permission`): state and counters,
+    /// a `u64` array, see [`super::guard`].
+    pub const GUARD: &str = "spr_guard_v1";
+    /// The splice guard program (function name in the object).
+    pub const GUARD_PROG: &str = "spright_splice_guard";
+    /// Pin of the splice guard's cgroup link.
+    pub const GUARD_LINK_PIN: &str = "spr_guard_link_v1";
+    /// Read-only globals of the splice guard, set by the loader from the
+    /// running kernel's BTF and architecture (0: unknown, the guard stays
+    /// inert): the offset of the syscall number in `struct pt_regs`, the
+    /// syscall numbers of `splice` and `sendfile`, the offset of `sk` in
+    /// `struct socket` and of `sk_user_data` in `struct sock`.
+    pub const GUARD_SYSNR_OFFSET_GLOBAL: &str = "SPR_GUARD_SYSNR_OFF";
+    /// See [`GUARD_SYSNR_OFFSET_GLOBAL`].
+    pub const GUARD_NR_SPLICE_GLOBAL: &str = "SPR_GUARD_NR_SPLICE";
+    /// See [`GUARD_SYSNR_OFFSET_GLOBAL`].
+    pub const GUARD_NR_SENDFILE_GLOBAL: &str = "SPR_GUARD_NR_SENDFILE";
+    /// See [`GUARD_SYSNR_OFFSET_GLOBAL`].
+    pub const GUARD_SOCK_SK_OFFSET_GLOBAL: &str = "SPR_GUARD_SK_OFF";
+    /// See [`GUARD_SYSNR_OFFSET_GLOBAL`].
+    pub const GUARD_USER_DATA_OFFSET_GLOBAL: &str = "SPR_GUARD_UDATA_OFF";
     /// Every map that is pinned by name.
-    pub const PINNED_MAPS: [&str; 14] = [
+    pub const PINNED_MAPS: [&str; 15] = [
         SOCKHASH,
         ENDPOINTS,
         CHAIN_ALLOW,
@@ -89,12 +110,45 @@ pub mod names {
         FLOWS_LOST,
         CONFIG,
         BOUND,
+        GUARD,
     ];
 }
 
 /// `spr_config_v1` flag: no flow events (no ring-buffer writes and no
 /// per-socket flow state; meshd's `--flow-events=false`).
 pub const CONFIG_NO_FLOW_EVENTS: u32 = 1 << 0;
+/// `spr_config_v1` flag: the splice guard lets every call through. meshd
+/// sets it when its self-test finds that this kernel's redirect path serves
+/// `splice()` itself, so refusing it would only cost the fallback.
+pub const CONFIG_NO_SPLICE_GUARD: u32 = 1 << 1;
+/// `spr_config_v1` flag: sockops redirects no new connection (established
+/// ones keep their path). Set when a syscall family would lose data on the
+/// redirect path and nothing mitigates it on this kernel (the loader when it
+/// cannot attach the splice guard; meshd from its self-test), unless the
+/// admin accepted that family.
+pub const CONFIG_NO_REDIRECT: u32 = 1 << 2;
+
+/// Slots of the [`names::GUARD`] array.
+pub mod guard {
+    /// 1 when the loader attached the splice guard with everything it needs
+    /// from this kernel (offsets, syscall numbers); 0 when the guard is
+    /// missing or inert. Attached is not the same as effective: a kernel
+    /// whose active LSMs lack `bpf` never calls it, which only meshd's
+    /// self-test can tell.
+    pub const ARMED: u32 = 0;
+    /// `splice()`/`sendfile()` calls the guard refused with EINVAL (atomic).
+    pub const REFUSED: u32 = 1;
+    /// Number of slots.
+    pub const SLOTS: u32 = 2;
+    /// `MAY_READ` in the `file_permission` hook's mask.
+    pub const MAY_READ: u32 = 4;
+    /// `SK_USER_DATA_PSOCK`: the bit of `sk_user_data` that marks a socket
+    /// with a sockmap psock (since Linux 6.0).
+    pub const SK_USER_DATA_PSOCK: u64 = 4;
+    /// The error a refused call returns: what Go's and HAProxy's splice
+    /// code take for "not supported here, copy instead" (no byte consumed).
+    pub const EINVAL: i32 = 22;
+}
 
 /// Slots of the [`names::BOUND`] array.
 pub mod bound {
@@ -305,6 +359,10 @@ pub enum Verdict {
     NotInChain = 6,
     /// The ends are in different chains that are not allowed to talk.
     OtherChain = 7,
+    /// Policy would redirect, but redirects are off on this node
+    /// ([`CONFIG_NO_REDIRECT`]): a syscall family would lose data on this
+    /// kernel's redirect path and nothing mitigates it.
+    NodeUnsafe = 8,
 }
 
 impl Verdict {
@@ -327,6 +385,7 @@ impl Verdict {
             5 => Self::RemoteOptedOut,
             6 => Self::NotInChain,
             7 => Self::OtherChain,
+            8 => Self::NodeUnsafe,
             _ => return None,
         })
     }
@@ -349,6 +408,9 @@ impl Verdict {
             }
             Self::NotInChain => "one end is in no chain (no spright.dev/chain annotation)",
             Self::OtherChain => "the ends are in different chains that are not allowed to talk",
+            Self::NodeUnsafe => {
+                "redirects are off on this node: a syscall family would lose data on this kernel's redirect path and nothing mitigates it (spright status, kernel self-test)"
+            }
         }
     }
 }

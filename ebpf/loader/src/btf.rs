@@ -27,12 +27,89 @@ pub struct KernelBoundBtf {
     pub kern_ctx_kfunc: u32,
 }
 
+/// What the splice guard (`ebpf/programs/src/guard.rs`) needs from the
+/// running kernel and this build's architecture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuardBtf {
+    /// Offset of the syscall number in `struct pt_regs` (x86-64 `orig_ax`,
+    /// arm64 `syscallno`; the guard reads its low 32 bits).
+    pub sysnr_offset: u32,
+    /// This architecture's syscall numbers of `splice` and `sendfile`.
+    pub nr_splice: u32,
+    /// See `nr_splice`.
+    pub nr_sendfile: u32,
+    /// Offset of `sk` (a pointer) in `struct socket`.
+    pub sock_sk_offset: u32,
+    /// Offset of `sk_user_data` (a pointer) in `struct sock`.
+    pub user_data_offset: u32,
+}
+
+/// Everything the loader takes from the running kernel's BTF, read once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelBtf {
+    /// For the kernel memory bound; `None` leaves it to meshd's poll.
+    pub bound: Option<KernelBoundBtf>,
+    /// For the splice guard; `None` leaves it inert.
+    pub guard: Option<GuardBtf>,
+}
+
+/// Reads [`KernelBtf`] from the BTF file `path`: each part is `None` when
+/// the file is missing, unreadable or lacks any of it.
+#[must_use]
+pub fn kernel_btf(path: &Path) -> KernelBtf {
+    let Some(data) = std::fs::read(path).ok() else {
+        return KernelBtf::default();
+    };
+    let Some(btf) = Btf::parse(&data) else {
+        return KernelBtf::default();
+    };
+    KernelBtf {
+        bound: bound_of(&btf),
+        guard: guard_of(&btf),
+    }
+}
+
 /// Reads [`KernelBoundBtf`] from the BTF file `path`; `None` when the file
 /// is missing, unreadable or lacks any of it.
 #[must_use]
 pub fn kernel_bound_btf(path: &Path) -> Option<KernelBoundBtf> {
-    let data = std::fs::read(path).ok()?;
-    let btf = Btf::parse(&data)?;
+    kernel_btf(path).bound
+}
+
+/// The syscall-number field of `struct pt_regs` and the numbers of
+/// `splice` and `sendfile` on the architecture this loader was built for.
+#[cfg(target_arch = "x86_64")]
+const SYSCALLS: Option<(&str, u32, u32)> = Some(("orig_ax", 275, 40));
+#[cfg(target_arch = "aarch64")]
+const SYSCALLS: Option<(&str, u32, u32)> = Some(("syscallno", 76, 71));
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const SYSCALLS: Option<(&str, u32, u32)> = None;
+
+fn guard_of(btf: &Btf<'_>) -> Option<GuardBtf> {
+    let (field, nr_splice, nr_sendfile) = SYSCALLS?;
+    let (sysnr_offset, size) = btf.member_offset("pt_regs", &[field])?;
+    // A 4-byte load of the low half (little-endian) must stay inside it.
+    if size < 4 || sysnr_offset == 0 || sysnr_offset % 4 != 0 {
+        return None;
+    }
+    let (sock_sk_offset, size) = btf.member_offset("socket", &["sk"])?;
+    if size != 8 || sock_sk_offset == 0 || sock_sk_offset % 8 != 0 {
+        return None;
+    }
+    let (user_data_offset, size) = btf.member_offset("sock", &["sk_user_data"])?;
+    if size != 8 || user_data_offset == 0 || user_data_offset % 8 != 0 {
+        return None;
+    }
+    Some(GuardBtf {
+        sysnr_offset,
+        nr_splice,
+        nr_sendfile,
+        sock_sk_offset,
+        user_data_offset,
+    })
+}
+
+fn bound_of(btf: &Btf<'_>) -> Option<KernelBoundBtf> {
     let (rmem_offset, size) = btf.member_offset("sock", &["sk_backlog", "rmem_alloc"])?;
     if size != 4 || rmem_offset == 0 || rmem_offset % 4 != 0 {
         return None;

@@ -41,6 +41,8 @@ pub enum Error {
     },
     #[error("failed to load the eBPF object")]
     Load(#[source] Box<aya::EbpfError>),
+    #[error("failed to read the running kernel's BTF")]
+    Btf(#[source] Box<aya::BtfError>),
     #[error("program {name} missing from the eBPF object")]
     MissingProgram { name: &'static str },
     #[error("map {name} missing from the eBPF object")]

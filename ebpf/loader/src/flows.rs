@@ -6,7 +6,7 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
 use spright_common::{CONFIG_NO_FLOW_EVENTS, FlowEvent, names};
 
 use crate::{Error, pins::from_pin};
@@ -71,19 +71,5 @@ impl AsRawFd for FlowReader {
 /// Turns the programs' flow events on or off (`spr_config_v1`). Off, the
 /// programs write no events and keep no per-socket flow state.
 pub fn set_flow_events(bpffs: &Path, on: bool) -> Result<(), Error> {
-    let mut config: Array<MapData, u32> = from_pin(bpffs, names::CONFIG)?;
-    let flags = config
-        .get(&0, 0)
-        .map_err(Error::map("read", names::CONFIG))?;
-    let want = if on {
-        flags & !CONFIG_NO_FLOW_EVENTS
-    } else {
-        flags | CONFIG_NO_FLOW_EVENTS
-    };
-    if want != flags {
-        config
-            .set(0, want, 0)
-            .map_err(Error::map("write", names::CONFIG))?;
-    }
-    Ok(())
+    crate::config::set_config_flag(bpffs, CONFIG_NO_FLOW_EVENTS, !on)
 }

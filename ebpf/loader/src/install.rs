@@ -15,16 +15,16 @@ use aya::{
     EbpfLoader,
     maps::{Array, MapData, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, Program, ProgramError, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSockAddr, LsmCgroup, Program, ProgramError, SkMsg, SockOps,
         links::{FdLink, PinnedLink, ProgAttachLink},
     },
 };
 use nix::fcntl::Flock;
-use spright_common::{SockKey, bound, names};
+use spright_common::{SockKey, bound, guard, names};
 
 use crate::{
     Datapath, Error,
-    pins::{from_pin, lock_pin_dir, pin_via_rename, remove_pins},
+    pins::{cgroup_links, from_pin, lock_pin_dir, pin_via_rename, remove_pins},
     system::check_cgroup2,
 };
 
@@ -169,7 +169,8 @@ impl Datapath {
     /// Attaches and pins the programs of a loaded object, records which
     /// memory bound its sk_msg program can enforce, then takes its maps.
     fn attach_loaded(loaded: &mut Loaded, placement: &Placement) -> Result<Self, Error> {
-        attach_and_pin(&mut loaded.ebpf, placement)?;
+        let guard_attached = attach_and_pin(&mut loaded.ebpf, placement)?;
+        record_guard(&mut loaded.ebpf, guard_attached && loaded.guard_btf)?;
         let mut bound: Array<&mut MapData, u64> = loaded
             .ebpf
             .map_mut(names::BOUND)
@@ -181,6 +182,21 @@ impl Datapath {
             .map_err(Error::map("write", names::BOUND))?;
         Self::from_loaded(&mut loaded.ebpf)
     }
+}
+
+/// Records in `spr_guard_v1` whether the splice guard is armed. What an
+/// unarmed guard means for redirects is meshd's decision: its self-test
+/// probes what the kernel and the guard really do (`CONFIG_NO_REDIRECT`).
+fn record_guard(ebpf: &mut aya::Ebpf, armed: bool) -> Result<(), Error> {
+    let mut slots: Array<&mut MapData, u64> = ebpf
+        .map_mut(names::GUARD)
+        .ok_or(Error::MissingMap { name: names::GUARD })?
+        .try_into()
+        .map_err(Error::map("open", names::GUARD))?;
+    slots
+        .set(guard::ARMED, u64::from(armed), 0)
+        .map_err(Error::map("write", names::GUARD))?;
+    Ok(())
 }
 
 /// Detaches the programs and removes every pin under `bpffs` (and the directory
@@ -210,27 +226,51 @@ pub fn uninstall(bpffs: &Path) -> Result<(), Error> {
 /// refuse the program with them (a kernel without `bpf_cast_to_kern_ctx`
 /// for sk_msg or BTF-typed loads), the object is loaded again without: the
 /// bound is then left to meshd's poll, never the datapath.
+///
+/// The splice guard gets its offsets and syscall numbers the same way
+/// (`crate::btf::GuardBtf`); when it cannot be loaded on this kernel the
+/// rest of the datapath still is, and [`attach_and_pin`] reports it unarmed.
 fn load(dir: &Path) -> Result<Loaded, Error> {
-    let btf = crate::btf::kernel_bound_btf(Path::new(crate::btf::VMLINUX_BTF));
+    let kernel = crate::btf::kernel_btf(Path::new(crate::btf::VMLINUX_BTF));
+    let guard = kernel.guard.map_or([0; 5], |g| {
+        [
+            g.sysnr_offset,
+            g.nr_splice,
+            g.nr_sendfile,
+            g.sock_sk_offset,
+            g.user_data_offset,
+        ]
+    });
     let with = |btf: Option<crate::btf::KernelBoundBtf>| -> Result<Loaded, Error> {
         let (object, rmem, redir) = match btf {
             Some(k) => (with_kfunc(k.kern_ctx_kfunc), k.rmem_offset, k.redir_offset),
             None => (OBJECT.to_vec(), 0, 0),
         };
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(dir)
             .override_global(names::RMEM_OFFSET_GLOBAL, &rmem, true)
-            .override_global(names::REDIR_OFFSET_GLOBAL, &redir, true)
-            .load(&object)
-            .map_err(|e| Error::Load(Box::new(e)))?;
+            .override_global(names::REDIR_OFFSET_GLOBAL, &redir, true);
+        let globals = [
+            names::GUARD_SYSNR_OFFSET_GLOBAL,
+            names::GUARD_NR_SPLICE_GLOBAL,
+            names::GUARD_NR_SENDFILE_GLOBAL,
+            names::GUARD_SOCK_SK_OFFSET_GLOBAL,
+            names::GUARD_USER_DATA_OFFSET_GLOBAL,
+        ];
+        for (name, value) in globals.iter().zip(&guard) {
+            loader.override_global(name, value, true);
+        }
+        let mut ebpf = loader.load(&object).map_err(|e| Error::Load(Box::new(e)))?;
         load_programs(&mut ebpf)?;
         Ok(Loaded {
             ebpf,
             rmem_offset: rmem,
+            guard_btf: kernel.guard.is_some(),
         })
     };
-    match with(btf) {
-        Err(_) if btf.is_some() => with(None),
+    match with(kernel.bound) {
+        Err(_) if kernel.bound.is_some() => with(None),
         r => r,
     }
 }
@@ -262,6 +302,8 @@ struct Loaded {
     ebpf: aya::Ebpf,
     /// The offset its sk_msg program got (0: no kernel memory bound).
     rmem_offset: u32,
+    /// Whether its splice guard got everything it needs from this kernel.
+    guard_btf: bool,
 }
 
 /// The program `name` of the loaded object, as its type `T`.
@@ -295,7 +337,31 @@ fn load_programs(ebpf: &mut aya::Ebpf) -> Result<(), Error> {
             prog.load().map_err(Error::prog("load", name))?;
         }
     }
+    // Best effort: a kernel without BPF LSM (or whose verifier refuses the
+    // guard) still gets the datapath; the guard is then not attached and
+    // `attach_and_pin` reports it.
+    let _ = load_guard(ebpf);
     Ok(())
+}
+
+/// Loads the splice guard (a cgroup LSM program on `file_permission`) if it
+/// is not loaded yet.
+fn load_guard(ebpf: &mut aya::Ebpf) -> Result<(), Error> {
+    let guard = program_of::<LsmCgroup>(ebpf, names::GUARD_PROG)?;
+    if guard.fd().is_ok() {
+        return Ok(());
+    }
+    let btf = aya::Btf::from_sys_fs().map_err(|e| Error::Btf(Box::new(e)))?;
+    guard
+        .load("file_permission", &btf)
+        .map_err(Error::prog("load", names::GUARD_PROG))
+}
+
+/// Whether the splice guard of this object is loaded (it is left out on
+/// kernels that refuse it).
+fn guard_loaded(ebpf: &aya::Ebpf) -> bool {
+    ebpf.program(names::GUARD_PROG)
+        .is_some_and(|p| p.fd().is_ok())
 }
 
 /// Loads the programs into the kernel (if not yet) and says whether they
@@ -317,9 +383,12 @@ fn pinned_programs_match(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<bool, Error
     if pinned_sk_msg != tag(ebpf, names::SK_MSG_PROG)? {
         return Ok(false);
     }
-    let links = std::iter::once((names::SOCKOPS_PROG, names::SOCKOPS_LINK_PIN))
-        .chain(names::SOCK_ADDR_PROGS);
-    for (name, pin) in links {
+    let with_guard = guard_loaded(ebpf);
+    for (name, pin) in cgroup_links() {
+        if name == names::GUARD_PROG && !with_guard {
+            // This build cannot load its guard here: nothing to compare.
+            continue;
+        }
         if linked_program_tag(dir, pin, name)? != Some(tag(ebpf, name)?) {
             return Ok(false);
         }
@@ -352,7 +421,10 @@ fn linked_program_tag(
 /// under a temporary name and renamed into place: on an upgrade the rename
 /// drops the old pin (and with it the old sockops link) only after the new
 /// program is attached.
-fn attach_and_pin(ebpf: &mut aya::Ebpf, placement: &Placement) -> Result<(), Error> {
+///
+/// Returns whether the splice guard is attached (its failure is not the
+/// datapath's: the caller records it and stops new redirects).
+fn attach_and_pin(ebpf: &mut aya::Ebpf, placement: &Placement) -> Result<bool, Error> {
     let dir = &placement.bpffs;
     // sk_msg first: once sockops runs, sockets land in the map.
     let socks: SockHash<MapData, SockKey> = from_pin(dir, names::SOCKHASH)?;
@@ -392,6 +464,9 @@ fn attach_and_pin(ebpf: &mut aya::Ebpf, placement: &Placement) -> Result<(), Err
             .map_err(Error::link("convert", name))?;
         pin_via_rename(dir, pin, |tmp| link.pin(tmp).map(drop))?;
     }
+    // The guard before sockops: no socket is redirected before splice from
+    // it is refused.
+    let guard = attach_guard(ebpf, dir, &cgroup);
     let sockops = program_of::<SockOps>(ebpf, names::SOCKOPS_PROG)?;
     // A bpf_link on a cgroup always coexists with other programs there
     // (the kernel attaches links in multi mode); link_create rejects the
@@ -404,7 +479,23 @@ fn attach_and_pin(ebpf: &mut aya::Ebpf, placement: &Placement) -> Result<(), Err
         .map_err(Error::prog("take the link of", names::SOCKOPS_PROG))?
         .try_into()
         .map_err(Error::link("convert", names::SOCKOPS_PROG))?;
-    pin_via_rename(dir, names::SOCKOPS_LINK_PIN, |tmp| link.pin(tmp).map(drop))
+    pin_via_rename(dir, names::SOCKOPS_LINK_PIN, |tmp| link.pin(tmp).map(drop))?;
+    Ok(guard.is_ok())
+}
+
+/// Attaches the splice guard to the cgroup and pins its link (renamed over
+/// an older one, like the other links).
+fn attach_guard(ebpf: &mut aya::Ebpf, dir: &Path, cgroup: &File) -> Result<(), Error> {
+    load_guard(ebpf)?;
+    let guard = program_of::<LsmCgroup>(ebpf, names::GUARD_PROG)?;
+    let link = guard
+        .attach(cgroup)
+        .map_err(Error::prog("attach", names::GUARD_PROG))?;
+    let link: FdLink = guard
+        .take_link(link)
+        .map_err(Error::prog("take the link of", names::GUARD_PROG))?
+        .into();
+    pin_via_rename(dir, names::GUARD_LINK_PIN, |tmp| link.pin(tmp).map(drop))
 }
 
 #[cfg(test)]

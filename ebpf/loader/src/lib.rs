@@ -11,7 +11,8 @@
 //!
 //! Modules, along aya's lines: `install` (install, adopt, upgrade,
 //! uninstall), `maps` (typed map access), `pins` (the pin directory),
-//! `system` (bpffs and cgroup v2 checks), `error`, `pathswitch` (the memory
+//! `system` (bpffs and cgroup v2 checks), `config` (the node-wide
+//! switches and the splice guard's state), `error`, `pathswitch` (the memory
 //! bound: meshd's switch and the kernel's), `btf` (the kernel field
 //! offsets the kernel bound reads) and `flows` (the flow events' ring
 //! buffer).
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 mod btf;
+mod config;
 mod error;
 mod flows;
 mod install;
@@ -27,7 +29,11 @@ mod pathswitch;
 mod pins;
 mod system;
 
-pub use btf::{KernelBoundBtf, VMLINUX_BTF, kernel_bound_btf, rmem_alloc_offset};
+pub use btf::{
+    GuardBtf, KernelBoundBtf, KernelBtf, VMLINUX_BTF, kernel_bound_btf, kernel_btf,
+    rmem_alloc_offset,
+};
+pub use config::{GuardState, config_flags, guard_state, set_config_flag};
 pub use error::Error;
 pub use flows::{FlowReader, set_flow_events};
 pub use install::{Installed, OBJECT, Placement, uninstall};
@@ -35,8 +41,9 @@ pub use maps::{Datapath, addr_of, ip_of};
 pub use pathswitch::{KernelBound, PathSwitch};
 pub use pins::DEFAULT_BPFFS_DIR;
 pub use spright_common::{
-    Addr, Backend, ChainPair, Counters, ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, FlowEvent,
-    IPPROTO_TCP, SockKey, SvcCounters, SvcKey, SvcValue, Translate, Translation, Verdict, chain_id,
-    flow, limits, names, translation_chain, verdict,
+    Addr, Backend, CONFIG_NO_REDIRECT, CONFIG_NO_SPLICE_GUARD, ChainPair, Counters,
+    ENDPOINT_FLAG_NO_REDIRECT, EndpointValue, FlowEvent, IPPROTO_TCP, SockKey, SvcCounters, SvcKey,
+    SvcValue, Translate, Translation, Verdict, chain_id, flow, limits, names, translation_chain,
+    verdict,
 };
 pub use system::{POD_CGROUPS, cgroup2_mount, default_cgroup, ensure_bpffs_mounted, pod_cgroup};

@@ -50,11 +50,17 @@ pub(crate) fn pin_via_rename(
     std::fs::rename(&tmp, &path).map_err(Error::io("rename a pin into", &path))
 }
 
+/// Every program attached to the cgroup by a pinned link, with its pin:
+/// sockops, the connect/getpeername hooks and the splice guard.
+pub(crate) fn cgroup_links() -> impl Iterator<Item = (&'static str, &'static str)> {
+    std::iter::once((names::SOCKOPS_PROG, names::SOCKOPS_LINK_PIN))
+        .chain(names::SOCK_ADDR_PROGS)
+        .chain(std::iter::once((names::GUARD_PROG, names::GUARD_LINK_PIN)))
+}
+
 /// Detaches the programs and removes every pin spright owns in `dir`.
 pub(crate) fn remove_pins(dir: &Path) -> Result<(), Error> {
-    let links = std::iter::once((names::SOCKOPS_PROG, names::SOCKOPS_LINK_PIN))
-        .chain(names::SOCK_ADDR_PROGS);
-    for (name, pin) in links {
+    for (name, pin) in cgroup_links() {
         let link_pin = dir.join(pin);
         if link_pin.exists() {
             // Unpinning leaves this process the only holder; dropping it detaches.
@@ -73,9 +79,7 @@ pub(crate) fn remove_pins(dir: &Path) -> Result<(), Error> {
     }
     // Temporary pins of an install or upgrade interrupted before its rename
     // (unlinking a link pin with no other holder detaches it).
-    let pins = [names::SK_MSG_PROG_PIN, names::SOCKOPS_LINK_PIN]
-        .into_iter()
-        .chain(names::SOCK_ADDR_PROGS.map(|(_, pin)| pin));
+    let pins = std::iter::once(names::SK_MSG_PROG_PIN).chain(cgroup_links().map(|(_, pin)| pin));
     for name in pins {
         remove_stale(&dir.join(format!("{name}_new")))?;
     }

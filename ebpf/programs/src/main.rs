@@ -9,6 +9,10 @@
 //!   (`spr_bound_v1`) is the connection's last redirected one.
 //! - `spright_connect4/6` and `spright_getpeername4/6` (cgroup sock_addr):
 //!   connect-time Service translation for chain pods (see `services.rs`).
+//! - `spright_splice_guard` (cgroup LSM `file_permission`): `splice()` and
+//!   `sendfile()` from a redirected socket fail with EINVAL, which callers
+//!   take as "copy instead", where they would otherwise read end of stream
+//!   and lose the data (see `guard.rs`).
 //!
 //! On the host this crate builds to an empty binary so that workspace-wide
 //! commands work; the real object is built by `ebpf/loader`'s build script.
@@ -20,6 +24,8 @@
     allow(internal_features)
 )]
 
+#[cfg(target_arch = "bpf")]
+mod guard;
 #[cfg(target_arch = "bpf")]
 mod programs;
 #[cfg(target_arch = "bpf")]

@@ -14,8 +14,9 @@ use aya_ebpf::{
     programs::{SkMsgContext, SockOpsContext},
 };
 use spright_common::{
-    AF_INET, AF_INET6, Addr, CONFIG_NO_FLOW_EVENTS, ChainPair, Counters, EndpointValue, FlowEvent,
-    FlowState, SockKey, Translation, Verdict, bound, flow, limits, remote_port_to_host,
+    AF_INET, AF_INET6, Addr, CONFIG_NO_FLOW_EVENTS, CONFIG_NO_REDIRECT, ChainPair, Counters,
+    EndpointValue, FlowEvent, FlowState, SockKey, Translation, Verdict, bound, flow, limits,
+    remote_port_to_host,
 };
 
 // Map names must equal `spright_common::names::*` (checked by the loader's tests).
@@ -56,12 +57,16 @@ static FLOWS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 #[map(name = "spr_config_v1")]
 static CONFIG: Array<u32> = Array::pinned(1, 0);
 
+/// The node-wide `CONFIG_*` flags (0 when unset).
+#[inline(always)]
+pub(crate) fn config_flags() -> u32 {
+    CONFIG.get(0).copied().unwrap_or(0)
+}
+
 /// Whether flow events are on (the default; meshd can turn them off).
 #[inline(always)]
 fn flow_events_on() -> bool {
-    CONFIG
-        .get(0)
-        .is_none_or(|flags| flags & CONFIG_NO_FLOW_EVENTS == 0)
+    config_flags() & CONFIG_NO_FLOW_EVENTS == 0
 }
 
 /// The kernel memory bound: [`bound::LIMIT`] (written by meshd) and
@@ -153,7 +158,12 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
             ENDPOINTS.get(&remote).copied(),
         )
     };
-    let verdict = policy(l, r);
+    let mut verdict = policy(l, r);
+    // A syscall family this kernel's redirect path would lose data on, and
+    // nothing mitigates: no new connection is redirected (fail safe).
+    if verdict.redirects() && config_flags() & CONFIG_NO_REDIRECT != 0 {
+        verdict = Verdict::NodeUnsafe;
+    }
     let in_chain = |e: Option<EndpointValue>| e.is_some_and(|e| e.chain_id != 0);
     if (in_chain(l) || in_chain(r)) && flow_events_on() {
         // The connecting socket reports when its pod is recorded here; the
