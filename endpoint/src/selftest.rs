@@ -22,6 +22,41 @@ pub struct Report {
     /// Messages the private datapath redirected (proves the test was valid).
     pub redirected_msgs: u64,
     pub detail: Option<String>,
+    /// Syscall families probed on the redirect path, each with its verdict
+    /// (empty in reports of an older meshd).
+    pub families: Vec<Family>,
+}
+
+/// What a syscall family does on this kernel's redirect path.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Family {
+    /// `splice` (`splice()`/`sendfile()` from a redirected socket).
+    pub name: String,
+    /// [`SAME_AS_TCP`], [`MITIGATED`], [`UNSAFE`] or [`INCONCLUSIVE`].
+    pub verdict: String,
+    /// What the probe saw, in words.
+    pub detail: String,
+}
+
+/// The family behaves as over TCP on the redirect path.
+pub const SAME_AS_TCP: &str = "same-as-tcp";
+/// The kernel would lose data, and spright makes the call fail in a way
+/// callers handle (the splice guard's EINVAL).
+pub const MITIGATED: &str = "mitigated";
+/// The kernel would lose data and nothing mitigates it here: meshd redirects
+/// no new connection unless the admin accepts the family.
+pub const UNSAFE: &str = "unsafe";
+/// The probe could not tell (its traffic was not redirected, or it failed).
+pub const INCONCLUSIVE: &str = "inconclusive";
+/// The family `splice`.
+pub const SPLICE: &str = "splice";
+
+impl Family {
+    /// Whether redirecting on this kernel can lose this family's data.
+    pub fn unsafe_here(&self) -> bool {
+        self.verdict == UNSAFE
+    }
 }
 
 impl Report {
@@ -86,6 +121,11 @@ mod tests {
             eagain_trials: 10,
             redirected_msgs: 40,
             detail: None,
+            families: vec![Family {
+                name: SPLICE.into(),
+                verdict: MITIGATED.into(),
+                detail: "EINVAL".into(),
+            }],
         };
         publish(&dir.path().join("state"), &r).unwrap();
         assert_eq!(read(&dir.path().join("state")), Some(r.clone()));

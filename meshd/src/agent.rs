@@ -67,6 +67,7 @@ impl Agent {
             datapath: None,
             cgroup: cgroup.as_ref().ok().map(|c| c.display().to_string()),
             bpffs: config.bpffs.display().to_string(),
+            ..Acceleration::default()
         };
         let dp = match cgroup {
             Err(e) => {
@@ -106,6 +107,12 @@ impl Agent {
         info!(verdict = %selftest.verdict, trials = selftest.trials, eagain_trials = selftest.eagain_trials,
               detail = ?selftest.detail, "self-test: blocking recv() EAGAIN on the redirect path");
         publish_selftest(&config.state_dir, &selftest);
+        acceleration.redirects =
+            crate::families::decide(&selftest.families, &config.accept_unsafe_families);
+        if dp.is_some() {
+            apply_redirect_policy(&config.bpffs, &acceleration.redirects);
+            acceleration.splice_guard = splice_guard(&config.bpffs);
+        }
         match crate::preload::publish(&config.preload_shim, &config.state_dir) {
             Ok(Some(at)) => {
                 info!(at = %at.display(), "published the preload shim for spright.dev/preload pods");
@@ -213,8 +220,12 @@ impl Agent {
             .config
             .manages_pod_network()
             .then(|| self.pod_network(api, last.pod_network.as_ref()));
+        let mut acceleration = last.acceleration.clone();
+        if self.dp.is_some() {
+            acceleration.splice_guard = splice_guard(&self.config.bpffs);
+        }
         self.last = Arc::new(Snapshot {
-            acceleration: last.acceleration.clone(),
+            acceleration,
             selftest: last.selftest.clone(),
             leaving: want.departures.into_iter().map(|(pod, _)| pod).collect(),
             records: want.records,
@@ -291,6 +302,38 @@ impl Agent {
 
 /// Writes the self-test report where spright-cni's STATUS reads it. Best
 /// effort.
+/// Writes the redirect decision into the programs' switches and says it.
+fn apply_redirect_policy(bpffs: &Path, policy: &crate::families::Policy) {
+    let flags = [
+        (spright_ebpf::CONFIG_NO_REDIRECT, !policy.redirect),
+        (spright_ebpf::CONFIG_NO_SPLICE_GUARD, !policy.splice_guard),
+    ];
+    for (flag, on) in flags {
+        if let Err(e) = spright_ebpf::set_config_flag(bpffs, flag, on) {
+            warn!(error = %error_chain(&e), flag, on, "writing the programs' switches");
+        }
+    }
+    match &policy.reason {
+        Some(reason) => warn!(reason = %reason, "redirects off for new connections"),
+        None if !policy.accepted_unsafe.is_empty() => warn!(
+            families = ?policy.accepted_unsafe,
+            "redirects on although this kernel loses these families' data (accepted by --accept-unsafe-families)"
+        ),
+        None => info!(splice_guard = policy.splice_guard, "redirects on"),
+    }
+}
+
+/// The splice guard's state (not armed when it cannot be read).
+pub(crate) fn splice_guard(bpffs: &Path) -> crate::snapshot::SpliceGuard {
+    spright_ebpf::guard_state(bpffs).map_or_else(
+        |_| crate::snapshot::SpliceGuard::default(),
+        |g| crate::snapshot::SpliceGuard {
+            armed: g.armed,
+            refused: g.refused,
+        },
+    )
+}
+
 fn publish_selftest(state_dir: &Path, report: &crate::selftest::Report) {
     if let Err(e) = spright_endpoint::selftest::publish(state_dir, report) {
         warn!(state_dir = %state_dir.display(), error = %e, "publishing the self-test report");

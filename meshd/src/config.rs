@@ -79,6 +79,7 @@ pub mod env {
     pub const FLOW_EVENTS: &str = "SPRIGHT_FLOW_EVENTS";
     pub const LOG: &str = "SPRIGHT_LOG";
     pub const NO_SELFTEST: &str = "SPRIGHT_NO_SELFTEST";
+    pub const ACCEPT_UNSAFE_FAMILIES: &str = "SPRIGHT_ACCEPT_UNSAFE_FAMILIES";
     pub const SERVICES_DIR: &str = "SPRIGHT_SERVICES_DIR";
     pub const PODS_DIR: &str = "SPRIGHT_PODS_DIR";
     pub const NODE_NAME: &str = "NODE_NAME";
@@ -90,6 +91,20 @@ pub mod env {
     pub const PRELOAD_SHIM: &str = "SPRIGHT_PRELOAD_SHIM";
     pub const PRELOAD_CHECK: &str = "SPRIGHT_PRELOAD_CHECK";
     pub const HOST_PROC: &str = "SPRIGHT_HOST_PROC";
+}
+
+/// A syscall family the self-test probes (`--accept-unsafe-families`).
+fn parse_family(s: &str) -> Result<String, String> {
+    let known = [spright_endpoint::selftest::SPLICE];
+    let s = s.trim();
+    if known.contains(&s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "unknown syscall family {s:?}; the self-test probes: {}",
+            known.join(", ")
+        ))
+    }
 }
 
 /// Where the node image carries the preload shim.
@@ -172,6 +187,14 @@ pub struct Config {
     /// Skip the start-up self-test of the kernel's redirect path (see selftest.rs)
     #[arg(long, env = env::NO_SELFTEST)]
     pub no_selftest: bool,
+    /// Syscall families the admin accepts losing data on (comma-separated;
+    /// today only `splice`): where the self-test finds that this kernel's
+    /// redirect path loses a family's data and nothing mitigates it, meshd
+    /// redirects no new connection unless the family is named here
+    /// (docs/RELIABILITY.md, "splice")
+    #[arg(long, env = env::ACCEPT_UNSAFE_FAMILIES, value_name = "FAMILIES",
+          value_delimiter = ',', value_parser = parse_family)]
+    pub accept_unsafe_families: Vec<String>,
     /// Receive memory one redirected connection may queue on a pod that does
     /// not read before its sender is moved to TCP (bytes, K/M/G binary
     /// suffixes; `0` or `off` disables; see membound.rs)

@@ -9,6 +9,7 @@ pub mod desired;
 pub mod error;
 pub mod events;
 pub mod explain;
+pub mod families;
 pub mod flows;
 #[cfg(test)]
 mod fuzz;

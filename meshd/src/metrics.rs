@@ -149,6 +149,39 @@ fn encode_status(s: &Status, enc: &mut DescriptorEncoder<'_>) -> Result<(), std:
             &[(vec![], t.gauge())],
         )?;
     }
+    if let Some(t) = &s.selftest {
+        let rows: Vec<(Labels, i64)> = t
+            .families
+            .iter()
+            .map(|f| {
+                (
+                    vec![("family", f.name.clone()), ("verdict", f.verdict.clone())],
+                    1,
+                )
+            })
+            .collect();
+        gauge(
+            enc,
+            "spright_kernel_syscall_family",
+            "Start-up self-test: 1 for each syscall family's verdict on this kernel's redirect path (same-as-tcp, mitigated, unsafe, inconclusive)",
+            &rows,
+        )?;
+    }
+    gauge(
+        enc,
+        "spright_redirects_enabled",
+        "1 when new chain connections are redirected, 0 when a syscall family this kernel would lose data on stops them (see /status)",
+        &[(
+            vec![],
+            i64::from(s.acceleration.enabled && s.acceleration.redirects.redirect),
+        )],
+    )?;
+    counter(
+        enc,
+        "spright_splice_refused_total",
+        "splice()/sendfile() calls from redirected sockets the splice guard refused with EINVAL (callers then copy with read/write)",
+        &[(vec![], s.acceleration.splice_guard.refused)],
+    )?;
     gauge(
         enc,
         "spright_malformed_records",

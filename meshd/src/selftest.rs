@@ -11,6 +11,15 @@
 //! 127.0.0.1, which the private endpoint map makes a chain member. Everything
 //! is removed afterwards, also on failure.
 //!
+//! The same private datapath then probes the syscall families a kernel may
+//! not serve on the redirect path (today `splice`, docs/RELIABILITY.md): a
+//! child splices from a redirected socket whose peer sent 1000 bytes and
+//! half-closed (what a Go proxy's `io.Copy` meets), once with the splice
+//! guard off (what the kernel itself does) and, when the kernel loses the
+//! data, once with it on (whether the guard's EINVAL reaches the caller).
+//! `same-as-tcp`, `mitigated`, `unsafe` or `inconclusive` per family; the
+//! agent turns `unsafe` into "no new redirects" unless the admin accepts it.
+//!
 //! Verdicts: `affected` (at least one spurious EAGAIN: the `halfclose-wait`
 //! case of the reliability test sees it in 20 of 20 trials at this delay,
 //! docs/RELIABILITY.md, `CI=true cargo test -p spright-tests --test
@@ -33,7 +42,14 @@ const TRIALS: u64 = 10;
 const DELAY: Duration = Duration::from_millis(60);
 const CHILD_TIMEOUT: Duration = Duration::from_secs(20);
 
-pub use spright_endpoint::selftest::Report;
+pub use spright_endpoint::selftest::{Family, Report};
+use spright_endpoint::selftest::{INCONCLUSIVE, MITIGATED, SAME_AS_TCP, SPLICE, UNSAFE};
+
+/// Set (to `splice`) in the child's environment to run the splice probe
+/// instead of the EAGAIN trials.
+pub const PROBE_ENV: &str = "SPRIGHT_SELFTEST_PROBE";
+/// Bytes the splice probe's client sends before it half-closes.
+const PROBE_BYTES: usize = 1000;
 
 /// Runs the self-test (about a second). Never fails: problems give an
 /// `inconclusive` report.
@@ -91,12 +107,113 @@ fn try_run(bpffs: &Path) -> anyhow::Result<Report> {
             ..EndpointValue::default()
         },
     )?;
+    // Installed by this process for its own probes: redirect whatever the
+    // loader decided about the guard (the probes find out for real).
+    spright_ebpf::set_config_flag(&pins, spright_ebpf::CONFIG_NO_REDIRECT, false)?;
+    let v = run_child(&cgroup, None)?;
+    let trials = v["trials"].as_u64().unwrap_or(0);
+    let eagain_trials = v["eagain_trials"].as_u64().unwrap_or(0);
+    let redirected_msgs = dp.counters(lo)?.redirected_msgs;
+    let families = vec![probe_splice(&dp, &pins, &cgroup, lo)];
+    drop(dp);
+    Ok(if redirected_msgs == 0 {
+        Report {
+            trials,
+            eagain_trials,
+            families,
+            ..Report::inconclusive("the self-test traffic was not redirected".into())
+        }
+    } else {
+        Report {
+            verdict: if eagain_trials > 0 {
+                "affected"
+            } else {
+                "not-affected"
+            }
+            .into(),
+            trials,
+            eagain_trials,
+            redirected_msgs,
+            detail: None,
+            families,
+        }
+    })
+}
+
+/// The splice family: the kernel alone (guard off), then with the guard
+/// when the kernel loses the data.
+fn probe_splice(dp: &Datapath, pins: &Path, cgroup: &Path, lo: std::net::IpAddr) -> Family {
+    let family = |verdict: &str, detail: String| Family {
+        name: SPLICE.into(),
+        verdict: verdict.into(),
+        detail,
+    };
+    let run = |guard: bool| -> anyhow::Result<(serde_json::Value, u64)> {
+        spright_ebpf::set_config_flag(pins, spright_ebpf::CONFIG_NO_SPLICE_GUARD, !guard)?;
+        let before = dp.counters(lo)?.redirected_msgs;
+        let v = run_child(cgroup, Some(SPLICE))?;
+        Ok((v, dp.counters(lo)?.redirected_msgs - before))
+    };
+    let raw = match run(false) {
+        Ok(r) => r,
+        Err(e) => return family(INCONCLUSIVE, format!("{e:#}")),
+    };
+    let said = |v: &serde_json::Value| {
+        format!(
+            "splice() gave {} ({} of {PROBE_BYTES} bytes), read() then {}",
+            v["first"].as_str().unwrap_or("?"),
+            v["spliced"].as_u64().unwrap_or(0),
+            v["read_after"].as_u64().unwrap_or(0)
+        )
+    };
+    if raw.1 == 0 {
+        return family(INCONCLUSIVE, "the probe's bytes were not redirected".into());
+    }
+    if raw.0["spliced"].as_u64() == Some(PROBE_BYTES as u64) {
+        return family(SAME_AS_TCP, format!("kernel alone: {}", said(&raw.0)));
+    }
+    let guarded = match run(true) {
+        Ok(r) => r,
+        Err(e) => return family(INCONCLUSIVE, format!("{e:#}")),
+    };
+    let armed = spright_ebpf::guard_state(pins).is_ok_and(|g| g.armed);
+    if guarded.0["first"] == "EINVAL"
+        && guarded.0["read_after"].as_u64() == Some(PROBE_BYTES as u64)
+    {
+        return family(
+            MITIGATED,
+            format!(
+                "kernel alone: {}; with the guard: {}",
+                said(&raw.0),
+                said(&guarded.0)
+            ),
+        );
+    }
+    family(
+        UNSAFE,
+        format!(
+            "kernel alone: {}; with the guard ({}): {}",
+            said(&raw.0),
+            if armed {
+                "attached, but this kernel never called it: is `bpf` among its active LSMs?"
+            } else {
+                "not attached: this kernel cannot load BPF LSM programs"
+            },
+            said(&guarded.0)
+        ),
+    )
+}
+
+/// Runs the self-test child in a private network namespace, in `cgroup`,
+/// and returns the JSON it printed: the EAGAIN trials, or the `probe`.
+fn run_child(cgroup: &Path, probe: Option<&str>) -> anyhow::Result<serde_json::Value> {
     let exe = std::env::current_exe()?;
-    let mut child = Command::new("unshare")
-        .arg("--net")
-        .arg("--")
-        .arg(&exe)
-        .env(CHILD_ENV, &cgroup)
+    let mut cmd = Command::new("unshare");
+    cmd.arg("--net").arg("--").arg(&exe).env(CHILD_ENV, cgroup);
+    if let Some(p) = probe {
+        cmd.env(PROBE_ENV, p);
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -127,31 +244,7 @@ fn try_run(bpffs: &Path) -> anyhow::Result<Report> {
         "self-test child failed ({status}): {}",
         err.trim()
     );
-    let v: serde_json::Value = serde_json::from_str(out.trim())?;
-    let trials = v["trials"].as_u64().unwrap_or(0);
-    let eagain_trials = v["eagain_trials"].as_u64().unwrap_or(0);
-    let redirected_msgs = dp.counters(lo)?.redirected_msgs;
-    drop(dp);
-    Ok(if redirected_msgs == 0 {
-        Report {
-            trials,
-            eagain_trials,
-            ..Report::inconclusive("the self-test traffic was not redirected".into())
-        }
-    } else {
-        Report {
-            verdict: if eagain_trials > 0 {
-                "affected"
-            } else {
-                "not-affected"
-            }
-            .into(),
-            trials,
-            eagain_trials,
-            redirected_msgs,
-            detail: None,
-        }
-    })
+    Ok(serde_json::from_str(out.trim())?)
 }
 
 /// The child's entry point: when [`CHILD_ENV`] is set, runs the trials,
@@ -178,6 +271,9 @@ fn child(cgroup: &Path) -> anyhow::Result<serde_json::Value> {
         .args(["link", "set", "lo", "up"])
         .status()?;
     anyhow::ensure!(up.success(), "`ip link set lo up` failed");
+    if std::env::var(PROBE_ENV).as_deref() == Ok(SPLICE) {
+        return splice_child();
+    }
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let server = std::thread::spawn(move || -> std::io::Result<()> {
@@ -223,6 +319,67 @@ fn child(cgroup: &Path) -> anyhow::Result<serde_json::Value> {
         .join()
         .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
     Ok(serde_json::json!({"trials": TRIALS, "eagain_trials": eagain_trials}))
+}
+
+/// The splice probe: the peer sends [`PROBE_BYTES`] and half-closes (its
+/// FIN travels over TCP, the bytes over the redirect path when the kernel
+/// redirects them), then this end splices from its socket into a pipe,
+/// non-blocking, for up to 2 s, and reads what splice left with `read()`.
+/// Prints what the first splice that was not EAGAIN gave (`data`, `eof`
+/// or the errno's name) and the bytes each way got.
+fn splice_child() -> anyhow::Result<serde_json::Value> {
+    use std::os::fd::AsFd as _;
+
+    use nix::{errno::Errno, fcntl::SpliceFFlags};
+
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let mut client = TcpStream::connect(listener.local_addr()?)?;
+    let (server, _) = listener.accept()?;
+    client.write_all(&[0x5a; PROBE_BYTES])?;
+    client.shutdown(Shutdown::Write)?;
+    // Let the FIN land: the case where a splice that sees nothing says EOF.
+    std::thread::sleep(Duration::from_millis(50));
+    let (pipe_r, pipe_w) = nix::unistd::pipe()?;
+    server.set_nonblocking(true)?;
+    let (mut spliced, mut first) = (0usize, None::<String>);
+    let start = Instant::now();
+    while first.is_none() && start.elapsed() < Duration::from_secs(2) {
+        match nix::fcntl::splice(
+            server.as_fd(),
+            None,
+            pipe_w.as_fd(),
+            None,
+            PROBE_BYTES,
+            SpliceFFlags::SPLICE_F_NONBLOCK,
+        ) {
+            Ok(0) => first = Some("eof".into()),
+            Ok(n) => {
+                spliced += n;
+                if spliced >= PROBE_BYTES {
+                    first = Some("data".into());
+                }
+            }
+            Err(Errno::EAGAIN | Errno::EINTR) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => first = Some(format!("{e:?}")),
+        }
+    }
+    drop(pipe_r);
+    server.set_nonblocking(false)?;
+    server.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut read_after = 0usize;
+    let mut buf = [0u8; PROBE_BYTES];
+    let mut s = &server;
+    while read_after + spliced < PROBE_BYTES {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => read_after += n,
+        }
+    }
+    Ok(serde_json::json!({
+        "first": first.unwrap_or_else(|| "EAGAIN".into()),
+        "spliced": spliced,
+        "read_after": read_after,
+    }))
 }
 
 #[cfg(test)]

@@ -25,6 +25,21 @@ pub struct Acceleration {
     pub datapath: Option<String>,
     pub cgroup: Option<String>,
     pub bpffs: String,
+    /// Whether new connections are redirected, from the self-test's
+    /// syscall families (`families.rs`).
+    #[serde(default)]
+    pub redirects: crate::families::Policy,
+    /// The splice guard: attached with what it needs from this kernel, and
+    /// the calls it refused.
+    #[serde(default)]
+    pub splice_guard: SpliceGuard,
+}
+
+/// The splice guard as `/status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpliceGuard {
+    pub armed: bool,
+    pub refused: u64,
 }
 
 /// The node as of one reconciliation.

@@ -318,6 +318,36 @@ impl Status {
                     .unwrap_or_default(),
             );
         }
+        if let Some(t) = &self.selftest {
+            for f in &t.families {
+                let _ = writeln!(
+                    s,
+                    "syscall family {} on the redirect path: {} ({})",
+                    f.name, f.verdict, f.detail
+                );
+            }
+        }
+        if a.enabled {
+            let r = &a.redirects;
+            let _ = writeln!(
+                s,
+                "redirects: {}   (splice guard: {}, {} calls refused)",
+                match (&r.reason, r.accepted_unsafe.is_empty()) {
+                    (Some(reason), _) => format!("OFF for new connections — {reason}"),
+                    (None, false) => format!(
+                        "ON, accepting data loss in: {} (--accept-unsafe-families)",
+                        r.accepted_unsafe.join(", ")
+                    ),
+                    (None, true) => "ON".to_owned(),
+                },
+                match (a.splice_guard.armed, r.splice_guard) {
+                    (_, false) => "not needed on this kernel",
+                    (true, true) => "attached",
+                    (false, true) => "not attached",
+                },
+                a.splice_guard.refused
+            );
+        }
         if let Some(m) = &self.memory_bound {
             let _ = writeln!(s, "{}", m.summary());
         }
