@@ -31,6 +31,7 @@ pub mod services;
 pub mod shm_csi;
 pub mod soak;
 pub mod stats;
+pub mod zoo;
 
 /// 64-bit FNV-1a, used to compare what was sent with what arrived (the
 /// SDK's, which also defines the benchmark functions' work).

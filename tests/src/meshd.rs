@@ -52,11 +52,44 @@ impl Meshd {
 
     /// Starts meshd with its API on `addr` (and its metrics listener on a
     /// free loopback port), with extra flags.
+    ///
+    /// The harness's meshd accepts the `splice` family
+    /// (`SPRIGHT_ACCEPT_UNSAFE_FAMILIES`): on a kernel whose redirect path
+    /// loses splice data and cannot load the splice guard (this machine's:
+    /// no BPF LSM programs, docs/RELIABILITY.md), meshd's default keeps new
+    /// connections off the redirect path, and the tests are about that path.
+    /// [`Meshd::start_default_policy`] leaves meshd's default alone.
     pub fn start_with(
         placement: &spright_ebpf::Placement,
         state_dir: &Path,
         addr: &str,
         extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::spawn(placement, state_dir, addr, extra, true)
+    }
+
+    /// Starts meshd as a node gets it: no unsafe syscall family accepted.
+    pub fn start_default_policy(
+        placement: &spright_ebpf::Placement,
+        state_dir: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::spawn(
+            placement,
+            state_dir,
+            &format!("127.0.0.1:{port}"),
+            extra,
+            false,
+        )
+    }
+
+    fn spawn(
+        placement: &spright_ebpf::Placement,
+        state_dir: &Path,
+        addr: &str,
+        extra: &[&str],
+        accept_splice: bool,
     ) -> anyhow::Result<Self> {
         let log = state_dir.join(format!("meshd-{}.log", addr.replace([':', '.'], "_")));
         let log_file = std::fs::OpenOptions::new()
@@ -67,7 +100,13 @@ impl Meshd {
             "127.0.0.1:{}",
             TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
         );
-        let child = Command::new(workspace_bin("meshd"))
+        let mut meshd = Command::new(workspace_bin("meshd"));
+        if accept_splice {
+            meshd.env("SPRIGHT_ACCEPT_UNSAFE_FAMILIES", "splice");
+        } else {
+            meshd.env_remove("SPRIGHT_ACCEPT_UNSAFE_FAMILIES");
+        }
+        let child = meshd
             .arg("--cgroup")
             .arg(&placement.cgroup)
             .arg("--bpffs")

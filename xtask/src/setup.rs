@@ -49,6 +49,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("redis-tools", "redis-benchmark, the client of `bench apps`"),
     ("nginx-light", "an unmodified HTTP server for `bench apps`"),
     (
+        "golang-go",
+        "builds the zoo's unmodified Go programs (tests/go/zoo: an io.Copy proxy that splices) for privileged_zoo",
+    ),
+    (
         "fonts-dejavu-core",
         "DejaVu Sans, the font of the benchmark pictures (SVG layout, PNG)",
     ),

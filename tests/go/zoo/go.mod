@@ -1,0 +1,3 @@
+module spright.dev/zoo
+
+go 1.19
