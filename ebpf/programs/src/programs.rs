@@ -150,14 +150,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
         flow_closed(ctx, &key);
         return Ok(());
     }
-    // SAFETY: values are copied out at once; a concurrent update can at worst
-    // give a stale decision for this one connection.
-    let (l, r) = unsafe {
-        (
-            ENDPOINTS.get(&local).copied(),
-            ENDPOINTS.get(&remote).copied(),
-        )
-    };
+    let (l, r) = (endpoint(&local), endpoint(&remote));
     let mut verdict = policy(l, r);
     // A syscall family this kernel's redirect path would lose data on, and
     // nothing mitigates: no new connection is redirected (fail safe).
@@ -182,6 +175,34 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
     let _ = ctx.set_cb_flags((ctx.cb_flags() | STATE_CB_FLAG) as i32);
     bump(&local, |c| c.accelerated_socks += 1);
     Ok(())
+}
+
+/// The endpoint recorded at `addr`, copied out of the map.
+///
+/// Verifier workaround (kernel 6.1, LLVM 22): LLVM folds `verdict`'s
+/// "remote missing" and "opted out" early returns into one OR of flags;
+/// 6.1's verifier loses that OR's known bits, walks the remote-missing path
+/// as if it went on, and refused the program at the never-loaded remote
+/// `chain_id` (`R1 !read_ok` at `same_chain_as`). So the value always lives
+/// in a stack slot (zeroed when the address is not recorded) and is read
+/// back volatile, which LLVM can neither drop nor sink into the found
+/// branch: every register holding a field is defined on every path. 6.12
+/// and later verify it either way.
+#[inline(always)]
+fn endpoint(addr: &Addr) -> Option<EndpointValue> {
+    let mut value = EndpointValue::default();
+    // SAFETY: the value is copied out at once; a concurrent update can at
+    // worst give a stale decision for this one connection.
+    let found = match unsafe { ENDPOINTS.get(addr) } {
+        Some(v) => {
+            value = *v;
+            true
+        }
+        None => false,
+    };
+    // SAFETY: a local, initialised on both paths.
+    let value = unsafe { read_volatile(&raw const value) };
+    found.then_some(value)
 }
 
 /// Policy, decided once per connection by `spright_common::verdict` (the
