@@ -187,6 +187,13 @@ pub struct Config {
     /// Skip the start-up self-test of the kernel's redirect path (see selftest.rs)
     #[arg(long, env = env::NO_SELFTEST)]
     pub no_selftest: bool,
+    /// Run the start-up self-test of the kernel's redirect path (in a cgroup
+    /// and pin directory of its own, next to --bpffs), print its report and
+    /// the redirect decision as JSON, and exit: what `cargo xtask test
+    /// kernels` runs on every kernel of the matrix
+    #[arg(long, conflicts_with = "no_selftest")]
+    #[serde(skip)]
+    pub selftest_only: bool,
     /// Syscall families the admin accepts losing data on (comma-separated;
     /// today only `splice`): where the self-test finds that this kernel's
     /// redirect path loses a family's data and nothing mitigates it, meshd

@@ -15,6 +15,10 @@
 //!   preload.rs), on a node whose self-test found blocking reads on the
 //!   redirect path `affected` (`--preload-check always`: on any node).
 //!   Checked every 5 s.
+//! - `RedirectsOffOnNode` (Warning, on the Node): the self-test found a
+//!   syscall family this kernel's redirect path loses data on, nothing
+//!   mitigates it, and the admin did not accept it, so no chain connection
+//!   on this node is redirected (families.rs). Once per meshd start.
 //!
 //! Each is published once while its condition holds (again if it clears
 //! and comes back), through kube-rs' event recorder (`events.k8s.io/v1`,
@@ -45,6 +49,8 @@ pub const OPTED_OUT: &str = "RedirectOptedOut";
 /// Reason of the event for a pod whose processes did not load the preload
 /// shim it opted in to.
 pub const PRELOAD_NOT_LOADED: &str = "PreloadShimNotLoaded";
+/// Reason of the event on the Node whose redirects are off.
+pub const REDIRECTS_OFF: &str = "RedirectsOffOnNode";
 /// The events' reporting controller.
 pub const CONTROLLER: &str = "spright-meshd";
 
@@ -249,6 +255,7 @@ pub async fn run(
     // The preload check reads /proc: every 5 ticks, kept in between.
     let mut preloads: Vec<Notice> = Vec::new();
     let mut ticks = 0u64;
+    let mut node_told = false;
     loop {
         tokio::select! {
             changed = api.changed() => if changed.is_err() { return },
@@ -259,6 +266,13 @@ pub async fn run(
         };
         if !objects.synced() {
             continue;
+        }
+        if !node_told {
+            let why = snapshot.borrow().acceleration.redirects.reason.clone();
+            node_told = match why {
+                None => true,
+                Some(why) => publish_node_event(&recorder, &node, why).await,
+            };
         }
         if ticks.is_multiple_of(5) && preload.0 != PreloadCheck::Off {
             let snap = snapshot.borrow().clone();
@@ -301,6 +315,33 @@ pub async fn run(
             }
             info!(pod = %who, reason = n.reason, "published an event");
             schedule.published(&n);
+        }
+    }
+}
+
+/// The Node's `RedirectsOffOnNode` warning; whether it went out.
+async fn publish_node_event(recorder: &Recorder, node: &str, why: String) -> bool {
+    let event = Event {
+        type_: EventType::Warning,
+        reason: REDIRECTS_OFF.to_owned(),
+        note: Some(why),
+        action: "Accelerate".to_owned(),
+        secondary: None,
+    };
+    let reference = ObjectReference {
+        api_version: Some("v1".to_owned()),
+        kind: Some("Node".to_owned()),
+        name: Some(node.to_owned()),
+        ..ObjectReference::default()
+    };
+    match recorder.publish(&event, &reference).await {
+        Ok(()) => {
+            info!(node, reason = REDIRECTS_OFF, "published an event");
+            true
+        }
+        Err(e) => {
+            warn!(node, reason = REDIRECTS_OFF, error = %e, "could not publish an event");
+            false
         }
     }
 }

@@ -18,6 +18,19 @@ fn main() -> ExitCode {
         println!("{:#}", config.effective_json());
         return ExitCode::SUCCESS;
     }
+    if config.selftest_only {
+        let report = meshd::selftest::run(&config.bpffs);
+        let policy = meshd::families::decide(&report.families, &config.accept_unsafe_families);
+        println!(
+            "{:#}",
+            serde_json::json!({
+                "kernel": meshd::selftest::kernel_release(),
+                "selftest": report,
+                "redirects": policy,
+            })
+        );
+        return ExitCode::SUCCESS;
+    }
     let filter = match tracing_subscriber::EnvFilter::try_new(&config.log) {
         Ok(f) => f,
         Err(e) => {

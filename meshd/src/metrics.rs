@@ -178,7 +178,7 @@ fn encode_status(s: &Status, enc: &mut DescriptorEncoder<'_>) -> Result<(), std:
     )?;
     counter(
         enc,
-        "spright_splice_refused_total",
+        "spright_splice_refused",
         "splice()/sendfile() calls from redirected sockets the splice guard refused with EINVAL (callers then copy with read/write)",
         &[(vec![], s.acceleration.splice_guard.refused)],
     )?;

@@ -247,6 +247,13 @@ fn run_child(cgroup: &Path, probe: Option<&str>) -> anyhow::Result<serde_json::V
     Ok(serde_json::from_str(out.trim())?)
 }
 
+/// The running kernel's release (`uname -r`), for reports.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
 /// The child's entry point: when [`CHILD_ENV`] is set, runs the trials,
 /// prints the JSON result and returns the exit code; otherwise `None`.
 pub fn child_main_if_requested() -> Option<std::process::ExitCode> {

@@ -42,6 +42,8 @@ fn build_go_zoo() -> anyhow::Result<PathBuf> {
         .env("GOFLAGS", "-mod=mod")
         .env("GOTOOLCHAIN", "local")
         .env("GOPROXY", "off")
+        // Static, so the kernel matrix's initramfs can carry the same build.
+        .env("CGO_ENABLED", "0")
         .status()
         .context("running `go build` (is golang-go installed? `cargo xtask setup` installs it)")?;
     if !status.success() {

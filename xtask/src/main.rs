@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+mod kernels;
 mod pysdk;
 mod setup;
 
@@ -50,6 +51,10 @@ usage: cargo xtask <task> [args]
                                      ASan) and the Python SDK's (built into target/python-venv, pytest)
                          privileged  namespaces, cgroups, bpf (tests/tests/privileged_*.rs)
                          e2e         real runtimes: containerd, podman (tests/tests/e2e_*.rs)
+                         kernels     meshd's self-test (programs load, redirect, EAGAIN, the splice
+                                     family and the redirect decision) on this machine's kernel and on
+                                     Debian's bookworm, trixie and sid kernels under qemu (TCG);
+                                     target/kernels/matrix.md
   fuzz [--minutes N]   property tests of every parser of outside input (CNI stdin, env and
                        CNI_ARGS, prevResult, records, Kubernetes objects and files, CNI config
                        files, CSI requests), many more cases than the unit tier, in rounds
@@ -68,7 +73,7 @@ usage: cargo xtask <task> [args]
 
 Under CI=true a privileged or e2e test that cannot run fails instead of skipping.";
 
-const TIERS: [&str; 4] = ["lint", "unit", "privileged", "e2e"];
+const TIERS: [&str; 5] = ["lint", "unit", "privileged", "e2e", "kernels"];
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -254,6 +259,7 @@ fn test(tiers: &[String]) -> anyhow::Result<()> {
                     Ok(())
                 })?;
             }
+            "kernels" => step("kernel matrix (qemu)", || kernels::run(&workspace_root()))?,
             _ => unreachable!("tiers are validated above"),
         }
     }

@@ -49,6 +49,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("redis-tools", "redis-benchmark, the client of `bench apps`"),
     ("nginx-light", "an unmodified HTTP server for `bench apps`"),
     (
+        "qemu-system-x86",
+        "boots Debian's kernels for the kernel matrix (`cargo xtask test kernels`)",
+    ),
+    ("cpio", "packs the kernel matrix's initramfs"),
+    (
         "golang-go",
         "builds the zoo's unmodified Go programs (tests/go/zoo: an io.Copy proxy that splices) for privileged_zoo",
     ),
