@@ -40,7 +40,7 @@ use serde_json::Value;
 /// The Debian suites whose `linux-image-amd64` the matrix boots.
 const SUITES: [&str; 3] = ["bookworm", "trixie", "sid"];
 /// How long one kernel may take from boot to power-off under TCG.
-const BOOT_TIMEOUT: Duration = Duration::from_mins(8);
+const BOOT_TIMEOUT: Duration = Duration::from_mins(12);
 const BEGIN: &str = "SPRIGHT-BEGIN";
 const END: &str = "SPRIGHT-END";
 
@@ -282,23 +282,31 @@ impl Apt {
         let sources = std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources")
             .or_else(|_| std::fs::read_to_string("/etc/apt/sources.list"))
             .context("reading this machine's apt sources")?;
-        let uri = sources
+        let uris: Vec<&str> = sources
             .lines()
-            .find_map(|l| {
+            .filter_map(|l| {
                 l.strip_prefix("URIs:").map(str::trim).or_else(|| {
                     l.strip_prefix("deb ")
                         .and_then(|r| r.split_whitespace().next())
                 })
             })
-            .filter(|u| !u.contains("security"))
+            .collect();
+        let main = uris
+            .iter()
+            .find(|u| !u.contains("security"))
             .context("no Debian URI in this machine's apt sources")?;
-        std::fs::write(
-            dir.join("matrix.sources"),
-            format!(
-                "Types: deb\nURIs: {uri}\nSuites: {}\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
-                SUITES.join(" ")
-            ),
-        )?;
+        // Each suite with its updates and security suites: what a node of
+        // that release runs once updated.
+        let mut list = format!(
+            "Types: deb\nURIs: {main}\nSuites: bookworm bookworm-updates trixie trixie-updates sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        );
+        if let Some(security) = uris.iter().find(|u| u.contains("security")) {
+            let _ = write!(
+                list,
+                "\nTypes: deb\nURIs: {security}\nSuites: bookworm-security trixie-security\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+            );
+        }
+        std::fs::write(dir.join("matrix.sources"), list)?;
         let apt = Self { dir };
         apt.apt("apt-get", &["update", "-qq"], &apt.dir)?;
         Ok(apt)
@@ -422,6 +430,7 @@ const INIT: &str = r#"#!/bin/busybox sh
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
+mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mkdir -p /sys/fs/cgroup /sys/fs/bpf
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
@@ -429,12 +438,13 @@ mount -t bpf bpf /sys/fs/bpf
 mount -t securityfs securityfs /sys/kernel/security
 ip link set lo up
 echo "active LSMs: $(cat /sys/kernel/security/lsm)"
-echo SPRIGHT-BEGIN
-/bin/meshd --selftest-only --kubernetes off --bpffs /sys/fs/bpf/spright --state-dir /tmp/state 2>/tmp/meshd.log
-echo "SPRIGHT-END $?"
-tail -20 /tmp/meshd.log
-echo SPRIGHT-GO-GUARD; /bin/spright-kmatrix /bin/spright-zoo; echo SPRIGHT-GO-END
-echo SPRIGHT-GO-ALONE; /bin/spright-kmatrix /bin/spright-zoo --no-guard; echo SPRIGHT-GO-END
+timeout 180 /bin/meshd --selftest-only --kubernetes off --bpffs /sys/fs/bpf/spright --state-dir /tmp/state >/tmp/report.json 2>/tmp/meshd.log
+echo "meshd exit $?"; tail -5 /tmp/meshd.log
+echo SPRIGHT-BEGIN; base64 /tmp/report.json; echo SPRIGHT-END
+timeout 240 /bin/spright-kmatrix /bin/spright-zoo >/tmp/guard.json
+echo SPRIGHT-GO-GUARD; base64 /tmp/guard.json; echo SPRIGHT-GO-END
+timeout 240 /bin/spright-kmatrix /bin/spright-zoo --no-guard >/tmp/alone.json
+echo SPRIGHT-GO-ALONE; base64 /tmp/alone.json; echo SPRIGHT-GO-END
 poweroff -f
 "#;
 
@@ -481,6 +491,34 @@ fn initramfs(programs: &[&Path], dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(initrd)
 }
 
+/// The text between the lines `begin` and `end` of the console.
+fn between(console: &str, begin: &str, end: &str) -> Option<String> {
+    let (_, rest) = console.split_once(&format!("{begin}\n"))?;
+    let (text, _) = rest.split_once(&format!("\n{end}"))?;
+    Some(text.to_owned())
+}
+
+/// What busybox's `base64` wrote, decoded by the host's (empty when it is
+/// not base64: the caller then reports unreadable JSON).
+fn decode(b64: &str) -> String {
+    let clean: String = b64.chars().filter(|c| !c.is_whitespace()).collect();
+    let Ok(mut child) = Command::new("base64")
+        .arg("-d")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+    else {
+        return String::new();
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = std::io::Write::write_all(&mut stdin, clean.as_bytes());
+    }
+    child
+        .wait_with_output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 /// Boots `vmlinuz` with the initramfs and reads meshd's report.
 fn boot(vmlinuz: &Path, initrd: &Path) -> anyhow::Result<Row> {
     let mut child = Command::new("qemu-system-x86_64")
@@ -521,10 +559,7 @@ fn boot(vmlinuz: &Path, initrd: &Path) -> anyhow::Result<Row> {
         std::io::Read::read_to_string(&mut o, &mut out)?;
     }
     let console = out.replace('\r', "");
-    let json = console
-        .split_once(BEGIN)
-        .and_then(|(_, rest)| rest.split_once(END))
-        .map(|(json, _)| json.trim().to_owned());
+    let json = between(&console, BEGIN, END).map(|b64| decode(&b64));
     let (report, error) = match json.as_deref().map(serde_json::from_str::<Value>) {
         Some(Ok(v)) => (v, None),
         Some(Err(e)) => (Value::Null, Some(format!("unreadable report: {e}"))),
@@ -537,10 +572,8 @@ fn boot(vmlinuz: &Path, initrd: &Path) -> anyhow::Result<Row> {
         ),
     };
     let go = |marker: &str| {
-        console
-            .split_once(marker)
-            .and_then(|(_, rest)| rest.split_once("SPRIGHT-GO-END"))
-            .and_then(|(json, _)| serde_json::from_str(json.trim()).ok())
+        between(&console, marker, "SPRIGHT-GO-END")
+            .and_then(|b64| serde_json::from_str(&decode(&b64)).ok())
             .unwrap_or(Value::Null)
     };
     let go = [go("SPRIGHT-GO-GUARD"), go("SPRIGHT-GO-ALONE")];

@@ -114,7 +114,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
     // Only sockets that asked for state callbacks (accelerated, translated
     // or reported ones, below) get here with STATE_CB.
     let closing = op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == TCP_CLOSE;
-    let translation = crate::services::on_sockops(ctx, active, closing);
+    let translation = defined(crate::services::on_sockops(ctx, active, closing));
     if !established && !closing {
         return Ok(());
     }
@@ -178,31 +178,38 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
 }
 
 /// The endpoint recorded at `addr`, copied out of the map.
-///
-/// Verifier workaround (kernel 6.1, LLVM 22): LLVM folds `verdict`'s
-/// "remote missing" and "opted out" early returns into one OR of flags;
-/// 6.1's verifier loses that OR's known bits, walks the remote-missing path
-/// as if it went on, and refused the program at the never-loaded remote
-/// `chain_id` (`R1 !read_ok` at `same_chain_as`). So the value always lives
-/// in a stack slot (zeroed when the address is not recorded) and is read
-/// back volatile, which LLVM can neither drop nor sink into the found
-/// branch: every register holding a field is defined on every path. 6.12
-/// and later verify it either way.
 #[inline(always)]
 fn endpoint(addr: &Addr) -> Option<EndpointValue> {
-    let mut value = EndpointValue::default();
     // SAFETY: the value is copied out at once; a concurrent update can at
     // worst give a stale decision for this one connection.
-    let found = match unsafe { ENDPOINTS.get(addr) } {
-        Some(v) => {
-            value = *v;
+    defined(unsafe { ENDPOINTS.get(addr) }.copied())
+}
+
+/// `v`, with its payload defined on every path.
+///
+/// Verifier workaround (kernel 6.1, LLVM 22): LLVM treats the payload of a
+/// `None` as don't-care, and 6.1's verifier follows paths that cannot be
+/// taken when it loses track of a value (an OR of flags it cannot bound), so
+/// it refused the program where such a path reads a payload that was never
+/// written: `R1 !read_ok` at `same_chain_as` after LLVM folded `verdict`'s
+/// early returns into one OR (6.1.192), `invalid read from stack` at the
+/// flow event's Service address (6.1.176). The payload therefore always
+/// lives in a stack slot, zeroed for `None`, and is read back volatile,
+/// which LLVM can neither drop nor sink into the `Some` branch. 6.12 and
+/// later verify the program either way.
+#[inline(always)]
+fn defined<T: Copy + Default>(v: Option<T>) -> Option<T> {
+    let mut slot = T::default();
+    let some = match v {
+        Some(x) => {
+            slot = x;
             true
         }
         None => false,
     };
     // SAFETY: a local, initialised on both paths.
-    let value = unsafe { read_volatile(&raw const value) };
-    found.then_some(value)
+    let slot = unsafe { read_volatile(&raw const slot) };
+    some.then_some(slot)
 }
 
 /// Policy, decided once per connection by `spright_common::verdict` (the
