@@ -25,6 +25,14 @@ pub struct Report {
     /// Syscall families probed on the redirect path, each with its verdict
     /// (empty in reports of an older meshd).
     pub families: Vec<Family>,
+    /// Whether bytes redirected into a socket that does not read are
+    /// charged to its receive memory (`sk_rmem_alloc`), which both memory
+    /// bounds read: `Some(false)` means no bound can be enforced on this
+    /// kernel; `None` when not probed (no kernel bound to probe with).
+    pub rmem_charged: Option<bool>,
+    /// What the memory-bound probe saw, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rmem_detail: Option<String>,
 }
 
 /// What a syscall family does on this kernel's redirect path.

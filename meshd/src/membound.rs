@@ -64,6 +64,11 @@ pub enum Mode {
     Kernel,
     /// meshd's sock_diag poll, every `--memory-bound-interval-ms`.
     Poll,
+    /// Asked for, but this kernel does not charge redirected bytes to the
+    /// receiver (the self-test's memory-bound probe), which both the kernel
+    /// bound and the poll read: nothing bounds a receiver that stops
+    /// reading, and nothing is advertised as if it did.
+    Unavailable,
 }
 
 /// Counters of the bound, shared by the poller and the status view.
@@ -116,6 +121,16 @@ impl Report {
     pub fn summary(&self) -> String {
         if self.limit_bytes == 0 {
             return "memory bound: off".into();
+        }
+        if self.mode == Mode::Unavailable {
+            return format!(
+                "memory bound: NOT AVAILABLE on this kernel ({} KiB asked): redirected bytes are not charged to the receiver (sk_rmem_alloc; Linux 6.13+ or the 6.6.y backport), so a pod that stops reading lets the kernel queue without limit{}",
+                self.limit_bytes >> 10,
+                self.error
+                    .as_ref()
+                    .map(|e| format!("; {e}"))
+                    .unwrap_or_default()
+            );
         }
         if self.mode == Mode::Kernel {
             return format!(
@@ -246,6 +261,21 @@ pub fn spawn(
     };
     if limit == 0 {
         info!("memory bound off");
+        return None;
+    }
+    let probe = snapshot
+        .borrow()
+        .selftest
+        .as_ref()
+        .map(|t| (t.rmem_charged, t.rmem_detail.clone()));
+    if let Some((Some(false), detail)) = probe {
+        warn!(limit_bytes = limit, probe = ?detail,
+              "memory bound not available: this kernel does not charge redirected bytes to the receiver");
+        if let Some(mut k) = kernel {
+            let _ = k.set_limit(0);
+        }
+        *stats.mode.lock().expect("stats lock") = Mode::Unavailable;
+        stats.set_error(detail);
         return None;
     }
     if let Some(k) = kernel {
@@ -518,6 +548,21 @@ mod tests {
             ..r.clone()
         };
         assert!(polled.summary().contains("checked by meshd every 20 ms"));
+        let unavailable = Report {
+            mode: Mode::Unavailable,
+            switches: 0,
+            ..r.clone()
+        };
+        assert!(
+            unavailable.summary().starts_with("memory bound: NOT AVAILABLE on this kernel")
+                && !unavailable.summary().contains("enforced"),
+            "{}",
+            unavailable.summary()
+        );
+        assert_eq!(
+            serde_json::to_value(&unavailable).expect("json")["mode"],
+            serde_json::json!("unavailable")
+        );
         // A /status from a meshd that predates the mode reads as "off"
         // rather than failing.
         let old: Report = serde_json::from_value(serde_json::json!({

@@ -201,8 +201,15 @@ fn encode_status(s: &Status, enc: &mut DescriptorEncoder<'_>) -> Result<(), std:
         gauge(
             enc,
             "spright_memory_bound_limit_bytes",
-            "Receive memory one redirected connection may queue before its sender is moved to TCP (0: bound off)",
-            &[(vec![], i64::try_from(m.limit_bytes).unwrap_or(i64::MAX))],
+            "Receive memory one redirected connection may queue before its sender is moved to TCP (0: bound off, or not available on this kernel)",
+            &[(
+                vec![],
+                if m.mode == crate::membound::Mode::Unavailable {
+                    0
+                } else {
+                    i64::try_from(m.limit_bytes).unwrap_or(i64::MAX)
+                },
+            )],
         )?;
         counter(
             enc,

@@ -50,6 +50,8 @@ use spright_endpoint::selftest::{INCONCLUSIVE, MITIGATED, SAME_AS_TCP, SPLICE, U
 pub const PROBE_ENV: &str = "SPRIGHT_SELFTEST_PROBE";
 /// Bytes the splice probe's client sends before it half-closes.
 const PROBE_BYTES: usize = 1000;
+/// [`PROBE_ENV`] value of the memory-bound probe's child.
+const STALLED: &str = "stalled";
 
 /// Runs the self-test (about a second). Never fails: problems give an
 /// `inconclusive` report.
@@ -115,12 +117,18 @@ fn try_run(bpffs: &Path) -> anyhow::Result<Report> {
     let eagain_trials = v["eagain_trials"].as_u64().unwrap_or(0);
     let redirected_msgs = dp.counters(lo)?.redirected_msgs;
     let families = vec![probe_splice(&dp, &pins, &cgroup, lo)];
+    let (rmem_charged, rmem_detail) = match probe_rmem(&pins, &cgroup) {
+        Ok((charged, detail)) => (charged, Some(detail)),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
     drop(dp);
     Ok(if redirected_msgs == 0 {
         Report {
             trials,
             eagain_trials,
             families,
+            rmem_charged,
+            rmem_detail,
             ..Report::inconclusive("the self-test traffic was not redirected".into())
         }
     } else {
@@ -136,8 +144,44 @@ fn try_run(bpffs: &Path) -> anyhow::Result<Report> {
             redirected_msgs,
             detail: None,
             families,
+            rmem_charged,
+            rmem_detail,
         }
     })
+}
+
+/// Limit of the memory-bound probe: far below what its sender writes.
+const RMEM_PROBE_LIMIT: u64 = 256 * 1024;
+
+/// Whether redirected bytes are charged to a receiver that does not read:
+/// the private datapath's kernel bound at [`RMEM_PROBE_LIMIT`], a sender
+/// writing up to 4 MiB into a socket nobody reads. Charged, the bound moves
+/// the sender to TCP past the limit (a switch); not charged (kernels before
+/// 6.13 without the backport of upstream d888b7af7c14), every byte is
+/// redirected and `sk_rmem_alloc` never grows, so neither the kernel bound
+/// nor meshd's poll (which reads the same counter) can act. `None` when
+/// this datapath has no kernel bound to probe with.
+fn probe_rmem(pins: &Path, cgroup: &Path) -> anyhow::Result<(Option<bool>, String)> {
+    let Some(mut bound) = spright_ebpf::KernelBound::open(pins)? else {
+        return Ok((None, "no kernel bound in this datapath to probe with".into()));
+    };
+    bound.set_limit(RMEM_PROBE_LIMIT)?;
+    let before = bound.switches()?;
+    let v = run_child(cgroup, Some(STALLED))?;
+    let switches = bound.switches()? - before;
+    let _ = bound.set_limit(0);
+    let written = v["written"].as_u64().unwrap_or(0);
+    let detail = format!(
+        "{written} bytes written to a socket that never reads, limit {} KiB: {switches} switch(es) to TCP",
+        RMEM_PROBE_LIMIT >> 10
+    );
+    if switches > 0 {
+        return Ok((Some(true), detail));
+    }
+    if written > 2 * RMEM_PROBE_LIMIT {
+        return Ok((Some(false), detail));
+    }
+    Ok((None, format!("{detail} (too little written to tell)")))
 }
 
 /// The splice family: the kernel alone (guard off), then with the guard
@@ -278,8 +322,10 @@ fn child(cgroup: &Path) -> anyhow::Result<serde_json::Value> {
         .args(["link", "set", "lo", "up"])
         .status()?;
     anyhow::ensure!(up.success(), "`ip link set lo up` failed");
-    if std::env::var(PROBE_ENV).as_deref() == Ok(SPLICE) {
-        return splice_child();
+    match std::env::var(PROBE_ENV).as_deref() {
+        Ok(SPLICE) => return splice_child(),
+        Ok(STALLED) => return stalled_child(),
+        _ => {}
     }
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -387,6 +433,29 @@ fn splice_child() -> anyhow::Result<serde_json::Value> {
         "spliced": spliced,
         "read_after": read_after,
     }))
+}
+
+/// The memory-bound probe: a non-blocking sender writes 64 KiB at a time,
+/// up to 4 MiB or for 2 s, to a socket that never reads; prints the bytes
+/// the kernel took.
+fn stalled_child() -> anyhow::Result<serde_json::Value> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let mut client = TcpStream::connect(listener.local_addr()?)?;
+    let (_server, _) = listener.accept()?;
+    client.set_nonblocking(true)?;
+    let chunk = [0x5a_u8; 64 * 1024];
+    let (mut written, start) = (0usize, Instant::now());
+    while written < 4 << 20 && start.elapsed() < Duration::from_secs(2) {
+        match client.write(&chunk) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(serde_json::json!({ "written": written }))
 }
 
 #[cfg(test)]

@@ -164,7 +164,7 @@ impl Row {
 
 fn markdown(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| kernel | programs load, chain traffic redirected | blocking recv EAGAIN | splice from a redirected socket | redirects by default | Go io.Copy proxy, guard on | Go io.Copy proxy, kernel alone |\n|---|---|---|---|---|---|---|\n",
+        "| kernel | programs load, chain traffic redirected | blocking recv EAGAIN | splice from a redirected socket | redirects by default | Go io.Copy proxy, guard on | Go io.Copy proxy, kernel alone | memory bound |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let st = &r.report["selftest"];
@@ -183,7 +183,7 @@ fn markdown(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} `{}` | {} | {} ({} of {}) | {}{} | {} | {} | {} |",
+            "| {} `{}` | {} | {} ({} of {}) | {}{} | {} | {} | {} | {} |",
             r.label,
             r.report["kernel"].as_str().unwrap_or("?"),
             load,
@@ -203,6 +203,11 @@ fn markdown(rows: &[Row]) -> String {
             },
             go_cell(&r.go[0]),
             go_cell(&r.go[1]),
+            match st["rmem_charged"].as_bool() {
+                Some(true) => "enforceable",
+                Some(false) => "**not available** (redirected bytes not charged)",
+                None => "not probed",
+            },
         );
     }
     s
