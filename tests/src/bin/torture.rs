@@ -195,6 +195,36 @@ fn server(pat: &str, l: &TcpListener, o: &Opts) -> anyhow::Result<Value> {
             let (got, eagain) = read_full(&mut s2, &mut read)?;
             json!({"peeked": n, "read": got, "same": peeked[..n.min(1000)] == read[..n.min(1000)], "eagain": eagain})
         }
+        "queue-ioctls" => {
+            // What FIONREAD (= SIOCINQ) says with 1000 bytes queued, then
+            // the bytes read with readv into two buffers.
+            let s = accept(l)?;
+            wait_readable(&s)?;
+            std::thread::sleep(Duration::from_millis(50));
+            let inq = sys::int_ioctl(&s, nix::libc::FIONREAD);
+            let (mut a, mut b) = ([0u8; 300], [0u8; 700]);
+            let mut got = 0;
+            let start = Instant::now();
+            while got < 1000 && start.elapsed() < Duration::from_secs(2) {
+                let (x, y) = if got < 300 {
+                    (&mut a[got..], &mut b[..])
+                } else {
+                    (&mut a[300..], &mut b[got - 300..])
+                };
+                let mut iov = [io::IoSliceMut::new(x), io::IoSliceMut::new(y)];
+                match nix::sys::uio::readv(&s, &mut iov) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(Errno::EAGAIN | Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let mut want = vec![0u8; 1000];
+            pattern::fill(&mut want, 0);
+            let same = a[..] == want[..300] && b[..] == want[300..];
+            (&s).write_all(b"g")?;
+            json!({"fionread": outcome(&inq), "readv": got, "same": same})
+        }
         "rcvtimeo" => {
             let mut s = accept(l)?;
             s.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -429,6 +459,21 @@ fn client(pat: &str, addr: SocketAddr, o: &Opts) -> anyhow::Result<Value> {
             let mut end = [0u8; 1];
             let _ = s.read(&mut end);
             json!({"sent": 1000})
+        }
+        "queue-ioctls" => {
+            // 1000 bytes written with writev from two buffers; SIOCOUTQ
+            // right after and 50 ms later (TCP: unacked, then 0).
+            let s = connect()?;
+            let mut b = vec![0u8; 1000];
+            pattern::fill(&mut b, 0);
+            let iov = [io::IoSlice::new(&b[..400]), io::IoSlice::new(&b[400..])];
+            let wrote = nix::sys::uio::writev(&s, &iov)?;
+            std::thread::sleep(Duration::from_millis(50));
+            let outq = sys::int_ioctl(&s, nix::libc::TIOCOUTQ);
+            let mut g = [0u8; 1];
+            let mut r = &s;
+            let (n, _) = read_full(&mut r, &mut g)?;
+            json!({"writev": wrote, "siocoutq_50ms": outcome(&outq), "go": n})
         }
         // The `nonblock` server drives the same exchange.
         "rcvtimeo" | "nonblock" => {
@@ -979,6 +1024,17 @@ mod sys {
 
     /// `SO_EE_ORIGIN_ZEROCOPY` of linux/errqueue.h (not in the libc crate).
     const SO_EE_ORIGIN_ZEROCOPY: u8 = 5;
+
+    /// `ioctl(fd, request, &int)` for the socket queue ioctls (`FIONREAD`
+    /// = `SIOCINQ`, `TIOCOUTQ` = `SIOCOUTQ`).
+    pub(super) fn int_ioctl(s: &TcpStream, request: libc::c_ulong) -> nix::Result<usize> {
+        let mut value: libc::c_int = 0;
+        // SAFETY: the fd is open for the lifetime of `s`; these requests
+        // write one `int` to the pointer.
+        let r = unsafe { libc::ioctl(s.as_raw_fd(), request, &raw mut value) };
+        Errno::result(r)?;
+        Ok(usize::try_from(value).unwrap_or(0))
+    }
 
     /// `setsockopt(level, name, &value)` for an `int` option.
     pub(super) fn set_int_sockopt(
