@@ -11,6 +11,8 @@
 //!   Go fall back to read/write (`mitigated`), the kernel serves splice
 //!   itself (`same-as-tcp`), or meshd keeps the chain's new connections on
 //!   TCP (`unsafe`: this machine, whose kernel cannot load BPF LSM programs).
+//! - Go's `net/http` client and server (keep-alive, no splice) between two
+//!   chain pods on the redirect path: every answer checked.
 //! - With the family accepted (`--accept-unsafe-families splice`) the
 //!   connections are redirected; where the family is `unsafe` the test
 //!   asserts the loss the acceptance takes on, so a kernel that changes
@@ -195,6 +197,38 @@ fn privileged_zoo_go_proxy_loses_nothing_by_default() {
     } else {
         assert_eq!(redirected, 0, "redirects off, yet messages were redirected");
     }
+}
+
+#[test]
+fn privileged_zoo_go_net_http_on_the_redirect_path() {
+    let Some(zoo) = zoo_or_skip("privileged_zoo_go_net_http_on_the_redirect_path") else {
+        return;
+    };
+    // The harness's meshd: redirects on whatever the splice verdict.
+    let chain = Chain::new("zoohttp", true);
+    let server_addr = format!("{}:7302", chain.ip(2));
+    let server = spawn_in_pod(&chain.sb, 2, &zoo, &["http-server", "-listen", &server_addr])
+        .expect("server");
+    assert_eq!(server.line(T).expect("server start"), "ready");
+    let dp = Datapath::open(&chain.sb.placement().bpffs).expect("datapath");
+    let before = chain.redirected(&dp);
+    let client = spawn_in_pod(
+        &chain.sb,
+        0,
+        &zoo,
+        &[
+            "http-client", "-connect", &server_addr, "-sizes", SIZES, "-rounds", ROUNDS,
+        ],
+    )
+    .expect("client");
+    let line = client.line(Duration::from_mins(5)).expect("client report");
+    let results: Vec<Value> = serde_json::from_str(&line).expect("client JSON");
+    let redirected = chain.redirected(&dp) - before;
+    drop::<[Peer; 2]>([client, server]);
+    eprintln!("go net/http: {results:?}, {redirected} messages redirected");
+    assert_eq!(results.len(), 3, "{results:?}");
+    assert_eq!(bad(&results), 0, "net/http lost or changed bytes: {results:?}");
+    assert!(redirected > 0, "nothing was redirected");
 }
 
 #[test]

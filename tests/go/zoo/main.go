@@ -11,9 +11,16 @@
 //	                                                 sends R messages of each size
 //	                                                 (half-closing after each) and
 //	                                                 checks every answer; prints JSON
+//	spright-zoo http-server -listen ADDR             net/http: answers each POST with
+//	                                                 the SHA-256 (hex) of its body
+//	spright-zoo http-client -connect ADDR -sizes N,.. -rounds R
+//	                                                 net/http keep-alive client: POSTs
+//	                                                 R bodies of each size, checks
+//	                                                 every answer; prints JSON
 package main
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -22,6 +29,7 @@ import (
 	"io"
 	"math/rand"
 	"net"
+	"net/http"
 	"os"
 	"strconv"
 	"strings"
@@ -47,7 +55,11 @@ func main() {
 	case "server":
 		err = server(*listen)
 	case "client":
-		err = client(*connect, *sizes, *rounds)
+		err = client(*connect, *sizes, *rounds, exchange)
+	case "http-server":
+		err = httpServer(*listen)
+	case "http-client":
+		err = client(*connect, *sizes, *rounds, post)
 	default:
 		err = fmt.Errorf("unknown role %q", os.Args[1])
 	}
@@ -119,7 +131,37 @@ type sizeResult struct {
 	First  string `json:"first_bad,omitempty"`
 }
 
-func client(addr, sizes string, rounds int) error {
+func httpServer(listen string) error {
+	ln, err := listenReady(listen)
+	if err != nil {
+		return err
+	}
+	return http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := sha256.New()
+		if _, err := io.Copy(h, r.Body); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		w.Write([]byte(hex.EncodeToString(h.Sum(nil))))
+	}))
+}
+
+var httpClient = &http.Client{Timeout: 10 * time.Second}
+
+func post(addr string, msg []byte) (string, error) {
+	resp, err := httpClient.Post("http://"+addr+"/", "application/octet-stream", bytes.NewReader(msg))
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	answer, err := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		return string(answer), fmt.Errorf("status %s", resp.Status)
+	}
+	return string(answer), err
+}
+
+func client(addr, sizes string, rounds int, send func(string, []byte) (string, error)) error {
 	rng := rand.New(rand.NewSource(1))
 	var out []sizeResult
 	for _, s := range strings.Split(sizes, ",") {
@@ -133,7 +175,7 @@ func client(addr, sizes string, rounds int) error {
 			rng.Read(msg)
 			sum := sha256.Sum256(msg)
 			want := hex.EncodeToString(sum[:])
-			got, err := exchange(addr, msg)
+			got, err := send(addr, msg)
 			if err != nil || got != want {
 				r.Bad++
 				if r.First == "" {
