@@ -164,7 +164,7 @@ fn privileged_zoo_go_proxy_loses_nothing_by_default() {
     let Some(zoo) = zoo_or_skip("privileged_zoo_go_proxy_loses_nothing_by_default") else {
         return;
     };
-    let chain = Chain::new("zoodef", false);
+    let chain = Chain::new("zd", false);
     let (verdict, redirect, status) = chain.policy();
     eprintln!(
         "splice: {verdict}, redirects {redirect}: {}",
@@ -205,7 +205,7 @@ fn privileged_zoo_go_net_http_on_the_redirect_path() {
         return;
     };
     // The harness's meshd: redirects on whatever the splice verdict.
-    let chain = Chain::new("zoohttp", true);
+    let chain = Chain::new("zh", true);
     let server_addr = format!("{}:7302", chain.ip(2));
     let server = spawn_in_pod(&chain.sb, 2, &zoo, &["http-server", "-listen", &server_addr])
         .expect("server");
@@ -236,7 +236,7 @@ fn privileged_zoo_go_proxy_with_splice_accepted() {
     let Some(zoo) = zoo_or_skip("privileged_zoo_go_proxy_with_splice_accepted") else {
         return;
     };
-    let chain = Chain::new("zooacc", true);
+    let chain = Chain::new("za", true);
     let (verdict, redirect, status) = chain.policy();
     assert!(redirect, "accepted, so redirects are on: {status}");
     let (results, redirected) = chain.relay(&zoo);
