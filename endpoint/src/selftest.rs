@@ -134,6 +134,8 @@ mod tests {
                 verdict: MITIGATED.into(),
                 detail: "EINVAL".into(),
             }],
+            rmem_charged: Some(true),
+            rmem_detail: None,
         };
         publish(&dir.path().join("state"), &r).unwrap();
         assert_eq!(read(&dir.path().join("state")), Some(r.clone()));

@@ -554,7 +554,9 @@ mod tests {
             ..r.clone()
         };
         assert!(
-            unavailable.summary().starts_with("memory bound: NOT AVAILABLE on this kernel")
+            unavailable
+                .summary()
+                .starts_with("memory bound: NOT AVAILABLE on this kernel")
                 && !unavailable.summary().contains("enforced"),
             "{}",
             unavailable.summary()

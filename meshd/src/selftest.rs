@@ -163,7 +163,10 @@ const RMEM_PROBE_LIMIT: u64 = 256 * 1024;
 /// this datapath has no kernel bound to probe with.
 fn probe_rmem(pins: &Path, cgroup: &Path) -> anyhow::Result<(Option<bool>, String)> {
     let Some(mut bound) = spright_ebpf::KernelBound::open(pins)? else {
-        return Ok((None, "no kernel bound in this datapath to probe with".into()));
+        return Ok((
+            None,
+            "no kernel bound in this datapath to probe with".into(),
+        ));
     };
     bound.set_limit(RMEM_PROBE_LIMIT)?;
     let before = bound.switches()?;
@@ -443,7 +446,7 @@ fn stalled_child() -> anyhow::Result<serde_json::Value> {
     let mut client = TcpStream::connect(listener.local_addr()?)?;
     let (_server, _) = listener.accept()?;
     client.set_nonblocking(true)?;
-    let chunk = [0x5a_u8; 64 * 1024];
+    let chunk = vec![0x5a_u8; 64 * 1024];
     let (mut written, start) = (0usize, Instant::now());
     while written < 4 << 20 && start.elapsed() < Duration::from_secs(2) {
         match client.write(&chunk) {

@@ -207,8 +207,13 @@ fn privileged_zoo_go_net_http_on_the_redirect_path() {
     // The harness's meshd: redirects on whatever the splice verdict.
     let chain = Chain::new("zh", true);
     let server_addr = format!("{}:7302", chain.ip(2));
-    let server = spawn_in_pod(&chain.sb, 2, &zoo, &["http-server", "-listen", &server_addr])
-        .expect("server");
+    let server = spawn_in_pod(
+        &chain.sb,
+        2,
+        &zoo,
+        &["http-server", "-listen", &server_addr],
+    )
+    .expect("server");
     assert_eq!(server.line(T).expect("server start"), "ready");
     let dp = Datapath::open(&chain.sb.placement().bpffs).expect("datapath");
     let before = chain.redirected(&dp);
@@ -217,7 +222,13 @@ fn privileged_zoo_go_net_http_on_the_redirect_path() {
         0,
         &zoo,
         &[
-            "http-client", "-connect", &server_addr, "-sizes", SIZES, "-rounds", ROUNDS,
+            "http-client",
+            "-connect",
+            &server_addr,
+            "-sizes",
+            SIZES,
+            "-rounds",
+            ROUNDS,
         ],
     )
     .expect("client");
@@ -227,7 +238,11 @@ fn privileged_zoo_go_net_http_on_the_redirect_path() {
     drop::<[Peer; 2]>([client, server]);
     eprintln!("go net/http: {results:?}, {redirected} messages redirected");
     assert_eq!(results.len(), 3, "{results:?}");
-    assert_eq!(bad(&results), 0, "net/http lost or changed bytes: {results:?}");
+    assert_eq!(
+        bad(&results),
+        0,
+        "net/http lost or changed bytes: {results:?}"
+    );
     assert!(redirected > 0, "nothing was redirected");
 }
 
