@@ -117,7 +117,7 @@ fn try_run(bpffs: &Path) -> anyhow::Result<Report> {
     let eagain_trials = v["eagain_trials"].as_u64().unwrap_or(0);
     let redirected_msgs = dp.counters(lo)?.redirected_msgs;
     let families = vec![probe_splice(&dp, &pins, &cgroup, lo)];
-    let (rmem_charged, rmem_detail) = match probe_rmem(&pins, &cgroup) {
+    let (rmem_charged, rmem_detail) = match probe_rmem(&dp, &cgroup, lo) {
         Ok((charged, detail)) => (charged, Some(detail)),
         Err(e) => (None, Some(format!("{e:#}"))),
     };
@@ -150,41 +150,40 @@ fn try_run(bpffs: &Path) -> anyhow::Result<Report> {
     })
 }
 
-/// Limit of the memory-bound probe: far below what its sender writes.
-const RMEM_PROBE_LIMIT: u64 = 256 * 1024;
-
 /// Whether redirected bytes are charged to a receiver that does not read:
-/// the private datapath's kernel bound at [`RMEM_PROBE_LIMIT`], a sender
-/// writing up to 4 MiB into a socket nobody reads. Charged, the bound moves
-/// the sender to TCP past the limit (a switch); not charged (kernels before
-/// 6.13 without the backport of upstream d888b7af7c14), every byte is
-/// redirected and `sk_rmem_alloc` never grows, so neither the kernel bound
-/// nor meshd's poll (which reads the same counter) can act. `None` when
-/// this datapath has no kernel bound to probe with.
-fn probe_rmem(pins: &Path, cgroup: &Path) -> anyhow::Result<(Option<bool>, String)> {
-    let Some(mut bound) = spright_ebpf::KernelBound::open(pins)? else {
+/// a sender writes up to 4 MiB into a socket nobody reads (the private
+/// datapath has no memory bound), and the receiver's `sk_rmem_alloc` (what
+/// sock_diag calls `SK_MEMINFO_RMEM_ALLOC`) is compared with the bytes the
+/// counters saw redirected. Charged, it holds them all; not charged (kernels
+/// before 6.13 without the backport of upstream d888b7af7c14), it stays near
+/// 0, and neither the kernel bound nor meshd's poll, which both read that
+/// counter, can see a receiver fill up.
+fn probe_rmem(
+    dp: &Datapath,
+    cgroup: &Path,
+    lo: std::net::IpAddr,
+) -> anyhow::Result<(Option<bool>, String)> {
+    let before = dp.counters(lo)?.redirected_bytes;
+    let v = run_child(cgroup, Some(STALLED))?;
+    let redirected = dp.counters(lo)?.redirected_bytes - before;
+    let Some(rmem) = v["rmem_alloc"].as_u64() else {
         return Ok((
             None,
-            "no kernel bound in this datapath to probe with".into(),
+            "sock_diag does not know the receiver (inet_diag and tcp_diag not loaded?)".into(),
         ));
     };
-    bound.set_limit(RMEM_PROBE_LIMIT)?;
-    let before = bound.switches()?;
-    let v = run_child(cgroup, Some(STALLED))?;
-    let switches = bound.switches()? - before;
-    let _ = bound.set_limit(0);
-    let written = v["written"].as_u64().unwrap_or(0);
     let detail = format!(
-        "{written} bytes written to a socket that never reads, limit {} KiB: {switches} switch(es) to TCP",
-        RMEM_PROBE_LIMIT >> 10
+        "{redirected} bytes redirected to a socket that never reads, which holds {rmem} bytes of receive memory"
     );
-    if switches > 0 {
-        return Ok((Some(true), detail));
-    }
-    if written > 2 * RMEM_PROBE_LIMIT {
-        return Ok((Some(false), detail));
-    }
-    Ok((None, format!("{detail} (too little written to tell)")))
+    Ok(if redirected < 1 << 20 {
+        (None, format!("{detail} (too little redirected to tell)"))
+    } else if rmem >= redirected / 2 {
+        (Some(true), detail)
+    } else if rmem < redirected / 8 {
+        (Some(false), detail)
+    } else {
+        (None, format!("{detail} (neither all nor none)"))
+    })
 }
 
 /// The splice family: the kernel alone (guard off), then with the guard
@@ -440,11 +439,11 @@ fn splice_child() -> anyhow::Result<serde_json::Value> {
 
 /// The memory-bound probe: a non-blocking sender writes 64 KiB at a time,
 /// up to 4 MiB or for 2 s, to a socket that never reads; prints the bytes
-/// the kernel took.
+/// the kernel took and the receiver's receive memory (sock_diag).
 fn stalled_child() -> anyhow::Result<serde_json::Value> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let mut client = TcpStream::connect(listener.local_addr()?)?;
-    let (_server, _) = listener.accept()?;
+    let (server, _) = listener.accept()?;
     client.set_nonblocking(true)?;
     let chunk = vec![0x5a_u8; 64 * 1024];
     let (mut written, start) = (0usize, Instant::now());
@@ -458,7 +457,18 @@ fn stalled_child() -> anyhow::Result<serde_json::Value> {
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(serde_json::json!({ "written": written }))
+    let key = spright_ebpf::SockKey {
+        local: spright_ebpf::addr_of(server.local_addr()?.ip()),
+        remote: spright_ebpf::addr_of(server.peer_addr()?.ip()),
+        local_port: u32::from(server.local_addr()?.port()),
+        remote_port: u32::from(server.peer_addr()?.port()),
+    };
+    // None: sock_diag does not know the socket (no inet_diag/tcp_diag in
+    // this kernel), which says nothing about the charge.
+    let rmem = crate::sock_diag::SockDiag::here()?
+        .lookup(1, &key)?
+        .map(|s| s.rmem_alloc);
+    Ok(serde_json::json!({ "written": written, "rmem_alloc": rmem }))
 }
 
 #[cfg(test)]

@@ -69,7 +69,7 @@ impl SockDiag {
     }
 
     /// A sock_diag socket of the calling thread's network namespace.
-    fn here() -> io::Result<Self> {
+    pub(crate) fn here() -> io::Result<Self> {
         let socket = Socket::new(NETLINK_SOCK_DIAG)?;
         // A question unanswered for a second fails (and the poll goes on).
         setsockopt(&socket, sockopt::ReceiveTimeout, &TimeVal::new(1, 0))?;

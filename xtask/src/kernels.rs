@@ -55,15 +55,18 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     let zoo = go_zoo(root, &dir)?;
     let mut rows = vec![native(&meshd, &kmatrix, &zoo, &dir)?];
     let apt = Apt::new(&dir)?;
-    let initrd = initramfs(&[&meshd, &kmatrix, &zoo], &dir)?;
-    for suite in SUITES {
+    let kernels = SUITES
+        .iter()
+        .map(|suite| apt.kernel(suite))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let initrd = initramfs(&[&meshd, &kmatrix, &zoo], &kernels, &dir)?;
+    for (suite, vmlinuz) in SUITES.iter().zip(&kernels) {
         let t = Instant::now();
-        let vmlinuz = apt.kernel(suite)?;
         println!(
             "kernels: booting {suite}'s {} under qemu (TCG)",
             vmlinuz.display()
         );
-        let mut row = boot(&vmlinuz, &initrd)?;
+        let mut row = boot(vmlinuz, &initrd)?;
         row.label = format!("{suite} (qemu, {:.0} s)", t.elapsed().as_secs_f64());
         rows.push(row);
     }
@@ -347,13 +350,31 @@ impl Apt {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Downloads `package` from `suite` into `dir` and unpacks it there;
-    /// returns its Depends.
+    /// The newest version of `package` in `suite` or its `-updates` and
+    /// `-security` suites (`apt-cache madison` lists the newest first).
+    fn newest(&self, package: &str, suite: &str) -> anyhow::Result<String> {
+        let madison = self.apt("apt-cache", &["madison", package], &self.dir)?;
+        madison
+            .lines()
+            .find_map(|l| {
+                let mut cols = l.split('|').map(str::trim);
+                let (_, version, from) = (cols.next()?, cols.next()?, cols.next()?);
+                let archive = from.split_whitespace().nth(1)?;
+                let release = archive.split('/').next()?;
+                (release == suite || release.starts_with(&format!("{suite}-")))
+                    .then(|| version.to_owned())
+            })
+            .with_context(|| format!("no {package} in {suite}: {madison}"))
+    }
+
+    /// Downloads the newest `package` of `suite` (with its updates) into
+    /// `dir` and unpacks it there; returns its Depends.
     fn fetch(&self, package: &str, suite: &str, dir: &Path) -> anyhow::Result<String> {
         std::fs::create_dir_all(dir)?;
+        let version = self.newest(package, suite)?;
         self.apt(
             "apt-get",
-            &["download", "-qq", &format!("{package}/{suite}")],
+            &["download", "-qq", &format!("{package}={version}")],
             dir,
         )?;
         let deb = std::fs::read_dir(dir)?
@@ -364,7 +385,7 @@ impl Apt {
                     && p.file_name()
                         .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
             })
-            .with_context(|| format!("apt-get download {package}/{suite} left no .deb"))?;
+            .with_context(|| format!("apt-get download {package}={version} left no .deb"))?;
         crate::cmd(
             "dpkg",
             &[
@@ -389,11 +410,25 @@ impl Apt {
             return Ok(cached);
         }
         // The meta package names the versioned image package, which holds
-        // the image (sid: its `linux-binary-*` dependency does).
+        // the image and the modules (sid: its `linux-binary-*` and
+        // `linux-modules-*` dependencies do).
+        let root = dir.join("debs/root");
         let mut package = "linux-image-amd64".to_owned();
+        let mut depends_seen = String::new();
         for _ in 0..3 {
             let depends = self.fetch(&package, suite, &dir.join("debs"))?;
-            if let Some(v) = find_vmlinuz(&dir.join("debs/root")) {
+            depends_seen.push_str(&depends);
+            depends_seen.push(',');
+            if let Some(v) = find_vmlinuz(&root) {
+                if find_module(&root, MODULES[0]).is_none() {
+                    let modules = depends_seen
+                        .split(',')
+                        .map(|d| d.split_whitespace().next().unwrap_or_default())
+                        .find(|d| d.starts_with("linux-modules-"));
+                    if let Some(m) = modules {
+                        self.fetch(m, suite, &dir.join("debs"))?;
+                    }
+                }
                 std::fs::copy(&v, &cached)?;
                 return Ok(cached);
             }
@@ -408,6 +443,34 @@ impl Apt {
         }
         bail!("no vmlinuz in {suite}'s linux-image-amd64 and its dependencies")
     }
+}
+
+/// `<name>.ko` or `<name>.ko.xz` anywhere under `root`'s
+/// `lib/modules` or `usr/lib/modules`.
+fn find_module(root: &Path, name: &str) -> Option<PathBuf> {
+    fn walk(dir: &Path, want: &[String], depth: u32) -> Option<PathBuf> {
+        if depth > 8 {
+            return None;
+        }
+        for entry in std::fs::read_dir(dir).ok()?.filter_map(Result::ok) {
+            let path = entry.path();
+            if path.is_dir() {
+                if let Some(found) = walk(&path, want, depth + 1) {
+                    return Some(found);
+                }
+            } else if path
+                .file_name()
+                .is_some_and(|n| want.iter().any(|w| *w == n.to_string_lossy()))
+            {
+                return Some(path);
+            }
+        }
+        None
+    }
+    let want = [format!("{name}.ko"), format!("{name}.ko.xz")];
+    ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .find_map(|d| walk(&root.join(d), &want, 0))
 }
 
 /// `boot/vmlinuz-*` or `usr/lib/modules/*/vmlinuz` under `root`.
@@ -442,6 +505,7 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 mount -t securityfs securityfs /sys/kernel/security
 ip link set lo up
+for m in inet_diag tcp_diag; do insmod /lib/modules/$(uname -r)/$m.ko 2>/dev/null; done
 echo "active LSMs: $(cat /sys/kernel/security/lsm)"
 timeout 180 /bin/meshd --selftest-only --kubernetes off --bpffs /sys/fs/bpf/spright --state-dir /tmp/state >/tmp/report.json 2>/tmp/meshd.log
 echo "meshd exit $?"; tail -5 /tmp/meshd.log
@@ -453,9 +517,16 @@ echo SPRIGHT-GO-ALONE; base64 /tmp/alone.json; echo SPRIGHT-GO-END
 poweroff -f
 "#;
 
+/// The sock_diag modules (Debian builds them as modules) meshd's
+/// memory-bound probe and poll need, loaded by [`INIT`] for the running
+/// kernel.
+const MODULES: [&str; 2] = ["inet_diag", "tcp_diag"];
+
 /// An uncompressed newc initramfs: busybox (static), the programs
-/// (stripped, in /bin) and the shared libraries they link, and [`INIT`].
-fn initramfs(programs: &[&Path], dir: &Path) -> anyhow::Result<PathBuf> {
+/// (stripped, in /bin) and the shared libraries they link, [`INIT`], and
+/// each kernel's [`MODULES`] (decompressed) under
+/// `/lib/modules/<release>/`.
+fn initramfs(programs: &[&Path], kernels: &[PathBuf], dir: &Path) -> anyhow::Result<PathBuf> {
     let stage = dir.join("initramfs");
     let _ = std::fs::remove_dir_all(&stage);
     for d in ["bin", "proc", "sys", "tmp", "dev"] {
@@ -482,6 +553,30 @@ fn initramfs(programs: &[&Path], dir: &Path) -> anyhow::Result<PathBuf> {
             let to = stage.join(lib.trim_start_matches('/'));
             std::fs::create_dir_all(to.parent().expect("a library path has a parent"))?;
             std::fs::copy(lib, &to).with_context(|| format!("copying {lib}"))?;
+        }
+    }
+    for vmlinuz in kernels {
+        let root = vmlinuz.with_file_name("debs").join("root");
+        for module in MODULES {
+            let Some(found) = find_module(&root, module) else {
+                continue;
+            };
+            let release = found
+                .iter()
+                .skip_while(|c| *c != "modules")
+                .nth(1)
+                .context("a module lies under lib/modules/<release>")?;
+            let to = stage
+                .join("lib/modules")
+                .join(release)
+                .join(format!("{module}.ko"));
+            std::fs::create_dir_all(to.parent().expect("has a parent"))?;
+            let unpacked = if found.extension().is_some_and(|e| e == "xz") {
+                Command::new("xz").arg("-dc").arg(&found).output()?.stdout
+            } else {
+                std::fs::read(&found)?
+            };
+            std::fs::write(&to, unpacked)?;
         }
     }
     std::fs::write(stage.join("init"), INIT)?;
@@ -532,8 +627,12 @@ fn boot(vmlinuz: &Path, initrd: &Path) -> anyhow::Result<Row> {
             "tcg",
             "-m",
             "2048",
+            // One vCPU: under TCG with two, the live patching of the LSM
+            // hook's trampoline raced a write() on the other vCPU once (an
+            // int3 oops at bpf_lsm_file_permission, sid's 7.2): cross-CPU
+            // code modification in the emulator, not seen with one.
             "-smp",
-            "2",
+            "1",
             "-nographic",
             "-no-reboot",
         ])
