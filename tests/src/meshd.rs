@@ -214,6 +214,17 @@ impl Meshd {
     }
 
     /// Polls /status until `pred` holds (at most `timeout`); returns that status.
+    /// Waits until `/status` lists exactly `n` endpoints, all in the
+    /// datapath (every recorded pod reconciled).
+    pub fn wait_in_datapath(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_status(timeout, "every pod in the datapath", |s| {
+            s["endpoints"]
+                .as_array()
+                .is_some_and(|e| e.len() == n && e.iter().all(|e| e["in_datapath"] == true))
+        })
+        .map(drop)
+    }
+
     pub fn wait_status(
         &self,
         timeout: Duration,

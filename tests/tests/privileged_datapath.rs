@@ -34,13 +34,7 @@ fn node_with_records(
     }
     let meshd = Meshd::start(&sb.placement(), state.path()).expect("meshd");
     let n = chains.len();
-    meshd
-        .wait_status(T, "every pod in the datapath", |s| {
-            s["endpoints"]
-                .as_array()
-                .is_some_and(|e| e.len() == n && e.iter().all(|e| e["in_datapath"] == true))
-        })
-        .expect("reconciled");
+    meshd.wait_in_datapath(n, T).expect("reconciled");
     (sb, state, meshd, records)
 }
 

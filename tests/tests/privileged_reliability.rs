@@ -614,13 +614,7 @@ fn privileged_reliability_opt_out_keeps_tcp() {
         }
     }
     let meshd = Meshd::start(&sb.placement(), state.path()).expect("meshd");
-    meshd
-        .wait_status(T, "every pod in the datapath", |s| {
-            s["endpoints"]
-                .as_array()
-                .is_some_and(|e| e.len() == 3 && e.iter().all(|e| e["in_datapath"] == true))
-        })
-        .expect("reconciled");
+    meshd.wait_in_datapath(3, T).expect("reconciled");
     // meshd's start-up self-test must recognise this kernel's behaviour.
     let status = meshd.status().expect("status");
     assert_eq!(

@@ -59,13 +59,7 @@ impl Chain {
             Meshd::start_default_policy(&sb.placement(), state.path(), &[])
         }
         .expect("meshd");
-        meshd
-            .wait_status(T, "every pod in the datapath", |s| {
-                s["endpoints"]
-                    .as_array()
-                    .is_some_and(|e| e.len() == 3 && e.iter().all(|e| e["in_datapath"] == true))
-            })
-            .expect("reconciled");
+        meshd.wait_in_datapath(3, T).expect("reconciled");
         Self {
             sb,
             _state: state,
@@ -97,44 +91,37 @@ impl Chain {
             .sum()
     }
 
-    /// Runs the client's rounds through the proxy; returns the per-size
-    /// results and the messages the chain's pods redirected meanwhile.
+    /// Starts the zoo's `role` listening on `addr` in pod `pod` (more
+    /// arguments in `extra`) and waits for it.
+    fn serve(&self, zoo: &Path, pod: usize, role: &str, addr: &str, extra: &[&str]) -> Peer {
+        let mut args = vec![role, "-listen", addr];
+        args.extend(extra);
+        let peer = spawn_in_pod(&self.sb, pod, zoo, &args).expect(role);
+        assert_eq!(peer.line(T).expect("start"), "ready", "{role}");
+        peer
+    }
+
+    /// Runs the zoo's client `role` in pod 0 against `addr`; returns its
+    /// per-size results and the messages the chain's pods redirected
+    /// meanwhile.
+    fn rounds(&self, zoo: &Path, role: &str, addr: &str) -> (Vec<Value>, u64) {
+        let dp = Datapath::open(&self.sb.placement().bpffs).expect("datapath");
+        let before = self.redirected(&dp);
+        let args = [role, "-connect", addr, "-sizes", SIZES, "-rounds", ROUNDS];
+        let client = spawn_in_pod(&self.sb, 0, zoo, &args).expect("client");
+        let line = client.line(Duration::from_mins(5)).expect("client report");
+        let results: Vec<Value> = serde_json::from_str(&line).expect("client JSON");
+        (results, self.redirected(&dp) - before)
+    }
+
+    /// The client's rounds through the Go proxy (pod 1) to the server
+    /// (pod 2).
     fn relay(&self, zoo: &Path) -> (Vec<Value>, u64) {
         let server_addr = format!("{}:7300", self.ip(2));
         let proxy_addr = format!("{}:7301", self.ip(1));
-        let server =
-            spawn_in_pod(&self.sb, 2, zoo, &["server", "-listen", &server_addr]).expect("server");
-        assert_eq!(server.line(T).expect("server start"), "ready");
-        let proxy = spawn_in_pod(
-            &self.sb,
-            1,
-            zoo,
-            &["proxy", "-listen", &proxy_addr, "-upstream", &server_addr],
-        )
-        .expect("proxy");
-        assert_eq!(proxy.line(T).expect("proxy start"), "ready");
-        let dp = Datapath::open(&self.sb.placement().bpffs).expect("datapath");
-        let before = self.redirected(&dp);
-        let client = spawn_in_pod(
-            &self.sb,
-            0,
-            zoo,
-            &[
-                "client",
-                "-connect",
-                &proxy_addr,
-                "-sizes",
-                SIZES,
-                "-rounds",
-                ROUNDS,
-            ],
-        )
-        .expect("client");
-        let line = client.line(Duration::from_mins(5)).expect("client report");
-        let results: Vec<Value> = serde_json::from_str(&line).expect("client JSON");
-        let after = self.redirected(&dp);
-        drop::<[Peer; 3]>([client, proxy, server]);
-        (results, after - before)
+        let _server = self.serve(zoo, 2, "server", &server_addr, &[]);
+        let _proxy = self.serve(zoo, 1, "proxy", &proxy_addr, &["-upstream", &server_addr]);
+        self.rounds(zoo, "client", &proxy_addr)
     }
 }
 
@@ -207,35 +194,8 @@ fn privileged_zoo_go_net_http_on_the_redirect_path() {
     // The harness's meshd: redirects on whatever the splice verdict.
     let chain = Chain::new("zh", true);
     let server_addr = format!("{}:7302", chain.ip(2));
-    let server = spawn_in_pod(
-        &chain.sb,
-        2,
-        &zoo,
-        &["http-server", "-listen", &server_addr],
-    )
-    .expect("server");
-    assert_eq!(server.line(T).expect("server start"), "ready");
-    let dp = Datapath::open(&chain.sb.placement().bpffs).expect("datapath");
-    let before = chain.redirected(&dp);
-    let client = spawn_in_pod(
-        &chain.sb,
-        0,
-        &zoo,
-        &[
-            "http-client",
-            "-connect",
-            &server_addr,
-            "-sizes",
-            SIZES,
-            "-rounds",
-            ROUNDS,
-        ],
-    )
-    .expect("client");
-    let line = client.line(Duration::from_mins(5)).expect("client report");
-    let results: Vec<Value> = serde_json::from_str(&line).expect("client JSON");
-    let redirected = chain.redirected(&dp) - before;
-    drop::<[Peer; 2]>([client, server]);
+    let _server = chain.serve(&zoo, 2, "http-server", &server_addr, &[]);
+    let (results, redirected) = chain.rounds(&zoo, "http-client", &server_addr);
     eprintln!("go net/http: {results:?}, {redirected} messages redirected");
     assert_eq!(results.len(), 3, "{results:?}");
     assert_eq!(

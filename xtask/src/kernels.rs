@@ -49,10 +49,10 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let meshd = root.join("target/debug/meshd");
     let kmatrix = root.join("target/debug/spright-kmatrix");
-    for bin in [&meshd, &kmatrix] {
+    for bin in [&meshd, &kmatrix, &root.join(crate::GO_ZOO)] {
         anyhow::ensure!(bin.exists(), "{} is not built", bin.display());
     }
-    let zoo = go_zoo(root, &dir)?;
+    let zoo = root.join(crate::GO_ZOO);
     let mut rows = vec![native(&meshd, &kmatrix, &zoo, &dir)?];
     let apt = Apt::new(&dir)?;
     let kernels = SUITES
@@ -214,29 +214,6 @@ fn markdown(rows: &[Row]) -> String {
         );
     }
     s
-}
-
-/// The zoo's Go programs, built static for the initramfs.
-fn go_zoo(root: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
-    let bin = dir.join("spright-zoo");
-    let status = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&bin)
-        .arg(".")
-        .current_dir(root.join("tests/go/zoo"))
-        .env("GOCACHE", dir.join("go-cache"))
-        .env("GOPATH", dir.join("go-path"))
-        .env("GOFLAGS", "-mod=mod")
-        .env("GOTOOLCHAIN", "local")
-        .env("GOPROXY", "off")
-        .env("CGO_ENABLED", "0")
-        .status()
-        .context("running `go build` (golang-go)")?;
-    anyhow::ensure!(
-        status.success(),
-        "`go build` of tests/go/zoo failed ({status})"
-    );
-    Ok(bin)
 }
 
 /// `spright-kmatrix` with the guard on, then off.

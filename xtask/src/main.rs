@@ -149,8 +149,39 @@ fn build() -> anyhow::Result<()> {
             "cargo",
             &["build", "--workspace", "--lib", "--bins", "--tests"],
         )?;
-        build_static(&[])
+        build_static(&[])?;
+        build_go_zoo()
     })
+}
+
+/// Where `build` leaves the zoo's Go programs (tests/go/zoo), which
+/// privileged_zoo runs in pods and the kernel matrix in each kernel.
+pub(crate) const GO_ZOO: &str = "target/go/spright-zoo";
+
+/// Builds the zoo with the distribution's Go (golang-go, from setup):
+/// standard library only, offline, static (so the kernel matrix's
+/// initramfs can carry it), with Go's caches under target/.
+fn build_go_zoo() -> anyhow::Result<()> {
+    let out = workspace_root().join(GO_ZOO);
+    let go = out.parent().expect("target/go");
+    println!("+ (tests/go/zoo) go build -o {GO_ZOO} .");
+    let status = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(".")
+        .current_dir(workspace_root().join("tests/go/zoo"))
+        .env("GOCACHE", go.join("cache"))
+        .env("GOPATH", go.join("path"))
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOTOOLCHAIN", "local")
+        .env("GOPROXY", "off")
+        .env("CGO_ENABLED", "0")
+        .status()
+        .context("running `go build` (golang-go; `cargo xtask setup` installs it)")?;
+    if !status.success() {
+        bail!("`go build` of tests/go/zoo failed ({status})");
+    }
+    Ok(())
 }
 
 /// The static (musl) spright-cni: what the node image ships and
