@@ -54,6 +54,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("cpio", "packs the kernel matrix's initramfs"),
     (
+        "xz-utils",
+        "unpacks the xz-compressed kernel modules the kernel matrix loads (inet_diag, tcp_diag)",
+    ),
+    (
         "golang-go",
         "builds the zoo's unmodified Go programs (tests/go/zoo: an io.Copy proxy that splices) for privileged_zoo",
     ),
