@@ -41,6 +41,14 @@ pub enum Error {
     },
     #[error("failed to load the eBPF object")]
     Load(#[source] Box<aya::EbpfError>),
+    #[error(
+        "kernel {release} is older than spright's minimum {minimum}: it lacks {missing}; pods keep plain networking"
+    )]
+    KernelTooOld {
+        release: String,
+        minimum: String,
+        missing: &'static str,
+    },
     #[error("failed to read the running kernel's BTF")]
     Btf(#[source] Box<aya::BtfError>),
     #[error("program {name} missing from the eBPF object")]

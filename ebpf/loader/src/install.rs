@@ -74,10 +74,14 @@ impl Datapath {
     /// interrupted install is completed by the next call (pinned maps are
     /// reused by name, a re-attached sk_msg program replaces the old one).
     ///
+    /// A kernel older than [`crate::MIN_KERNEL`] is refused with an error
+    /// that names the minimum.
+    ///
     /// A failed install leaves nothing behind: the cgroup is checked before
     /// anything is created, and pins (and a pin directory this call created)
     /// are removed when a later step fails.
     pub fn ensure(placement: &Placement) -> Result<(Self, Installed), Error> {
+        crate::system::check_kernel()?;
         let dir = &placement.bpffs;
         let link_pin = dir.join(names::SOCKOPS_LINK_PIN);
         if !link_pin.exists() {

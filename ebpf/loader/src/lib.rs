@@ -46,4 +46,7 @@ pub use spright_common::{
     SvcValue, Translate, Translation, Verdict, chain_id, flow, limits, names, translation_chain,
     verdict,
 };
-pub use system::{POD_CGROUPS, cgroup2_mount, default_cgroup, ensure_bpffs_mounted, pod_cgroup};
+pub use system::{
+    MIN_KERNEL, POD_CGROUPS, cgroup2_mount, check_kernel, default_cgroup, ensure_bpffs_mounted,
+    kernel_version, pod_cgroup,
+};

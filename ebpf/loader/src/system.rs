@@ -144,3 +144,50 @@ mod tests {
         assert!(pod_cgroup(other.path()).is_err());
     }
 }
+
+/// The oldest kernel the datapath is tested on and declared to work on:
+/// Debian 12's 6.1 (`cargo xtask test kernels`, docs/KERNELS.md).
+pub const MIN_KERNEL: (u32, u32) = (6, 1);
+
+/// What an older kernel lacks, for the error.
+const BEFORE_MIN_KERNEL: &str = "cgroup LSM programs for the splice guard (6.0), and a verifier the \
+     programs are checked against (the matrix starts at 6.1)";
+
+/// `major.minor` of a kernel release such as `6.1.0-57-amd64`.
+#[must_use]
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Refuses a running kernel older than [`MIN_KERNEL`]; a release it cannot
+/// read is let through (the self-test still probes what works).
+pub fn check_kernel() -> Result<(), Error> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    match kernel_version(&release) {
+        Some(v) if v < MIN_KERNEL => Err(Error::KernelTooOld {
+            release: release.trim().to_owned(),
+            minimum: format!("{}.{}", MIN_KERNEL.0, MIN_KERNEL.1),
+            missing: BEFORE_MIN_KERNEL,
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod kernel_tests {
+    use super::*;
+
+    #[test]
+    fn releases_read_as_major_minor() {
+        assert_eq!(kernel_version("6.1.0-57-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("6.18.44-fc-v1300\n"), Some((6, 18)));
+        assert_eq!(kernel_version("7.2.13+deb14-amd64"), Some((7, 2)));
+        assert_eq!(kernel_version("5.15.0"), Some((5, 15)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert!(kernel_version("5.15.0").is_some_and(|v| v < MIN_KERNEL));
+        assert!(kernel_version("6.12.118+deb13-amd64").is_some_and(|v| v >= MIN_KERNEL));
+    }
+}
