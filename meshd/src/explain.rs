@@ -198,7 +198,13 @@ pub fn explain(
             .map_err(|e| e.to_string())?,
         _ => false,
     };
-    let verdict = spright_ebpf::verdict(local, remote, |_| allowed);
+    let mut verdict = spright_ebpf::verdict(local, remote, |_| allowed);
+    // The node-wide switch sockops applies after the policy (an unsafe
+    // syscall family on this kernel: meshd's self-test, families.rs).
+    let flags = spright_ebpf::config_flags(bpffs).unwrap_or(0);
+    if verdict.redirects() && flags & spright_ebpf::CONFIG_NO_REDIRECT != 0 {
+        verdict = spright_ebpf::Verdict::NodeUnsafe;
+    }
     Ok(Explanation {
         from: from_end,
         to: to_end,

@@ -41,7 +41,7 @@ const ROUNDS: &str = "20";
 /// Client (0), proxy (1) and server (2) pods of one chain, meshd running.
 struct Chain {
     sb: Sandbox,
-    _state: tempfile::TempDir,
+    state: tempfile::TempDir,
     meshd: Meshd,
 }
 
@@ -60,11 +60,7 @@ impl Chain {
         }
         .expect("meshd");
         meshd.wait_in_datapath(3, T).expect("reconciled");
-        Self {
-            sb,
-            _state: state,
-            meshd,
-        }
+        Self { sb, state, meshd }
     }
 
     fn ip(&self, pod: usize) -> IpAddr {
@@ -171,6 +167,21 @@ fn privileged_zoo_go_proxy_loses_nothing_by_default() {
             "the reason names the way to accept: {why}"
         );
     }
+    // `spright explain` applies the same node-wide switch as sockops.
+    let out = std::process::Command::new(spright_tests::sandbox::workspace_bin("spright"))
+        .args(["explain", "--json", "--state-dir"])
+        .arg(chain.state.path())
+        .arg("--bpffs")
+        .arg(&chain.sb.pins.path)
+        .args(["default/pod0", "default/pod2"])
+        .output()
+        .expect("spright explain");
+    let explained: Value = serde_json::from_slice(&out.stdout).expect("explain JSON");
+    assert_eq!(
+        explained["verdict"],
+        if redirect { "SameChain" } else { "NodeUnsafe" },
+        "{explained}"
+    );
     let (results, redirected) = chain.relay(&zoo);
     eprintln!("go proxy, default policy: {results:?}, {redirected} messages redirected");
     assert_eq!(results.len(), 3, "{results:?}");
