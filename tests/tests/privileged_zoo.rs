@@ -13,6 +13,8 @@
 //!   TCP (`unsafe`: this machine, whose kernel cannot load BPF LSM programs).
 //! - Go's `net/http` client and server (keep-alive, no splice) between two
 //!   chain pods on the redirect path: every answer checked.
+//! - HAProxy (the distribution's, TCP mode, `option splice-auto`) in place
+//!   of the Go proxy, under meshd's default policy: every byte arrives.
 //! - With the family accepted (`--accept-unsafe-families splice`) the
 //!   connections are redirected; where the family is `unsafe` the test
 //!   asserts the loss the acceptance takes on, so a kernel that changes
@@ -215,6 +217,68 @@ fn privileged_zoo_go_net_http_on_the_redirect_path() {
         "net/http lost or changed bytes: {results:?}"
     );
     assert!(redirected > 0, "nothing was redirected");
+}
+
+/// HAProxy in TCP mode with `option splice-auto` in pod 1, forwarding to
+/// `upstream`; started once it listens on `listen`.
+fn haproxy(chain: &Chain, listen: &str, upstream: &str) -> Peer {
+    let cfg = chain.state.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n    maxconn 256\ndefaults\n    mode tcp\n    timeout connect 5s\n    \
+             timeout client 30s\n    timeout server 30s\n    option splice-auto\n\
+             frontend chain\n    bind {listen}\n    default_backend next\n\
+             backend next\n    server s1 {upstream}\n"
+        ),
+    )
+    .expect("haproxy.cfg");
+    let port = listen.rsplit(':').next().expect("a port");
+    // -db: foreground, no daemon; `ready` once the port listens (bounded).
+    let script = format!(
+        "haproxy -db -f {} & for i in $(seq 100); do \
+         ss -Hltn \"sport = :{port}\" | grep -q . && echo ready && break; sleep 0.05; done; wait",
+        cfg.display()
+    );
+    let peer = spawn_in_pod(&chain.sb, 1, Path::new("sh"), &["-c", &script]).expect("haproxy");
+    assert_eq!(peer.line(T).expect("haproxy start"), "ready");
+    peer
+}
+
+#[test]
+fn privileged_zoo_haproxy_splice_auto_loses_nothing_by_default() {
+    let Some(zoo) = zoo_or_skip("privileged_zoo_haproxy_splice_auto_loses_nothing_by_default")
+    else {
+        return;
+    };
+    assert!(
+        std::process::Command::new("haproxy")
+            .arg("-v")
+            .output()
+            .is_ok(),
+        "haproxy is not installed (cargo xtask setup installs it)"
+    );
+    for accept in [false, true] {
+        let chain = Chain::new(if accept { "ha" } else { "hd" }, accept);
+        let (verdict, redirect, _) = chain.policy();
+        let server_addr = format!("{}:7300", chain.ip(2));
+        let proxy_addr = format!("{}:7304", chain.ip(1));
+        let _server = chain.serve(&zoo, 2, "server", &server_addr, &[]);
+        let _haproxy = haproxy(&chain, &proxy_addr, &server_addr);
+        let (results, redirected) = chain.rounds(&zoo, "client", &proxy_addr);
+        eprintln!(
+            "haproxy splice-auto, splice {verdict}, redirects {redirect}{}: {results:?}, {redirected} redirected",
+            if accept { " (accepted)" } else { "" }
+        );
+        assert_eq!(results.len(), 3, "{results:?}");
+        if !accept || verdict != "unsafe" {
+            assert_eq!(
+                bad(&results),
+                0,
+                "HAProxy lost or changed bytes: {results:?}"
+            );
+        }
+    }
 }
 
 #[test]
