@@ -909,11 +909,12 @@ mod tests {
         for v in [Verdict::SameChain, Verdict::AllowedChains] {
             assert!(v.redirects());
         }
-        for code in 0..8 {
+        for code in 0..9 {
             assert_eq!(Verdict::from_code(code).map(|v| v as u32), Some(code));
         }
-        assert_eq!(Verdict::from_code(8), None);
+        assert_eq!(Verdict::from_code(9), None);
         assert!(!Verdict::OtherChain.redirects());
+        assert!(!Verdict::NodeUnsafe.redirects());
     }
 
     #[test]
