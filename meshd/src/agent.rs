@@ -300,8 +300,6 @@ impl Agent {
     }
 }
 
-/// Writes the self-test report where spright-cni's STATUS reads it. Best
-/// effort.
 /// Writes the redirect decision into the programs' switches and says it.
 fn apply_redirect_policy(bpffs: &Path, policy: &crate::families::Policy) {
     let flags = [
@@ -334,6 +332,8 @@ pub(crate) fn splice_guard(bpffs: &Path) -> crate::snapshot::SpliceGuard {
     )
 }
 
+/// Writes the self-test report where spright-cni's STATUS reads it. Best
+/// effort.
 fn publish_selftest(state_dir: &Path, report: &crate::selftest::Report) {
     if let Err(e) = spright_endpoint::selftest::publish(state_dir, report) {
         warn!(state_dir = %state_dir.display(), error = %e, "publishing the self-test report");
