@@ -109,8 +109,8 @@ fn try_run(bpffs: &Path) -> anyhow::Result<Report> {
             ..EndpointValue::default()
         },
     )?;
-    // Installed by this process for its own probes: redirect whatever the
-    // loader decided about the guard (the probes find out for real).
+    // The probes measure the redirect path itself: no node-wide switch may
+    // keep this private datapath's connections on TCP.
     spright_ebpf::set_config_flag(&pins, spright_ebpf::CONFIG_NO_REDIRECT, false)?;
     let v = run_child(&cgroup, None)?;
     let trials = v["trials"].as_u64().unwrap_or(0);
