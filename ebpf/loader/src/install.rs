@@ -267,6 +267,10 @@ fn load(dir: &Path) -> Result<Loaded, Error> {
         }
         let mut ebpf = loader.load(&object).map_err(|e| Error::Load(Box::new(e)))?;
         load_programs(&mut ebpf)?;
+        // Once, best effort: a kernel without BPF LSM (or whose verifier
+        // refuses the guard) still gets the datapath; the guard then stays
+        // unloaded, `attach_and_pin` reports it unattached.
+        let _ = load_guard(&mut ebpf);
         Ok(Loaded {
             ebpf,
             rmem_offset: rmem,
@@ -341,20 +345,12 @@ fn load_programs(ebpf: &mut aya::Ebpf) -> Result<(), Error> {
             prog.load().map_err(Error::prog("load", name))?;
         }
     }
-    // Best effort: a kernel without BPF LSM (or whose verifier refuses the
-    // guard) still gets the datapath; the guard is then not attached and
-    // `attach_and_pin` reports it.
-    let _ = load_guard(ebpf);
     Ok(())
 }
 
-/// Loads the splice guard (a cgroup LSM program on `file_permission`) if it
-/// is not loaded yet.
+/// Loads the splice guard (a cgroup LSM program on `file_permission`).
 fn load_guard(ebpf: &mut aya::Ebpf) -> Result<(), Error> {
     let guard = program_of::<LsmCgroup>(ebpf, names::GUARD_PROG)?;
-    if guard.fd().is_ok() {
-        return Ok(());
-    }
     let btf = aya::Btf::from_sys_fs().map_err(|e| Error::Btf(Box::new(e)))?;
     guard
         .load("file_permission", &btf)
@@ -490,7 +486,7 @@ fn attach_and_pin(ebpf: &mut aya::Ebpf, placement: &Placement) -> Result<bool, E
 /// Attaches the splice guard to the cgroup and pins its link (renamed over
 /// an older one, like the other links).
 fn attach_guard(ebpf: &mut aya::Ebpf, dir: &Path, cgroup: &File) -> Result<(), Error> {
-    load_guard(ebpf)?;
+    // Not loaded (see `load`): attaching fails, the guard is reported unarmed.
     let guard = program_of::<LsmCgroup>(ebpf, names::GUARD_PROG)?;
     let link = guard
         .attach(cgroup)
